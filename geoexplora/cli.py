@@ -1,0 +1,81 @@
+"""The ``geoexplora`` command line: a thin Typer layer over the library.
+
+Exit codes: 0 success, 2 bad usage or bad input (one line naming the file/band/option), 1 runtime
+failure. ``-v`` shows tracebacks. Heavy packages are imported inside commands only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Annotated
+
+import typer
+
+from geoexplora import __version__
+
+app = typer.Typer(
+    name="geoexplora",
+    help="ExPLoRA for satellite imagery: adapt a natural-image ViT to your scenes, then probe, "
+         "fine-tune and predict georeferenced rasters.\n\n"
+         "Example: geoexplora adapt --bands B2,B3,B4,B8 ./scenes -o adapted.pt",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# One module per command, in pipeline order; each module has ``register(app)``.
+COMMANDS = ("info", "tile", "adapt", "probe", "finetune", "predict", "embed", "demo")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"geoexplora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
+                                         help="More logging (-v), tracebacks on errors.")] = 0,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Errors only; no progress.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    from geoexplora.log import set_verbosity
+
+    set_verbosity(-1 if quiet else verbose)
+
+
+for _name in COMMANDS:
+    if importlib.util.find_spec(f"geoexplora.commands.{_name}") is not None:
+        importlib.import_module(f"geoexplora.commands.{_name}").register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: maps our exceptions to exit codes and one-line messages."""
+    from geoexplora.errors import RuntimeFailure, UserError
+    from geoexplora.log import verbosity
+
+    try:
+        app(args=argv, prog_name="geoexplora", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (UserError, RuntimeFailure) as exc:
+        if verbosity() > 0:
+            import traceback
+
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.stderr.write(f"geoexplora: error: {message}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("geoexplora: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""``geoexplora info PATH...``: what a raster (or a model file) holds."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from geoexplora.commands import _options as O
+
+
+def info(
+    paths: Annotated[list[str], typer.Argument(help="Rasters or geoexplora model files.")],
+    sensor: O.Sensor = None,
+    band_map: O.BandMap = None,
+    s2_offset: O.S2Offset = "auto",
+    nodata: O.Nodata = None,
+    json_out: O.Json = False,
+) -> None:
+    """Describe rasters (size, CRS, resolution, dtype, nodata, identified bands, dates) or model
+    files (the model card).
+
+    Example: geoexplora info scene.tif --json | jq .files[0].bands
+    """
+    from geoexplora.info import describe_path, render_description
+
+    docs = [describe_path(p, O.scene_opts(sensor=sensor, band_map=band_map, s2_offset=s2_offset,
+                                          nodata=nodata)) for p in O.expand_paths(paths)]
+    if json_out:
+        O.print_json({"files": docs})
+    else:
+        for doc in docs:
+            render_description(doc)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)

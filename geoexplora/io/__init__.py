@@ -1,0 +1,1 @@
+"""Reading scenes, chips datasets and writing rasters."""

@@ -1,0 +1,64 @@
+"""Output safety: overwrite guard and atomic writes (temporary name, rename when complete)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from geoexplora.errors import UserError
+
+
+def check_output(path: str | os.PathLike, overwrite: bool, option: str = "-o") -> Path:
+    """Refuse an existing output unless ``overwrite``; the parent folder must be writable."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is not a folder")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {path}: folder {parent} is not writable")
+    return path
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A hidden name next to ``path`` (same filesystem, so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary path; on success move it to ``path``, on failure remove it.
+
+    Works for files and folders. An existing ``path`` is only replaced once the new output is
+    complete, so an interrupted run never leaves a half-written output under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.exists():
+        if not overwrite:
+            _remove(tmp)
+            raise UserError(f"{path} appeared while writing; pass --overwrite to replace it")
+        if path.is_dir() and not path.is_symlink():
+            old = temporary_sibling(path)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+            return
+    os.replace(tmp, path)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=False)
+    elif p.exists() or p.is_symlink():
+        p.unlink()

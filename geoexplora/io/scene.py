@@ -1,0 +1,590 @@
+"""Scenes: raster files -> one lazily read ``(time, band, y, x)`` stack on one grid.
+
+A scene can be one multi-band file, one file per band (at several resolutions: resampled to the
+finest, or to ``resolution``), or one file per date (aligned on the first date's grid; a file on
+another grid is reprojected, with a warning). Values come back in canonical units (reflectance x
+10 000, float32) with NaN for nodata; see ``geoexplora.bands`` for the conversion rules.
+
+Band identity of a file comes from, in this order: ``band_map``, the file's band descriptions,
+a band token in the file name (``_B04.tif``), or a sensor preset whose band count matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from geoexplora import bands as B
+from geoexplora.errors import UserError
+
+log = logging.getLogger("geoexplora")
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+
+# Band counts of common whole-sensor stacks (files with no descriptions, given --sensor).
+SENSOR_LAYOUTS: dict[tuple[str, int], tuple[str, ...]] = {
+    ("sentinel2", 13): ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11",
+                        "B12"),
+    ("sentinel2", 12): ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"),
+    ("sentinel2", 10): ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"),
+    ("sentinel2", 4): ("B2", "B3", "B4", "B8"),
+    ("landsat8", 7): ("B1", "B2", "B3", "B4", "B5", "B6", "B7"),
+    ("landsat9", 7): ("B1", "B2", "B3", "B4", "B5", "B6", "B7"),
+    ("landsat7", 6): ("B1", "B2", "B3", "B4", "B5", "B7"),
+    ("landsat5", 6): ("B1", "B2", "B3", "B4", "B5", "B7"),
+    ("landsat4", 6): ("B1", "B2", "B3", "B4", "B5", "B7"),
+    ("rgb", 3): ("red", "green", "blue"),
+    ("rgbn", 4): ("red", "green", "blue", "nir"),
+}
+
+# Product-ID prefixes that name the sensor (Landsat Collection and Sentinel-2 naming).
+_SENSOR_PREFIXES = (
+    (re.compile(r"(^|[_/])(LC08|LO08)_"), "landsat8"), (re.compile(r"(^|[_/])(LC09|LO09)_"), "landsat9"),
+    (re.compile(r"(^|[_/])LE07_"), "landsat7"), (re.compile(r"(^|[_/])LT05_"), "landsat5"),
+    (re.compile(r"(^|[_/])LT04_"), "landsat4"), (re.compile(r"(^|[_/])S2[ABCD]_"), "sentinel2"),
+)
+_BAND_TOKEN = re.compile(r"(?:^|[_\-.])(B0?\d{1,2}A?)(?=$|[_\-.])", re.IGNORECASE)
+_DATE_PATTERNS = (re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)"),
+                  re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?:T\d{2,6})?(?!\d)"))
+_DATE_TAGS = ("ACQUISITION", "ACQUISITION_DATE", "ACQUISITIONDATE", "DATE_ACQUIRED",
+              "SENSING_TIME", "DATETIME", "DATE", "TIFFTAG_DATETIME")
+
+
+@dataclass
+class SceneOptions:
+    """How to read scenes; mirrors the CLI's shared options."""
+
+    bands: list[str] | None = None
+    sensor: str | None = None
+    band_map: dict[str, str] | None = None  # "1" or "stem:1" -> band name
+    resolution: float | None = None
+    nodata: float | None = None
+    dates: list[str] | None = None
+    s2_offset: str = "auto"
+    crs: str | None = None
+    landsat_c2: bool | None = None  # None: detect from the product name (_L2SP_ ... _SR_B)
+
+
+@dataclass
+class SourceBand:
+    """One band of one file, with what it is and how to turn its DNs into canonical units."""
+
+    path: Path
+    index: int  # 1-based, as in GDAL
+    band: B.Band
+    date: str | None
+    scale: float = 1.0
+    add: float = 0.0
+    nodata: float | None = None
+
+
+@dataclass
+class RasterFile:
+    """What one file holds, before scenes are assembled."""
+
+    path: Path
+    count: int
+    width: int
+    height: int
+    crs: CRS
+    transform: Affine
+    dtype: str
+    nodata: float | None
+    date: str | None
+    sensor: str | None
+    bands: list[B.Band | None]
+    descriptions: list[str | None]
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def res(self) -> tuple[float, float]:
+        return abs(self.transform.a), abs(self.transform.e)
+
+
+def parse_date(text: str | None) -> str | None:
+    """First date (YYYY-MM-DD or YYYYMMDD, optionally with a time) in ``text`` as ISO, or None."""
+    if not text:
+        return None
+    for pattern in _DATE_PATTERNS:
+        for m in pattern.finditer(text):
+            y, mo, d = (int(g) for g in m.groups())
+            if 1970 <= y <= 2100 and 1 <= mo <= 12 and 1 <= d <= 31:
+                return f"{y:04d}-{mo:02d}-{d:02d}"
+    return None
+
+
+def parse_dates_option(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    out = []
+    for item in text.split(","):
+        date = parse_date(item.strip())
+        if date is None:
+            raise UserError(f"--dates entry '{item}' is not a date (YYYY-MM-DD)")
+        out.append(date)
+    return out
+
+
+def sensor_from_name(path: Path) -> str | None:
+    for pattern, sensor in _SENSOR_PREFIXES:
+        if pattern.search(path.name):
+            return sensor
+    return None
+
+
+def band_token_from_name(path: Path) -> str | None:
+    """``S2A_..._B04.tif`` -> ``B04``; ``B8A.tif`` -> ``B8A``; None if no single token."""
+    tokens = _BAND_TOKEN.findall(path.stem)
+    return tokens[-1] if tokens else None
+
+
+def guess_sensor(tokens: list[str]) -> str | None:
+    """The one sensor family under which all tokens are distinct bands, or None if several/none.
+
+    Sentinel-2 and Landsat share names (B2..B9) that mean different wavelengths, so a file whose
+    band names fit both is ambiguous and needs ``--sensor``.
+    """
+    families = {"sentinel2": "sentinel2", "landsat8": "landsat8", "landsat7": "landsat7"}
+    fits = []
+    for sensor in families:
+        found = [B.find_band(sensor, t) for t in tokens]
+        if all(found) and len({b.name for b in found}) == len(found):
+            fits.append(sensor)
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        for sensor in ("rgb", "rgbn"):
+            found = [B.find_band(sensor, t) for t in tokens]
+            if all(found) and len({b.name for b in found}) == len(found):
+                return sensor
+    return None
+
+
+def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders -> their raster files (per-band folders: only band files)."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir()
+                           if f.is_file() and f.suffix.lower() in RASTER_SUFFIXES)
+            band_files = [f for f in files if band_token_from_name(f)]
+            chosen = band_files or files
+            if not chosen:
+                raise UserError(f"{p}: folder holds no raster files ({', '.join(RASTER_SUFFIXES)})")
+            skipped = sorted(set(files) - set(chosen))
+            if skipped:
+                log.debug("%s: not band files, ignored: %s", p, ", ".join(f.name for f in skipped))
+            out.extend(chosen)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder")
+    if not out:
+        raise UserError("no input rasters given")
+    return out
+
+
+def _band_map_for(path: Path, band_map: dict[str, str] | None, count: int) -> dict[int, str]:
+    if not band_map:
+        return {}
+    out = {}
+    for key, name in band_map.items():
+        stem, sep, idx = key.rpartition(":")
+        if sep and stem != path.stem and stem != path.name:
+            continue
+        i = int(idx)
+        if not 1 <= i <= count:
+            raise UserError(f"--band-map {key}={name}: {path} has {count} band(s)")
+        out[i] = name
+    return out
+
+
+def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) -> RasterFile:
+    """Open one file and identify its bands (None where unknown); UserError if unreadable."""
+    try:
+        with rasterio.open(path) as src:
+            info = dict(count=src.count, width=src.width, height=src.height, crs=src.crs,
+                        transform=src.transform, dtype=src.dtypes[0], nodata=src.nodata,
+                        descriptions=list(src.descriptions), tags=src.tags())
+    except rasterio.errors.RasterioIOError as exc:
+        raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
+    if info["crs"] is None:
+        raise UserError(f"{path}: has no CRS; assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX)")
+    if info["transform"] == Affine.identity():
+        raise UserError(f"{path}: has no georeferencing (identity transform)")
+
+    sensor = (B.canonical_sensor(opts.sensor) if opts.sensor else sensor) or sensor_from_name(path)
+    tokens: list[str | None] = [None] * info["count"]
+    explicit = _band_map_for(path, opts.band_map, info["count"])
+    if explicit:
+        for i, name in explicit.items():
+            tokens[i - 1] = name
+    elif all(info["descriptions"]) and info["count"] > 0:
+        tokens = list(info["descriptions"])
+    elif info["count"] == 1 and band_token_from_name(path):
+        tokens = [band_token_from_name(path)]
+    elif sensor and (sensor, info["count"]) in SENSOR_LAYOUTS:
+        tokens = list(SENSOR_LAYOUTS[(sensor, info["count"])])
+
+    known = [t for t in tokens if t]
+    if sensor is None and known:
+        sensor = guess_sensor(known)
+    identified: list[B.Band | None] = []
+    for t in tokens:
+        if t is None or sensor is None:
+            identified.append(None)
+            continue
+        band = B.find_band(sensor, t)
+        if band is None and explicit:
+            raise UserError(f"--band-map names '{t}', which is not a {sensor} band")
+        identified.append(band)
+    date = None
+    for tag in _DATE_TAGS:
+        if tag in info["tags"]:
+            date = parse_date(info["tags"][tag])
+            if date:
+                break
+    date = date or parse_date(path.name) or parse_date(path.parent.name)
+    return RasterFile(path=path, date=date, sensor=sensor, bands=identified, **info)
+
+
+def _s2_offset(rf: RasterFile, opts: SceneOptions) -> float:
+    if opts.s2_offset in ("0", "1000"):
+        return float(opts.s2_offset)
+    if opts.s2_offset != "auto":
+        raise UserError(f"--s2-offset must be auto, 0 or 1000, not '{opts.s2_offset}'")
+    for tag in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
+        if tag in rf.tags:
+            return abs(float(rf.tags[tag]))
+    if rf.date and rf.date >= B.S2_OFFSET_FROM:
+        return float(B.S2_OFFSET_DN)
+    return 0.0
+
+
+def _is_unit_reflectance(rf: RasterFile, index: int) -> bool:
+    """A float band whose values sit in 0..~1.5 holds reflectance as a fraction."""
+    if not rf.dtype.startswith("float"):
+        return False
+    with rasterio.open(rf.path) as src:
+        step = max(1, max(src.width, src.height) // 256)
+        sample = src.read(index, out_shape=(max(1, src.height // step), max(1, src.width // step)),
+                          resampling=Resampling.nearest).astype("float64")
+    valid = sample[np.isfinite(sample)]
+    if rf.nodata is not None:
+        valid = valid[valid != rf.nodata]
+    return valid.size > 0 and float(np.percentile(valid, 99)) < 2.0
+
+
+def conversion_for(rf: RasterFile, index: int, opts: SceneOptions) -> tuple[float, float]:
+    """(scale, add) so that canonical = raw * scale + add (see the module docs of bands.py)."""
+    band = rf.bands[index - 1]
+    c2 = opts.landsat_c2
+    if c2 is None:
+        c2 = "_L2SP_" in rf.path.name.upper() and "_SR_B" in rf.path.name.upper()
+    if c2 and band is not None and band.sensor.startswith("landsat"):
+        return B.LANDSAT_C2_SCALE * 1e4, B.LANDSAT_C2_OFFSET * 1e4
+    if band is not None and band.sensor in ("rgb", "rgbn"):
+        return 1.0, 0.0
+    if _is_unit_reflectance(rf, index):
+        return 1e4, 0.0
+    if band is not None and band.sensor == "sentinel2" and not rf.dtype.startswith("float"):
+        return 1.0, -_s2_offset(rf, opts)
+    return 1.0, 0.0
+
+
+def _crs_equivalent(a: CRS, b: CRS) -> bool:
+    """Same CRS, or the same projection on two realisations of one datum (EPSG:32119 vs 3358)."""
+    if a == b:
+        return True
+    from pyproj import CRS as PCRS
+
+    pa, pb = PCRS.from_user_input(a.to_wkt()), PCRS.from_user_input(b.to_wkt())
+    if pa.equals(pb, ignore_axis_order=True):
+        return True
+    if not (pa.is_projected and pb.is_projected):
+        return False
+    ca, cb = pa.coordinate_operation, pb.coordinate_operation
+    if ca is None or cb is None or ca.method_name != cb.method_name:
+        return False
+    va = [round(p.value, 6) for p in ca.params]
+    vb = [round(p.value, 6) for p in cb.params]
+    return va == vb and pa.ellipsoid == pb.ellipsoid
+
+
+@dataclass
+class Grid:
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+
+    @property
+    def res(self) -> tuple[float, float]:
+        return abs(self.transform.a), abs(self.transform.e)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        from rasterio.transform import array_bounds
+
+        south, west, north, east = array_bounds(self.height, self.width, self.transform)
+        return west, south, east, north
+
+
+def same_grid(rf: RasterFile, grid: Grid, tol: float = 1e-6) -> bool:
+    return (rf.width == grid.width and rf.height == grid.height
+            and rf.transform.almost_equals(grid.transform, precision=tol * max(grid.res))
+            and _crs_equivalent(rf.crs, grid.crs))
+
+
+class Scene:
+    """A lazily read stack of ``T`` dates x ``C`` bands on one grid.
+
+    ``read(window)`` returns float32 ``(T, C, h, w)`` in canonical units, NaN = nodata. Windows
+    may reach past the raster (outside is NaN). Open file handles are kept per process so that
+    DataLoader workers can share one Scene object.
+    """
+
+    def __init__(self, sources: list[list[SourceBand]], grid: Grid, dates: list[str | None]):
+        self.sources = sources
+        self.grid = grid
+        self.dates = dates
+        self.bands = [s.band for s in sources[0]]
+        self._handles: dict = {}
+        self._pid = os.getpid()
+
+    crs = property(lambda self: self.grid.crs)
+    transform = property(lambda self: self.grid.transform)
+    width = property(lambda self: self.grid.width)
+    height = property(lambda self: self.grid.height)
+    res = property(lambda self: self.grid.res)
+    shape = property(lambda self: (len(self.dates), len(self.bands), self.height, self.width))
+
+    @property
+    def paths(self) -> list[Path]:
+        return sorted({s.path for frame in self.sources for s in frame})
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _dataset(self, path: Path):
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        ds = self._handles.get(path)
+        if ds is None:
+            src = rasterio.open(path)
+            if same_grid(_inspect_grid(src), self.grid):
+                ds = src
+            else:
+                ds = WarpedVRT(src, crs=self.grid.crs, transform=self.grid.transform,
+                               width=self.grid.width, height=self.grid.height,
+                               resampling=Resampling.bilinear, dtype="float32",
+                               src_nodata=src.nodata, nodata=np.nan)
+            self._handles[path] = ds
+        return ds
+
+    def close(self) -> None:
+        for ds in self._handles.values():
+            ds.close()
+        self._handles = {}
+
+    def read(self, window: Window | None = None) -> np.ndarray:
+        if window is None:
+            window = Window(0, 0, self.width, self.height)
+        col, row = int(window.col_off), int(window.row_off)
+        w, h = int(window.width), int(window.height)
+        out = np.full((len(self.dates), len(self.bands), h, w), np.nan, dtype=np.float32)
+        c0, r0 = max(col, 0), max(row, 0)
+        c1, r1 = min(col + w, self.width), min(row + h, self.height)
+        if c1 <= c0 or r1 <= r0:
+            return out
+        inner = Window(c0, r0, c1 - c0, r1 - r0)
+        for t, frame in enumerate(self.sources):
+            for c, sb in enumerate(frame):
+                ds = self._dataset(sb.path)
+                raw = ds.read(sb.index, window=inner).astype(np.float32, copy=False)
+                nodata = sb.nodata
+                invalid = ~np.isfinite(raw)
+                if nodata is not None and not np.isnan(nodata):
+                    invalid |= raw == np.float32(nodata)
+                values = raw * np.float32(sb.scale) + np.float32(sb.add) if (
+                    sb.scale != 1.0 or sb.add != 0.0) else raw
+                values[invalid] = np.nan
+                out[t, c, r0 - row:r1 - row, c0 - col:c1 - col] = values
+        return out
+
+    def valid_mask(self, data: np.ndarray) -> np.ndarray:
+        """``(h, w)`` True where some date has all bands valid."""
+        return np.isfinite(data).all(axis=1).any(axis=0)
+
+    def to_dataarray(self):
+        """The scene as a lazy ``xarray.DataArray`` (time, band, y, x) with rio CRS/transform."""
+        import rioxarray  # noqa: F401  (registers the .rio accessor)
+        import xarray as xr
+        from xarray.core import indexing
+
+        from geoexplora.io._xarray_backend import SceneBackendArray
+
+        t = self.transform
+        xs = t.c + t.a * (np.arange(self.width) + 0.5)
+        ys = t.f + t.e * (np.arange(self.height) + 0.5)
+        lazy = indexing.LazilyIndexedArray(SceneBackendArray(self))
+        times = np.array([d or "NaT" for d in self.dates], dtype="datetime64[ns]")
+        da = xr.DataArray(lazy, dims=("time", "band", "y", "x"),
+                          coords={"time": times, "band": [b.name for b in self.bands],
+                                  "y": ys, "x": xs},
+                          attrs={"units": "reflectance_x10000", "band_keys": [b.key for b in self.bands]})
+        da = da.rio.write_crs(self.crs).rio.write_transform(self.transform)
+        return da
+
+    def describe(self) -> dict:
+        return {
+            "paths": [str(p) for p in self.paths],
+            "width": self.width, "height": self.height,
+            "crs": self.crs.to_string(), "transform": list(self.transform)[:6],
+            "resolution": list(self.res),
+            "dates": self.dates,
+            "bands": [{**b.to_dict(), "key": b.key} for b in self.bands],
+            "units": "reflectance_x10000",
+        }
+
+
+def _inspect_grid(src) -> RasterFile:
+    return RasterFile(path=Path(src.name), count=src.count, width=src.width, height=src.height,
+                      crs=src.crs, transform=src.transform, dtype=src.dtypes[0],
+                      nodata=src.nodata, date=None, sensor=None, bands=[], descriptions=[])
+
+
+def _target_grid(reference: RasterFile, opts: SceneOptions) -> Grid:
+    crs = CRS.from_user_input(opts.crs) if opts.crs else reference.crs
+    grid = Grid(reference.crs, reference.transform, reference.width, reference.height)
+    if crs != reference.crs and not _crs_equivalent(crs, reference.crs):
+        from rasterio.warp import calculate_default_transform
+
+        transform, width, height = calculate_default_transform(
+            reference.crs, crs, reference.width, reference.height, *grid.bounds,
+            resolution=opts.resolution)
+        return Grid(crs, transform, width, height)
+    if opts.resolution:
+        west, south, east, north = grid.bounds
+        width = max(1, int(round((east - west) / opts.resolution)))
+        height = max(1, int(round((north - south) / opts.resolution)))
+        return Grid(grid.crs, Affine(opts.resolution, 0, west, 0, -opts.resolution, north),
+                    width, height)
+    return grid
+
+
+def _describe_bands(files: list[RasterFile]) -> str:
+    names = []
+    for rf in files:
+        for i, b in enumerate(rf.bands, start=1):
+            names.append(f"{rf.path.name}#{i}={b.name if b else '?'}")
+    return ", ".join(names)
+
+
+def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None) -> Scene:
+    """Open files/folders of one place as a Scene; UserError on anything ambiguous or missing."""
+    opts = opts or SceneOptions()
+    files_paths = expand_inputs(paths)
+    files = [inspect_raster(p, opts) for p in files_paths]
+    # A sensor told by one file (name prefix, descriptions) applies to its siblings.
+    sensors = {rf.sensor for rf in files if rf.sensor}
+    if not opts.sensor and len(sensors) == 1 and any(rf.sensor is None for rf in files):
+        files = [inspect_raster(p, opts, sensor=next(iter(sensors))) for p in files_paths]
+
+    if opts.dates:
+        if len(opts.dates) != len(files):
+            raise UserError(f"--dates has {len(opts.dates)} dates for {len(files)} files")
+        for rf, d in zip(files, opts.dates):
+            rf.date = d
+    dated = {rf.date for rf in files}
+    if None in dated and len(dated) > 1:
+        undated = [rf.path.name for rf in files if rf.date is None]
+        raise UserError(f"cannot tell the date of {', '.join(undated)} while other files have "
+                        "dates; pass --dates")
+    groups: dict[str | None, list[RasterFile]] = {}
+    for rf in files:
+        groups.setdefault(rf.date, []).append(rf)
+    dates = sorted(groups, key=lambda d: d or "")
+
+    first = groups[dates[0]]
+    if opts.bands:
+        wanted_tokens = list(opts.bands)
+    else:
+        unknown = [rf.path.name for rf in first if any(b is None for b in rf.bands)]
+        if unknown:
+            raise UserError(
+                f"cannot tell which bands {', '.join(unknown)} hold(s) (no band descriptions, no "
+                "band token in the name); pass --sensor for a full stack, or --band-map 1=B2,...")
+        wanted_tokens = [b.name for rf in first for b in rf.bands]
+        if len(first) > 1:  # one file per band: registry (wavelength-table) order, not file order
+            order = {b.name: i for i, b in enumerate(B.SENSORS[first[0].bands[0].sensor])}
+            wanted_tokens.sort(key=lambda name: order.get(name, len(order)))
+    sources: list[list[SourceBand]] = []
+    for date in dates:
+        group = groups[date]
+        available = [(rf, i + 1, b) for rf in group for i, b in enumerate(rf.bands) if b]
+        frame = []
+        for token in wanted_tokens:
+            matches = []
+            for rf, idx, band in available:
+                if B.find_band(band.sensor, token) == band:
+                    matches.append((rf, idx, band))
+            if not matches:
+                unknown = [rf.path.name for rf in group if any(b is None for b in rf.bands)]
+                hint = (f"; unidentified bands in {', '.join(unknown)}: pass --band-map or "
+                        "--sensor" if unknown else "")
+                raise UserError(f"band {token} not found in {', '.join(rf.path.name for rf in group)}"
+                                f" (has: {_describe_bands(group)}){hint}")
+            if len({m[2].key for m in matches}) > 1 or len(matches) > 1:
+                where = ", ".join(f"{m[0].path.name}#{m[1]} ({m[2].key})" for m in matches)
+                raise UserError(f"band {token} is ambiguous: {where}; pass --sensor or --band-map")
+            rf, idx, band = matches[0]
+            scale, add = conversion_for(rf, idx, opts)
+            nodata = opts.nodata if opts.nodata is not None else rf.nodata
+            frame.append(SourceBand(rf.path, idx, band, date, scale, add, nodata))
+        sources.append(frame)
+
+    involved = {s.path for frame in sources for s in frame}
+    first_files = [rf for rf in groups[dates[0]] if rf.path in involved]
+    reference = min(first_files, key=lambda rf: rf.res[0] * rf.res[1])
+    grid = _target_grid(reference, opts)
+    for rf in files:
+        if rf.path in involved and not _crs_equivalent(rf.crs, grid.crs):
+            log.warning("%s: reprojecting from %s to %s", rf.path.name, rf.crs.to_string(),
+                        grid.crs.to_string())
+        elif (rf.path in involved and rf.res != grid.res and not same_grid(rf, grid)
+              and rf.date != dates[0] and len(dates) > 1):
+            log.warning("%s: on another grid than the first date; resampled onto it", rf.path.name)
+    return Scene(sources, grid, list(dates))
+
+
+def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodata=None,
+                  dates=None, s2_offset="auto", crs=None) -> SceneOptions:
+    """SceneOptions from the CLI's string options."""
+    bm = None
+    if band_map:
+        bm = {}
+        for item in band_map.split(","):
+            key, eq, name = item.partition("=")
+            idx = key.rpartition(":")[2]
+            if not eq or not idx.strip().isdigit() or not name.strip():
+                raise UserError(f"--band-map entry '{item}' is not INDEX=BAND or FILE:INDEX=BAND "
+                                "(e.g. 1=B2)")
+            bm[key.strip()] = name.strip()
+    return SceneOptions(bands=B.parse_band_list(bands), sensor=sensor, band_map=bm,
+                        resolution=resolution, nodata=nodata, dates=parse_dates_option(dates),
+                        s2_offset=s2_offset, crs=crs)

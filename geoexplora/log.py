@@ -1,0 +1,46 @@
+"""Logging to stderr (rich), with the CLI's -v/-q verbosity. stdout is kept for results."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+
+stderr = Console(stderr=True)
+logger = logging.getLogger("geoexplora")
+
+_state = {"verbosity": 0}
+
+
+def set_verbosity(verbosity: int) -> None:
+    """-q -> -1 (errors only, no progress), 0 normal, 1+ -v (debug, tracebacks)."""
+    _state["verbosity"] = verbosity
+    level = logging.ERROR if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    if not logger.handlers:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False)
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+
+
+def verbosity() -> int:
+    return _state["verbosity"]
+
+
+def progress_enabled() -> bool:
+    return _state["verbosity"] >= 0
+
+
+def make_progress(transient: bool = False):
+    """A rich progress bar on stderr with rate and ETA; disabled by -q."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
+                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=stderr, disable=not progress_enabled(), transient=transient,
+    )
