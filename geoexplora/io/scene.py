@@ -106,6 +106,7 @@ class RasterFile:
     bands: list[B.Band | None]
     descriptions: list[str | None]
     tags: dict = field(default_factory=dict)
+    tokens: list[str | None] = field(default_factory=list)  # band names found, before the sensor
 
     @property
     def res(self) -> tuple[float, float]:
@@ -257,7 +258,7 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
             if date:
                 break
     date = date or parse_date(path.name) or parse_date(path.parent.name)
-    return RasterFile(path=path, date=date, sensor=sensor, bands=identified, **info)
+    return RasterFile(path=path, date=date, sensor=sensor, bands=identified, tokens=tokens, **info)
 
 
 def _s2_offset(rf: RasterFile, opts: SceneOptions) -> float:
@@ -525,6 +526,11 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
         wanted_tokens = list(opts.bands)
     else:
         unknown = [rf.path.name for rf in first if any(b is None for b in rf.bands)]
+        named = [rf for rf in first if rf.sensor is None and all(rf.tokens)]
+        if named:
+            raise UserError(
+                f"{named[0].path.name}: band names {', '.join(named[0].tokens)} fit several sensors "
+                "(Sentinel-2 and Landsat number bands differently); pass --sensor")
         if unknown:
             raise UserError(
                 f"cannot tell which bands {', '.join(unknown)} hold(s) (no band descriptions, no "
