@@ -339,7 +339,7 @@ class Grid:
     def bounds(self) -> tuple[float, float, float, float]:
         from rasterio.transform import array_bounds
 
-        south, west, north, east = array_bounds(self.height, self.width, self.transform)
+        west, south, east, north = array_bounds(self.height, self.width, self.transform)
         return west, south, east, north
 
 

@@ -1,0 +1,273 @@
+"""The model file (``model.pt``): tensors and metadata, loadable with ``weights_only=True``.
+
+Layout: ``{"format": "geoexplora-model", "format_version": 1, "meta_json": str,
+"state_dict": {name: tensor}}``. The metadata travels as JSON text so that nothing but tensors,
+strings and ints is ever unpickled. It holds the backbone's config (architecture, patch and image
+size, bands with wavelengths, normalisation statistics, temporal layout, spectral-token mode,
+ExPLoRA settings and parameter report, source weights and their sha256), the task (head, classes,
+colours) when there is one, and provenance (package versions, creation time, and whatever the
+writing command adds: data, training settings). Models are always stored merged (no LoRA), so
+loading needs neither peft nor the adapter code.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import importlib.metadata
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from geoexplora.bands import Band, band_from_key
+from geoexplora.errors import UserError
+from geoexplora.io.outputs import atomic_output, check_output
+from geoexplora.models.checkpoints import is_weights_only_refusal, sha256_file
+from geoexplora.models.geovit import GeoViT, geovit_from_config
+from geoexplora.models.heads import TaskModel, build_head
+from geoexplora.models.temporal import days_since_epoch
+
+FORMAT_NAME = "geoexplora-model"
+FORMAT_VERSION = 1
+
+
+def _versions() -> dict:
+    out = {}
+    for package in ("geoexplora", "torch", "timm", "peft", "torchgeo"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed: nothing to record
+    return out
+
+
+def save_model(path: str | Path, module: nn.Module, meta: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Write ``module`` (a GeoViT or TaskModel) atomically; LoRA is merged into a copy first.
+
+    ``meta``: extra JSON-able metadata (e.g. ``{"provenance": {"data": ...}, "training":
+    {...}}``); ``provenance`` is merged with the package versions and creation time.
+    """
+    if not isinstance(module, (GeoViT, TaskModel)):
+        raise TypeError(f"save_model takes a GeoViT or TaskModel, not {type(module).__name__}")
+    check_output(path, overwrite)
+    from geoexplora.models.explora import has_lora, merge_lora
+
+    if has_lora(module) or _has_split_qkv(module):
+        module = merge_lora(copy.deepcopy(module))
+    backbone = module.backbone if isinstance(module, TaskModel) else module
+    extra = dict(meta or {})
+    provenance = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                  "versions": _versions(), **extra.pop("provenance", {})}
+    state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+    full_meta = {
+        **extra,
+        "format_version": FORMAT_VERSION,
+        "kind": "task" if isinstance(module, TaskModel) else "backbone",
+        "backbone": backbone.config,
+        "task": module.config if isinstance(module, TaskModel) else None,
+        "provenance": provenance,
+    }
+    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+               "meta_json": json.dumps(full_meta), "state_dict": state}
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def _has_split_qkv(module: nn.Module) -> bool:
+    from geoexplora.models.explora import SplitQKV
+
+    return any(isinstance(m, SplitQKV) for m in module.modules())
+
+
+def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
+    """(meta, state_dict) of a model file, or a UserError that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if is_weights_only_refusal(exc):
+            raise UserError(f"{path}: not a geoexplora model file (it holds Python objects, not "
+                            "just tensors)") from exc
+        raise UserError(f"{path}: not a readable model file (corrupt or not written by "
+                        f"torch.save: {exc})") from exc
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: not a readable model file (corrupt, truncated or not written "
+                        f"by torch.save: {exc})") from exc
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+        raise UserError(f"{path}: not a geoexplora model file (a raw checkpoint? give it as "
+                        "--init-weights with --init naming its architecture)")
+    version = obj.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path}: model file format {version} is newer than this geoexplora "
+                        f"reads (up to {FORMAT_VERSION}); upgrade geoexplora")
+    try:
+        meta = json.loads(obj["meta_json"])
+        state = obj["state_dict"]
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: corrupt model file (metadata unreadable: {exc})") from exc
+    return meta, state
+
+
+def read_model_meta(path: str | Path) -> dict:
+    """The metadata of a model file, without loading its weights into memory."""
+    return _read(path, mmap=True)[0]
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """A GeoViT or TaskModel in eval mode, with ``.meta`` (the file's metadata)."""
+    meta, state = _read(path, mmap=False)
+    try:
+        # Built on the meta device (no random init of weights about to be replaced), then the
+        # file's tensors are assigned and the band-derived buffers recomputed.
+        with torch.device("meta"):
+            backbone = geovit_from_config(meta["backbone"])
+            model: nn.Module = backbone
+            if meta.get("task"):
+                task = meta["task"]
+                head = build_head(task["task"], backbone.embed_dim, **task["head"])
+                model = TaskModel(backbone, head, task["task"], task["classes"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}: corrupt model file (metadata incomplete: {exc})") from exc
+    missing, unexpected = (sorted(set(model.state_dict()) - set(state)),
+                           sorted(set(state) - set(model.state_dict())))
+    if missing or unexpected:
+        raise UserError(f"{path}: corrupt model file (weights do not match its metadata: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: corrupt model file ({str(exc).splitlines()[0]})") from exc
+    backbone.vit.patch_embed.proj.rebuild_buffers()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"load_model left tensors unmaterialised: {left[:5]}")
+    model.meta = meta
+    return model.eval()
+
+
+def model_card(path: str | Path) -> dict:
+    """Everything in the metadata plus file facts and parameter counts (JSON-able)."""
+    path = Path(path)
+    meta, state = _read(path, mmap=True)
+    counts: dict[str, int] = {}
+    for name, tensor in state.items():
+        part = "head" if name.startswith("head.") else "backbone"
+        if name.endswith(("band_mean", "band_std")):
+            continue
+        counts[part] = counts.get(part, 0) + tensor.numel()
+    return {**meta, "file": str(path), "size_bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+            "parameter_counts": {**counts, "total": sum(counts.values())}}
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def render_model_card(card: dict):
+    """A rich renderable of :func:`model_card`'s dict (for ``geoexplora info model.pt``)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    bb = card["backbone"]
+    arch = bb["architecture"]
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows = [
+        ("file", f"{card['file']} ({card['size_bytes'] / 1e6:.1f} MB)"),
+        ("sha256", card["sha256"]),
+        ("kind", card["kind"]),
+        ("architecture", (f"{arch['name']} (timm {arch['timm_name']}): depth {arch['depth']}, "
+                          f"dim {arch['embed_dim']}, heads {arch['num_heads']}, patch "
+                          f"{arch['patch_size']}, image {arch['img_size'][0]}x"
+                          f"{arch['img_size'][1]}, prefix tokens {arch['num_prefix_tokens']}")),
+        ("source", f"{bb['source'].get('init')} [{bb['family']}]"
+                   + (f" weights {bb['source']['weights']}" if bb["source"].get("weights") else "")),
+        ("frames", str(bb["num_frames"])),
+        ("spectral tokens", bb["spectral_tokens"] + (
+            f" {bb['spectral_groups']}" if bb["spectral_tokens"] == "groups" else "")),
+        ("parameters", ", ".join(f"{k} {_millions(v)}"
+                                 for k, v in card["parameter_counts"].items())),
+        ("statistics", bb["stats"]["origin"]),
+    ]
+    for stage in ("explora", "finetune_lora"):
+        if stage in bb:
+            s = bb[stage]
+            rep = s["parameters"]
+            rows.append((stage, (f"unfrozen blocks {s['unfreeze_blocks']}, LoRA "
+                                 f"r={s['lora_rank']} alpha={s['lora_alpha']} on "
+                                 f"{','.join(s['lora_targets'])}; trained "
+                                 f"{_millions(rep['trainable'])} of {_millions(rep['total'])} "
+                                 f"({100 * rep['fraction']:.1f}%)")))
+    prov = card.get("provenance", {})
+    rows.append(("created", f"{prov.get('created', '?')} with "
+                            + ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items())))
+    for key, value in rows:
+        summary.add_row(key, value)
+
+    bands = Table(title="bands", title_justify="left")
+    for col in ("band", "sensor", "nm", "mean", "std"):
+        bands.add_column(col, justify="right" if col in ("nm", "mean", "std") else "left")
+    for b, m, s in zip(bb["bands"], bb["stats"]["mean"], bb["stats"]["std"]):
+        bands.add_row(b["name"], b["sensor"], f"{b['center_nm']:.1f}", f"{m:.1f}", f"{s:.1f}")
+    parts = [summary, bands]
+    task = card.get("task")
+    if task:
+        classes = Table(title=f"task: {task['task']}, head {task['head']}", title_justify="left")
+        for col in ("id", "name", "colour"):
+            classes.add_column(col)
+        for c in task["classes"]:
+            color = c.get("color") or ""
+            swatch = Text("  ", style=f"on {color}") if color else Text("")
+            classes.add_row(str(c["id"]), str(c["name"]), Text.assemble(swatch, " ", color))
+        parts.append(classes)
+    return Group(*parts)
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How to read a scene for a model: ``scene.read(...)[:, band_indices]`` gives the model's
+    bands in the model's order; ``days`` are the frames' dates for the date encoding."""
+
+    band_indices: list[int]
+    bands: list[Band]
+    num_frames: int
+    dates: list[str | None] = field(default_factory=list)
+    days: list[float] = field(default_factory=list)
+
+
+def check_scene_against_model(meta: dict, scene, model_name: str = "the model") -> ReadPlan:
+    """Check a scene (``.bands``, ``.dates``) against a model's metadata; the read plan or a
+    UserError naming what is missing and what the scene has."""
+    backbone = meta["backbone"]
+    want = [band_from_key(b["key"]) for b in backbone["bands"]]
+    have = {b.key: i for i, b in enumerate(scene.bands)}
+    missing = [b for b in want if b.key not in have]
+    if missing:
+        raise UserError(f"{model_name} needs bands {', '.join(b.key for b in want)}; the scene "
+                        f"lacks {', '.join(b.key for b in missing)} (it has "
+                        f"{', '.join(b.key for b in scene.bands) or 'none'})")
+    frames = backbone["num_frames"]
+    dates = list(scene.dates)
+    if frames == 1 and len(dates) > 1:
+        raise UserError(f"{model_name} takes a single date; the scene has {len(dates)} "
+                        f"({', '.join(str(d) for d in dates)}): give one date")
+    if frames != len(dates):
+        raise UserError(f"{model_name} takes {frames} dates; the scene has {len(dates)}")
+    if frames > 1 and any(d is None for d in dates):
+        unknown = [i + 1 for i, d in enumerate(dates) if d is None]
+        raise UserError(f"{model_name} encodes acquisition dates; the scene's frame(s) "
+                        f"{unknown} have none: pass --dates")
+    return ReadPlan([have[b.key] for b in want], want, frames, dates,
+                    days_since_epoch(dates) if frames > 1 else [])

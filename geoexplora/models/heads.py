@@ -1,0 +1,114 @@
+"""Task heads on a GeoViT: classification, multilabel, segmentation.
+
+Classification and multilabel share a linear head on pooled features (cls token, mean of patch
+tokens, or both); multilabel logits go through a sigmoid at use. Segmentation uses a light
+decoder on the last block's patch tokens: 1x1 projection, bilinear upsampling to the input size,
+a 3x3 refinement conv, 1x1 classifier. For temporal stacks (T > 1) the patch tokens of the valid
+frames are averaged before decoding: the head then does not depend on T, missing frames simply
+drop out, and the temporal mixing happens where it should, in attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geoexplora.errors import UserError
+from geoexplora.models.geovit import GeoViT
+
+TASKS = ("classification", "multilabel", "segmentation")
+POOLINGS = ("cls", "mean", "cls+mean")
+
+
+def pool_frames(patch: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B, T, N, D)`` -> ``(B, N, D)``: mean over valid frames (all frames without a mask)."""
+    if frame_mask is None:
+        return patch.mean(dim=1)
+    weight = frame_mask.to(patch.dtype)[:, :, None, None]
+    return (patch * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
+
+
+class LinearHead(nn.Module):
+    """Linear classifier on pooled features (classification, multilabel)."""
+
+    def __init__(self, embed_dim: int, num_classes: int, pooling: str = "mean",
+                 init_std: float = 2e-5):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise UserError(f"pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
+        in_dim = embed_dim * (2 if pooling == "cls+mean" else 1)
+        self.fc = nn.Linear(in_dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=init_std)
+        nn.init.zeros_(self.fc.bias)
+        self.config = {"type": "linear", "pooling": pooling, "num_classes": num_classes}
+
+    def forward(self, features: dict, frame_mask: torch.Tensor | None,
+                size: tuple[int, int]) -> torch.Tensor:
+        parts = []
+        if self.pooling in ("cls", "cls+mean"):
+            parts.append(features["cls"])
+        if self.pooling in ("mean", "cls+mean"):
+            parts.append(pool_frames(features["patch"], frame_mask).mean(dim=1))
+        return self.fc(torch.cat(parts, dim=-1))
+
+
+class SegmentationHead(nn.Module):
+    """Light decoder: patch tokens ``(B, N, D)`` on an ``h x w`` grid -> logits ``(B, K, H, W)``."""
+
+    def __init__(self, embed_dim: int, num_classes: int, hidden: int = 64):
+        super().__init__()
+        self.proj = nn.Conv2d(embed_dim, hidden, kernel_size=1)
+        self.refine = nn.Sequential(nn.Conv2d(hidden, hidden, kernel_size=3, padding=1),
+                                    nn.GroupNorm(8 if hidden % 8 == 0 else 1, hidden), nn.GELU())
+        self.classify = nn.Conv2d(hidden, num_classes, kernel_size=1)
+        self.config = {"type": "segmentation", "hidden": hidden, "num_classes": num_classes}
+
+    def forward(self, features: dict, frame_mask: torch.Tensor | None,
+                size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+        tokens = pool_frames(features["patch"], frame_mask)  # (B, N, D)
+        b, _, d = tokens.shape
+        x = tokens.transpose(1, 2).reshape(b, d, *grid)
+        x = F.gelu(self.proj(x))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.classify(self.refine(x))
+
+
+def build_head(task: str, embed_dim: int, num_classes: int, **config) -> nn.Module:
+    """A head for ``task``; ``config`` as stored in a model file (``type`` is implied)."""
+    config = {k: v for k, v in config.items() if k not in ("type", "num_classes")}
+    if task in ("classification", "multilabel"):
+        return LinearHead(embed_dim, num_classes, **config)
+    if task == "segmentation":
+        return SegmentationHead(embed_dim, num_classes, **config)
+    raise UserError(f"task {task!r}: use one of {', '.join(TASKS)}")
+
+
+class TaskModel(nn.Module):
+    """A backbone with a task head. ``classes``: ``[{"id", "name", "color"}]``."""
+
+    def __init__(self, backbone: GeoViT, head: nn.Module, task: str, classes: list[dict]):
+        super().__init__()
+        if task not in TASKS:
+            raise UserError(f"task {task!r}: use one of {', '.join(TASKS)}")
+        if len(classes) != head.config["num_classes"]:
+            raise UserError(f"{len(classes)} classes but the head predicts "
+                            f"{head.config['num_classes']}")
+        self.backbone = backbone
+        self.head = head
+        self.task = task
+        self.classes = [dict(c) for c in classes]
+
+    @property
+    def config(self) -> dict:
+        return {"task": self.task, "classes": self.classes, "head": dict(self.head.config)}
+
+    def forward(self, x: torch.Tensor, dates: torch.Tensor | None = None,
+                frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, K)`` (classification, multilabel) or ``(B, K, H, W)`` (segmentation)."""
+        features = self.backbone.forward_features(x, dates=dates, frame_mask=frame_mask)
+        size = tuple(x.shape[-2:])
+        if self.task == "segmentation":
+            return self.head(features, frame_mask, size, self.backbone.grid_size(*size))
+        return self.head(features, frame_mask, size)

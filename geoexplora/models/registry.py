@@ -1,0 +1,158 @@
+"""Names of the backbones we build, and parsing of ``--init`` / ``--init-weights``.
+
+Configuration is kept apart from weights: an :class:`Architecture` says which timm ViT to build
+(and with which overrides); an :class:`InitSpec` says where its initial weights come from. Any
+timm ``VisionTransformer`` name works; the registry below lists the ones we know the source
+family of (which self-supervised objective made them), plus tiny configurations for tests and CPU
+runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geoexplora.errors import UserError
+
+# The paper's source model (the adapt command may choose its own default).
+DEFAULT_INIT = "vit_large_patch14_dinov2.lvd142m"
+
+# Families decide the default adapt objective: "dinov2" -> DINO+iBOT+KoLeo, "mae" -> MAE.
+FAMILIES = ("dinov2", "mae", "supervised", "unknown")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A buildable ViT: the timm entry point plus keyword overrides (JSON-able values only)."""
+
+    name: str
+    timm_name: str
+    family: str
+    overrides: dict = field(default_factory=dict)
+    default_tag: str | None = None  # the timm pretrained tag whose weights this name means
+
+    def timm_kwargs(self, extra: dict | None = None) -> dict:
+        return {**self.overrides, **(extra or {})}
+
+
+def _dinov2(size: str, reg: bool) -> Architecture:
+    name = f"vit_{size}_patch14_{'reg4_' if reg else ''}dinov2"
+    return Architecture(name, name, "dinov2", default_tag="lvd142m")
+
+
+_TINY = {"embed_dim": 64, "depth": 4, "num_heads": 2}
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        *(_dinov2(s, reg) for s in ("small", "base", "large", "giant") for reg in (False, True)),
+        Architecture("vit_base_patch16_224", "vit_base_patch16_224", "mae", default_tag="mae"),
+        Architecture("vit_large_patch16_224", "vit_large_patch16_224", "mae", default_tag="mae"),
+        # Tiny configurations (tests, CPU smoke runs): DINOv2-shaped (layer scale, patch 14) and
+        # MAE-shaped (patch 16). No published weights: use --init-weights PATH or random.
+        Architecture("geo_vit_tiny_patch14", "vit_small_patch14_dinov2", "dinov2",
+                     overrides=dict(_TINY)),
+        Architecture("geo_vit_tiny_patch14_reg4", "vit_small_patch14_reg4_dinov2", "dinov2",
+                     overrides=dict(_TINY)),
+        Architecture("geo_vit_tiny_patch16", "vit_base_patch16_224", "mae",
+                     overrides=dict(_TINY)),
+    ]
+}
+
+_FAMILY_BY_TAG = {"mae": "mae", "lvd142m": "dinov2", "dino": "dinov2"}
+
+
+def get_architecture(name: str, overrides: dict | None = None) -> Architecture:
+    """The architecture for a registry or timm name (without a weights tag)."""
+    import timm
+
+    if name in ARCHITECTURES:
+        arch = ARCHITECTURES[name]
+    elif timm.is_model(name):
+        family = "dinov2" if "dinov2" in name else "unknown"
+        arch = Architecture(name, name, family)
+    else:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise UserError(f"--init {name}: unknown model name; known: {known} (or any timm ViT name)")
+    if overrides:
+        arch = Architecture(arch.name, arch.timm_name, arch.family,
+                            {**arch.overrides, **overrides}, arch.default_tag)
+    return arch
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """Where the initial weights come from.
+
+    ``kind``: ``timm`` (a timm/registry name, weights from the hub cache, a local file or random),
+    ``torchgeo`` (a torchgeo weight enum) or ``model_file`` (a geoexplora model to keep adapting).
+    ``weights``: ``"pretrained"`` (the name's published weights), ``"random"``, or a local Path.
+    """
+
+    kind: str
+    init: str
+    arch_name: str | None = None
+    tag: str | None = None
+    weights: str | Path = "pretrained"
+    torchgeo_enum: str | None = None
+    model_path: Path | None = None
+
+    def describe(self) -> dict:
+        return {"init": self.init, "kind": self.kind, "arch": self.arch_name, "tag": self.tag,
+                "init_weights": str(self.weights)}
+
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or text.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def resolve_init(init: str | None, init_weights: str | None = None) -> InitSpec:
+    """Parse the ``--init`` and ``--init-weights`` strings into an :class:`InitSpec`.
+
+    Only checks what can be checked without loading: names exist, files exist, the combination
+    makes sense. A raw checkpoint given as ``--init`` is refused with the right spelling.
+    """
+    init = (init or DEFAULT_INIT).strip()
+    weights: str | Path
+    if init_weights is None:
+        weights = "pretrained"
+    elif init_weights.strip().lower() == "random":
+        weights = "random"
+    else:
+        weights = Path(init_weights).expanduser()
+        if not weights.is_file():
+            raise UserError(f"--init-weights {init_weights}: no such file")
+
+    if init.startswith("torchgeo:"):
+        enum = init.split(":", 1)[1]
+        if weights == "random":
+            raise UserError(f"--init {init} names pretrained weights; use its timm architecture "
+                            "name for a random initialisation")
+        return InitSpec("torchgeo", init, weights=weights, torchgeo_enum=enum)
+
+    if Path(init).expanduser().is_file() or _looks_like_path(init):
+        path = Path(init).expanduser()
+        if not path.is_file():
+            raise UserError(f"--init {init}: no such file")
+        if init_weights is not None:
+            raise UserError(f"--init {init} is a model file; it carries its own weights, so "
+                            "--init-weights cannot be used with it")
+        return InitSpec("model_file", init, weights=path, model_path=path)
+
+    arch_name, _, tag = init.partition(".")
+    arch = get_architecture(arch_name)
+    tag = tag or None
+    if weights == "pretrained" and tag is None and arch.default_tag is None:
+        raise UserError(f"--init {init}: this architecture has no published weights here; pass "
+                        "--init-weights PATH (a checkpoint) or --init-weights random")
+    return InitSpec("timm", init, arch_name=arch.name, tag=tag or arch.default_tag, weights=weights)
+
+
+def source_family(spec: InitSpec, arch: Architecture) -> str:
+    """The self-supervised family of the initial weights (decides the default adapt objective)."""
+    if spec.tag is None or spec.tag == arch.default_tag:
+        return arch.family
+    return _FAMILY_BY_TAG.get(spec.tag, "supervised")
