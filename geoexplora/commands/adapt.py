@@ -1,0 +1,154 @@
+"""``geoexplora adapt SCENES_OR_CHIPS... -o OUT``: ExPLoRA extended self-supervised pre-training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from geoexplora.commands import _options as O
+from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA
+
+
+def adapt(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Scenes (raster files, folders of them, one folder per scene) or one chips "
+             "dataset folder (written by tile).", metavar="SCENES_OR_CHIPS...")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The adapted model file.")],
+    bands: O.Bands = None,
+    sensor: O.Sensor = None,
+    band_map: O.BandMap = None,
+    nodata: O.Nodata = None,
+    s2_offset: O.S2Offset = "auto",
+    init: O.Init = None,
+    init_weights: O.InitWeights = None,
+    objective: Annotated[Optional[str], typer.Option(
+        "--objective", help="dinov2 (DINO+iBOT+KoLeo, EMA teacher) or mae; default: the "
+                            "source model's own.")] = None,
+    full: Annotated[bool, typer.Option(
+        "--full", help="Train every parameter (full extended pre-training, for comparison) "
+                       "instead of ExPLoRA.")] = False,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help=f"Optimiser steps (default {DATA.steps}).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(
+        "--epochs", help="Passes over the data instead of --steps (for scenes: valid area / "
+                         "window area).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Images per device per micro-batch.")] = DATA.batch_size,
+    accumulate: Annotated[int, typer.Option(
+        "--accumulate", help="Micro-batches per optimiser step (gradient accumulation).")] = 1,
+    accelerator: Annotated[str, typer.Option(
+        "--accelerator", help="auto, cpu or gpu.")] = "auto",
+    devices: Annotated[int, typer.Option("--devices", help="Devices (GPUs) per node.")] = 1,
+    num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes (e.g. under SLURM).")] = 1,
+    strategy: Annotated[str, typer.Option(
+        "--strategy", help="Lightning Fabric strategy; auto = DDP with more than one device.")
+    ] = "auto",
+    precision: Annotated[Optional[str], typer.Option(
+        "--precision", help="bf16-mixed (default on GPUs that have it), 16-mixed, 32-true "
+                            "(default on CPU).")] = None,
+    unfreeze_blocks: Annotated[str, typer.Option(
+        "--unfreeze-blocks", help="Blocks trained in full, comma-separated; negative counts "
+                                  "from the end (the paper: -1; its [1,L] variant: 0,-1).")
+    ] = ",".join(map(str, EXPLORA.unfreeze_blocks)),
+    lora_rank: Annotated[int, typer.Option(
+        "--lora-rank", help="LoRA rank on Q and V of the other blocks.")] = EXPLORA.lora_rank,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.")] = EXPLORA.lora_alpha,
+    frames: Annotated[Optional[int], typer.Option(
+        "--frames", help="Dates per sample (temporal model with the date encoding); default 1 "
+                         "for scenes (each date a sample), the dataset's for chips.")] = None,
+    crop_size: Annotated[int, typer.Option(
+        "--crop-size", help="Training window and global crop size in pixels (a multiple of "
+                            "the patch size).")] = DATA.crop_size,
+    local_crop_size: Annotated[Optional[int], typer.Option(
+        "--local-crop-size", help="dinov2 local crop size (default 7 patches: 98 px).")] = None,
+    local_crops: Annotated[int, typer.Option(
+        "--local-crops", help="dinov2 local crops per image.")] = DINOV2.local_crops,
+    head_prototypes: Annotated[Optional[int], typer.Option(
+        "--head-prototypes", help="dinov2 head prototypes (default by model width: 65536 for "
+                                  "ViT-L, 32768 ViT-B, 16384 ViT-S, 1024 tiny).")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="Peak learning rate (default: the recipe's, scaled to the global "
+                     "batch).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(
+        "--warmup-steps", help="Linear warm-up steps (default: 10 %% dinov2, 5 %% mae).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(
+        "--checkpoint-every", help="Steps between checkpoints (OUT-stem.ckpt).")] = ENGINE.checkpoint_every,
+    num_workers: Annotated[Optional[int], typer.Option(
+        "--num-workers", help="Data-loading workers per device (default: min(4, CPUs-1)).")
+    ] = None,
+    seed: O.Seed = 0,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (parameter report, steps, memory per device) and "
+                          "stop.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from OUT-stem.ckpt exactly where it stopped.")] = False,
+    overwrite: O.Overwrite = False,
+    json_out: O.Json = False,
+) -> None:
+    """Adapt a ViT to your imagery with ExPLoRA: continue its self-supervised pre-training
+    (DINOv2 or MAE, as the source was trained) on random windows of the scenes (or the chips of
+    a dataset), training LoRA on Q,V of frozen blocks plus the last block, norms and tokens.
+    Writes the merged model, a checkpoint, OUT-stem.log.jsonl (all loss terms) and
+    OUT-stem.loss.png next to it.
+
+    Example: geoexplora adapt --bands B2,B3,B4,B8 ./scenes -o adapted.pt
+    """
+    from geoexplora.errors import UserError
+    from geoexplora.ssl.adapt import AdaptConfig, adapt as run_adapt
+
+    opts = O.scene_opts(bands=bands, sensor=sensor, band_map=band_map, nodata=nodata,
+                        s2_offset=s2_offset)
+    try:
+        blocks = [int(v) for v in unfreeze_blocks.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UserError(f"--unfreeze-blocks '{unfreeze_blocks}' is not a list of integers") \
+            from exc
+    cfg = AdaptConfig(
+        inputs=O.expand_paths(inputs), output=output, bands=opts.bands, sensor=opts.sensor,
+        band_map=opts.band_map, nodata=nodata, s2_offset=s2_offset, init=init,
+        init_weights=init_weights, objective=objective, full=full, steps=steps, epochs=epochs,
+        batch_size=batch_size, accumulate=accumulate, accelerator=accelerator, devices=devices,
+        num_nodes=num_nodes, strategy=strategy, precision=precision, unfreeze_blocks=blocks,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, frames=frames, crop_size=crop_size,
+        local_crop_size=local_crop_size, local_crops=local_crops,
+        head_prototypes=head_prototypes, lr=lr, warmup_steps=warmup_steps,
+        checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed, dry_run=dry_run,
+        resume=resume, overwrite=overwrite)
+    summary = run_adapt(cfg)
+    if summary is None:  # another rank of a multi-device run: rank 0 reports
+        return
+    if json_out:
+        O.print_json(summary)
+    else:
+        _render(summary)
+
+
+def _render(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    report = summary["parameters"]
+    rows = [("objective", summary["objective"]),
+            ("trainable", f"{report['trainable']:,} of {report['total']:,} "
+                          f"({100 * report['fraction']:.2f} %)"),
+            ("steps", f"{summary['steps']} x global batch {summary['global_batch']}")]
+    if summary.get("dry_run"):
+        mem = summary["memory_per_device"]
+        rows.append(("memory per device", f"~{mem['total_gib']} GiB"))
+    else:
+        rows += [("loss", f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"),
+                 ("speed", f"{summary['images_per_s']:.1f} images/s, "
+                           f"{100 * summary['data_wait_fraction']:.0f} % waiting for data"),
+                 ("output", summary["output"])]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("adapt")(adapt)

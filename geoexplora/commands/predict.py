@@ -1,0 +1,118 @@
+"""``geoexplora predict MODEL RASTER... -o OUT``: georeferenced class maps from a task model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from geoexplora.commands import _options as O
+
+Window = Annotated[Optional[int], typer.Option(
+    "--window", help="Window size in pixels (default: the model's image size).")]
+Overlap = Annotated[Optional[int], typer.Option(
+    "--overlap", help="Overlap of neighbouring windows in pixels (default: window/4; --dense "
+                      "classification window/2; classification grid 0).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+Blend = Annotated[str, typer.Option(
+    "--blend", help="Overlap weights: cosine (flat centre, cosine ramps over the overlap), hann, "
+                    "none (plain mean).")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Print the plan (windows, batches, band mapping, memory) and stop.")]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue an interrupted run (or assemble finished shards).")]
+Shard = Annotated[Optional[str], typer.Option(
+    "--shard", help="I/N: compute the I-th of N parts (strips of one raster, or every N-th "
+                    "input with -o DIR/); the last part to finish writes the output.")]
+Devices = Annotated[Optional[str], typer.Option(
+    "--devices", help="Several GPUs: a count (2) or a list (0,1 or cuda:0,cuda:1).")]
+Output = Annotated[str, typer.Option(
+    "-o", "--output", help="Output GeoTIFF (COG), or a folder (DIR/) for one output per input.")]
+
+
+def predict(
+    model: Annotated[Path, typer.Argument(help="Task model file (from finetune).")],
+    rasters: Annotated[list[str], typer.Argument(
+        help="Input rasters: one scene (bands or dates in several files), or several scenes "
+             "with -o DIR/. '-' reads paths from stdin.")],
+    output: Output,
+    window: Window = None,
+    overlap: Overlap = None,
+    batch_size: BatchSize = 8,
+    blend: Blend = "cosine",
+    probabilities: Annotated[bool, typer.Option(
+        "--probabilities", help="Also write class probabilities (OUT_probabilities.tif).")] = False,
+    prob_dtype: Annotated[str, typer.Option(
+        "--prob-dtype", help="float32, or uint8 (scaled by 1/254, 255 = nodata).")] = "float32",
+    uncertainty: Annotated[bool, typer.Option(
+        "--uncertainty", help="Also write entropy and overlap disagreement "
+                              "(OUT_uncertainty.tif).")] = False,
+    vectorize: Annotated[Optional[Path], typer.Option(
+        "--vectorize", help="Also write the class map as polygons (class, name, area) to a "
+                            "GeoPackage.")] = None,
+    dense: Annotated[bool, typer.Option(
+        "--dense", help="Classification models: per-pixel map by sliding windows instead of "
+                        "one cell per window stride.")] = False,
+    co: O.CreationOptions = None,
+    dry_run: DryRun = False,
+    resume: Resume = False,
+    shard: Shard = None,
+    device: O.Device = None,
+    devices: Devices = None,
+    band_map: O.BandMap = None,
+    sensor: O.Sensor = None,
+    nodata: O.Nodata = None,
+    s2_offset: O.S2Offset = "auto",
+    dates: O.Dates = None,
+    json_out: O.Json = False,
+    overwrite: O.Overwrite = False,
+) -> None:
+    """Predict a georeferenced class map (Cloud-Optimised GeoTIFF with the input's CRS,
+    transform and nodata, colour table, class names and overviews) with sliding, blended windows
+    in bounded memory, plus a JSON sidecar (OUT.tif.json) recording model, band mapping, windows and
+    timings. Input nodata is nodata in every output; an input with no valid pixel gives an
+    all-nodata output and a warning.
+
+    Example: geoexplora predict model.pt region.tif -o region_pred.tif --probabilities
+    """
+    from geoexplora.predict import PredictConfig, predict as run
+
+    cfg = PredictConfig(
+        model=model, rasters=O.expand_paths(rasters), output=output, window=window,
+        overlap=overlap, batch_size=batch_size, blend=blend, probabilities=probabilities,
+        prob_dtype=prob_dtype, uncertainty=uncertainty, vectorize=vectorize, dense=dense,
+        creation_options=O.parse_creation_options(co), dry_run=dry_run, resume=resume,
+        shard=shard, overwrite=overwrite, device=device, devices=devices,
+        scene=O.scene_opts(band_map=band_map, sensor=sensor, nodata=nodata,
+                           s2_offset=s2_offset, dates=dates))
+    report(run(cfg), json_out, dry_run)
+
+
+def report(results: list[dict], json_out: bool, dry_run: bool) -> None:
+    """Results on stdout: one JSON document, or one line per output."""
+    if json_out:
+        O.print_json({"dry_run": dry_run, "results": results})
+        return
+    for r in results:
+        if dry_run:
+            plan, mem = r["plan"], r["memory"]
+            typer.echo(f"{r['output']}: {plan['windows']} windows ({plan['window_cols']} x "
+                       f"{plan['window_rows']}, window {plan['window']}, overlap "
+                       f"{plan['overlap']}), {r['batches']} batches of {r['batch_size']}, "
+                       f"output {plan['output_size'][0]} x {plan['output_size'][1]}, "
+                       f"~{mem['total_bytes'] / 2**20:.0f} MiB")
+            for m in r["band_mapping"]:
+                typer.echo(f"  {m['model_band']} <- {m['file']} band {m['file_band']}"
+                           + (f" ({m['date']})" if m["date"] else ""))
+        elif r["status"] == "complete":
+            typer.echo(f"{r['output']}: {r['valid_pixels']} valid pixels; "
+                       + ", ".join(f"{k} {v}" for k, v in r["outputs"].items()))
+        else:
+            s = r["strips"]
+            typer.echo(f"{r['output']}: part done ({s['this_run']} of {s['total']} strips "
+                       "computed here); waiting for the other shards")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)

@@ -1,0 +1,100 @@
+"""``geoexplora probe MODEL... CHIPS``: how good are a model's frozen features?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from geoexplora.commands import _options as O
+
+
+def probe(
+    paths: Annotated[list[str], typer.Argument(
+        help="One or more model files, then the chips dataset folder (written by tile).",
+        metavar="MODEL... CHIPS")],
+    features: Annotated[Optional[str], typer.Option(
+        "--features", help="Feature sets the heads may read, comma-separated, from cls (last "
+                           "block's cls token), cls4 (last 4 blocks' cls tokens), cls+mean, "
+                           "cls4+mean (with the mean patch token). Default: all four.")] = None,
+    json_out: O.Json = False,
+    plots: Annotated[Optional[Path], typer.Option(
+        "--plots", help="Folder for a confusion-matrix PNG per model.")] = None,
+    save_head: Annotated[Optional[Path], typer.Option(
+        "--save-head", help="Write a task model file (backbone + best linear head on cls or "
+                            "cls+mean + classes), usable by predict. One MODEL only.")] = None,
+    learning_rates: Annotated[Optional[str], typer.Option(
+        "--learning-rates", help="Base learning rates of the head grid (per batch 256), "
+                                 "comma-separated. Default: 1e-4 ... 0.1.")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="SGD steps of the head grid.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Batch size of the head grid.")] = None,
+    knn_k: Annotated[Optional[int], typer.Option("--knn-k", help="Neighbours of the k-NN.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", help="Feature cache folder (default: $GEOEXPLORA_CACHE_DIR or "
+                            "~/.cache/geoexplora/features).")] = None,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Extract features again and do not store them.")] = False,
+    device: O.Device = None,
+    num_workers: O.NumWorkers = 0,
+    seed: O.Seed = 0,
+    overwrite: O.Overwrite = False,
+) -> None:
+    """Linear probe (a grid of learning rates and feature sets, best head chosen on the val split,
+    reported on the test split) and weighted k-NN on a model's frozen features. Several models
+    print side by side. Features are extracted once per model and dataset and cached.
+
+    Example: geoexplora probe source.pt adapted.pt chips/ --json > probe.json
+    """
+    from geoexplora.defaults import PROBE
+    from geoexplora.errors import UserError
+    from geoexplora.train.features import default_cache_dir
+    from geoexplora.train.probe import ProbeConfig, render_probe, run_probe
+
+    items = O.expand_paths(paths)
+    if len(items) < 2:
+        raise UserError("probe takes MODEL... CHIPS: one or more model files, then the chips "
+                        "folder")
+    cfg = ProbeConfig(
+        models=items[:-1], chips=items[-1],
+        features=_names(features, "--features") or PROBE.features,
+        learning_rates=_floats(learning_rates) or PROBE.learning_rates,
+        steps=steps or PROBE.steps, batch_size=batch_size or PROBE.batch_size,
+        knn_k=knn_k or PROBE.knn_k,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+        plots_dir=plots, save_head=save_head, overwrite=overwrite, device=device,
+        num_workers=num_workers, seed=seed)
+    doc = run_probe(cfg)
+    if json_out:
+        O.print_json(doc)
+    else:
+        render_probe(doc)
+
+
+def _names(text: str | None, option: str) -> tuple[str, ...] | None:
+    from geoexplora.errors import UserError
+
+    if text is None:
+        return None
+    items = tuple(t.strip() for t in text.split(","))
+    if any(not t for t in items):
+        raise UserError(f"{option} '{text}' has an empty entry")
+    return items
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    from geoexplora.errors import UserError
+
+    names = _names(text, "--learning-rates")
+    if names is None:
+        return None
+    try:
+        return tuple(float(t) for t in names)
+    except ValueError as exc:
+        raise UserError(f"--learning-rates '{text}': not numbers") from exc
+
+
+def register(app: typer.Typer) -> None:
+    app.command("probe")(probe)

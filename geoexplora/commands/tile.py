@@ -1,0 +1,108 @@
+"""``geoexplora tile SCENE... -o DIR``: scenes (and labels) to a chips dataset."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from geoexplora.commands import _options as O
+
+
+def tile(
+    scenes: Annotated[list[str], typer.Argument(
+        help="Scene files, folders (searched recursively), globs, or - (paths on stdin). With "
+             "--class-folders: the root folder of DIR/<class>/*.tif.", metavar="SCENE",
+        show_default=False)],
+    out: Annotated[str, typer.Option("-o", "--out", help="The chips dataset folder to write.")],
+    bands: O.Bands = None,
+    sensor: O.Sensor = None,
+    band_map: O.BandMap = None,
+    nodata: O.Nodata = None,
+    s2_offset: O.S2Offset = "auto",
+    resolution: O.Resolution = None,
+    dates: O.Dates = None,
+    crs: Annotated[Optional[str], typer.Option(
+        "--crs", help="Target CRS (e.g. EPSG:32633); default: the first scene's.")] = None,
+    labels: Annotated[Optional[str], typer.Option(
+        "--labels", help="Vector labels (GPKG, GeoJSON, Shapefile); needs --label-field.")] = None,
+    label_field: Annotated[Optional[str], typer.Option(
+        "--label-field", help="The field of --labels holding the class names.")] = None,
+    label_layer: Annotated[Optional[str], typer.Option(
+        "--label-layer", help="The layer of --labels (multi-layer files).")] = None,
+    label_raster: Annotated[Optional[str], typer.Option(
+        "--label-raster", help="A class raster (e.g. land cover); resampled with nearest "
+                               "neighbour. Class names from a CLASSES=\"1=forest,...\" tag.")] = None,
+    class_folders: Annotated[bool, typer.Option(
+        "--class-folders", help="Import DIR/<class>/*.tif patches (EuroSAT style) as a "
+                                "classification dataset.")] = False,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", help="none, classification (majority class per chip), multilabel (classes "
+                       "present) or segmentation (masks). Default: segmentation for polygons "
+                       "and rasters, classification for points and class folders.")] = None,
+    min_label_fraction: Annotated[float, typer.Option(
+        "--min-label-fraction", help="Share of a chip's pixels a class needs to be its label "
+                                     "(classification: the majority; multilabel: each).")] = 0.0,
+    size: Annotated[Optional[int], typer.Option(
+        "--size", help="Chip size in pixels [default: 224; class folders: the patch size].",
+        show_default=False)] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        "--stride", help="Step between chips in pixels (< size overlaps) [default: size].",
+        show_default=False)] = None,
+    edge: Annotated[str, typer.Option(
+        "--edge", help="Chips at the right/bottom edge: drop partial ones, or pad them with "
+                       "nodata.")] = "drop",
+    max_nodata: Annotated[float, typer.Option(
+        "--max-nodata", help="Drop chips with a larger share of nodata pixels.")] = 0.5,
+    aoi: Annotated[Optional[str], typer.Option(
+        "--aoi", help="Vector area of interest; chips outside it are dropped.")] = None,
+    val_fraction: Annotated[float, typer.Option(
+        "--val-fraction", help="Share of chips for validation (spatially blocked).")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(
+        "--test-fraction", help="Share of chips for testing (spatially blocked).")] = 0.0,
+    split_block: Annotated[Optional[int], typer.Option(
+        "--split-block", help="Side of the spatial split blocks in pixels [default: 8, 4, 2 or 1 "
+                              "chips, the largest giving 20 blocks].", show_default=False)] = None,
+    seed: O.Seed = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Parallel processes.")] = 1,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Skip unreadable files (named in the log) instead of stopping.")] = False,
+    co: O.CreationOptions = None,
+    json_out: O.Json = False,
+    overwrite: O.Overwrite = False,
+) -> None:
+    """Cut scenes into a training-ready chips dataset: chip GeoTIFFs, a GeoParquet index and
+    dataset.json (bands, statistics, classes). Labels come from a vector layer, a class raster or
+    class folders; splits are spatially blocked.
+
+    Example: geoexplora tile ./scenes --size 224 --labels fields.gpkg --label-field crop -o chips/
+    """
+    from geoexplora.io.scene import scene_options
+    from geoexplora.tiling import TileConfig, tile as run_tile
+
+    opts = scene_options(bands=bands, sensor=sensor, band_map=band_map, resolution=resolution,
+                         nodata=nodata, dates=dates, s2_offset=s2_offset, crs=crs)
+    cfg = TileConfig(
+        scenes=[str(p) for p in O.expand_paths(scenes)], out=out, size=size, stride=stride,
+        bands=opts.bands, sensor=opts.sensor, band_map=opts.band_map, nodata=opts.nodata,
+        s2_offset=opts.s2_offset, resolution=opts.resolution, dates=opts.dates, crs=opts.crs,
+        labels=labels, label_field=label_field, label_layer=label_layer,
+        label_raster=label_raster, class_folders=class_folders, task=task,
+        min_label_fraction=min_label_fraction, aoi=aoi, max_nodata=max_nodata, edge=edge,
+        val_fraction=val_fraction, test_fraction=test_fraction, split_block=split_block,
+        seed=seed, workers=workers, overwrite=overwrite, skip_bad=skip_bad,
+        creation_options=O.parse_creation_options(co))
+    result = run_tile(cfg)
+    if json_out:
+        O.print_json(result.to_dict())
+        return
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(result.splits.items()))
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items())) or "none"
+    typer.echo(f"{result.out}: {result.chips} chips ({splits}) of {result.chip_size} px, "
+               f"task {result.task}; dropped: {dropped}")
+    for cl in result.classes:
+        typer.echo(f"  {cl['id']:>3} {cl['name']}: {cl['chips']} chips")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tile")(tile)

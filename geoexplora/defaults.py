@@ -1,0 +1,233 @@
+"""The recipe's defaults, in one place, one section per command.
+
+Values marked "recipe" are the faithful ExPLoRA / DINOv2 / MAE values of
+``docs/explora-recipe.md`` (the CLI defaults must equal them). Values marked "ours" are choices
+the recipe does not make (short runs, small models, multispectral augmentation); each says why.
+
+Sections: ENGINE (the training loop shared by adapt and finetune), ADAPT (data, augmentation,
+the two objectives), then the sections of the other commands (finetune, probe) appended below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --------------------------------------------------------------------------------------------
+# ENGINE: geoexplora/train/engine.py (shared by adapt and finetune)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineDefaults:
+    strategy_multi_device: str = "ddp"  # "--strategy auto" with >1 device or node
+    precision_gpu: str = "bf16-mixed"  # GPUs with bf16; older GPUs get "16-mixed"
+    precision_cpu: str = "32-true"
+    num_workers: int = 4  # DataLoader workers per process (capped by the CPU count)
+    prefetch_factor: int = 4  # batches prefetched per worker
+    checkpoint_every: int = 500  # ours: steps between checkpoints (also on SIGINT/SIGTERM)
+    max_log_lines: int = 1000  # ours: the JSONL log gets at most ~this many step records
+    adamw_eps: float = 1e-8
+
+
+ENGINE = EngineDefaults()
+
+# --------------------------------------------------------------------------------------------
+# ADAPT: geoexplora/commands/adapt.py, geoexplora/ssl/
+# --------------------------------------------------------------------------------------------
+
+# recipe: a DINOv2 source, the paper's kind of initial model (its headline model is ViT-L/14).
+ADAPT_INIT = "vit_large_patch14_dinov2.lvd142m"
+
+
+@dataclass(frozen=True)
+class ExploraDefaults:
+    """Which parameters train (recipe section 1)."""
+
+    unfreeze_blocks: tuple[int, ...] = (-1,)  # recipe: the last block, full rank
+    lora_rank: int = 64  # recipe
+    lora_alpha: float = 1.0  # recipe (scaling alpha/r = 1/64)
+    lora_dropout: float = 0.0  # recipe
+    lora_targets: tuple[str, ...] = ("q", "v")  # recipe
+
+
+EXPLORA = ExploraDefaults()
+
+
+@dataclass(frozen=True)
+class DataDefaults:
+    batch_size: int = 8  # recipe: 8 per GPU (x 4 GPUs x 32 accumulation = 1024 effective)
+    crop_size: int = 224  # recipe: training window / global crop (DINOv2) / image (MAE), px
+    min_valid_fraction: float = 0.5  # ours: a window needs half its pixels valid to be used
+    stats_sample_windows: int = 64  # ours: windows read to compute band statistics
+    valid_map_cell: int = 256  # ours: pixel size of the cells of the valid-area map
+    steps: int = 1000  # ours: the published run is ~150k steps (4 GPUs, days)
+
+
+DATA = DataDefaults()
+
+
+@dataclass(frozen=True)
+class AugmentDefaults:
+    """Multispectral-safe augmentation (ours, derived from DINOv2's): no hue, saturation,
+    grey-scale or solarisation, which only make sense for RGB. Geometric ops are exact for any
+    number of bands and dates; photometric ops scale each band (and the whole image)."""
+
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5  # overhead imagery has no "up": vertical flips and 90-degree
+    rot90_p: float = 0.75  # rotations are as valid as horizontal flips
+    jitter_p: float = 0.8  # DINOv2's colour-jitter probability
+    brightness: float = 0.4  # whole-image gain in [1-b, 1+b] (DINOv2's brightness)
+    contrast: float = 0.4  # contrast around each band's mean, in [1-c, 1+c] (DINOv2's)
+    band_gain: float = 0.1  # extra independent gain per band in [1-g, 1+g]
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels (DINOv2's GaussianBlur)
+    blur_p_global: tuple[float, float] = (1.0, 0.1)  # DINOv2: first/second global crop
+    blur_p_local: float = 0.5  # DINOv2
+
+
+AUGMENT = AugmentDefaults()
+
+
+@dataclass(frozen=True)
+class DinoV2Defaults:
+    """DINO + iBOT + KoLeo with an EMA teacher (recipe section 2)."""
+
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    momentum: tuple[float, float] = (0.992, 1.0)  # cosine
+    teacher_temp: tuple[float, float] = (0.04, 0.07)  # warm-up
+    teacher_temp_warmup_fraction: float = 0.3  # DINOv2: 30 of 100 epochs
+    student_temp: float = 0.1
+    centering: str = "sinkhorn_knopp"  # or "centering" (running mean, momentum 0.9)
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    global_crops: int = 2
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops: int = 8
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    global_crop_patches: int = 16  # 224 px for patch 14
+    local_crop_patches: int = 7  # 98 px for patch 14
+    mask_probability: float = 0.5  # iBOT: fraction of global crops masked
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: masked fraction of patches, uniform
+    freeze_last_layer_steps: int = 3000  # recipe
+    freeze_last_layer_fraction: float = 0.02  # ours: 3000 of ~150k; caps it for short runs
+    base_lr: float = 1e-3  # recipe: for an effective batch of 1024, sqrt scaling
+    base_batch: int = 1024
+    min_lr: float = 1e-6
+    warmup_fraction: float = 0.1  # DINOv2: 10 of 100 epochs
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: tuple[float, float] = (0.04, 0.4)  # cosine
+    clip_grad: float = 3.0
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    drop_path: float = 0.3
+
+
+DINOV2 = DinoV2Defaults()
+
+
+@dataclass(frozen=True)
+class DinoHeadSize:
+    hidden: int
+    bottleneck: int
+    prototypes: int
+
+
+def dino_head_size(embed_dim: int) -> DinoHeadSize:
+    """DINO/iBOT head size by backbone width.
+
+    The paper's head (hidden 2048, bottleneck 256, 65 536 prototypes) has 16.8M parameters in its
+    last layer alone: right for ViT-L (18.7M trained backbone parameters), far too big for a
+    small model. Prototypes scale with the width; tiny test models get a tiny head so a CPU run
+    stays fast. ``--head-prototypes`` etc. override these.
+    """
+    if embed_dim >= 1024:  # ViT-L, ViT-g: the paper's values
+        return DinoHeadSize(2048, 256, 65536)
+    if embed_dim >= 768:  # ViT-B
+        return DinoHeadSize(2048, 256, 32768)
+    if embed_dim >= 384:  # ViT-S
+        return DinoHeadSize(2048, 256, 16384)
+    return DinoHeadSize(256, 64, 1024)  # tiny models (tests, CPU demos)
+
+
+@dataclass(frozen=True)
+class MaeDefaults:
+    """Masked autoencoding (recipe section 2, MAE sources)."""
+
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True  # MAE's default for its released models
+    decoder_lora_rank: int = 8  # the source decoder, when present, is LoRA-tuned (q, v)
+    decoder_dim: int = 512  # a new light decoder when the source has none (MAE's is 512 x 8)
+    decoder_depth: int = 2  # ours: "light"; MAE's own decoder has 8 blocks
+    decoder_heads: int = 16
+    base_lr: float = 4.5e-4  # per 256 images, linear scaling
+    base_batch: int = 256
+    min_lr: float = 0.0
+    warmup_fraction: float = 0.05  # recipe: 1 epoch; streamed scenes have no epochs
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    clip_grad: float | None = None
+    layer_decay: float = 1.0
+    drop_path: float = 0.0
+
+
+MAE = MaeDefaults()
+
+# --------------------------------------------------------------------------------------------
+# FINETUNE: appended by the finetune command's owner.
+# PROBE: appended by the probe command's owner.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetuneDefaults:
+    """Fine-tuning (recipe section 3, "Fine-tune (PEFT)"); geoexplora/train/finetune.py."""
+
+    mode: str = "lora"  # recipe: LoRA on q,v of all blocks + a new head
+    lora_rank: int = 8  # recipe
+    lora_alpha: float = 1.0  # recipe
+    lora_targets: tuple[str, ...] = ("q", "v")  # recipe
+    explora_unfreeze_blocks: tuple[int, ...] = (-1,)  # "explora" mode: last block + LoRA
+    head_init_std: float = 2e-5  # recipe
+    pooling: str = "mean"  # recipe: mean-pooled patch tokens
+    base_lr: float = 5e-4  # recipe: for a batch of 128, linear scaling
+    base_batch: int = 128  # recipe
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0  # recipe: 5 warm-up epochs ...
+    warmup_max_fraction: float = 0.1  # ours: ... but at most 10% of a short run
+    weight_decay: float = 0.05  # ours: the recipe names none; MAE/BEiT fine-tuning's value
+    betas: tuple[float, float] = (0.9, 0.999)
+    label_smoothing: float = 0.1  # recipe
+    drop_path: float = 0.2  # recipe
+    clip_grad: float | None = None
+    batch_size: int = 32  # ours: per device; fits a ViT-L at 224 px on a 16 GB GPU
+    epochs: int = 20  # ours: when neither --steps nor --epochs is given
+    eval_every_epochs: float = 1.0  # ours: validation (early stopping, best checkpoint)
+    patience: int = 5  # ours: evaluations without improvement before stopping
+    class_weighting: str = "inverse_sqrt"  # ours: loss weights ~ 1/sqrt(frequency)
+    segmentation_hidden: int = 64  # ours: width of the light segmentation decoder
+
+
+FINETUNE = FinetuneDefaults()
+
+
+@dataclass(frozen=True)
+class ProbeDefaults:
+    """Linear probe and k-NN (recipe section 3; DINOv2's linear evaluation);
+    geoexplora/train/probe.py."""
+
+    features: tuple[str, ...] = ("cls", "cls4", "cls+mean", "cls4+mean")  # DINOv2's grid
+    learning_rates: tuple[float, ...] = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+                                         0.1)  # recipe: {1e-4 ... 0.1} x batch/256
+    momentum: float = 0.9  # recipe (SGD, no weight decay, cosine)
+    head_init_std: float = 0.01  # recipe
+    batch_size: int = 256  # the lr grid's reference batch (capped by the training set)
+    steps: int = 1000  # ours: DINOv2 runs 12 500 iterations on ImageNet; cached features make
+    # the heads cheap, and small datasets converge long before
+    knn_k: int = 20  # recipe (DINOv2's k-NN)
+    knn_temperature: float = 0.07  # DINOv2's k-NN temperature
+    extract_batch_size: int = 64  # ours: frozen forward passes, memory bound
+    val_fraction: float = 0.2  # ours: taken from train (stratified) when there is no val split
+
+
+PROBE = ProbeDefaults()

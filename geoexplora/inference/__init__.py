@@ -1,0 +1,1 @@
+"""Windowed, blended, streamed inference (the engine behind ``predict`` and ``embed``)."""

@@ -1,0 +1,444 @@
+"""``predict`` and ``embed``: georeferenced rasters from a model file, windowed, blended and
+streamed to disk in bounded memory.
+
+``predict(PredictConfig(...))`` / ``embed(EmbedConfig(...))`` are what the CLI calls. The engine
+(``geoexplora.inference``) is independent of model files: ``predict_scene`` takes any
+:class:`~geoexplora.inference.model.Predictor`.
+
+Inputs: all rasters form one scene (bands in several files, or several dates), unless the output
+is a folder (``-o outdir/``, or an existing folder): then each input (a file, or a folder holding
+one scene) is predicted on its own into ``outdir/<name>.tif``.
+
+Nodata policy: windows without a valid pixel are skipped; invalid pixels get zero blending
+weight and are nodata in every output. A raster with no valid pixel at all still gets its
+(all-nodata, georeferenced) outputs, so tiled pipelines keep a complete set of tiles, plus a
+warning; the result reports ``valid_pixels: 0`` and the exit code is 0, since the output is
+written and correct.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from geoexplora.errors import UserError
+from geoexplora.io.outputs import check_output
+from geoexplora.log import logger
+
+# Defaults of predict/embed (kept here: this module owns them).
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_BLEND = "cosine"
+DEFAULT_PREFETCH = 4  # batches read ahead
+PCA_SAMPLE_WINDOWS = 32  # windows the --pca projection is fitted on
+
+
+@dataclass
+class PredictConfig:
+    model: Path
+    rasters: list[Path]
+    output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
+    window: int | None = None  # default: the model's image size
+    overlap: int | None = None  # default: window/4 (segmentation), window/2 (--dense), 0 (grid)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    blend: str = DEFAULT_BLEND
+    probabilities: bool = False
+    prob_dtype: str = "float32"
+    uncertainty: bool = False
+    vectorize: Path | None = None
+    dense: bool = False
+    creation_options: dict = field(default_factory=dict)
+    dry_run: bool = False
+    resume: bool = False
+    shard: str | None = None  # "I/N"
+    overwrite: bool = False
+    device: str | None = None
+    devices: str | None = None
+    scene: object = None  # geoexplora.io.scene.SceneOptions
+    prefetch: int = DEFAULT_PREFETCH
+
+
+@dataclass
+class EmbedConfig:
+    model: Path
+    rasters: list[Path]
+    output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
+    pca: int | None = None
+    dtype: str = "float32"
+    window: int | None = None
+    overlap: int | None = None  # default: window/4 rounded to the patch size
+    batch_size: int = DEFAULT_BATCH_SIZE
+    blend: str = DEFAULT_BLEND
+    creation_options: dict = field(default_factory=dict)
+    dry_run: bool = False
+    resume: bool = False
+    shard: str | None = None
+    overwrite: bool = False
+    device: str | None = None
+    devices: str | None = None
+    scene: object = None
+    prefetch: int = DEFAULT_PREFETCH
+
+
+# --- jobs: which inputs go to which output --------------------------------------------------
+
+def output_is_folder(output: str | Path) -> bool:
+    return str(output).endswith(("/", os.sep)) or Path(output).is_dir()
+
+
+def plan_jobs(rasters: list[Path], output: str | Path,
+              shard) -> list[tuple[list[Path], Path]]:
+    """``[(scene inputs, output path)]``; with several jobs a shard takes every n-th one.
+    ``output`` as given: a trailing ``/`` marks a folder that does not exist yet."""
+    if not rasters:
+        raise UserError("no input rasters given")
+    if not output_is_folder(output):
+        return [(list(rasters), Path(output))]
+    output = Path(output)
+    jobs = [([r], output / f"{Path(r).stem if Path(r).suffix else Path(r).name}.tif")
+            for r in rasters]
+    names = [o for _, o in jobs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two inputs would both write {dup}; give them distinct names")
+    if shard:
+        i, n = shard
+        jobs = jobs[i::n]
+    return jobs
+
+
+def open_model_scene(paths: list[Path], scene_opts, meta: dict, model_name: str):
+    """Open the inputs and keep the model's bands, in the model's order (by band identity, so a
+    file's band order never matters); UserError naming what is missing."""
+    from geoexplora.io.scene import Scene, SceneOptions, open_scene
+    from geoexplora.models.file import check_scene_against_model
+
+    scene = open_scene(paths, scene_opts or SceneOptions())
+    read = check_scene_against_model(meta, scene, model_name)
+    sources = [[frame[i] for i in read.band_indices] for frame in scene.sources]
+    mapping = [{"model_band": b.key, "file": str(s.path), "file_band": s.index,
+                "date": s.date, "scale": s.scale, "add": s.add}
+               for frame in sources for b, s in zip(read.bands, frame)]
+    return Scene(sources, scene.grid, scene.dates), read, mapping
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+def _default_overlap(window: int, multiple: int, dense_classification: bool, grid: bool) -> int:
+    if grid:
+        return 0
+    share = window // 2 if dense_classification else window // 4
+    return share // multiple * multiple
+
+
+def make_plan(scene, predictor, window: int | None, overlap: int | None, dense: bool):
+    from geoexplora.inference.windows import WindowPlan
+
+    window = window or predictor.window
+    if window % predictor.patch_size:
+        raise UserError(f"--window {window} must be a multiple of the model's patch size "
+                        f"({predictor.patch_size})")
+    grid = predictor.per_window and not dense
+    factor = predictor.patch_size if predictor.task == "embedding" else 1
+    if overlap is None:
+        overlap = _default_overlap(window, factor, predictor.per_window and dense, grid)
+    if overlap < 0 or overlap >= window:
+        raise UserError(f"--overlap {overlap} must be in [0, {window})")
+    if grid:
+        return WindowPlan.grid(scene.height, scene.width, window, overlap)
+    return WindowPlan.dense(scene.height, scene.width, window, overlap, factor)
+
+
+def output_grid(scene, plan) -> dict:
+    from rasterio.transform import Affine
+
+    return {"crs": scene.crs, "transform": scene.transform @ Affine.scale(plan.factor),
+            "width": plan.out_width, "height": plan.out_height}
+
+
+def memory_estimate(scene, plan, predictor, products, batch_size: int, prefetch: int,
+                    n_devices: int, votes: bool) -> dict:
+    """Bytes held at once, by part (the model's activations are a rough estimate)."""
+    from geoexplora.io.writers import STRIP_ROWS
+
+    t, c = len(scene.dates), len(scene.bands)
+    k = predictor.channels
+    window_bytes = t * c * plan.window ** 2 * 4
+    acc = (k * (2 if votes else 1) + 1) * plan.tile_out_size * plan.out_width * 4
+    strips = sum(p.spec.count * STRIP_ROWS * plan.out_width * 4 for p in products)
+    render = 3 * k * plan.tile_out_size * plan.out_width * 4
+    inputs = (prefetch + 2 * n_devices + 1) * batch_size * window_bytes
+    arch = predictor.meta.get("backbone", {}).get("architecture", {})
+    dim = int(arch.get("embed_dim", 768))
+    tokens = t * (plan.window // predictor.patch_size) ** 2 + 1
+    activations = batch_size * tokens * dim * 4 * 12 + batch_size * k * plan.window ** 2 * 4 * 3
+    parts = {"accumulator": acc, "strip_buffers": strips + render, "input_prefetch": inputs,
+             "model_activations_per_device": activations}
+    return {**{f"{k}_bytes": v for k, v in parts.items()}, "total_bytes": sum(parts.values())}
+
+
+# --- one scene --------------------------------------------------------------------------------
+
+def _fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) -> dict:
+    files = []
+    for p in inputs:
+        st = Path(p).stat()
+        files.append({"path": str(Path(p).resolve()), "size": st.st_size,
+                      "mtime": int(st.st_mtime)})
+    return {"model_sha256": model_sha, "inputs": files, "plan": plan.describe(), **settings}
+
+
+def _versions() -> dict:
+    import importlib.metadata
+
+    import rasterio
+
+    out = {"python": platform.python_version(), "gdal": rasterio.__gdal_version__}
+    for package in ("geoexplora", "torch", "timm", "rasterio", "numpy"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed (e.g. geoexplora run from a source tree): not recorded
+    return out
+
+
+def predict_scene(scene, predictor, plan, products, devices, run_opts, fingerprint: dict,
+                  provenance: dict, votes: bool = False, prepared: bool = False) -> dict:
+    """Run the engine over a scene into ``products`` (see ``inference.runner.run_to_files``)."""
+    from geoexplora.inference.runner import prepare_work, run_to_files
+
+    if not prepared:
+        prepare_work(products[0].path, fingerprint, run_opts)
+    forwards = [(predictor.make_forward(d), d) for d in devices]
+    return run_to_files(scene, plan, forwards, predictor.channels, products, run_opts,
+                        provenance, votes=votes)
+
+
+def _run_options(cfg, shard):
+    from geoexplora.inference.runner import RunOptions
+    from geoexplora.inference.windows import BLENDS
+
+    if cfg.blend not in BLENDS:
+        raise UserError(f"--blend must be one of {', '.join(BLENDS)}, not '{cfg.blend}'")
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    return RunOptions(blend=cfg.blend, batch_size=cfg.batch_size, prefetch=cfg.prefetch,
+                      resume=cfg.resume, shard=shard, overwrite=cfg.overwrite,
+                      creation_options=dict(cfg.creation_options))
+
+
+def _check_outputs(products, cfg, extra: list[Path]) -> None:
+    from geoexplora.inference.runner import sidecar_path
+
+    paths = [p.path for p in products] + [sidecar_path(products[0].path)] + extra
+    for path in paths:
+        check_output(path, cfg.overwrite)
+
+
+def _dry_run_doc(inputs, output, scene, plan, predictor, products, mapping, cfg, devices,
+                 votes) -> dict:
+    from geoexplora.inference.runner import sidecar_path, work_folder
+
+    n = len(plan)
+    return {"inputs": [str(p) for p in inputs], "output": str(output),
+            "outputs": {p.key: str(p.path) for p in products},
+            "sidecar": str(sidecar_path(output)), "work_folder": str(work_folder(output)),
+            "task": predictor.task, "plan": plan.describe(),
+            "batches": math.ceil(n / cfg.batch_size), "batch_size": cfg.batch_size,
+            "blend": cfg.blend, "devices": [str(d) for d in devices],
+            "band_mapping": mapping, "dates": scene.dates,
+            "memory": memory_estimate(scene, plan, predictor, products, cfg.batch_size,
+                                      cfg.prefetch, len(devices), votes)}
+
+
+def _finish(result: dict, output: Path) -> dict:
+    if result.get("status") == "complete" and result.get("valid_pixels") == 0:
+        logger.warning("%s: the input has no valid pixel; the output is all nodata", output)
+    return result
+
+
+def predict(cfg: PredictConfig) -> list[dict]:
+    """Predict every job of ``cfg``; one result dict per output (or per plan with dry_run)."""
+    from geoexplora.inference.model import predictor_from_model, resolve_devices
+    from geoexplora.inference.products import PROB_DTYPES, class_products
+    from geoexplora.inference.runner import parse_shard
+    from geoexplora.io.writers import file_sha256
+    from geoexplora.models.file import load_model
+
+    if cfg.prob_dtype not in PROB_DTYPES:
+        raise UserError(f"--prob-dtype must be one of {', '.join(PROB_DTYPES)}")
+    shard = parse_shard(cfg.shard)
+    jobs = plan_jobs(cfg.rasters, cfg.output, shard)
+    if cfg.vectorize and output_is_folder(cfg.output):
+        raise UserError("--vectorize writes one file: use it with one output raster")
+    devices = resolve_devices(cfg.device, cfg.devices)
+    model = load_model(cfg.model)
+    model_sha = file_sha256(cfg.model)
+    run_opts = _run_options(cfg, shard if len(plan_jobs(cfg.rasters, cfg.output, None)) == 1
+                            else None)
+    results = []
+    for inputs, output in jobs:
+        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
+        predictor = predictor_from_model(model, read.days)
+        plan = make_plan(scene, predictor, cfg.window, cfg.overlap, cfg.dense)
+        votes = cfg.uncertainty and plan.mode == "dense" and plan.overlap > 0
+        products = class_products(
+            output, output_grid(scene, plan), predictor.classes,
+            probabilities=cfg.probabilities, prob_dtype=cfg.prob_dtype,
+            uncertainty=cfg.uncertainty, disagreement=votes,
+            tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task})
+        _check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [])
+        if cfg.dry_run:
+            results.append(_dry_run_doc(inputs, output, scene, plan, predictor, products,
+                                        mapping, cfg, devices, votes))
+            continue
+        settings = {"task": predictor.task, "blend": cfg.blend, "probabilities": cfg.probabilities,
+                    "prob_dtype": cfg.prob_dtype, "uncertainty": cfg.uncertainty,
+                    "dense": cfg.dense}
+        provenance = {"command": "predict", "model": {"path": str(cfg.model),
+                                                     "sha256": model_sha},
+                      "inputs": [str(p) for p in inputs], "scene": scene.describe(),
+                      "band_mapping": mapping, "task": predictor.task,
+                      "classes": predictor.classes, "devices": [str(d) for d in devices],
+                      "versions": _versions()}
+        result = predict_scene(scene, predictor, plan, products, devices, run_opts,
+                               _fingerprint(model_sha, inputs, plan, settings), provenance,
+                               votes=votes)
+        if cfg.vectorize and result["status"] == "complete":
+            from geoexplora.inference.vectorize import vectorize
+
+            result["vectorized"] = vectorize(output, cfg.vectorize, predictor.classes,
+                                             cfg.overwrite)
+        results.append(_finish({"input": [str(p) for p in inputs], "output": str(output),
+                                **result}, output))
+    return results
+
+
+# --- embed --------------------------------------------------------------------------------------
+
+def fit_pca(scene, plan, forward, device, k: int, sample_windows: int = PCA_SAMPLE_WINDOWS):
+    """``(mean (D,), components (k, D), explained variance ratio (k,))`` of the patch
+    embeddings of up to ``sample_windows`` windows spread evenly over the raster (valid patches
+    only). Signs are fixed (largest loading positive) so reruns and shards agree."""
+    import numpy as np
+    import torch
+    from rasterio.windows import Window
+
+    tiles = list(plan.tiles())
+    step = max(1, len(tiles) // sample_windows)
+    samples = []
+    for tile in tiles[::step]:
+        data = scene.read(Window(tile.col, tile.row, plan.window, plan.window))
+        valid = plan.output_valid(np.isfinite(data).all(axis=1).any(axis=0))
+        if not valid.any():
+            continue
+        with torch.inference_mode():
+            emb = forward(torch.from_numpy(data[None]).to(device))[0].float().cpu()
+        samples.append(emb.permute(1, 2, 0)[torch.from_numpy(valid)])
+        if len(samples) >= sample_windows:
+            break
+    if not samples:
+        raise UserError("--pca: the raster has no valid pixel to fit the projection on")
+    x = torch.cat(samples).double()
+    if k > min(x.shape):
+        raise UserError(f"--pca {k}: at most {min(x.shape)} components from "
+                        f"{x.shape[0]} sampled patches of dimension {x.shape[1]}")
+    mean = x.mean(dim=0)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    comps = vh[:k]
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(dim=1, keepdim=True)))
+    comps = comps * signs
+    ratio = (s[:k] ** 2 / (s ** 2).sum()).tolist()
+    return mean.float(), comps.float(), ratio
+
+
+def _pca_for(scene, plan, model, read, device, k: int, work: Path) -> tuple:
+    """The PCA projection, fitted once per output and kept in the (prepared) work folder so
+    that resumed runs and every shard use the same one."""
+    import torch
+
+    from geoexplora.inference.model import predictor_from_model
+
+    stored = work / "pca.json"
+    if stored.exists():
+        doc = json.loads(stored.read_text())
+        if doc["k"] == k:
+            return (torch.tensor(doc["mean"]), torch.tensor(doc["components"]),
+                    doc["explained_variance_ratio"])
+    raw = predictor_from_model(model, read.days, embed=True)
+    mean, comps, ratio = fit_pca(scene, plan, raw.make_forward(device), device, k)
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / f".pca.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"k": k, "mean": mean.tolist(), "components": comps.tolist(),
+                               "explained_variance_ratio": ratio}))
+    os.replace(tmp, stored)
+    return mean, comps, ratio
+
+
+def embed(cfg: EmbedConfig) -> list[dict]:
+    """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
+    from geoexplora.inference.model import predictor_from_model, resolve_devices
+    from geoexplora.inference.products import EMBED_DTYPES, embedding_product
+    from geoexplora.inference.runner import parse_shard, prepare_work
+    from geoexplora.io.writers import file_sha256
+    from geoexplora.models.file import load_model
+
+    if cfg.dtype not in EMBED_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(EMBED_DTYPES)}")
+    if cfg.pca is not None and cfg.pca < 1:
+        raise UserError("--pca must be at least 1")
+    shard = parse_shard(cfg.shard)
+    jobs = plan_jobs(cfg.rasters, cfg.output, shard)
+    devices = resolve_devices(cfg.device, cfg.devices)
+    model = load_model(cfg.model)
+    model_sha = file_sha256(cfg.model)
+    run_opts = _run_options(cfg, shard if len(plan_jobs(cfg.rasters, cfg.output, None)) == 1
+                            else None)
+    results = []
+    for inputs, output in jobs:
+        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
+        raw = predictor_from_model(model, read.days, embed=True)
+        plan = make_plan(scene, raw, cfg.window, cfg.overlap, dense=True)
+        dim = raw.channels
+        channels = cfg.pca or dim
+        tags = {"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": "embedding"}
+        names = ([f"pc{i + 1}" for i in range(channels)] if cfg.pca
+                 else [f"dim{i}" for i in range(channels)])
+        product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags,
+                                    names)
+        _check_outputs([product], cfg, [])
+        if cfg.dry_run:
+            doc = _dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
+                               devices, False)
+            results.append({**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype})
+            continue
+        if cfg.pca and cfg.pca > dim:
+            raise UserError(f"--pca {cfg.pca}: the model's embeddings have {dim} dimensions")
+        settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
+        work = prepare_work(output, _fingerprint(model_sha, inputs, plan, settings), run_opts)
+        pca_doc = None
+        predictor = raw
+        if cfg.pca:
+            mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
+            predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
+            pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
+                       "mean": mean.tolist(), "components": comps.tolist()}
+        provenance = {"command": "embed", "model": {"path": str(cfg.model), "sha256": model_sha},
+                      "inputs": [str(p) for p in inputs], "scene": scene.describe(),
+                      "band_mapping": mapping, "task": "embedding", "embed_dim": dim,
+                      "patch_size": raw.patch_size, "pca": pca_doc,
+                      "devices": [str(d) for d in devices], "versions": _versions()}
+        result = predict_scene(scene, predictor, plan, [product], devices, run_opts, {},
+                               provenance, prepared=True)
+        results.append(_finish({"input": [str(p) for p in inputs], "output": str(output),
+                                **result}, output))
+    return results
+
+
+def config_dict(cfg) -> dict:
+    """A config as JSON-able dict (for --json echoes)."""
+    d = asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

@@ -1,0 +1,470 @@
+"""``adapt``: ExPLoRA extended self-supervised pre-training, as a library function.
+
+``adapt(AdaptConfig(inputs=[...], output=...))`` reads scenes (random windows weighted by valid
+area) or a chips dataset, builds the initial model with the data's band statistics, applies
+ExPLoRA (LoRA on Q, V of the frozen blocks, the last block unfrozen, norms, tokens and - for new
+bands - the patch embedding trained), trains it with the source model's own objective (DINOv2
+or MAE) on the shared Fabric engine, and writes the merged model file. See
+``docs/explora-recipe.md`` for what each default reproduces; the values live in
+:mod:`geoexplora.defaults`.
+
+With ``devices > 1`` the default DDP strategy re-runs the calling program once per extra device
+(Lightning's subprocess launcher): from Python, use a script whose ``sys.argv`` re-runs the same
+call, as the CLI does. Only rank 0 writes files; ``adapt`` returns the summary on rank 0 and
+None elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geoexplora import bands as B
+from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA, MAE, dino_head_size
+from geoexplora.errors import UserError
+from geoexplora.log import logger
+
+OBJECTIVES = ("dinov2", "mae")
+
+
+@dataclass
+class AdaptConfig:
+    inputs: list[Path]
+    output: Path
+    bands: list[str] | None = None
+    sensor: str | None = None
+    band_map: dict[str, str] | None = None
+    nodata: float | None = None
+    s2_offset: str = "auto"
+    init: str | None = None  # None: the registry's default DINOv2 source
+    init_weights: str | None = None
+    objective: str | None = None  # None: the source's family (dinov2 / mae)
+    full: bool = False  # full-parameter extended pre-training (the comparison), not ExPLoRA
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = DATA.batch_size
+    accumulate: int = 1
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None
+    unfreeze_blocks: list[int] = field(default_factory=lambda: list(EXPLORA.unfreeze_blocks))
+    lora_rank: int = EXPLORA.lora_rank
+    lora_alpha: float = EXPLORA.lora_alpha
+    frames: int | None = None  # None: 1 for scenes, the dataset's for chips
+    split: str | None = "train"  # chips: which split to adapt on (None: all chips)
+    crop_size: int = DATA.crop_size
+    local_crop_size: int | None = None  # None: DINOV2.local_crop_patches x patch
+    local_crops: int = DINOV2.local_crops
+    head_prototypes: int | None = None  # None: dino_head_size(embed_dim)
+    head_hidden: int | None = None
+    head_bottleneck: int | None = None
+    lr: float | None = None  # None: the recipe's base lr scaled to the global batch
+    warmup_steps: int | None = None
+    drop_path: float | None = None
+    checkpoint_every: int = ENGINE.checkpoint_every
+    num_workers: int | None = None
+    seed: int = 0
+    dry_run: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    settings_overrides: dict = field(default_factory=dict)  # DinoV2/Mae defaults fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def _is_chips_dataset(path: Path) -> bool:
+    from geoexplora.io.chips import META_NAME
+
+    return path.is_dir() and (path / META_NAME).is_file()
+
+
+def _chip_band_indices(chips, wanted: list[str] | None) -> list[int]:
+    if not wanted:
+        return list(range(len(chips.bands)))
+    out = []
+    for token in wanted:
+        match = [i for i, b in enumerate(chips.bands) if B.find_band(b.sensor, token) == b]
+        if not match:
+            have = ", ".join(b.name for b in chips.bands)
+            raise UserError(f"--bands {token}: not in the chips dataset {chips.root} "
+                            f"(has: {have})")
+        out.append(match[0])
+    return out
+
+
+def open_scenes(paths: list[Path], opts) -> list:
+    """Scenes from the inputs: a chips-free folder holds scenes as sub-folders (each one scene:
+    per-band files, or dates of one place) and/or raster files; files of one folder that share a
+    footprint are one scene (dates, bands), other files are scenes of their own."""
+    import rasterio
+
+    from geoexplora.io.scene import RASTER_SUFFIXES, open_scene
+
+    scenes = []
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder")
+        if path.is_file():
+            scenes.append(open_scene([path], opts))
+            continue
+        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+        for sub in subdirs:
+            if any(f.suffix.lower() in RASTER_SUFFIXES for f in sub.iterdir()):
+                scenes.append(open_scene([sub], opts))
+        groups: dict[tuple, list[Path]] = {}
+        for f in files:
+            with rasterio.open(f) as src:
+                key = (str(src.crs), tuple(round(v) for v in src.bounds))
+            groups.setdefault(key, []).append(f)
+        for group in groups.values():
+            scenes.append(open_scene(group, opts))
+        if not scenes:
+            raise UserError(f"{path}: holds no raster files or scene folders")
+    return scenes
+
+
+@dataclass
+class AdaptData:
+    dataset: object  # SceneWindows or ChipSamples
+    bands: list
+    frames: int
+    stats: dict
+    description: dict
+    epoch_size: int  # samples per "epoch" (chips; valid area / window area for scenes)
+
+
+def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
+    """The training samples and the band statistics (dataset.json, or computed on a sample)."""
+    from geoexplora.train.sampling import ChipSamples, SceneWindows
+
+    inputs = [Path(p) for p in cfg.inputs]
+    if not inputs:
+        raise UserError("no input scenes or chips dataset given")
+    chips_inputs = [p for p in inputs if _is_chips_dataset(p)]
+    if chips_inputs:
+        if len(inputs) > 1:
+            raise UserError(f"give one chips dataset ({chips_inputs[0]}) or scenes, not both or "
+                            "several")
+        from geoexplora.io.chips import ChipsDataset
+
+        split = cfg.split
+        chips = ChipsDataset(inputs[0])
+        if split is not None and not (chips.index["split"] == split).any():
+            split = None  # a dataset without that split: all its chips
+        chips = ChipsDataset(inputs[0], split=split)
+        indices = _chip_band_indices(chips, cfg.bands)
+        frames = cfg.frames or chips.num_frames
+        if frames != chips.num_frames:
+            raise UserError(f"--frames {frames}: the chips dataset {inputs[0]} has "
+                            f"{chips.num_frames} date(s) per chip")
+        stats = {k: [chips.stats[k][i] for i in indices] for k in ("mean", "std")}
+        data = ChipSamples(chips, indices, cfg.seed, prepare)
+        return AdaptData(data, [chips.bands[i] for i in indices], frames,
+                         {**stats, "origin": "dataset.json"},
+                         {"kind": "chips", "root": str(inputs[0]), "split": split,
+                          "chips": len(chips), "chip_size": chips.chip_size}, len(chips))
+
+    from geoexplora.io.scene import SceneOptions
+    from geoexplora.io.stats import robust_band_stats
+
+    opts = SceneOptions(bands=cfg.bands, sensor=cfg.sensor, band_map=cfg.band_map,
+                        nodata=cfg.nodata, s2_offset=cfg.s2_offset)
+    scenes = open_scenes(inputs, opts)
+    keys = [b.key for b in scenes[0].bands]
+    for scene in scenes[1:]:
+        if [b.key for b in scene.bands] != keys:
+            names = ", ".join(p.name for p in scene.paths)
+            raise UserError(f"{names}: bands {[b.key for b in scene.bands]} differ from the "
+                            f"first scene's {keys}; pass --bands")
+    frames = cfg.frames or 1
+    if frames > 1:
+        undated = [p.name for s in scenes if None in s.dates for p in s.paths]
+        if undated:
+            raise UserError(f"--frames {frames} encodes dates; {', '.join(undated)} have none "
+                            "(name them with a date or pass scenes with date tags)")
+    logger.info("measuring the valid area of %d scene(s)", len(scenes))
+    data = SceneWindows(scenes, window, cfg.seed, prepare, frames)
+    stats = robust_band_stats(data.pixel_stream(DATA.stats_sample_windows, cfg.seed),
+                              seed=cfg.seed)
+    return AdaptData(data, list(scenes[0].bands), frames,
+                     {"mean": stats["mean"], "std": stats["std"], "origin": "data sample"},
+                     {"kind": "scenes", "files": sorted({str(p) for s in scenes
+                                                         for p in s.paths}),
+                      "scenes": len(data.scenes), "valid_pixels": data.valid_pixels,
+                      "window": window}, len(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and objective
+# ---------------------------------------------------------------------------------------------
+
+def choose_objective(cfg: AdaptConfig) -> str:
+    """``--objective``, else the source's family (MAE sources -> mae, everything else dinov2)."""
+    if cfg.objective is not None:
+        if cfg.objective not in OBJECTIVES:
+            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not "
+                            f"'{cfg.objective}'")
+        return cfg.objective
+    from geoexplora.models.registry import get_architecture, resolve_init, source_family
+
+    spec = resolve_init(cfg.init, cfg.init_weights)
+    if spec.kind == "model_file":
+        from geoexplora.models.file import read_model_meta
+
+        family = read_model_meta(spec.model_path)["backbone"].get("family", "dinov2")
+    elif spec.kind == "timm":
+        family = source_family(spec, get_architecture(spec.arch_name))
+        if isinstance(spec.weights, Path):
+            from geoexplora.models.checkpoints import checkpoint_layout, read_checkpoint
+
+            if checkpoint_layout(read_checkpoint(spec.weights)) == "mae_with_decoder":
+                family = "mae"
+    else:
+        family = "unknown"
+    return "mae" if family == "mae" else "dinov2"
+
+
+def objective_settings(objective: str, overrides: dict):
+    base = DINOV2 if objective == "dinov2" else MAE
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(base)})
+    if unknown:
+        raise UserError(f"unknown {objective} setting(s): {', '.join(unknown)}")
+    return dataclasses.replace(base, **overrides)
+
+
+def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames):
+    """The initial backbone with the data's bands/statistics, ExPLoRA applied (unless
+    ``full``); returns (backbone, parameter report)."""
+    from geoexplora.models import apply_explora, build_backbone, parameter_report
+
+    drop_path = cfg.drop_path if cfg.drop_path is not None else settings.drop_path
+    backbone = build_backbone(init=cfg.init, init_weights=cfg.init_weights, bands=bands,
+                              stats={"mean": stats["mean"], "std": stats["std"]},
+                              img_size=cfg.crop_size, num_frames=frames,
+                              drop_path_rate=drop_path)
+    if cfg.crop_size % backbone.patch_size:
+        raise UserError(f"--crop-size {cfg.crop_size} is not a multiple of the patch size "
+                        f"{backbone.patch_size}")
+    if cfg.full:
+        backbone.requires_grad_(True)
+        if objective == "mae":
+            backbone.mask_token.requires_grad_(False)  # iBOT's; MAE drops tokens instead
+        report = parameter_report(backbone)
+        backbone.config["full_pretraining"] = {"parameters": report}
+    else:
+        report = apply_explora(backbone, unfreeze_blocks=cfg.unfreeze_blocks,
+                               lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                               lora_dropout=EXPLORA.lora_dropout,
+                               lora_targets=EXPLORA.lora_targets)
+    return backbone, report
+
+
+def local_crop_size(cfg: AdaptConfig, patch: int) -> int:
+    size = cfg.local_crop_size or DINOV2.local_crop_patches * patch
+    if size % patch:
+        raise UserError(f"--local-crop-size {size} is not a multiple of the patch size {patch}")
+    return size
+
+
+def make_objective(cfg: AdaptConfig, objective: str, settings, backbone, total_steps: int):
+    if objective == "dinov2":
+        from geoexplora.defaults import DinoHeadSize
+        from geoexplora.ssl.dinov2 import CropSizes, DinoV2Objective
+
+        size = dino_head_size(backbone.embed_dim)
+        size = DinoHeadSize(cfg.head_hidden or size.hidden, cfg.head_bottleneck or size.bottleneck,
+                            cfg.head_prototypes or size.prototypes)
+        crops = CropSizes(cfg.crop_size, local_crop_size(cfg, backbone.patch_size))
+        return DinoV2Objective(backbone, size, crops, total_steps, settings)
+    from geoexplora.ssl.mae import MaeObjective
+
+    return MaeObjective(backbone, cfg.crop_size, settings, lora_alpha=cfg.lora_alpha)
+
+
+def make_prepare(cfg: AdaptConfig, objective: str, settings, patch: int, num_groups: int,
+                 frames: int):
+    """The per-sample view drawer for the data workers."""
+    if objective == "dinov2":
+        from geoexplora.ssl.dinov2 import CropSizes, DinoV2Views
+
+        return DinoV2Views(patch, CropSizes(cfg.crop_size, local_crop_size(cfg, patch)),
+                           settings)
+    from geoexplora.ssl.mae import MaeViews
+
+    grid = cfg.crop_size // patch
+    return MaeViews(cfg.crop_size, frames * num_groups * grid * grid)
+
+
+def base_lr(objective: str, settings, global_batch: int) -> float:
+    """The recipe's scaling: DINOv2 sqrt(batch / 1024), MAE linear batch / 256."""
+    if objective == "dinov2":
+        return settings.base_lr * math.sqrt(global_batch / settings.base_batch)
+    return settings.base_lr * global_batch / settings.base_batch
+
+
+def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig,
+                    precision: str) -> dict:
+    """Bytes per device: weights, gradients and AdamW state of the trainable parameters, the
+    EMA teacher's own copies, and activations (Korthikanti et al.'s 34*D bytes per token per
+    block in 16-bit, doubled in 32-bit; attention with a fused kernel). A guide, +-50 %."""
+    params = {id(p): p for p in objective_module.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    grads = trainable * 4
+    adam = trainable * 8
+    dim, depth = backbone.embed_dim, backbone.depth
+    p = backbone.num_prefix_tokens
+    per_frame = backbone.num_groups * backbone.num_frames
+
+    def tokens(size):
+        h, w = backbone.grid_size(size, size)
+        return p + per_frame * h * w
+
+    if objective == "dinov2":
+        s = objective_module.settings
+        seq = s.global_crops * tokens(cfg.crop_size) + s.local_crops * tokens(
+            objective_module.crops.local_size)
+    else:
+        total = tokens(cfg.crop_size) - p
+        seq = p + int(total * (1 - MAE.mask_ratio)) + tokens(cfg.crop_size)  # encoder + decoder
+    bytes_per = 2 if "16" in precision else 4
+    activations = int(cfg.batch_size * seq * depth * 34 * dim * bytes_per / 2)
+    total = weights + grads + adam + activations
+    return {"weights": weights, "gradients": grads, "optimizer_state": adam,
+            "activations": activations, "total": total, "total_gib": round(total / 2**30, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> dict:
+    keys = ("bands", "sensor", "init", "init_weights", "full", "batch_size", "accumulate",
+            "unfreeze_blocks", "lora_rank", "lora_alpha", "frames", "split", "crop_size",
+            "local_crop_size", "local_crops", "head_prototypes", "head_hidden", "head_bottleneck",
+            "lr", "warmup_steps", "drop_path", "seed", "settings_overrides")
+    fp = {k: getattr(cfg, k) for k in keys}
+    fp.update(objective=objective, world_size=world, steps=steps,
+              inputs=[str(Path(p).resolve()) for p in cfg.inputs])
+    return fp
+
+
+def _validate(cfg: AdaptConfig) -> None:
+    for name in ("batch_size", "accumulate", "devices", "num_nodes", "crop_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
+                            f"{getattr(cfg, name)}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise UserError(f"--steps must be at least 1, not {cfg.steps}")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise UserError(f"--epochs must be positive, not {cfg.epochs}")
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora-rank must be 0 or more, not {cfg.lora_rank}")
+    if cfg.local_crops < 0:
+        raise UserError(f"--local-crops must be 0 or more, not {cfg.local_crops}")
+
+
+def adapt(cfg: AdaptConfig) -> dict | None:
+    """Run (or plan, with ``dry_run``) an ExPLoRA adaptation; see the module docs."""
+    import torch
+
+    from geoexplora.io.outputs import check_output
+    from geoexplora.train import engine as E
+
+    _validate(cfg)
+    output = Path(cfg.output)
+    if not cfg.dry_run:
+        check_output(output, cfg.overwrite)
+        if cfg.resume and not E.RunFiles(output).checkpoint.exists():
+            raise UserError(f"--resume: no checkpoint {E.RunFiles(output).checkpoint}")
+    objective = choose_objective(cfg)
+    settings = objective_settings(objective, cfg.settings_overrides)
+    fabric = None
+    if not cfg.dry_run:
+        fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,
+                                                cfg.strategy, cfg.precision))
+        world = fabric.world_size
+        precision = str(getattr(fabric.strategy.precision, "precision", cfg.precision))
+    else:
+        world = cfg.devices * cfg.num_nodes
+        precision = cfg.precision or E.default_precision(E.resolve_accelerator(cfg.accelerator))
+
+    # The patch size decides the crop sizes the data workers draw: build the model first, on
+    # the data's bands and statistics (which need the data, but not its views).
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg, cfg.crop_size)
+    backbone, report = build_model(cfg, objective, settings, data.bands, data.stats,
+                                   data.frames)
+    data.dataset.prepare = make_prepare(cfg, objective, settings, backbone.patch_size,
+                                        backbone.num_groups, data.frames)
+
+    global_batch = cfg.batch_size * cfg.accumulate * world
+    if data.description["kind"] == "chips" and cfg.batch_size * world > data.epoch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} x {world} device(s) is larger than the "
+                        f"chips dataset ({data.epoch_size} chips)")
+    if cfg.steps is not None:
+        steps = cfg.steps
+    elif cfg.epochs is not None:
+        steps = max(1, math.ceil(cfg.epochs * data.epoch_size / global_batch))
+    else:
+        steps = DATA.steps
+    objective_module = make_objective(cfg, objective, settings, backbone, steps)
+    lr = cfg.lr if cfg.lr is not None else base_lr(objective, settings, global_batch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(
+        settings.warmup_fraction * steps)
+    head_params = sum(p.numel() for n, p in objective_module.named_parameters()
+                      if p.requires_grad and not n.startswith(("student.backbone.", "backbone.")))
+    plan = {"objective": objective, "init": backbone.config["source"], "output": str(output),
+            "parameters": report, "ssl_head_parameters": head_params, "steps": steps, "global_batch": global_batch,
+            "world_size": world, "precision": precision, "lr": lr, "warmup_steps": warmup,
+            "data": data.description,
+            "bands": [b.key for b in data.bands], "frames": data.frames,
+            "stats_origin": data.stats["origin"]}
+    if objective == "mae":
+        plan["mae_decoder"] = objective_module.decoder_source
+    if cfg.dry_run:
+        plan["memory_per_device"] = estimate_memory(backbone, objective_module, objective, cfg,
+                                                    precision)
+        plan["dry_run"] = True
+        return plan
+
+    groups = E.param_groups(objective_module, num_blocks=backbone.depth,
+                            layer_decay=settings.layer_decay,
+                            lr_multipliers={"patch_embed": getattr(settings,
+                                                                   "patch_embed_lr_mult", 1.0)})
+    optimizer = E.build_optimizer(groups, betas=settings.betas)
+    wd = settings.weight_decay
+    wd_start, wd_end = (wd, wd) if isinstance(wd, (int, float)) else wd
+    schedules = E.Schedules(total_steps=steps, lr=lr, min_lr=settings.min_lr,
+                            warmup_steps=warmup, weight_decay=wd_start, weight_decay_end=wd_end)
+    loop = E.TrainLoop(fabric, objective_module, optimizer, data.dataset,
+                       E.LoopSettings(output=output, steps=steps, batch_size=cfg.batch_size,
+                                      accumulate=cfg.accumulate, clip_grad=settings.clip_grad,
+                                      checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
+                                      num_workers=cfg.num_workers,
+                                      description=f"adapt ({objective})"),
+                       schedules, fingerprint=_fingerprint(cfg, objective, world, steps))
+    summary = loop.run(resume=cfg.resume)
+    if not fabric.is_global_zero:
+        return None
+    export = objective_module.teacher["backbone"] if objective == "dinov2" else backbone
+    from geoexplora.models.file import save_model
+
+    meta = {"provenance": {"command": "adapt", "data": data.description},
+            "training": {k: plan[k] for k in ("objective", "steps", "global_batch", "lr",
+                                              "warmup_steps", "precision", "world_size")}
+            | {"first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
+               "exported": "ema_teacher" if objective == "dinov2" else "model"}}
+    save_model(output, export, meta, overwrite=cfg.overwrite)
+    logger.info("wrote %s", output)
+    return {**plan, **summary, "output": str(output)}

@@ -1,0 +1,1041 @@
+"""``tile``: scenes (and labels) -> a chips dataset (see ``geoexplora.io.chips`` for the format).
+
+How it works:
+
+1. Inputs (files, folders, globs) are grouped into scenes: files whose footprints coincide are one
+   place (one file per band and/or per date, aligned on one grid by ``open_scene``); scenes in
+   another CRS are reprojected to ``crs`` (or the first scene's).
+2. Each scene gets a grid of candidate windows (``size``, ``stride``, ``edge``); windows outside
+   the AOI, or (when labels are required) touching no label, are dropped without reading pixels.
+3. Splits are assigned by spatial blocks of the target CRS, then any val/test chip overlapping a
+   chip of another split is dropped, so overlapping chips never straddle train and val/test.
+4. Pixels are read once, in blocks of several chips bounded in memory, and chips are cut from
+   memory and written (in parallel with ``workers``); chips over ``max_nodata`` are dropped.
+5. Statistics (``io.stats``) come from a pixel sample of the written chips. The index and
+   ``dataset.json`` are written last, and the folder is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from geoexplora import __version__
+from geoexplora.bands import band_from_key
+from geoexplora.errors import UserError
+from geoexplora.io import chips as C
+from geoexplora.io.stats import BandStatsAccumulator, pixel_sample
+
+log = logging.getLogger("geoexplora")
+
+DEFAULT_SIZE = 224
+BLOCK_BUDGET_BYTES = 64 * 2**20  # pixels held per read block (per worker)
+SAME_PLACE_IOU = 0.8  # footprints overlapping this much are one place (bands/dates of one scene)
+EDGES = ("drop", "pad")
+
+
+@dataclass
+class TileConfig:
+    """What ``geoexplora tile`` does; every CLI option has a field here."""
+
+    scenes: list[str | os.PathLike]
+    out: str | os.PathLike
+    size: int | None = None  # default DEFAULT_SIZE (class folders: the patch size)
+    stride: int | None = None  # default: size (no overlap)
+    bands: list[str] | None = None
+    sensor: str | None = None
+    band_map: dict[str, str] | None = None
+    nodata: float | None = None
+    s2_offset: str = "auto"
+    resolution: float | None = None
+    dates: list[str] | None = None
+    crs: str | None = None
+    labels: str | os.PathLike | None = None  # vector file
+    label_field: str | None = None
+    label_layer: str | None = None
+    label_raster: str | os.PathLike | None = None
+    class_folders: bool = False
+    task: str | None = None  # default from the labels: see _default_task
+    min_label_fraction: float = 0.0
+    aoi: str | os.PathLike | None = None
+    max_nodata: float = 0.5
+    edge: str = "drop"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    split_block: int | None = None  # pixels; default: see _auto_block
+    seed: int = 0
+    workers: int = 1
+    overwrite: bool = False
+    skip_bad: bool = False
+    creation_options: dict[str, str] | None = None
+    stats_samples: int = 200_000
+    show_progress: bool = True
+
+
+@dataclass
+class TileResult:
+    out: Path
+    task: str
+    chips: int
+    dropped: dict[str, int]
+    splits: dict[str, int]
+    classes: list[dict]
+    stats: dict[str, list[float]]
+    bands: list[str]
+    num_frames: int
+    chip_size: int
+    seconds: float
+    skipped_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+# ----------------------------------------------------------------------------- inputs and scenes
+
+def collect_inputs(items: list[str | os.PathLike]) -> list[Path]:
+    """Files as given; globs expanded; folders searched recursively for raster files.
+
+    In a folder that holds band files (``*_B04.tif``) only those are taken (the rest are
+    previews, masks and the like), as ``open_scene`` does for one folder.
+    """
+    from geoexplora.io.scene import expand_inputs
+
+    out: list[Path] = []
+    for raw in items:
+        text = str(raw)
+        path = Path(text)
+        if not path.exists() and glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise UserError(f"{text}: the pattern matches no file")
+            out.extend(collect_inputs(matches))
+        elif path.is_dir():
+            folders = [path] + sorted(p for p in path.rglob("*") if p.is_dir())
+            found = []
+            for folder in folders:
+                if any(f.is_file() and f.suffix.lower() in _raster_suffixes()
+                       for f in folder.iterdir()):
+                    found.extend(expand_inputs([folder]))
+            if not found:
+                raise UserError(f"{path}: folder holds no raster files")
+            out.extend(found)
+        elif path.exists():
+            out.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    if not out:
+        raise UserError("no input scenes given")
+    return list(dict.fromkeys(out))
+
+
+def _raster_suffixes() -> tuple[str, ...]:
+    from geoexplora.io.scene import RASTER_SUFFIXES
+
+    return RASTER_SUFFIXES
+
+
+def _footprint(path: Path):
+    """The file's footprint as a lon/lat box, or UserError naming the file."""
+    import rasterio
+    from rasterio.warp import transform_bounds
+    from shapely import box
+
+    try:
+        with rasterio.open(path) as src:
+            if src.crs is None:
+                raise UserError(f"{path}: has no CRS; assign one first (gdal_edit.py -a_srs)")
+            return box(*transform_bounds(src.crs, "EPSG:4326", *src.bounds))
+    except rasterio.errors.RasterioIOError as exc:
+        raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
+
+
+def group_by_place(paths: list[Path], skip_bad: bool = False) -> tuple[list[list[Path]], list[str]]:
+    """Files -> groups of the same place (footprint IoU >= SAME_PLACE_IOU), in input order.
+
+    Returns the groups and the files skipped as unreadable (only with ``skip_bad``).
+    """
+    footprints, kept, skipped = [], [], []
+    for p in paths:
+        try:
+            footprints.append(_footprint(p))
+            kept.append(p)
+        except UserError as exc:
+            if not skip_bad:
+                raise
+            log.warning("skipped (--skip-bad): %s", exc)
+            skipped.append(str(p))
+    parent = list(range(len(kept)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(kept)):
+        for j in range(i):
+            a, b = footprints[i], footprints[j]
+            inter = a.intersection(b).area
+            union = a.union(b).area
+            if union > 0 and inter / union >= SAME_PLACE_IOU:
+                parent[find(i)] = find(j)
+    groups: dict[int, list[Path]] = {}
+    for i, p in enumerate(kept):
+        groups.setdefault(find(i), []).append(p)
+    return list(groups.values()), skipped
+
+
+def scene_options_from(cfg: TileConfig, crs: str | None = None):
+    from geoexplora.io.scene import SceneOptions
+
+    return SceneOptions(bands=cfg.bands, sensor=cfg.sensor, band_map=cfg.band_map,
+                        resolution=cfg.resolution, nodata=cfg.nodata, dates=cfg.dates,
+                        s2_offset=cfg.s2_offset, crs=crs)
+
+
+def open_scenes(cfg: TileConfig) -> tuple[list, list[str]]:
+    """Open every place named by the inputs on the target CRS; check they agree on bands/dates."""
+    import rasterio
+
+    from geoexplora.io.scene import open_scene
+
+    groups, skipped = group_by_place(collect_inputs(cfg.scenes), cfg.skip_bad)
+    if not groups:
+        raise UserError("no readable input scenes")
+    if cfg.dates and len(groups) > 1:
+        raise UserError(f"--dates applies to one scene; the inputs are {len(groups)} places")
+    target = cfg.crs
+    if target is None:
+        with rasterio.open(groups[0][0]) as src:
+            target = src.crs.to_string()
+    scenes = []
+    for group in groups:
+        try:
+            scene = open_scene(group, scene_options_from(cfg, target))
+        except UserError as exc:
+            if not cfg.skip_bad:
+                raise
+            log.warning("skipped (--skip-bad): %s", exc)
+            skipped.extend(str(p) for p in group)
+            continue
+        scenes.append(scene)
+    if not scenes:
+        raise UserError("no readable input scenes (all skipped)")
+    first = scenes[0]
+    for scene in scenes[1:]:
+        if [b.key for b in scene.bands] != [b.key for b in first.bands]:
+            raise UserError(f"{scene.paths[0]}: bands {_band_names(scene)} differ from "
+                            f"{first.paths[0]}'s {_band_names(first)}; pass --bands")
+        if len(scene.dates) != len(first.dates):
+            raise UserError(f"{scene.paths[0]}: {len(scene.dates)} date(s), "
+                            f"{first.paths[0]} has {len(first.dates)}; tile them separately")
+        if scene.res != first.res:
+            log.warning("%s: %.6g m pixels, %s has %.6g m; pass --resolution for one GSD",
+                        scene.paths[0].name, scene.res[0], first.paths[0].name, first.res[0])
+    if len(scenes) > 1:
+        log.info("%d scenes (places) from %d files", len(scenes),
+                 sum(len(s.paths) for s in scenes))
+    return scenes, skipped
+
+
+def _band_names(scene) -> str:
+    return ",".join(b.name for b in scene.bands)
+
+
+# ----------------------------------------------------------------------------- windows and splits
+
+def window_offsets(length: int, size: int, stride: int, edge: str) -> list[int]:
+    """Window starts along one axis. ``drop``: whole windows only; ``pad``: the last window may
+    reach past the end (read as nodata) so every pixel is covered."""
+    offsets = list(range(0, length - size + 1, stride))
+    if edge == "pad":
+        if not offsets:
+            offsets = [0]
+        while offsets[-1] + size < length:
+            offsets.append(offsets[-1] + stride)
+    return offsets
+
+
+@dataclass
+class Candidates:
+    """Candidate windows of all scenes, as parallel arrays."""
+
+    scene: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    boxes: np.ndarray  # shapely boxes in the target CRS
+    split: np.ndarray  # "train"|"val"|"test"
+    drop: np.ndarray  # "" or the reason
+
+    def __len__(self) -> int:
+        return len(self.scene)
+
+
+def make_candidates(scenes: list, size: int, stride: int, edge: str) -> Candidates:
+    from shapely import box
+
+    sc, rows, cols, boxes = [], [], [], []
+    for i, scene in enumerate(scenes):
+        r_offs = window_offsets(scene.height, size, stride, edge)
+        c_offs = window_offsets(scene.width, size, stride, edge)
+        if not r_offs or not c_offs:
+            log.warning("%s: %d x %d px is smaller than one %d px chip; skipped (--edge pad keeps "
+                        "it, padded with nodata)", scene.paths[0].name, scene.width, scene.height,
+                        size)
+            continue
+        for r in r_offs:
+            for c in c_offs:
+                sc.append(i)
+                rows.append(r)
+                cols.append(c)
+                boxes.append(box(*C.window_bounds(scene.transform, c, r, size, size)))
+    n = len(sc)
+    return Candidates(np.array(sc, dtype=np.int64), np.array(rows, dtype=np.int64),
+                      np.array(cols, dtype=np.int64), np.array(boxes, dtype=object),
+                      np.full(n, "train", dtype=object), np.full(n, "", dtype=object))
+
+
+def _auto_block(cands: Candidates, size: int, res: float) -> int:
+    """Largest block (8, 4, 2 or 1 chips wide) giving at least 20 blocks, for useful splits."""
+    for k in (8, 4, 2):
+        if len(_block_keys(cands, size * k * res)) >= 20:
+            return size * k
+    return size
+
+
+def _block_keys(cands: Candidates, block_m: float) -> dict:
+    import shapely
+
+    centres = shapely.centroid(cands.boxes)
+    xs, ys = shapely.get_x(centres), shapely.get_y(centres)
+    keys = {}
+    for i, key in enumerate(zip(np.floor(xs / block_m).astype(np.int64),
+                                np.floor(ys / block_m).astype(np.int64))):
+        keys.setdefault(key, []).append(i)
+    return keys
+
+
+def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
+                  test_fraction: float, seed: int, block_px: int | None = None) -> int:
+    """Spatially blocked splits; val/test chips overlapping another split's chip are dropped.
+
+    Blocks (``block_px`` squares of the target CRS) go to test, then val, until each reaches its
+    fraction of the candidates; one block is always kept for train. Returns the block size used.
+    """
+    import shapely
+    from shapely.strtree import STRtree
+
+    live = np.flatnonzero(cands.drop == "")
+    if not (val_fraction or test_fraction) or live.size == 0:
+        return block_px or size
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise UserError("--val-fraction and --test-fraction must be >= 0 and sum to less than 1")
+    sub = Candidates(*(getattr(cands, f)[live] for f in
+                       ("scene", "row", "col", "boxes", "split", "drop")))
+    block_px = block_px or _auto_block(sub, size, res)
+    blocks = _block_keys(sub, block_px * res)
+    keys = sorted(blocks)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    want = {"test": round(test_fraction * live.size), "val": round(val_fraction * live.size)}
+    have = {"test": 0, "val": 0}
+    if len(keys) < 2:
+        log.warning("one spatial block only (%d px); all chips go to train (pass a smaller "
+                    "--split-block)", block_px)
+    for n, k in enumerate(order):
+        members = live[blocks[keys[k]]]
+        split = "train"
+        if n > 0:  # the first block of the permutation stays in train
+            for s in ("test", "val"):
+                if have[s] < want[s]:
+                    split = s
+                    break
+        if split != "train":
+            have[split] += len(members)
+        cands.split[members] = split
+    # Buffer: drop val/test chips overlapping a chip of another split (train wins, then val).
+    boxes = shapely.buffer(cands.boxes[live], -1e-3 * res, join_style="mitre")
+    tree = STRtree(boxes)
+    left, right = tree.query(boxes, predicate="intersects")
+    rank = {"train": 0, "val": 1, "test": 2}
+    ranks = np.array([rank[s] for s in cands.split[live]])
+    for against in (0, 1):  # first anything overlapping train, then test overlapping val
+        alive = cands.drop[live] == ""
+        conflict = alive[left] & alive[right] & (ranks[left] != ranks[right])
+        a, b = left[conflict], right[conflict]
+        lower = np.where(ranks[a] < ranks[b], a, b)
+        higher = np.where(ranks[a] < ranks[b], b, a)
+        losers = np.unique(higher[ranks[lower] == against])
+        cands.drop[live[losers]] = "split_buffer"
+    return block_px
+
+
+# ----------------------------------------------------------------------------- labels
+
+def _default_task(labels, class_folders: bool) -> str:
+    if class_folders:
+        return "classification"
+    if labels is None:
+        return "none"
+    return "classification" if labels.kind == "points" else "segmentation"
+
+
+def _check_task(task: str, labels) -> None:
+    if task not in C.TASKS:
+        raise UserError(f"--task {task}: must be one of {', '.join(C.TASKS)}")
+    if task != "none" and labels is None:
+        raise UserError(f"--task {task} needs labels: --labels PATH --label-field NAME or "
+                        "--label-raster PATH")
+    if task == "segmentation" and labels is not None and labels.kind == "points":
+        log.warning("segmentation masks from points label single pixels only")
+
+
+def _labels_bounds(labels, crs) -> tuple[float, float, float, float]:
+    from rasterio.warp import transform_bounds
+
+    if labels.kind == "raster":
+        return transform_bounds(labels.crs, crs, *labels.bounds)
+    return labels.bounds  # already in the target CRS
+
+
+def drop_unlabelled_candidates(cands: Candidates, labels, crs) -> None:
+    """Windows touching no label feature (or outside the label raster) are dropped unread."""
+    import shapely
+    from shapely import box
+
+    live = np.flatnonzero(cands.drop == "")
+    if labels.kind == "raster":
+        hit = shapely.intersects(cands.boxes[live], box(*_labels_bounds(labels, crs)))
+    else:
+        from shapely.strtree import STRtree
+
+        tree = STRtree(labels.geometries.values)
+        touching = tree.query(cands.boxes[live], predicate="intersects")[0]
+        hit = np.zeros(live.size, dtype=bool)
+        hit[touching] = True
+    cands.drop[live[~hit]] = "unlabelled"
+
+
+# ----------------------------------------------------------------------------- the work
+
+@dataclass
+class Plan:
+    """What every worker needs (sent once per worker process)."""
+
+    scenes: list
+    crss: list  # per scene, as written into chips (see write_crs)
+    labels: object | None
+    task: str
+    size: int
+    max_nodata: float
+    min_label_fraction: float
+    num_classes: int
+    class_colors: dict[int, str]
+    out: Path
+    creation_options: dict[str, str]
+    samples_per_chip: int
+    seed: int
+    skip_bad: bool
+
+
+@dataclass
+class BlockTask:
+    index: int
+    scene: int
+    row0: int
+    col0: int
+    height: int
+    width: int
+    chips: list[tuple[int, int, str]]  # (row, col, split)
+
+
+@dataclass
+class BlockResult:
+    records: list[dict]
+    samples: np.ndarray
+    dropped: Counter
+    class_pixels: np.ndarray
+
+
+_PLAN: Plan | None = None
+
+
+def _init_worker(plan: Plan) -> None:
+    global _PLAN
+    _PLAN = plan
+
+
+def make_block_tasks(cands: Candidates, scenes: list, size: int, stride: int) -> list[BlockTask]:
+    """Group the live candidates into read blocks of several chips, bounded in memory."""
+    tasks: list[BlockTask] = []
+    live = cands.drop == ""
+    for s, scene in enumerate(scenes):
+        mine = np.flatnonzero(live & (cands.scene == s))
+        if mine.size == 0:
+            continue
+        px_budget = max(size * size, BLOCK_BUDGET_BYTES // (4 * scene.shape[0] * scene.shape[1]))
+        span_cols = max(1, (px_budget // size - size) // stride + 1)
+        rows = np.unique(cands.row[mine])
+        cols = np.unique(cands.col[mine])
+        col_groups = [cols[i:i + span_cols] for i in range(0, cols.size, span_cols)]
+        for cg in col_groups:
+            width = int(cg[-1] - cg[0] + size)
+            span_rows = max(1, (px_budget // width - size) // stride + 1)
+            in_cols = mine[(cands.col[mine] >= cg[0]) & (cands.col[mine] <= cg[-1])]
+            for i in range(0, rows.size, span_rows):
+                rg = rows[i:i + span_rows]
+                sel = in_cols[(cands.row[in_cols] >= rg[0]) & (cands.row[in_cols] <= rg[-1])]
+                if sel.size == 0:
+                    continue
+                r0, c0 = int(cands.row[sel].min()), int(cands.col[sel].min())
+                tasks.append(BlockTask(
+                    len(tasks), s, r0, c0, int(cands.row[sel].max() - r0 + size),
+                    int(cands.col[sel].max() - c0 + size),
+                    [(int(cands.row[k]), int(cands.col[k]), str(cands.split[k])) for k in sel]))
+    return tasks
+
+
+def chip_id(scene: int, row: int, col: int) -> str:
+    return f"s{scene:03d}_r{row:06d}_c{col:06d}"
+
+
+def _read_block(plan: Plan, task: BlockTask):
+    """The block's pixels, or None if unreadable and --skip-bad (UserError otherwise)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    scene = plan.scenes[task.scene]
+    try:
+        return scene.read(Window(task.col0, task.row0, task.width, task.height))
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        names = ", ".join(p.name for p in scene.paths)
+        message = f"{names}: read failed ({str(exc).splitlines()[0]})"
+        if plan.skip_bad:
+            log.warning("skipped (--skip-bad): %s", message)
+            return None
+        raise UserError(message) from exc
+
+
+def run_block(task: BlockTask) -> BlockResult:
+    """Read one block, cut its chips, filter, label and write them."""
+    from rasterio.windows import Window
+
+    plan = _PLAN
+    scene = plan.scenes[task.scene]
+    size = plan.size
+    rng = np.random.default_rng((plan.seed, task.index))
+    dropped: Counter = Counter()
+    class_pixels = np.zeros(max(plan.num_classes, 1), dtype=np.int64)
+    records, samples = [], []
+    block = _read_block(plan, task)
+    if block is None:
+        dropped["unreadable"] += len(task.chips)
+        return BlockResult([], np.empty((0, len(scene.bands)), np.float32), dropped, class_pixels)
+    block_window = Window(task.col0, task.row0, task.width, task.height)
+    label_block = (plan.labels.read_mask(scene.grid, block_window)
+                   if plan.labels is not None and plan.task != "none" else None)
+    valid_block = np.isfinite(block).all(axis=1).any(axis=0)  # a pixel is valid on some date
+    for row, col, split in task.chips:
+        r, c = row - task.row0, col - task.col0
+        data = block[:, :, r:r + size, c:c + size]
+        valid = valid_block[r:r + size, c:c + size]
+        nodata_fraction = 1.0 - float(valid.mean())
+        if nodata_fraction > plan.max_nodata or nodata_fraction >= 1.0:
+            dropped["nodata"] += 1
+            continue
+        label, present, mask = C.NO_LABEL, [], None
+        if label_block is not None:
+            mask = np.where(valid, label_block[r:r + size, c:c + size], C.IGNORE_INDEX)
+            counts = np.bincount(mask[mask != C.IGNORE_INDEX].ravel(), minlength=plan.num_classes)
+            share = counts / float(size * size)
+            if counts.sum() and share.max() >= plan.min_label_fraction:
+                label = int(counts.argmax())
+            present = [int(k) for k in np.flatnonzero((counts > 0)
+                                                      & (share >= plan.min_label_fraction))]
+            unlabelled = {"classification": label == C.NO_LABEL, "multilabel": not present,
+                          "segmentation": counts.sum() == 0}[plan.task]
+            if unlabelled:
+                dropped["unlabelled"] += 1
+                continue
+            class_pixels += counts
+        cid = chip_id(task.scene, row, col)
+        transform = C.window_transform(scene.transform, col, row)
+        chip_path = f"{C.CHIPS_DIR}/{cid}.tif"
+        C.write_chip(plan.out / chip_path, np.ascontiguousarray(data), transform,
+                     plan.crss[task.scene], scene.bands, scene.dates, plan.creation_options)
+        mask_path = None
+        if mask is not None and plan.task == "segmentation":
+            mask_path = f"{C.MASKS_DIR}/{cid}.tif"
+            C.write_mask(plan.out / mask_path, mask.astype(np.uint8), transform,
+                         plan.crss[task.scene], plan.class_colors, plan.creation_options)
+        samples.append(pixel_sample(data, plan.samples_per_chip, rng))
+        records.append(dict(chip_id=cid, path=chip_path, mask_path=mask_path, scene=task.scene,
+                            col_off=col, row_off=row, width=size, height=size, label=label,
+                            labels=";".join(map(str, present)), nodata_fraction=nodata_fraction,
+                            split=split))
+    stacked = (np.concatenate(samples) if samples
+               else np.empty((0, len(scene.bands)), dtype=np.float32))
+    return BlockResult(records, stacked, dropped, class_pixels)
+
+
+def run_tasks(fn, tasks: list, plan, workers: int, description: str, weights: list[int],
+              show_progress: bool = True):
+    """Run ``fn`` over ``tasks`` (inline, or in ``workers`` processes), yielding results in
+    completion order, with a progress bar advanced by each task's weight."""
+    import contextlib
+
+    from geoexplora.log import make_progress
+
+    with make_progress() if show_progress else contextlib.nullcontext() as progress:
+        bar = progress.add_task(description, total=sum(weights), info="") if progress else None
+
+        def advance(weight):
+            if progress is not None:
+                progress.advance(bar, weight)
+
+        if workers <= 1 or len(tasks) <= 1:
+            _init_worker(plan)
+            for task, weight in zip(tasks, weights):
+                yield fn(task)
+                advance(weight)
+            return
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(plan,)) as pool:
+            pending = {}
+            queue = iter(zip(tasks, weights))
+            try:
+                for task, weight in queue:  # keep a bounded number in flight
+                    pending[pool.submit(fn, task)] = weight
+                    if len(pending) >= 4 * workers:
+                        break
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        weight = pending.pop(fut)
+                        yield fut.result()
+                        advance(weight)
+                        nxt = next(queue, None)
+                        if nxt is not None:
+                            pending[pool.submit(fn, nxt[0])] = nxt[1]
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+
+# ----------------------------------------------------------------------------- writing the dataset
+
+def _write_index(tmp: Path, records: list[dict], crs) -> None:
+    import geopandas as gpd
+
+    gdf = gpd.GeoDataFrame(records, geometry="geometry",
+                           crs=crs.to_string() if hasattr(crs, "to_string") else crs)
+    gdf.to_parquet(tmp / C.INDEX_NAME, index=False)
+
+
+def _class_counts(records: list[dict], classes: list, task: str,
+                  class_pixels: np.ndarray | None) -> list[dict]:
+    out = []
+    for cl in classes:
+        if task == "classification":
+            n = sum(1 for r in records if r["label"] == cl.id)
+        else:
+            n = sum(1 for r in records if str(cl.id) in r["labels"].split(";"))
+        entry = {**cl.to_dict(), "chips": n}
+        if class_pixels is not None and task == "segmentation":
+            entry["pixels"] = int(class_pixels[cl.id])
+        out.append(entry)
+    return out
+
+
+def _write_meta(tmp: Path, *, task, bands, num_frames, size, stats, classes, counts,
+                provenance) -> None:
+    meta = {
+        "format_version": C.FORMAT_VERSION,
+        "task": task,
+        "bands": [{**b.to_dict(), "key": b.key} for b in bands],
+        "num_frames": num_frames,
+        "chip_size": size,
+        "units": C.UNITS,
+        "stats": stats,
+        "classes": [{k: c[k] for k in ("id", "name", "color") if k in c} |
+                    ({"value": c["value"]} if "value" in c else {}) for c in classes],
+        "counts": counts,
+        "provenance": provenance,
+    }
+    (tmp / C.META_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def _provenance(cfg: TileConfig, sources: list[str], extra: dict | None = None) -> dict:
+    config = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(cfg).items()
+              if k not in ("scenes", "out", "overwrite", "show_progress", "workers")}
+    return {"tool": "geoexplora tile", "version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sources": sources, "config": config, **(extra or {})}
+
+
+def _zero_chips_message(dropped: Counter, n_candidates: int) -> str:
+    if n_candidates == 0:
+        return "no chip fits the scenes (smaller than --size? try --edge pad)"
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())
+    hints = {"nodata": "raise --max-nodata or pass --nodata", "outside_aoi": "check --aoi",
+             "unlabelled": "the labels cover none of the chips (check --labels and the CRS)",
+             "split_buffer": "lower --val-fraction or use --split-block"}
+    top = dropped.most_common(1)[0][0] if dropped else ""
+    return f"zero chips written of {n_candidates} candidates ({why}); {hints.get(top, '')}".strip()
+
+
+def tile(cfg: TileConfig) -> TileResult:
+    """Tile scenes (or import class folders) into a chips dataset at ``cfg.out``."""
+    from geoexplora.io.outputs import atomic_output, check_output
+
+    start = time.perf_counter()
+    out = check_output(cfg.out, cfg.overwrite)
+    if cfg.edge not in EDGES:
+        raise UserError(f"--edge {cfg.edge}: must be drop or pad")
+    if not 0.0 <= cfg.max_nodata <= 1.0:
+        raise UserError(f"--max-nodata {cfg.max_nodata}: must be within 0..1")
+    if not 0.0 <= cfg.min_label_fraction <= 1.0:
+        raise UserError(f"--min-label-fraction {cfg.min_label_fraction}: must be within 0..1")
+    if cfg.workers < 1:
+        raise UserError(f"--workers {cfg.workers}: must be at least 1")
+    if cfg.class_folders:
+        return import_class_folders(cfg, start)
+
+    size = cfg.size or DEFAULT_SIZE
+    stride = cfg.stride or size
+    if size < 1 or stride < 1:
+        raise UserError("--size and --stride must be positive")
+    scenes, skipped = open_scenes(cfg)
+    first = scenes[0]
+    crs = first.crs
+    from geoexplora.io.labels import open_labels
+
+    labels = open_labels(cfg.labels, cfg.label_field, cfg.label_raster, crs, cfg.label_layer)
+    task = cfg.task or _default_task(labels, False)
+    _check_task(task, labels)
+    if labels is not None:
+        _check_labels_overlap(labels, scenes, crs)
+
+    cands = make_candidates(scenes, size, stride, cfg.edge)
+    n_candidates = len(cands)
+    if cfg.aoi:
+        _apply_aoi(cands, cfg.aoi, crs)
+    if labels is not None and task != "none":
+        drop_unlabelled_candidates(cands, labels, crs)
+    block_px = assign_splits(cands, size, first.res[0], cfg.val_fraction, cfg.test_fraction,
+                             cfg.seed, cfg.split_block)
+    dropped = Counter(r for r in cands.drop if r)
+    tasks = make_block_tasks(cands, scenes, size, stride)
+    n_live = sum(len(t.chips) for t in tasks)
+    classes = labels.classes if labels is not None and task != "none" else []
+    crss = [write_crs(s.crs) for s in scenes]
+    plan = Plan(scenes=scenes, crss=crss, labels=labels if classes else None, task=task, size=size,
+                max_nodata=cfg.max_nodata, min_label_fraction=cfg.min_label_fraction,
+                num_classes=len(classes), class_colors={c.id: c.color for c in classes},
+                out=Path(), creation_options=dict(cfg.creation_options or {}),
+                samples_per_chip=max(16, math.ceil(cfg.stats_samples / max(n_live, 1))),
+                seed=cfg.seed, skip_bad=cfg.skip_bad)
+    log.info("%d candidate chips of %d px (stride %d) in %d scene(s); %d to read in %d blocks",
+             n_candidates, size, stride, len(scenes), n_live, len(tasks))
+
+    with atomic_output(out, cfg.overwrite) as tmp:
+        (tmp / C.CHIPS_DIR).mkdir(parents=True)
+        if task == "segmentation":
+            (tmp / C.MASKS_DIR).mkdir()
+        plan.out = tmp
+        acc = BandStatsAccumulator(len(first.bands), cfg.stats_samples, cfg.seed)
+        records: list[dict] = []
+        class_pixels = np.zeros(max(len(classes), 1), dtype=np.int64)
+        for res in run_tasks(run_block, tasks, plan, cfg.workers, "tile",
+                             [len(t.chips) for t in tasks], cfg.show_progress):
+            records.extend(res.records)
+            dropped.update(res.dropped)
+            class_pixels += res.class_pixels
+            if len(res.samples):
+                acc.update(res.samples)
+        if not records:
+            raise UserError(_zero_chips_message(dropped, n_candidates))
+        records.sort(key=lambda r: r["chip_id"])
+        _add_geometry(records, scenes, crss)
+        _write_index(tmp, records, crss[0])
+        stats = acc.result()
+        class_list = _class_counts(records, classes, task, class_pixels)
+        splits = dict(Counter(r["split"] for r in records))
+        counts = {"chips": len(records), "splits": splits, "dropped": dict(dropped),
+                  "classes": {c["name"]: c["chips"] for c in class_list}}
+        sources = [str(p) for s in scenes for p in s.paths]
+        extra = {"split_block_px": block_px, "crs": crs.to_string(),
+                 "labels": str(cfg.labels or cfg.label_raster or "") or None}
+        _write_meta(tmp, task=task, bands=first.bands, num_frames=len(first.dates), size=size,
+                    stats=stats, classes=class_list, counts=counts,
+                    provenance=_provenance(cfg, sources, extra))
+    for scene in scenes:
+        scene.close()
+    return TileResult(out=out, task=task, chips=len(records), dropped=dict(dropped),
+                      splits=splits, classes=class_list, stats=stats,
+                      bands=[b.key for b in first.bands], num_frames=len(first.dates),
+                      chip_size=size, seconds=round(time.perf_counter() - start, 3),
+                      skipped_files=skipped)
+
+
+def write_crs(crs):
+    """The CRS as an EPSG code when rasterio identifies it as one (same projection parameters).
+
+    A CRS given as bare WKT costs GDAL an identification on every file written (~10 ms a chip).
+    """
+    from rasterio.crs import CRS
+
+    from geoexplora.io.scene import _crs_equivalent
+
+    text = crs.to_string()
+    if text.startswith("EPSG:"):
+        coded = CRS.from_user_input(text)
+        if _crs_equivalent(coded, crs):
+            return coded
+    return crs
+
+
+def _add_geometry(records: list[dict], scenes: list, crss: list) -> None:
+    from shapely import box
+
+    per_scene = [(c.to_string(), ";".join(str(p) for p in s.paths),
+                  ";".join(d or "" for d in s.dates)) for s, c in zip(scenes, crss)]
+    for r in records:
+        i = r.pop("scene")
+        r["geometry"] = box(*C.window_bounds(scenes[i].transform, r["col_off"], r["row_off"],
+                                             r["width"], r["height"]))
+        r["crs"], r["source"], r["dates"] = per_scene[i]
+
+
+def _check_labels_overlap(labels, scenes: list, crs) -> None:
+    from shapely import box
+
+    lb = box(*_labels_bounds(labels, crs))
+    for scene in scenes:
+        if lb.intersects(box(*scene.grid.bounds)):
+            return
+    name = getattr(labels, "path", "labels")
+    raise UserError(f"{name}: the labels do not overlap the scenes (labels bounds "
+                    f"{_fmt_bounds(lb.bounds)}, first scene {_fmt_bounds(scenes[0].grid.bounds)} "
+                    f"in {crs.to_string()}); zero chips")
+
+
+def _fmt_bounds(b) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in b) + ")"
+
+
+def _apply_aoi(cands: Candidates, aoi_path, crs) -> None:
+    import geopandas as gpd
+    import shapely
+
+    try:
+        aoi = gpd.read_file(aoi_path)
+    except Exception as exc:  # pyogrio's DataSourceError and friends
+        raise UserError(f"--aoi {aoi_path}: not a readable vector file "
+                        f"({str(exc).splitlines()[0]})") from exc
+    if aoi.empty or aoi.crs is None:
+        raise UserError(f"--aoi {aoi_path}: empty or without a CRS")
+    area = aoi.to_crs(crs.to_wkt()).union_all()
+    live = np.flatnonzero(cands.drop == "")
+    inside = shapely.intersects(cands.boxes[live], area)
+    cands.drop[live[~inside]] = "outside_aoi"
+
+
+# ----------------------------------------------------------------------------- class folders
+
+@dataclass
+class PatchPlan:
+    """What workers need to import class-folder patches."""
+
+    bands: list[str]
+    band_keys: list[str]
+    num_frames: int
+    size: int
+    size_given: bool
+    scene_options: object
+    out: Path
+    creation_options: dict[str, str]
+    samples_per_chip: int
+    seed: int
+    skip_bad: bool
+
+
+@dataclass
+class PatchTask:
+    index: int
+    patches: list[tuple[str, int, str, str]]  # (path, class id, split, chip id)
+
+
+def import_class_folders(cfg: TileConfig, start: float) -> TileResult:
+    """``DIR/<class>/*.tif`` (EuroSAT / UC Merced style) -> a classification chips dataset.
+
+    Each file is one chip, kept in its own CRS (the index geometry is in EPSG:4326); patches of
+    another size are centre-cropped/padded to ``size`` when ``size`` is given, else refused.
+    Splits are drawn per class (stratified) with ``seed``.
+    """
+    from geoexplora.io.labels import LabelClass, _natural_key
+    from geoexplora.io.outputs import atomic_output
+    from geoexplora.io.scene import RASTER_SUFFIXES, open_scene
+
+    if len(cfg.scenes) != 1:
+        raise UserError(f"--class-folders takes one root folder (DIR/<class>/*.tif), "
+                        f"got {len(cfg.scenes)} inputs")
+    if cfg.labels or cfg.label_raster:
+        raise UserError("--class-folders takes the classes from the folder names; drop "
+                        "--labels/--label-raster")
+    if (cfg.task or "classification") != "classification":
+        raise UserError(f"--task {cfg.task}: class folders make a classification dataset")
+    root = Path(cfg.scenes[0])
+    if not root.is_dir():
+        raise UserError(f"--class-folders {root}: not a folder")
+    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                        key=lambda d: _natural_key(d.name))
+    if not class_dirs:
+        raise UserError(f"{root}: holds no class folders (expected {root}/<class>/*.tif)")
+    files: dict[int, list[Path]] = {}
+    for i, d in enumerate(class_dirs):
+        files[i] = sorted(f for f in d.rglob("*")
+                          if f.is_file() and f.suffix.lower() in RASTER_SUFFIXES)
+        if not files[i]:
+            raise UserError(f"{d}: class folder holds no raster files")
+    classes = [LabelClass(i, d.name, C.class_color(i)) for i, d in enumerate(class_dirs)]
+
+    opts = scene_options_from(cfg)
+    first = open_scene([files[0][0]], opts)
+    size = cfg.size or first.width
+    if cfg.size is None and first.width != first.height:
+        raise UserError(f"{files[0][0]}: {first.width} x {first.height} px patches are not "
+                        "square; pass --size to centre-crop/pad them")
+    rng = np.random.default_rng(cfg.seed)
+    patches, splits_wanted = [], {}
+    for cid, paths in files.items():
+        order = rng.permutation(len(paths))
+        n_test = round(cfg.test_fraction * len(paths))
+        n_val = round(cfg.val_fraction * len(paths))
+        for rank, k in enumerate(order):
+            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            patches.append((str(paths[k]), cid, split, f"c{cid:03d}_{_safe(paths[k].stem)}"))
+        splits_wanted[cid] = len(paths)
+    patches.sort(key=lambda p: p[3])
+    if len({p[3] for p in patches}) != len(patches):
+        raise UserError(f"{root}: two files of one class folder share a name stem")
+    batch = 64
+    tasks = [PatchTask(i // batch, patches[i:i + batch]) for i in range(0, len(patches), batch)]
+    plan = PatchPlan(bands=[b.name for b in first.bands], band_keys=[b.key for b in first.bands],
+                     num_frames=len(first.dates), size=size, size_given=cfg.size is not None,
+                     scene_options=opts, out=Path(),
+                     creation_options=dict(cfg.creation_options or {}),
+                     samples_per_chip=max(16, math.ceil(cfg.stats_samples / len(patches))),
+                     seed=cfg.seed, skip_bad=cfg.skip_bad)
+    first.close()
+    out = Path(cfg.out)
+    dropped: Counter = Counter()
+    skipped: list[str] = []
+    with atomic_output(out, cfg.overwrite) as tmp:
+        (tmp / C.CHIPS_DIR).mkdir(parents=True)
+        plan.out = tmp
+        acc = BandStatsAccumulator(len(plan.bands), cfg.stats_samples, cfg.seed)
+        records: list[dict] = []
+        for res in run_tasks(run_patches, tasks, plan, cfg.workers, "import",
+                             [len(t.patches) for t in tasks], cfg.show_progress):
+            records.extend(res.records)
+            dropped.update(res.dropped)
+            skipped.extend(res.skipped)
+            if len(res.samples):
+                acc.update(res.samples)
+        if not records:
+            raise UserError(_zero_chips_message(dropped, len(patches)))
+        records.sort(key=lambda r: r["chip_id"])
+        _write_index(tmp, records, "EPSG:4326")
+        stats = acc.result()
+        class_list = _class_counts(records, classes, "classification", None)
+        splits = dict(Counter(r["split"] for r in records))
+        counts = {"chips": len(records), "splits": splits, "dropped": dict(dropped),
+                  "classes": {c["name"]: c["chips"] for c in class_list}}
+        bands = [band_from_key(k) for k in plan.band_keys]
+        _write_meta(tmp, task="classification", bands=bands, num_frames=plan.num_frames,
+                    size=size, stats=stats, classes=class_list, counts=counts,
+                    provenance=_provenance(cfg, [str(root)], {"skipped": skipped}))
+    return TileResult(out=out, task="classification", chips=len(records), dropped=dict(dropped),
+                      splits=splits, classes=class_list, stats=stats, bands=plan.band_keys,
+                      num_frames=plan.num_frames, chip_size=size,
+                      seconds=round(time.perf_counter() - start, 3), skipped_files=skipped)
+
+
+def _safe(stem: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem)
+
+
+@dataclass
+class PatchResult(BlockResult):
+    skipped: list[str] = field(default_factory=list)
+
+
+def run_patches(task: PatchTask) -> PatchResult:
+    """Read, check, crop/pad and write one batch of class-folder patches."""
+    import rasterio
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import Window
+    from shapely import box
+
+    from geoexplora.io.scene import open_scene
+
+    plan = _PLAN
+    rng = np.random.default_rng((plan.seed, task.index))
+    records, samples, skipped = [], [], []
+    dropped: Counter = Counter()
+    for path, class_id, split, cid in task.patches:
+        try:
+            scene = open_scene([path], plan.scene_options)
+            if [b.key for b in scene.bands] != plan.band_keys:
+                raise UserError(f"{path}: bands {','.join(b.key for b in scene.bands)} differ "
+                                f"from the first patch's {','.join(plan.band_keys)}")
+            if not plan.size_given and (scene.width, scene.height) != (plan.size, plan.size):
+                raise UserError(f"{path}: {scene.width} x {scene.height} px, the first patch is "
+                                f"{plan.size} x {plan.size}; pass --size to centre-crop/pad")
+            col, row = (scene.width - plan.size) // 2, (scene.height - plan.size) // 2
+            window = Window(col, row, plan.size, plan.size)
+            data = scene.read(window)
+        except (UserError, rasterio.errors.RasterioError) as exc:
+            if not plan.skip_bad:
+                if isinstance(exc, UserError):
+                    raise
+                raise UserError(f"{path}: read failed ({str(exc).splitlines()[0]})") from exc
+            log.warning("skipped (--skip-bad): %s", exc)
+            skipped.append(path)
+            dropped["unreadable"] += 1
+            continue
+        valid = np.isfinite(data).all(axis=1).any(axis=0)
+        nodata_fraction = 1.0 - float(valid.mean())
+        if nodata_fraction >= 1.0:
+            dropped["nodata"] += 1
+            continue
+        transform = C.window_transform(scene.transform, col, row)
+        chip_path = f"{C.CHIPS_DIR}/{cid}.tif"
+        C.write_chip(plan.out / chip_path, data, transform, scene.crs, scene.bands, scene.dates,
+                     plan.creation_options)
+        footprint = box(*transform_bounds(scene.crs, "EPSG:4326",
+                                          *C.window_bounds(scene.transform, col, row, plan.size,
+                                                           plan.size)))
+        samples.append(pixel_sample(data, plan.samples_per_chip, rng))
+        records.append(dict(chip_id=cid, path=chip_path, mask_path=None, geometry=footprint,
+                            crs=scene.crs.to_string(), source=path, col_off=col, row_off=row,
+                            width=plan.size, height=plan.size,
+                            dates=";".join(d or "" for d in scene.dates), label=class_id,
+                            labels=str(class_id), nodata_fraction=nodata_fraction, split=split))
+        scene.close()
+    stacked = (np.concatenate(samples) if samples
+               else np.empty((0, len(plan.bands)), dtype=np.float32))
+    return PatchResult(records, stacked, dropped, np.zeros(1, np.int64), skipped)

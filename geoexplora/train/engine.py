@@ -1,0 +1,701 @@
+"""The training loop shared by ``adapt`` and ``finetune``, on Lightning Fabric.
+
+What a caller provides
+----------------------
+* an **objective**: an ``nn.Module`` whose ``forward(batch, step)`` returns a dict of scalar
+  tensors: ``"loss"`` (the total to minimise), ``"loss_<term>"`` for its parts (logged and
+  plotted) and any other metric to log (e.g. ``"teacher_temp"``, ``"acc"``). Everything
+  the run must resume (EMA teacher, centres, heads) lives in its ``state_dict``. Optional
+  methods, called on every rank outside the DDP wrapper:
+  ``before_optimizer_step(step)`` (e.g. drop the gradients of a frozen head layer) and
+  ``after_optimizer_step(step)`` (e.g. the EMA update);
+* parameter groups from :func:`param_groups` (layer-wise lr decay, per-group multipliers, no
+  weight decay on biases/norms/tokens) and :class:`Schedules` (cosine lr and weight decay with
+  warm-up);
+* a **map-style dataset over global sample indices**: ``dataset[i]`` must depend only on ``i``
+  (and the dataset's own seed), never on a worker's RNG. :class:`StepSampler` hands every rank
+  its share of each global batch, so a run is reproducible, a resumed run sees exactly the
+  samples the uninterrupted run would have seen, and N processes with batch B see the same
+  samples as one process with batch N*B. :class:`EpochIndex` turns a finite dataset into such a
+  stream (a seeded permutation per epoch).
+
+What the engine does
+--------------------
+Fabric set-up (devices, nodes, strategy, precision), AdamW, gradient accumulation (no DDP sync
+on the inner micro-batches), gradient clipping, checkpoints every N steps and on SIGINT/SIGTERM
+(saved at the next step boundary, agreed across ranks), exact resume (module, optimiser, step;
+torch's RNG is re-seeded from (seed, step, rank) at every step, so dropout/drop-path resume too),
+a rich progress bar on stderr, a JSONL log of all loss terms, a PNG of the loss curves, and a
+summary dict for ``--json`` (first/last loss, images/s, the fraction of time spent waiting for
+data, peak memory).
+
+Files next to the output ``OUT`` (see :class:`RunFiles`): ``OUT-stem.ckpt`` (checkpoint),
+``OUT-stem.log.jsonl``, ``OUT-stem.loss.png``.
+
+Usage::
+
+    fabric = make_fabric(FabricSettings(devices=2))
+    objective = MyObjective(...)
+    optimizer = build_optimizer(param_groups(objective, ...), betas=(0.9, 0.999))
+    loop = TrainLoop(fabric, objective, optimizer, dataset, LoopSettings(...), schedules,
+                     collate_fn=..., fingerprint={...})
+    summary = loop.run(resume=False)
+    model = loop.objective  # the unwrapped module, trained
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from geoexplora.defaults import ENGINE
+from geoexplora.errors import RuntimeFailure, UserError
+from geoexplora.log import logger, make_progress
+
+CHECKPOINT_FORMAT = "geoexplora-train-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class Interrupted(RuntimeFailure):
+    """SIGINT/SIGTERM: a checkpoint was written; the run continues with ``--resume``."""
+
+    exit_code = 130
+
+
+# ---------------------------------------------------------------------------------------------
+# Fabric
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FabricSettings:
+    accelerator: str = "auto"  # auto, cpu, gpu/cuda
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto -> ENGINE.strategy_multi_device when >1 device or node
+    precision: str | None = None  # None -> bf16-mixed on GPUs with bf16, 32-true on CPU
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator in ("auto", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--accelerator {accelerator}: no CUDA GPU is available")
+        return "cuda"
+    if accelerator == "cpu":
+        return "cpu"
+    raise UserError(f"--accelerator must be auto, cpu or gpu, not '{accelerator}'")
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16-mixed where the GPU has bf16, 16-mixed on older GPUs, 32-true on CPU."""
+    if accelerator == "cuda":
+        return ENGINE.precision_gpu if torch.cuda.is_bf16_supported() else "16-mixed"
+    return ENGINE.precision_cpu
+
+
+def make_fabric(settings: FabricSettings, launch: bool = True):
+    """A launched Fabric. With ``devices > 1`` and the default DDP strategy, Fabric re-runs the
+    current command once per extra device (its subprocess launcher): call this early, from a
+    program whose ``sys.argv`` reproduces the run (the CLI does)."""
+    from lightning.fabric import Fabric
+
+    accelerator = resolve_accelerator(settings.accelerator)
+    devices = settings.devices
+    if isinstance(devices, int) and devices < 1:
+        raise UserError(f"--devices must be at least 1, not {devices}")
+    if settings.num_nodes < 1:
+        raise UserError(f"--num-nodes must be at least 1, not {settings.num_nodes}")
+    if accelerator == "cuda" and isinstance(devices, int) and devices > torch.cuda.device_count():
+        raise UserError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) here")
+    strategy = settings.strategy
+    many = (isinstance(devices, int) and devices > 1) or settings.num_nodes > 1
+    if strategy == "auto" and many:
+        strategy = ENGINE.strategy_multi_device
+    precision = settings.precision or default_precision(accelerator)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=settings.num_nodes,
+                    strategy=strategy, precision=precision)
+    if launch:
+        fabric.launch()
+    return fabric
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser: parameter groups and schedules
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBEDDING = ("patch_embed", "cls_token", "reg_token", "pos_embed", "mask_token", "spectral",
+              "temporal")
+_NO_DECAY_NAMES = ("cls_token", "reg_token", "pos_embed", "mask_token")
+
+
+def vit_layer_id(name: str, num_blocks: int) -> int:
+    """Depth of a ViT parameter for layer-wise lr decay: 0 for embeddings and tokens, i+1 for
+    ``blocks.i``, ``num_blocks + 1`` for everything after the blocks (final norm, heads)."""
+    m = _BLOCK.search(name)
+    if m:
+        return int(m.group(1)) + 1
+    if any(part in name for part in _EMBEDDING):
+        return 0
+    return num_blocks + 1
+
+
+def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in _NO_DECAY_NAMES)
+
+
+def param_groups(module: nn.Module, num_blocks: int | None = None, layer_decay: float = 1.0,
+                 lr_multipliers: dict[str, float] | None = None,
+                 layer_id: Callable[[str, int], int] = vit_layer_id,
+                 exclude: Callable[[str], bool] | None = None) -> list[dict]:
+    """AdamW groups of the trainable parameters of ``module``.
+
+    Each group carries ``lr_scale`` (layer-wise decay ``layer_decay ** (num_blocks + 1 - depth)``
+    times every multiplier whose key is a substring of the parameter's name, e.g.
+    ``{"patch_embed": 0.2}``) and ``wd_scale`` (0 for biases, norms and tokens, else 1);
+    :class:`Schedules` multiplies them into ``lr``/``weight_decay`` at every step. Parameters
+    whose name ``exclude`` accepts (e.g. an EMA teacher's) are left out.
+    """
+    lr_multipliers = lr_multipliers or {}
+    if layer_decay != 1.0 and num_blocks is None:
+        raise ValueError("layer_decay needs num_blocks")
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad or (exclude is not None and exclude(name)):
+            continue
+        scale = 1.0
+        if layer_decay != 1.0:
+            scale = layer_decay ** (num_blocks + 1 - layer_id(name, num_blocks))
+        for key, mult in lr_multipliers.items():
+            if key in name:
+                scale *= mult
+        wd_scale = 0.0 if _no_weight_decay(name, p) else 1.0
+        group = groups.setdefault((scale, wd_scale), {"params": [], "names": [],
+                                                      "lr_scale": scale, "wd_scale": wd_scale})
+        group["params"].append(p)
+        group["names"].append(name)
+    if not groups:
+        raise RuntimeFailure("the model has no trainable parameters")
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(groups: list[dict], betas=(0.9, 0.999), eps: float = ENGINE.adamw_eps):
+    """AdamW over ``groups`` (lr and weight decay are set by :class:`Schedules` every step)."""
+    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    fused = all(p.is_cuda for g in clean for p in g["params"])
+    return torch.optim.AdamW(clean, lr=0.0, weight_decay=0.0, betas=tuple(betas), eps=eps,
+                             fused=fused or None)
+
+
+def cosine(step: int, total: int, start: float, end: float, warmup: int = 0,
+           warmup_start: float = 0.0) -> float:
+    """Linear warm-up from ``warmup_start`` to ``start`` over ``warmup`` steps, then a cosine
+    from ``start`` to ``end`` at ``total``. ``step`` counts from 0."""
+    if step < warmup:
+        return warmup_start + (start - warmup_start) * step / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Schedules:
+    """Learning rate and weight decay per step (step counts from 0)."""
+
+    total_steps: int
+    lr: float
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    weight_decay_end: float | None = None  # None: constant
+
+    def lr_at(self, step: int) -> float:
+        return cosine(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps)
+
+    def wd_at(self, step: int) -> float:
+        end = self.weight_decay if self.weight_decay_end is None else self.weight_decay_end
+        return cosine(step, self.total_steps, self.weight_decay, end)
+
+    def apply(self, optimizer, step: int) -> tuple[float, float]:
+        lr, wd = self.lr_at(step), self.wd_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["weight_decay"] = wd * group.get("wd_scale", 1.0)
+        return lr, wd
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order
+# ---------------------------------------------------------------------------------------------
+
+
+class StepSampler(Sampler[int]):
+    """Global sample indices for steps ``start_step .. total_steps-1``, this rank's share.
+
+    Step ``s``, micro-batch ``a`` covers the global indices ``g0 .. g0 + world*batch`` with
+    ``g0 = (s * accumulate + a) * world * batch``; rank ``r`` takes ``batch`` consecutive ones
+    from ``g0 + r*batch``. Independent of the number of workers, resumable at any step.
+    """
+
+    def __init__(self, batch_size: int, accumulate: int, total_steps: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.batch_size, self.accumulate = batch_size, accumulate
+        self.total_steps, self.start_step = total_steps, start_step
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.accumulate * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        per_micro = self.world_size * self.batch_size
+        for s in range(self.start_step, self.total_steps):
+            for a in range(self.accumulate):
+                g0 = (s * self.accumulate + a) * per_micro + self.rank * self.batch_size
+                yield from range(g0, g0 + self.batch_size)
+
+
+class EpochIndex:
+    """A finite dataset as an endless stream: global index ``i`` -> item ``perm_e[i % n]`` with
+    a seeded permutation per epoch ``e = i // n`` (or the identity when ``shuffle`` is off).
+
+    ``dataset[i]`` of the wrapped dataset receives the item index; :meth:`epoch_and_item` lets a
+    wrapper derive per-sample randomness from the global index.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        if n < 1:
+            raise ValueError("empty dataset")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def epoch_and_item(self, i: int) -> tuple[int, int]:
+        epoch, pos = divmod(i, self.n)
+        if not self.shuffle:
+            return epoch, pos
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = (epoch, rng.permutation(self.n))
+        return epoch, int(self._perm[1][pos])
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The random generator of global sample ``index``: same draws in any worker/rank."""
+    return np.random.default_rng([seed, index])
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Workers leave SIGINT/SIGTERM to the main process, which checkpoints and shuts them down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset, sampler: StepSampler, collate_fn=None, num_workers: int | None = None,
+                pin_memory: bool = True, prefetch_factor: int = ENGINE.prefetch_factor):
+    """A DataLoader over ``sampler`` with workers, pinned memory and prefetch."""
+    if num_workers is None:
+        num_workers = min(ENGINE.num_workers, max(0, (os.cpu_count() or 1) - 1))
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init,
+                      persistent_workers=False)
+    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate_fn,
+                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=False,
+                      **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files, logs, plots
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFiles:
+    """The files a run writes next to its output ``OUT``."""
+
+    output: Path
+
+    def _sibling(self, suffix: str) -> Path:
+        return self.output.with_name(self.output.stem + suffix)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self._sibling(".ckpt")
+
+    @property
+    def log(self) -> Path:
+        return self._sibling(".log.jsonl")
+
+    @property
+    def plot(self) -> Path:
+        return self._sibling(".loss.png")
+
+
+def is_loss_key(key: str) -> bool:
+    """Logged keys that are losses (plotted): ``loss`` and ``loss_*``."""
+    return key == "loss" or key.startswith("loss_")
+
+
+def read_log(path: Path, upto_step: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if upto_step is not None:
+        records = [r for r in records if r["step"] <= upto_step]
+    return records
+
+
+def write_loss_plot(records: list[dict], path: Path, title: str = "") -> None:
+    """One PNG: every logged loss term against the step (log scale where all are positive)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from geoexplora.io.outputs import atomic_output
+
+    terms = [k for k in records[0] if is_loss_key(k)] if records else []
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [r["step"] for r in records]
+    for key in terms:
+        ax.plot(steps, [r[key] for r in records], label=key, lw=1.2 if key == "loss" else 0.8)
+    values = [r[k] for r in records for k in terms]
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if terms:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopSettings:
+    output: Path  # the final output; run files go next to it (RunFiles)
+    steps: int
+    batch_size: int  # per device
+    accumulate: int = 1
+    clip_grad: float | None = None
+    checkpoint_every: int = ENGINE.checkpoint_every
+    log_every: int | None = None  # None: so that the log has ~ENGINE.max_log_lines records
+    seed: int = 0
+    num_workers: int | None = None
+    description: str = "train"
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checkpoints at the next step boundary."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("%s received: checkpointing at the end of this step",
+                       signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def replica_checksums(fabric, module: nn.Module) -> list[float]:
+    """A float64 sum of every parameter and buffer, per rank: equal on all ranks when the
+    replicas are in sync (DDP keeps them so; a mismatch is a bug, not noise)."""
+    with torch.no_grad():
+        local = sum((t.detach().double().sum() for t in module.state_dict().values()
+                     if t.is_floating_point()), torch.zeros((), dtype=torch.float64))
+    local = local.to(fabric.device).reshape(1)
+    if fabric.world_size == 1:
+        return [local.item()]
+    return [float(v) for v in fabric.all_gather(local).reshape(-1).tolist()]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+class TrainLoop:
+    """Runs ``steps`` optimiser steps of ``objective`` on ``dataset`` (see the module docs).
+
+    ``fingerprint``: what must not change between a run and its resumption (options, data);
+    a mismatch on ``--resume`` is a ``UserError`` naming the differing keys.
+    ``on_checkpoint(step)``: optional, called on every rank after a checkpoint is written.
+    """
+
+    def __init__(self, fabric, objective: nn.Module, optimizer, dataset, settings: LoopSettings,
+                 schedules: Schedules, collate_fn=None, fingerprint: dict | None = None,
+                 on_checkpoint: Callable[[int], None] | None = None):
+        self.fabric = fabric
+        self.settings = settings
+        self.schedules = schedules
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
+        self.on_checkpoint = on_checkpoint
+        self.files = RunFiles(Path(settings.output))
+        self.objective = objective  # unwrapped: what the caller exports
+        self.module, self.optimizer = fabric.setup(objective, optimizer)
+        self.step = 0
+        self.elapsed = 0.0
+        if settings.steps < 1:
+            raise UserError(f"--steps must be at least 1, not {settings.steps}")
+        if settings.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {settings.batch_size}")
+        if settings.accumulate < 1:
+            raise UserError(f"--accumulate must be at least 1, not {settings.accumulate}")
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes module + optimiser + step atomically; all ranks wait for it."""
+        if self.fabric.is_global_zero:
+            from geoexplora.io.outputs import atomic_output
+
+            state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                     "step": self.step, "elapsed": self.elapsed,
+                     "fingerprint": self.fingerprint,
+                     "module": self.objective.state_dict(),
+                     "optimizer": self.optimizer.state_dict()}
+            with atomic_output(self.files.checkpoint, overwrite=True) as tmp:
+                torch.save(state, tmp)
+            records = read_log(self.files.log)
+            if records:
+                write_loss_plot(records, self.files.plot, self.settings.description)
+        self.fabric.barrier()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.step)
+
+    def load_checkpoint(self) -> None:
+        path = self.files.checkpoint
+        if not path.exists():
+            raise UserError(f"--resume: no checkpoint {path} (the run writes one every "
+                            f"{self.settings.checkpoint_every} steps and when interrupted)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise UserError(f"--resume: {path} is not a readable checkpoint ({exc})") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"--resume: {path} is not a geoexplora training checkpoint")
+        differ = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
+                        if state["fingerprint"].get(k) != self.fingerprint.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: {state['fingerprint'].get(k)!r} -> "
+                               f"{self.fingerprint.get(k)!r}" for k in differ[:4])
+            raise UserError(f"--resume: {path} was written by a different run ({detail})")
+        self.objective.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        logger.info("resuming from %s at step %d", path, self.step)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _loader(self) -> DataLoader:
+        s = self.settings
+        sampler = StepSampler(s.batch_size, s.accumulate, s.steps, self.step,
+                              self.fabric.global_rank, self.fabric.world_size)
+        loader = make_loader(self.dataset, sampler, self.collate_fn, s.num_workers)
+        return self.fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+
+    def _stop_requested(self, flag: _StopFlag) -> bool:
+        """Whether any rank got SIGINT/SIGTERM (all ranks must stop at the same step)."""
+        if self.fabric.world_size == 1:
+            return flag.signum is not None
+        local = torch.tensor(0.0 if flag.signum is None else 1.0, device=self.fabric.device)
+        return bool(self.fabric.all_reduce(local, reduce_op="sum").item() > 0)
+
+    def _log_every(self) -> int:
+        if self.settings.log_every:
+            return self.settings.log_every
+        return max(1, math.ceil(self.settings.steps / ENGINE.max_log_lines))
+
+    def _train_step(self, loader_iter) -> tuple[dict[str, torch.Tensor], float]:
+        """One optimiser step (``accumulate`` micro-batches); returns (terms, data wait)."""
+        s = self.settings
+        fabric = self.fabric
+        terms: dict[str, torch.Tensor] = {}
+        waited = 0.0
+        for micro in range(s.accumulate):
+            t0 = time.perf_counter()
+            batch = next(loader_iter)
+            waited += time.perf_counter() - t0
+            with fabric.no_backward_sync(self.module, enabled=micro < s.accumulate - 1):
+                out = self.module(batch, self.step)
+                fabric.backward(out["loss"] / s.accumulate)
+            for k, v in out.items():
+                v = v.detach().float() / s.accumulate
+                terms[k] = terms[k] + v if k in terms else v
+        hook = getattr(self.objective, "before_optimizer_step", None)
+        if hook is not None:
+            hook(self.step)
+        if s.clip_grad:
+            terms["grad_norm"] = fabric.clip_gradients(
+                self.module, self.optimizer, max_norm=s.clip_grad,
+                error_if_nonfinite=False).detach().float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        hook = getattr(self.objective, "after_optimizer_step", None)
+        if hook is not None:
+            hook(self.step)
+        return terms, waited
+
+    def run(self, resume: bool = False) -> dict:
+        """Train to ``settings.steps``; returns the summary (see the module docs)."""
+        s = self.settings
+        fabric = self.fabric
+        if resume:
+            self.load_checkpoint()
+        if fabric.is_global_zero:  # a fresh run starts a fresh log; a resumed one cuts it back
+            self.files.log.parent.mkdir(parents=True, exist_ok=True)
+            kept = read_log(self.files.log, upto_step=self.step) if resume else []
+            self.files.log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if not resume and self.files.plot.exists():
+                self.files.plot.unlink()
+        start_step = self.step
+        log_every = self._log_every()
+        images_per_step = s.batch_size * s.accumulate * fabric.world_size
+        if fabric.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(fabric.device)
+
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        wait_total = 0.0
+        run_start = mark = time.perf_counter()
+        interval_start, interval_wait = run_start, 0.0
+        first: dict | None = None
+        last: dict | None = None
+        progress = make_progress() if fabric.is_global_zero else None
+        log_file = open(self.files.log, "a") if fabric.is_global_zero else None
+        loader_iter = iter(self._loader())
+        try:
+            with _StopFlag() as flag:
+                task = None
+                if progress is not None:
+                    progress.start()
+                    task = progress.add_task(s.description, total=s.steps, completed=self.step,
+                                             info="")
+                while self.step < s.steps:
+                    torch.manual_seed(step_seed(s.seed, self.step, fabric.global_rank))
+                    lr, wd = self.schedules.apply(self.optimizer, self.step)
+                    terms, waited = self._train_step(loader_iter)
+                    wait_total += waited
+                    interval_wait += waited
+                    self.step += 1
+                    for k, v in terms.items():
+                        sums[k] = sums[k] + v if k in sums else v
+                    count += 1
+
+                    stop = self._stop_requested(flag)
+                    checkpoint = (stop or self.step % s.checkpoint_every == 0
+                                  or self.step == s.steps)
+                    if count == log_every or checkpoint:
+                        now = time.perf_counter()
+                        span = max(now - interval_start, 1e-9)
+                        record = {"step": self.step,
+                                  **{k: v.item() / count for k, v in sums.items()},
+                                  "lr": lr, "weight_decay": wd,
+                                  "images_per_s": count * images_per_step / span,
+                                  "data_wait_fraction": interval_wait / span,
+                                  "time": round(self.elapsed + now - mark, 3)}
+                        if not math.isfinite(record["loss"]):
+                            raise RuntimeFailure(
+                                f"the loss is {record['loss']} at step {self.step}; lower the "
+                                "learning rate or check the input data")
+                        first = first or record
+                        last = record
+                        if log_file is not None:
+                            log_file.write(json.dumps(record) + "\n")
+                            log_file.flush()
+                        if progress is not None:
+                            shown = " ".join(f"{k.removeprefix('loss_')} {record[k]:.4g}"
+                                             for k in record if is_loss_key(k))
+                            progress.update(task, completed=self.step,
+                                            info=f"{shown} lr {lr:.2e} "
+                                                 f"{record['images_per_s']:.1f} img/s")
+                        sums, count = {}, 0
+                        interval_start, interval_wait = now, 0.0
+                    if checkpoint:
+                        now = time.perf_counter()
+                        self.elapsed += now - mark
+                        mark = now
+                        self.save_checkpoint()
+                    if stop:
+                        raise Interrupted(f"interrupted at step {self.step}/{s.steps}: checkpoint "
+                                          f"{self.files.checkpoint}; continue with --resume")
+        finally:
+            if progress is not None:
+                progress.stop()
+            if log_file is not None:
+                log_file.close()
+            del loader_iter
+        run_seconds = max(time.perf_counter() - run_start, 1e-9)
+        self.elapsed += time.perf_counter() - mark
+        run_steps = s.steps - start_step
+        checksums = replica_checksums(fabric, self.objective)
+        if len(set(checksums)) > 1:
+            raise RuntimeFailure(f"the {fabric.world_size} model replicas differ after training "
+                                 f"(checksums {checksums}); the distributed set-up is broken")
+        return {
+            "steps": s.steps,
+            "steps_this_run": run_steps,
+            "resumed_from_step": start_step if resume else None,
+            "batch_size_per_device": s.batch_size,
+            "accumulate": s.accumulate,
+            "world_size": fabric.world_size,
+            "global_batch": images_per_step,
+            "first": first,
+            "last": last,
+            "first_loss": first["loss"] if first else None,
+            "last_loss": last["loss"] if last else None,
+            "seconds": round(self.elapsed, 3),
+            "images_per_s": run_steps * images_per_step / run_seconds,
+            "data_wait_fraction": wait_total / run_seconds,
+            "peak_memory_bytes": peak_memory_bytes(fabric.device),
+            "replica_checksums": checksums,
+            "files": {"checkpoint": str(self.files.checkpoint), "log": str(self.files.log),
+                      "plot": str(self.files.plot)},
+        }

@@ -1,0 +1,655 @@
+"""Fine-tuning a backbone for a task on a chips dataset, on the shared Fabric engine.
+
+Tasks: scene ``classification`` (one class per chip), ``multilabel`` (per-class sigmoid) and
+``segmentation`` (per pixel). The heads are ``geoexplora.models.heads``: a linear head on the
+mean-pooled patch tokens (the recipe's choice) for scenes; for segmentation a light decoder on
+the last block's patch tokens (1x1 projection, bilinear upsampling to the chip size, a 3x3
+refinement conv, 1x1 classifier). A light decoder keeps what is measured the backbone's
+features, and trains fast; UperNet-style multi-scale decoders would dwarf a LoRA-tuned backbone.
+
+Modes (what trains):
+
+* ``lora`` (the paper's PEFT default): LoRA rank 8, alpha 1 on Q and V of every block, and the
+  head; nothing else (norms and tokens stay frozen).
+* ``explora``: the ExPLoRA parameterisation: last block in full, LoRA on Q/V of the others,
+  all norms and the cls/register tokens, and the head.
+* ``linear``: the head only (the backbone frozen).
+* ``full``: everything.
+
+Recipe (``geoexplora.defaults.FINETUNE``): AdamW, cosine with warm-up, label smoothing 0.1,
+drop-path 0.2, lr 5e-4 per batch 128 (linearly scaled). Imbalanced classes get loss weights
+(inverse square root of the training frequency, by default). The validation split is evaluated
+every ``eval_every`` steps (at each engine checkpoint): the best weights are kept in
+``OUT-stem.best.pt`` and training stops after ``patience`` evaluations without improvement. The
+output model carries the best weights (LoRA merged), the head, classes and colours, the metrics
+and the training data's provenance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geoexplora.defaults import FINETUNE, PROBE
+from geoexplora.errors import RuntimeFailure, UserError
+from geoexplora.io.chips import IGNORE_INDEX, ChipsDataset
+from geoexplora.log import logger
+from geoexplora.train import metrics as M
+from geoexplora.train.features import ModelInputs, valid_frames
+
+TASKS = ("classification", "multilabel", "segmentation")
+MODES = ("lora", "linear", "full", "explora")
+CLASS_WEIGHTINGS = ("inverse_sqrt", "inverse", "none")
+# The validation metric that decides the best checkpoint and early stopping, per task.
+MONITOR = {"classification": "macro_f1", "multilabel": "map", "segmentation": "miou"}
+
+
+@dataclass
+class FinetuneConfig:
+    """``geoexplora finetune MODEL CHIPS -o OUT``; defaults in ``geoexplora.defaults.FINETUNE``."""
+
+    model: Path
+    chips: Path
+    output: Path
+    task: str | None = None  # None: the dataset's task
+    mode: str = FINETUNE.mode
+    steps: int | None = None  # at most one of steps / epochs; neither: FINETUNE.epochs
+    epochs: float | None = None
+    batch_size: int = FINETUNE.batch_size  # per device
+    accumulate: int = 1
+    lr: float | None = None  # None: FINETUNE.base_lr x global batch / FINETUNE.base_batch
+    min_lr: float = FINETUNE.min_lr
+    warmup_steps: int | None = None  # None: FINETUNE.warmup_epochs, capped (see defaults)
+    weight_decay: float = FINETUNE.weight_decay
+    label_smoothing: float = FINETUNE.label_smoothing
+    drop_path: float = FINETUNE.drop_path
+    clip_grad: float | None = FINETUNE.clip_grad
+    lora_rank: int = FINETUNE.lora_rank
+    lora_alpha: float = FINETUNE.lora_alpha
+    class_weighting: str = FINETUNE.class_weighting
+    augment: bool = True  # flips and 90-degree rotations (exact for images and masks)
+    eval_every: int | None = None  # steps; None: every FINETUNE.eval_every_epochs epochs
+    patience: int = FINETUNE.patience
+    val_fraction: float = PROBE.val_fraction  # held out of train when there is no val split
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None
+    num_workers: int | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    fingerprint_extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def dataset_task(meta_task: str, requested: str | None, root: Path) -> str:
+    """The task to train: ``requested`` or the dataset's own; UserError when the dataset cannot
+    serve it."""
+    task = requested or meta_task
+    if task not in TASKS:
+        raise UserError(f"--task {task}: use one of {', '.join(TASKS)}"
+                        if requested else f"{root}: an unlabelled chips dataset (task "
+                        f"'{meta_task}'); tile with --labels to fine-tune")
+    if task == "segmentation" and meta_task != "segmentation":
+        raise UserError(f"--task segmentation: {root} has no masks (task '{meta_task}'); tile "
+                        "it with --task segmentation")
+    if task == "multilabel" and meta_task != "multilabel":
+        raise UserError(f"--task multilabel: {root} has no multi-label chips (task "
+                        f"'{meta_task}'); tile it with --task multilabel")
+    return task
+
+
+def labelled_indices(dataset: ChipsDataset, task: str) -> list[int]:
+    """Chips that carry a target for ``task`` (segmentation: every chip with a mask; the mask's
+    255 pixels are ignored)."""
+    if task == "classification":
+        return [i for i, y in enumerate(dataset.labels.tolist()) if y >= 0]
+    if task == "multilabel":
+        text = dataset.index["labels"].tolist()
+        return [i for i, t in enumerate(text) if isinstance(t, str) and t]
+    return [i for i, p in enumerate(dataset.index["mask_path"].tolist()) if isinstance(p, str)]
+
+
+def ignore_nodata(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Set to 255 the mask pixels whose image pixel is nodata in every frame (a pixel is valid in
+    a frame when all its bands are finite). ``image`` (..., T, C, H, W), ``mask`` (..., H, W)."""
+    valid = torch.isfinite(image).all(dim=-3).any(dim=-3)
+    return torch.where(valid, mask, torch.full_like(mask, IGNORE_INDEX))
+
+
+def dihedral(item: dict, k: int, flip: bool) -> dict:
+    """Rotate by ``k`` quarter turns, then flip left-right: image and mask alike (exact)."""
+    out = dict(item)
+    for key in ("image", "mask"):
+        if key in out:
+            x = torch.rot90(out[key], k, dims=(-2, -1))
+            out[key] = torch.flip(x, dims=(-1,)) if flip else x
+    return out
+
+
+class TrainStream(torch.utils.data.Dataset):
+    """The labelled training chips as an endless, seeded stream over global sample indices (the
+    engine's contract: item ``i`` depends only on ``i``), with dihedral augmentation."""
+
+    def __init__(self, inputs: ModelInputs, indices: list[int], seed: int, augment: bool):
+        from geoexplora.train.engine import EpochIndex
+
+        self.inputs = inputs
+        self.indices = indices
+        self.order = EpochIndex(len(indices), seed)
+        self.seed = seed
+        self.augment = augment
+
+    def __len__(self) -> int:  # the sampler decides how many items are drawn
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        from geoexplora.train.engine import sample_rng
+
+        _, pos = self.order.epoch_and_item(i)
+        item = self.inputs[self.indices[pos]]
+        item.pop("chip_id", None)
+        if "mask" in item:
+            item["mask"] = ignore_nodata(item["mask"], item["image"])
+        if self.augment:
+            rng = sample_rng(self.seed, i)
+            item = dihedral(item, int(rng.integers(0, 4)), bool(rng.random() < 0.5))
+        return item
+
+
+class EvalSet(torch.utils.data.Dataset):
+    """The labelled chips of an evaluation split, un-augmented."""
+
+    def __init__(self, inputs: ModelInputs, indices: list[int]):
+        self.inputs, self.indices = inputs, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.inputs[self.indices[i]]
+        item.pop("chip_id", None)
+        if "mask" in item:
+            item["mask"] = ignore_nodata(item["mask"], item["image"])
+        return item
+
+
+def holdout_val(dataset: ChipsDataset, indices: list[int], task: str, fraction: float,
+                seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) chip indices: ``fraction`` of the labelled training chips held out, stratified
+    by the chip label (for segmentation the chips' majority class)."""
+    from geoexplora.train.probe import stratified_holdout
+
+    if len(indices) < 2:
+        raise UserError(f"{dataset.root}: {len(indices)} labelled training chip(s) and no val "
+                        "split; fine-tuning needs more")
+    labels = torch.as_tensor(dataset.labels[indices])
+    held = stratified_holdout(labels, fraction, seed, multilabel=task == "multilabel")
+    return ([i for i, h in zip(indices, held.tolist()) if not h],
+            [i for i, h in zip(indices, held.tolist()) if h])
+
+
+def class_frequencies(dataset: ChipsDataset, indices: list[int], task: str,
+                      num_classes: int) -> torch.Tensor:
+    """Training counts per class: chips (classification), positive chips (multilabel) or
+    labelled pixels (segmentation; reads the masks once)."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i in indices:
+        if task == "classification":
+            counts[int(dataset.labels[i])] += 1
+        elif task == "multilabel":
+            counts += torch.from_numpy(dataset.multi_hot(i)).double()
+        else:
+            mask = torch.from_numpy(dataset.read_mask(i).astype("int64"))
+            counts += torch.bincount(mask[mask != IGNORE_INDEX], minlength=num_classes)[
+                :num_classes].double()
+    return counts
+
+
+def class_weights(counts: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Loss weight per class, mean 1 over the classes seen in training (unseen classes: 1).
+
+    ``inverse``: 1 / frequency; ``inverse_sqrt``: 1 / sqrt(frequency), gentler; ``none``: 1.
+    """
+    weights = torch.ones_like(counts)
+    seen = counts > 0
+    if weighting == "none" or not seen.any():
+        return weights.float()
+    power = 1.0 if weighting == "inverse" else 0.5
+    raw = (counts[seen].sum() / counts[seen]) ** power
+    weights[seen] = raw / raw.mean()
+    return weights.float()
+
+
+def positive_weights(positives: torch.Tensor, n: int, weighting: str) -> torch.Tensor:
+    """Multilabel: the weight of each class's positive term (``pos_weight``), from the ratio of
+    negative to positive training chips: ratio (``inverse``), sqrt(ratio) (``inverse_sqrt``) or
+    1 (``none``)."""
+    if weighting == "none":
+        return torch.ones_like(positives).float()
+    ratio = (n - positives).clamp(min=1) / positives.clamp(min=1)
+    return (ratio if weighting == "inverse" else ratio.sqrt()).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def set_drop_path(vit, rate: float) -> None:
+    """Stochastic depth rising linearly to ``rate`` at the last block (timm's rule)."""
+    from timm.layers import DropPath
+
+    blocks = vit.vit.blocks
+    for i, block in enumerate(blocks):
+        r = rate * i / max(1, len(blocks) - 1)
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(block, name):
+                setattr(block, name, DropPath(r) if r > 0 else nn.Identity())
+
+
+def build_task_model(backbone, task: str, classes: list[dict]):
+    from geoexplora.models.heads import LinearHead, SegmentationHead, TaskModel
+
+    k = len(classes)
+    if task == "segmentation":
+        head = SegmentationHead(backbone.embed_dim, k, hidden=FINETUNE.segmentation_hidden)
+    else:
+        head = LinearHead(backbone.embed_dim, k, pooling=FINETUNE.pooling,
+                          init_std=FINETUNE.head_init_std)
+    return TaskModel(backbone, head, task, classes)
+
+
+def parameterise(model, mode: str, lora_rank: int, lora_alpha: float) -> dict:
+    """Set what trains for ``mode`` (in place); returns the parameter report."""
+    from geoexplora.models import apply_explora, parameter_report
+
+    if mode not in MODES:
+        raise UserError(f"--mode {mode}: use one of {', '.join(MODES)}")
+    backbone = model.backbone
+    if mode == "lora":
+        apply_explora(model, unfreeze_blocks=(), lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      lora_targets=FINETUNE.lora_targets, train_embedding=False,
+                      record_as="finetune_lora")
+        for name, p in model.backbone.named_parameters():  # LoRA only: norms, tokens frozen
+            p.requires_grad_("lora_" in name)
+    elif mode == "explora":
+        apply_explora(model, unfreeze_blocks=FINETUNE.explora_unfreeze_blocks,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      lora_targets=FINETUNE.lora_targets, train_embedding=False,
+                      record_as="finetune_explora")
+    elif mode == "linear":
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+    report = parameter_report(model)
+    stage = {"lora": "finetune_lora", "explora": "finetune_explora"}.get(mode)
+    if stage:
+        backbone.config[stage]["parameters"] = report
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward(model, batch: dict) -> torch.Tensor:
+    x = batch["image"]
+    multi = model.backbone.num_frames > 1
+    return model(x, dates=batch["dates"] if multi else None,
+                 frame_mask=valid_frames(x) if multi else None)
+
+
+class FinetuneObjective(nn.Module):
+    """The engine's objective: the task model, its loss, and the early-stopping state (buffers,
+    so a resumed run continues counting where it stopped)."""
+
+    def __init__(self, model, task: str, weights: torch.Tensor, label_smoothing: float):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.label_smoothing = label_smoothing
+        self.register_buffer("class_weights", weights)
+        self.register_buffer("best_score", torch.tensor(-math.inf, dtype=torch.float64))
+        self.register_buffer("best_step", torch.tensor(-1, dtype=torch.int64))
+        self.register_buffer("evals_since_best", torch.tensor(0, dtype=torch.int64))
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        if self.task == "classification":
+            return F.cross_entropy(logits.float(), batch["label"], weight=self.class_weights,
+                                   label_smoothing=self.label_smoothing)
+        if self.task == "multilabel":
+            target = batch["labels"] * (1 - self.label_smoothing) + self.label_smoothing / 2
+            return F.binary_cross_entropy_with_logits(logits.float(), target,
+                                                      pos_weight=self.class_weights)
+        return F.cross_entropy(logits.float(), batch["mask"], weight=self.class_weights,
+                               ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
+
+    def forward(self, batch: dict, step: int) -> dict:
+        logits = _forward(self.model, batch)
+        return {"loss": self.loss(logits, batch)}
+
+
+class Evaluator:
+    """Accumulates predictions of one split into the task's metrics (bounded memory: confusion
+    matrices; multilabel keeps the (N, K) scores)."""
+
+    def __init__(self, task: str, num_classes: int):
+        self.task, self.k = task, num_classes
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.scores: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, batch: dict) -> None:
+        logits = logits.float().cpu()
+        if self.task == "multilabel":
+            self.scores.append(logits)
+            self.targets.append(batch["labels"].cpu())
+        elif self.task == "classification":
+            self.confusion += M.confusion_matrix(logits.argmax(1), batch["label"].cpu(), self.k)
+        else:
+            self.confusion += M.confusion_matrix(logits.argmax(1), batch["mask"].cpu(), self.k,
+                                                 ignore_index=IGNORE_INDEX)
+
+    def result(self) -> dict:
+        if self.task == "multilabel":
+            return M.multilabel_metrics(torch.cat(self.scores), torch.cat(self.targets))
+        if self.task == "classification":
+            return {**M.classification_metrics(self.confusion),
+                    "confusion_matrix": self.confusion.tolist()}
+        return {**M.segmentation_metrics(self.confusion),
+                "confusion_matrix": self.confusion.tolist()}
+
+
+@torch.no_grad()
+def evaluate(model, dataset, task: str, num_classes: int, batch_size: int, device,
+             autocast=None, num_workers: int = 0) -> dict:
+    """The task's metrics of ``model`` on ``dataset`` (an :class:`EvalSet`)."""
+    import contextlib
+
+    from torch.utils.data import DataLoader
+
+    was_training = model.training
+    model.eval()
+    evaluator = Evaluator(task, num_classes)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for batch in loader:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits = _forward(model, batch)
+        evaluator.update(logits, batch)
+    model.train(was_training)
+    return evaluator.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+class _EarlyStop(Exception):
+    """Raised from the engine's checkpoint callback when the validation metric has stopped
+    improving; the run ends there (the engine has just checkpointed)."""
+
+
+def _check_config(cfg: FinetuneConfig) -> None:
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise UserError(f"--steps must be at least 1, not {cfg.steps}")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise UserError(f"--epochs must be positive, not {cfg.epochs}")
+    if cfg.mode not in MODES:
+        raise UserError(f"--mode {cfg.mode}: use one of {', '.join(MODES)}")
+    if cfg.class_weighting not in CLASS_WEIGHTINGS:
+        raise UserError(f"--class-weights {cfg.class_weighting}: use one of "
+                        f"{', '.join(CLASS_WEIGHTINGS)}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    if cfg.patience < 1:
+        raise UserError(f"--patience must be at least 1, not {cfg.patience}")
+    if cfg.eval_every is not None and cfg.eval_every < 1:
+        raise UserError(f"--eval-every must be at least 1, not {cfg.eval_every}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, not {cfg.lr}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must lie in [0, 1), not {cfg.label_smoothing}")
+    if not 0 <= cfg.drop_path < 1:
+        raise UserError(f"--drop-path must lie in [0, 1), not {cfg.drop_path}")
+    if cfg.mode in ("lora", "explora") and cfg.lora_rank < 1:
+        raise UserError(f"--lora-rank must be at least 1, not {cfg.lora_rank}")
+
+
+def _best_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".best.pt")
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().clone() for n, t in model.state_dict().items() if n in names}
+
+
+def _named(values: list[float], classes: list[dict]) -> dict[str, float]:
+    return {c["name"]: v for c, v in zip(classes, values)}
+
+
+def summarise_metrics(metrics: dict | None, task: str, classes: list[dict]) -> dict | None:
+    """The headline numbers of a metrics dict, per-class values keyed by class name."""
+    if metrics is None:
+        return None
+    if task == "segmentation":
+        keys = ("miou", "pixel_accuracy", "macro_f1")
+        per_class = {"per_class_iou": _named(metrics["per_class_iou"], classes)}
+    elif task == "multilabel":
+        keys = ("map", "macro_f1", "micro_f1", "top1")
+        per_class = {"per_class_ap": _named(metrics["per_class_ap"], classes)}
+    else:
+        keys = ("top1", "balanced_accuracy", "macro_f1")
+        per_class = {}
+    out = {k: metrics[k] for k in keys}
+    out["per_class_f1"] = _named(metrics["per_class_f1"], classes)
+    out.update(per_class)
+    if "confusion_matrix" in metrics:
+        out["confusion_matrix"] = metrics["confusion_matrix"]
+    out["count"] = metrics["count"]
+    return out
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict | None:
+    """Fine-tune ``cfg.model`` on ``cfg.chips``, write ``cfg.output``; the result document
+    (None on the other ranks of a multi-device run)."""
+    from geoexplora.io.chips import load_dataset_meta
+    from geoexplora.io.outputs import atomic_output, check_output
+    from geoexplora.models.file import save_model
+    from geoexplora.train import engine as E
+    from geoexplora.train.features import (backbone_for_dataset, check_model_file,
+                                           dataset_digest, model_digest)
+
+    _check_config(cfg)
+    model_path = check_model_file(Path(cfg.model))
+    output = check_output(cfg.output, cfg.overwrite)
+    meta = load_dataset_meta(cfg.chips)
+    task = dataset_task(meta["task"], cfg.task, Path(cfg.chips))
+    classes = meta.get("classes") or []
+    if len(classes) < 2:
+        raise UserError(f"{cfg.chips}: fine-tuning needs at least two classes; it has "
+                        f"{len(classes)}")
+    splits = {name: ChipsDataset(cfg.chips, split=name) for name in ("train", "val", "test")}
+    indices = {name: labelled_indices(ds, task) for name, ds in splits.items()}
+    if not indices["train"]:
+        raise UserError(f"{cfg.chips}: no labelled chips in the train split")
+    val_from_train = not indices["val"]
+    if val_from_train:
+        indices["train"], indices["val"] = holdout_val(splits["train"], indices["train"], task,
+                                                       cfg.val_fraction, cfg.seed)
+        splits["val"] = splits["train"]
+        logger.warning("%s has no val split: %.0f%% of the train chips (stratified) are held out "
+                       "for validation", cfg.chips, 100 * cfg.val_fraction)
+
+    fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,
+                                            cfg.strategy, cfg.precision))
+    torch.manual_seed(cfg.seed)
+    backbone, band_index = backbone_for_dataset(model_path, splits["train"])
+    if cfg.drop_path > 0 and cfg.mode != "linear":
+        set_drop_path(backbone, cfg.drop_path)
+    model = build_task_model(backbone, task, classes)
+    report = parameterise(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha)
+
+    counts = class_frequencies(splits["train"], indices["train"], task, len(classes))
+    if task == "multilabel":
+        weights = positive_weights(counts, len(indices["train"]), cfg.class_weighting)
+    else:
+        weights = class_weights(counts, cfg.class_weighting)
+    objective = FinetuneObjective(model, task, weights, cfg.label_smoothing)
+
+    world = fabric.world_size
+    global_batch = cfg.batch_size * cfg.accumulate * world
+    n_train = len(indices["train"])
+    steps_per_epoch = max(1, math.ceil(n_train / global_batch))
+    steps = cfg.steps or max(1, round((cfg.epochs or FINETUNE.epochs) * steps_per_epoch))
+    epochs = steps / steps_per_epoch
+    lr = cfg.lr or FINETUNE.base_lr * global_batch / FINETUNE.base_batch
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(
+        round(FINETUNE.warmup_epochs * steps_per_epoch),
+        int(FINETUNE.warmup_max_fraction * steps))
+    eval_every = cfg.eval_every or max(1, round(FINETUNE.eval_every_epochs * steps_per_epoch))
+
+    inputs = {name: ModelInputs(ds, band_index) for name, ds in splits.items()}
+    train_stream = TrainStream(inputs["train"], indices["train"], cfg.seed, cfg.augment)
+    val_set = EvalSet(inputs["val"], indices["val"])
+    optimizer = E.build_optimizer(E.param_groups(objective), betas=FINETUNE.betas)
+    schedules = E.Schedules(total_steps=steps, lr=lr, min_lr=min(cfg.min_lr, lr),
+                            warmup_steps=warmup, weight_decay=cfg.weight_decay)
+    settings = E.LoopSettings(output=output, steps=steps, batch_size=cfg.batch_size,
+                              accumulate=cfg.accumulate, clip_grad=cfg.clip_grad,
+                              checkpoint_every=eval_every, seed=cfg.seed,
+                              num_workers=cfg.num_workers,
+                              description=f"finetune {cfg.mode}")
+    data_sha = dataset_digest(Path(cfg.chips))
+    model_sha = model_digest(model_path)
+    fingerprint = {"model_sha256": model_sha, "dataset_sha256": data_sha, "task": task,
+                   "mode": cfg.mode, "steps": steps, "batch_size": cfg.batch_size,
+                   "accumulate": cfg.accumulate, "world_size": world, "lr": lr,
+                   "warmup": warmup, "weight_decay": cfg.weight_decay,
+                   "label_smoothing": cfg.label_smoothing, "drop_path": cfg.drop_path,
+                   "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+                   "class_weighting": cfg.class_weighting, "augment": cfg.augment,
+                   "eval_every": eval_every, "seed": cfg.seed,
+                   "val_from_train": cfg.val_fraction if val_from_train else None,
+                   **cfg.fingerprint_extra}
+    best_path = _best_path(output)
+    if not cfg.resume and fabric.is_global_zero and best_path.exists():
+        best_path.unlink()  # a previous run's: this run starts afresh
+    eval_batch = cfg.batch_size
+    monitor = MONITOR[task]
+    history: list[dict] = []
+
+    def on_checkpoint(step: int) -> None:
+        scores = evaluate(objective.model, val_set, task, len(classes), eval_batch,
+                          fabric.device, fabric.autocast)
+        score = scores[monitor]
+        improved = math.isfinite(score) and score > float(objective.best_score)
+        history.append({"step": step, f"val_{monitor}": score})
+        if improved:
+            objective.best_score.fill_(score)
+            objective.best_step.fill_(step)
+            objective.evals_since_best.zero_()
+            if fabric.is_global_zero:
+                with atomic_output(best_path, overwrite=True) as tmp:
+                    torch.save({"step": step, "score": score, "metrics": _jsonable(scores),
+                                "state": _trainable_state(objective.model)}, tmp)
+        else:
+            objective.evals_since_best += 1
+        fabric.barrier()
+        logger.info("step %d: val %s %.4f%s", step, monitor, score,
+                    " (best)" if improved else f" (best {float(objective.best_score):.4f} at "
+                                                 f"step {int(objective.best_step)})")
+        if int(objective.evals_since_best) >= cfg.patience and step < steps:
+            raise _EarlyStop(step)
+
+    loop = E.TrainLoop(fabric, objective, optimizer, train_stream, settings, schedules,
+                       fingerprint=fingerprint, on_checkpoint=on_checkpoint)
+    # The untrained head's score: the baseline fine-tuning must beat (not on resume: the
+    # weights are not the initial ones then).
+    val_at_start = None if cfg.resume else evaluate(
+        objective.model, val_set, task, len(classes), eval_batch, fabric.device, fabric.autocast)
+    early_stopped = None
+    try:
+        summary = loop.run(resume=cfg.resume)
+    except _EarlyStop as stop:
+        early_stopped = int(stop.args[0])
+        records = E.read_log(loop.files.log)
+        summary = {"steps": steps, "stopped_at_step": early_stopped,
+                   "first_loss": records[0]["loss"] if records else None,
+                   "last_loss": records[-1]["loss"] if records else None,
+                   "files": {"checkpoint": str(loop.files.checkpoint),
+                             "log": str(loop.files.log), "plot": str(loop.files.plot)}}
+        logger.info("early stop at step %d: val %s has not improved for %d evaluations",
+                    early_stopped, monitor, cfg.patience)
+
+    if not best_path.exists():
+        raise RuntimeFailure(f"the validation {monitor} was never a number (is the val split "
+                             "labelled?); no best checkpoint to export")
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    missing = objective.model.load_state_dict(best["state"], strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeFailure(f"{best_path}: holds unknown weights {missing.unexpected_keys[:3]}")
+    model = objective.model
+    test_set = EvalSet(inputs["test"], indices["test"]) if indices["test"] else None
+    test_metrics = evaluate(model, test_set, task, len(classes), eval_batch, fabric.device,
+                            fabric.autocast) if test_set is not None else None
+    metrics = {"monitor": monitor, "best_step": int(best["step"]),
+               "val": summarise_metrics(best["metrics"], task, classes),
+               "val_at_start": summarise_metrics(val_at_start, task, classes),
+               "test": summarise_metrics(test_metrics, task, classes)}
+    training = {"task": task, "mode": cfg.mode, "steps": steps, "epochs": round(epochs, 3),
+                "early_stopped_at": early_stopped, "batch_size": cfg.batch_size,
+                "global_batch": global_batch, "lr": lr, "min_lr": schedules.min_lr,
+                "warmup_steps": warmup, "weight_decay": cfg.weight_decay,
+                "label_smoothing": cfg.label_smoothing, "drop_path": cfg.drop_path,
+                "lora_rank": cfg.lora_rank if cfg.mode in ("lora", "explora") else None,
+                "lora_alpha": cfg.lora_alpha if cfg.mode in ("lora", "explora") else None,
+                "class_weighting": cfg.class_weighting,
+                "class_weights": _named(weights.tolist(), classes),
+                "augment": cfg.augment, "eval_every": eval_every, "seed": cfg.seed,
+                "parameters": report}
+    provenance = {"data": {"chips": str(Path(cfg.chips).resolve()), "dataset_sha256": data_sha,
+                           "splits": {k: len(v) for k, v in indices.items()},
+                           "val_from_train": val_from_train,
+                           "tile": meta.get("provenance")},
+                  "backbone_file": {"path": str(model_path.resolve()), "sha256": model_sha}}
+    if fabric.is_global_zero:
+        save_model(output, model, {"finetune": training, "metrics": metrics,
+                                   "provenance": provenance}, overwrite=cfg.overwrite)
+    fabric.barrier()
+    if not fabric.is_global_zero:
+        return None  # rank 0 reports
+    return {"output": str(output), "model": str(model_path), "chips": str(cfg.chips),
+            "task": task, "mode": cfg.mode, "classes": [c["name"] for c in classes],
+            "training": training, "metrics": metrics, "evaluations": history,
+            "train": _jsonable(summary)}
+
+
+def _jsonable(obj):
+    """Plain Python numbers/containers (tensors become numbers or lists)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    return obj
+
