@@ -33,8 +33,9 @@ FALLBACK_SCENE = ROOT / "geoexplora/data/s2-29RKH/S2A_29RKH_20200219_L2A_12band_
 
 def mosaic_vrt(source: Path, size: int, path: Path) -> Path:
     """A size x size VRT tiling ``source``'s B2, B3, B4, B8 (no large file on disk)."""
-    import rasterio
     from xml.sax.saxutils import escape
+
+    import rasterio
 
     with rasterio.open(source) as src:
         w, h, t, crs, names = src.width, src.height, src.transform, src.crs, src.descriptions
@@ -122,7 +123,9 @@ def throughput(args, work: Path) -> dict:
             "forward_only_s": round(forward_only, 3),
             "end_to_end_px_per_s": round(pixels / end_to_end),
             "forward_only_px_per_s": round(pixels / forward_only),
-            "ratio": round(forward_only / end_to_end, 3), "target": ">= 0.85"}
+            "ratio": round(forward_only / end_to_end, 3),
+            "engine_ratio": round(forward_only / result["timings"]["wall_s"], 3),
+            "target": ">= 0.85"}
 
 
 def child(args) -> None:
@@ -177,7 +180,7 @@ def peak_rss(args, size: int, rows: int | None, work: Path) -> dict:
     cmd += ["--rows", str(rows)] if rows else []
     cmd += ["--window", str(args.window)] if args.window else []
     cmd += ["--device", args.device] if args.device else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode:
         raise SystemExit(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -28,9 +28,9 @@ from rasterio.windows import Window
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from geoexplora import sample  # noqa: E402
-from geoexplora.io.chips import window_transform  # noqa: E402
-from geoexplora.tiling import TileConfig, tile, window_offsets  # noqa: E402
+from geoexplora import sample
+from geoexplora.io.chips import window_transform
+from geoexplora.tiling import TileConfig, tile, window_offsets
 
 L8 = ROOT.parent / "shared" / "data" / "landsat8-224078-2020-05-18" / \
     "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
@@ -38,7 +38,7 @@ L8 = ROOT.parent / "shared" / "data" / "landsat8-224078-2020-05-18" / \
 
 def default_scene() -> tuple[Path, dict]:
     if L8.exists():
-        return L8, dict(band_map={"1": "B2", "2": "B3", "3": "B4"}, nodata=0)
+        return L8, {"band_map": {"1": "B2", "2": "B3", "3": "B4"}, "nodata": 0}
     return sample.s2_tile_crop(), {}
 
 
@@ -67,9 +67,9 @@ def naive(scene: Path, size: int, out: Path, nodata: float | None) -> tuple[int,
                 data = src.read(window=Window(col, row, size, size)).astype(np.float32)
                 if nodata is not None:
                     data[data == nodata] = np.nan
-                profile = dict(driver="GTiff", width=size, height=size, count=count,
-                               dtype="float32", crs=src.crs, nodata=float("nan"),
-                               transform=window_transform(src.transform, col, row))
+                profile = {"driver": "GTiff", "width": size, "height": size, "count": count,
+                               "dtype": "float32", "crs": src.crs, "nodata": float("nan"),
+                               "transform": window_transform(src.transform, col, row)}
                 with rasterio.open(out / f"{row}_{col}.tif", "w", **profile) as dst:
                     dst.write(data)
             n += 1

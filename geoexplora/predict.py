@@ -22,7 +22,7 @@ import json
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from geoexplora.errors import UserError
@@ -277,8 +277,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
     devices = resolve_devices(cfg.device, cfg.devices)
     model = load_model(cfg.model)
     model_sha = file_sha256(cfg.model)
-    run_opts = _run_options(cfg, shard if len(plan_jobs(cfg.rasters, cfg.output, None)) == 1
-                            else None)
+    # One output: the shard is a range of its strips; an output folder: every n-th input.
+    run_opts = _run_options(cfg, None if output_is_folder(cfg.output) else shard)
     results = []
     for inputs, output in jobs:
         scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
@@ -395,8 +395,8 @@ def embed(cfg: EmbedConfig) -> list[dict]:
     devices = resolve_devices(cfg.device, cfg.devices)
     model = load_model(cfg.model)
     model_sha = file_sha256(cfg.model)
-    run_opts = _run_options(cfg, shard if len(plan_jobs(cfg.rasters, cfg.output, None)) == 1
-                            else None)
+    # One output: the shard is a range of its strips; an output folder: every n-th input.
+    run_opts = _run_options(cfg, None if output_is_folder(cfg.output) else shard)
     results = []
     for inputs, output in jobs:
         scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
@@ -437,8 +437,3 @@ def embed(cfg: EmbedConfig) -> list[dict]:
                                 **result}, output))
     return results
 
-
-def config_dict(cfg) -> dict:
-    """A config as JSON-able dict (for --json echoes)."""
-    d = asdict(cfg)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -463,7 +464,7 @@ class BlockTask:
 @dataclass
 class BlockResult:
     records: list[dict]
-    samples: np.ndarray
+    samples: dict[str, np.ndarray]  # chip id -> pixel sample (see _chip_rng)
     dropped: Counter
     class_pixels: np.ndarray
 
@@ -476,15 +477,21 @@ def _init_worker(plan: Plan) -> None:
     _PLAN = plan
 
 
-def make_block_tasks(cands: Candidates, scenes: list, size: int, stride: int) -> list[BlockTask]:
-    """Group the live candidates into read blocks of several chips, bounded in memory."""
+def make_block_tasks(cands: Candidates, scenes: list, size: int, stride: int,
+                     workers: int = 1) -> list[BlockTask]:
+    """Group the live candidates into read blocks of several chips, bounded in memory (and, with
+    several workers, at least about four blocks per worker)."""
     tasks: list[BlockTask] = []
     live = cands.drop == ""
+    total_px = sum(s.width * s.height for s in scenes)
     for s, scene in enumerate(scenes):
         mine = np.flatnonzero(live & (cands.scene == s))
         if mine.size == 0:
             continue
-        px_budget = max(size * size, BLOCK_BUDGET_BYTES // (4 * scene.shape[0] * scene.shape[1]))
+        px_budget = BLOCK_BUDGET_BYTES // (4 * scene.shape[0] * scene.shape[1])
+        if workers > 1:
+            px_budget = min(px_budget, total_px // (4 * workers))
+        px_budget = max(size * size, px_budget)
         span_cols = max(1, (px_budget // size - size) // stride + 1)
         rows = np.unique(cands.row[mine])
         cols = np.unique(cands.col[mine])
@@ -534,14 +541,13 @@ def run_block(task: BlockTask) -> BlockResult:
     plan = _PLAN
     scene = plan.scenes[task.scene]
     size = plan.size
-    rng = np.random.default_rng((plan.seed, task.index))
     dropped: Counter = Counter()
     class_pixels = np.zeros(max(plan.num_classes, 1), dtype=np.int64)
-    records, samples = [], []
+    records, samples = [], {}
     block = _read_block(plan, task)
     if block is None:
         dropped["unreadable"] += len(task.chips)
-        return BlockResult([], np.empty((0, len(scene.bands)), np.float32), dropped, class_pixels)
+        return BlockResult([], {}, dropped, class_pixels)
     block_window = Window(task.col0, task.row0, task.width, task.height)
     label_block = (plan.labels.read_mask(scene.grid, block_window)
                    if plan.labels is not None and plan.task != "none" else None)
@@ -579,14 +585,25 @@ def run_block(task: BlockTask) -> BlockResult:
             mask_path = f"{C.MASKS_DIR}/{cid}.tif"
             C.write_mask(plan.out / mask_path, mask.astype(np.uint8), transform,
                          plan.crss[task.scene], plan.class_colors, plan.creation_options)
-        samples.append(pixel_sample(data, plan.samples_per_chip, rng))
-        records.append(dict(chip_id=cid, path=chip_path, mask_path=mask_path, scene=task.scene,
-                            col_off=col, row_off=row, width=size, height=size, label=label,
-                            labels=";".join(map(str, present)), nodata_fraction=nodata_fraction,
-                            split=split))
-    stacked = (np.concatenate(samples) if samples
-               else np.empty((0, len(scene.bands)), dtype=np.float32))
-    return BlockResult(records, stacked, dropped, class_pixels)
+        samples[cid] = pixel_sample(data, plan.samples_per_chip, _chip_rng(plan.seed, cid))
+        records.append({
+            "chip_id": cid, "path": chip_path, "mask_path": mask_path, "scene": task.scene,
+            "col_off": col, "row_off": row, "width": size, "height": size, "label": label,
+            "labels": ";".join(map(str, present)), "nodata_fraction": nodata_fraction,
+            "split": split})
+    return BlockResult(records, samples, dropped, class_pixels)
+
+
+def _chip_rng(seed: int, cid: str) -> np.random.Generator:
+    """A generator per chip: statistics do not depend on how chips were grouped or ordered."""
+    return np.random.default_rng((seed, zlib.crc32(cid.encode())))
+
+
+def _stats_of(samples: dict[str, np.ndarray], num_bands: int, cfg: TileConfig) -> dict:
+    acc = BandStatsAccumulator(num_bands, cfg.stats_samples, cfg.seed)
+    for cid in sorted(samples):
+        acc.update(samples[cid])
+    return acc.result()
 
 
 def run_tasks(fn, tasks: list, plan, workers: int, description: str, weights: list[int],
@@ -737,7 +754,7 @@ def tile(cfg: TileConfig) -> TileResult:
     block_px = assign_splits(cands, size, first.res[0], cfg.val_fraction, cfg.test_fraction,
                              cfg.seed, cfg.split_block)
     dropped = Counter(r for r in cands.drop if r)
-    tasks = make_block_tasks(cands, scenes, size, stride)
+    tasks = make_block_tasks(cands, scenes, size, stride, cfg.workers)
     n_live = sum(len(t.chips) for t in tasks)
     classes = labels.classes if labels is not None and task != "none" else []
     crss = [write_crs(s.crs) for s in scenes]
@@ -755,7 +772,7 @@ def tile(cfg: TileConfig) -> TileResult:
         if task == "segmentation":
             (tmp / C.MASKS_DIR).mkdir()
         plan.out = tmp
-        acc = BandStatsAccumulator(len(first.bands), cfg.stats_samples, cfg.seed)
+        samples: dict[str, np.ndarray] = {}
         records: list[dict] = []
         class_pixels = np.zeros(max(len(classes), 1), dtype=np.int64)
         for res in run_tasks(run_block, tasks, plan, cfg.workers, "tile",
@@ -763,14 +780,13 @@ def tile(cfg: TileConfig) -> TileResult:
             records.extend(res.records)
             dropped.update(res.dropped)
             class_pixels += res.class_pixels
-            if len(res.samples):
-                acc.update(res.samples)
+            samples.update(res.samples)
         if not records:
             raise UserError(_zero_chips_message(dropped, n_candidates))
         records.sort(key=lambda r: r["chip_id"])
         _add_geometry(records, scenes, crss)
         _write_index(tmp, records, crss[0])
-        stats = acc.result()
+        stats = _stats_of(samples, len(first.bands), cfg)
         class_list = _class_counts(records, classes, task, class_pixels)
         splits = dict(Counter(r["split"] for r in records))
         counts = {"chips": len(records), "splits": splits, "dropped": dict(dropped),
@@ -946,20 +962,19 @@ def import_class_folders(cfg: TileConfig, start: float) -> TileResult:
     with atomic_output(out, cfg.overwrite) as tmp:
         (tmp / C.CHIPS_DIR).mkdir(parents=True)
         plan.out = tmp
-        acc = BandStatsAccumulator(len(plan.bands), cfg.stats_samples, cfg.seed)
+        samples: dict[str, np.ndarray] = {}
         records: list[dict] = []
         for res in run_tasks(run_patches, tasks, plan, cfg.workers, "import",
                              [len(t.patches) for t in tasks], cfg.show_progress):
             records.extend(res.records)
             dropped.update(res.dropped)
             skipped.extend(res.skipped)
-            if len(res.samples):
-                acc.update(res.samples)
+            samples.update(res.samples)
         if not records:
             raise UserError(_zero_chips_message(dropped, len(patches)))
         records.sort(key=lambda r: r["chip_id"])
         _write_index(tmp, records, "EPSG:4326")
-        stats = acc.result()
+        stats = _stats_of(samples, len(plan.bands), cfg)
         class_list = _class_counts(records, classes, "classification", None)
         splits = dict(Counter(r["split"] for r in records))
         counts = {"chips": len(records), "splits": splits, "dropped": dict(dropped),
@@ -993,8 +1008,7 @@ def run_patches(task: PatchTask) -> PatchResult:
     from geoexplora.io.scene import open_scene
 
     plan = _PLAN
-    rng = np.random.default_rng((plan.seed, task.index))
-    records, samples, skipped = [], [], []
+    records, samples, skipped = [], {}, []
     dropped: Counter = Counter()
     for path, class_id, split, cid in task.patches:
         try:
@@ -1029,13 +1043,12 @@ def run_patches(task: PatchTask) -> PatchResult:
         footprint = box(*transform_bounds(scene.crs, "EPSG:4326",
                                           *C.window_bounds(scene.transform, col, row, plan.size,
                                                            plan.size)))
-        samples.append(pixel_sample(data, plan.samples_per_chip, rng))
-        records.append(dict(chip_id=cid, path=chip_path, mask_path=None, geometry=footprint,
-                            crs=scene.crs.to_string(), source=path, col_off=col, row_off=row,
-                            width=plan.size, height=plan.size,
-                            dates=";".join(d or "" for d in scene.dates), label=class_id,
-                            labels=str(class_id), nodata_fraction=nodata_fraction, split=split))
+        samples[cid] = pixel_sample(data, plan.samples_per_chip, _chip_rng(plan.seed, cid))
+        records.append({
+            "chip_id": cid, "path": chip_path, "mask_path": None, "geometry": footprint,
+            "crs": scene.crs.to_string(), "source": path, "col_off": col, "row_off": row,
+            "width": plan.size, "height": plan.size,
+            "dates": ";".join(d or "" for d in scene.dates), "label": class_id,
+            "labels": str(class_id), "nodata_fraction": nodata_fraction, "split": split})
         scene.close()
-    stacked = (np.concatenate(samples) if samples
-               else np.empty((0, len(plan.bands)), dtype=np.float32))
-    return PatchResult(records, stacked, dropped, np.zeros(1, np.int64), skipped)
+    return PatchResult(records, samples, dropped, np.zeros(1, np.int64), skipped)

@@ -29,8 +29,8 @@ KINDS = ("classification", "segmentation", "temporal_segmentation", "multilabel"
 def kind_config(out: Path, kind: str, size: int = 32) -> TileConfig:
     single_date = sample.slovenia_scenes()[:1]
     # Half-overlapping chips; seed 1 gives train and val chips with two majority classes.
-    common = dict(out=out, size=size, stride=size // 2, split_block=size, val_fraction=0.4,
-                  seed=1, show_progress=False, overwrite=True)
+    common = {"out": out, "size": size, "stride": size // 2, "split_block": size,
+              "val_fraction": 0.4, "seed": 1, "show_progress": False, "overwrite": True}
     if kind == "classification":
         return TileConfig(scenes=single_date, label_raster=sample.slovenia_labels(),
                           task="classification", **common)

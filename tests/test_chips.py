@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from chips_factory import KINDS, make_chips_dataset
 from rasterio.windows import Window
 
-from chips_factory import KINDS, make_chips_dataset
 from geoexplora import sample
 from geoexplora.errors import UserError
 from geoexplora.io.chips import ChipsDataset, load_dataset_meta, window_transform
@@ -132,3 +132,30 @@ def test_another_format_version_is_refused(built, tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="version 99"):
         load_dataset_meta(tmp_path)
+
+
+@pytest.mark.parametrize("options", [None, {"COMPRESS": "DEFLATE"}])
+def test_chips_written_from_a_template_read_back_like_gdal_writes(tmp_path, options):
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from geoexplora.bands import SENSORS
+    from geoexplora.io.chips import read_chip, write_chip
+
+    with rasterio.open(sample.slovenia_scenes()[0]) as src:
+        pixels = src.read(indexes=[2, 3, 4], window=Window(0, 0, 24, 16)) * 10_000
+    pixels[0, 2, 3] = np.nan
+    bands = list(SENSORS["sentinel2"][1:4])
+    for k in range(3):  # the first write makes the template, the next ones patch it
+        data = (pixels + k)[None].astype(np.float32)
+        transform = Affine(10, 0, 465_000 + 240 * k, 0, -10, 5_080_000 - 160 * k)
+        write_chip(tmp_path / f"{k}.tif", data, transform, CRS.from_epsg(32633), bands,
+                   ["2015-07-11"], options)
+        image, dates = read_chip(tmp_path / f"{k}.tif")
+        np.testing.assert_array_equal(image, data)
+        with rasterio.open(tmp_path / f"{k}.tif") as chip:
+            assert chip.transform == transform and chip.crs.to_epsg() == 32633
+            assert chip.descriptions == ("B2@2015-07-11", "B3@2015-07-11", "B4@2015-07-11")
+            assert chip.compression == (None if options is None else
+                                        rasterio.enums.Compression.deflate)
+        assert dates == ["2015-07-11"]

@@ -137,8 +137,8 @@ def test_multilabel_chips_get_per_class_sigmoids_and_map(shared_data, tmp_path):
 def test_without_a_test_split_it_reports_on_val_and_says_so(sample_data, tmp_path):
     from chips_factory import make_chips_dataset
 
-    chips = make_chips_dataset(tmp_path, "classification")
-    model = tiny_model_file(tmp_path / "tiny.pt", chips)
+    chips = make_chips_dataset(tmp_path, "classification")  # 32 px chips: patch 16
+    model = tiny_model_file(tmp_path / "tiny.pt", chips, arch="geo_vit_tiny_patch16")
     doc = run_probe(ProbeConfig([model], chips, steps=20, learning_rates=(1e-2,)))
     assert doc["evaluated_on"] == "val"
     assert any("no test split" in note for note in doc["notes"])
@@ -154,6 +154,8 @@ def test_bad_inputs_exit_2_naming_the_problem(nc, tmp_path):
         ((str(model), str(tmp_path)), "not a chips dataset"),
         ((str(model), str(chips), "--features", "cls,patch"), "--features"),
         ((str(chips),), "MODEL... CHIPS"),
+        ((str(tiny_model_file(tmp_path / "p16.pt", chips, arch="geo_vit_tiny_patch16")),
+          str(chips)), "not a multiple of p16.pt's 16 px patches"),
     ]
     for args, message in cases:
         code, out, err = run_cli("probe", *args, "--no-cache")

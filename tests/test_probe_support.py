@@ -33,14 +33,16 @@ def tile_once(base: Path, name: str, **config) -> Path:
     return out
 
 
-def nc_landsat7_chips(base: Path, shared: Path, stride: int = 28) -> Path:
-    """Landsat-7 ETM+ North Carolina (B1..B5), 28 px chips labelled by the 7-class pixel raster,
-    train/val/test blocked splits."""
+def nc_landsat7_chips(base: Path, shared: Path, stride: int = 28, val_fraction: float = 0.2,
+                      test_fraction: float = 0.2) -> Path:
+    """Landsat-7 ETM+ North Carolina (B1..B5), 28 px chips labelled by the 7-class pixel raster
+    (the chip's majority class), spatially blocked splits."""
     d = shared / "landsat7-nc-2000"
-    return tile_once(base, f"nc_landsat7_{stride}", scenes=[d / "landsat_multiband.tif"],
-                     sensor="landsat7", band_map=NC_BANDS,
+    return tile_once(base, f"nc_landsat7_{stride}_{val_fraction}_{test_fraction}",
+                     scenes=[d / "landsat_multiband.tif"], sensor="landsat7", band_map=NC_BANDS,
                      label_raster=d / "landsat96_labelled_pixels.tif", task="classification",
-                     size=28, stride=stride, val_fraction=0.2, test_fraction=0.2)
+                     size=28, stride=stride, val_fraction=val_fraction,
+                     test_fraction=test_fraction)
 
 
 def landsat8_polygon_chips(base: Path, shared: Path) -> Path:

@@ -143,7 +143,8 @@ def test_sentinel2_band_files_at_three_resolutions_are_chipped_on_the_finest_gri
     assert len(ds) == (1098 // 128) ** 2
     assert [b.name for b in ds.bands] == ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A",
                                           "B9", "B11", "B12"]
-    with rasterio.open(folder / "B02.tif") as b02, rasterio.open(result.out / ds.index.path[9]) as chip:
+    with rasterio.open(folder / "B02.tif") as b02, \
+            rasterio.open(result.out / ds.index.path[9]) as chip:
         row = ds.index.iloc[9]
         assert chip.res == (100.0, 100.0) and chip.crs.to_epsg() == 32629
         np.testing.assert_array_equal(chip.read(2), b02.read(1, window=Window(
@@ -230,7 +231,7 @@ def test_splits_depend_on_the_seed_only(tmp_path):
 
 def test_aoi_keeps_only_chips_touching_it(tmp_path):
     with rasterio.open(sample.slovenia_scenes()[0]) as src:
-        west, south, east, north = src.bounds
+        west, south, _east, north = src.bounds
     aoi = gpd.GeoDataFrame(geometry=[shapely.box(west, south, west + 400, north)], crs=src.crs)
     aoi.to_crs("EPSG:4326").to_file(tmp_path / "aoi.geojson")
     result = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "out", size=32,
@@ -241,7 +242,7 @@ def test_aoi_keeps_only_chips_touching_it(tmp_path):
 
 
 def test_parallel_workers_write_the_same_dataset(tmp_path):
-    cfg = dict(size=32, val_fraction=0.2, split_block=64)
+    cfg = {"size": 32, "val_fraction": 0.2, "split_block": 64}
     one = tile(_config([sample.s2_tile_crop()], tmp_path / "one", workers=1, **cfg))
     two = tile(_config([sample.s2_tile_crop()], tmp_path / "two", workers=2, **cfg))
     a, b = ChipsDataset(one.out), ChipsDataset(two.out)

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from geoexplora.commands import _options as O
-from geoexplora.commands.predict import (BatchSize, Blend, Devices, DryRun, Output, Overlap,
-                                         Resume, Shard, Window, report)
+from geoexplora.commands.predict import (
+    BatchSize,
+    Blend,
+    Devices,
+    DryRun,
+    Output,
+    Overlap,
+    Resume,
+    Shard,
+    Window,
+    report,
+)
 
 
 def embed(
@@ -17,7 +27,7 @@ def embed(
     rasters: Annotated[list[str], typer.Argument(
         help="Input rasters: one scene, or several scenes with -o DIR/. '-' reads stdin.")],
     output: Output,
-    pca: Annotated[Optional[int], typer.Option(
+    pca: Annotated[int | None, typer.Option(
         "--pca", help="Reduce to K principal components (fitted on a sample of windows).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
     window: Window = None,
@@ -44,7 +54,8 @@ def embed(
 
     Example: geoexplora embed adapted.pt region.tif -o region_emb.tif --pca 8
     """
-    from geoexplora.predict import EmbedConfig, embed as run
+    from geoexplora.predict import EmbedConfig
+    from geoexplora.predict import embed as run
 
     cfg = EmbedConfig(
         model=model, rasters=O.expand_paths(rasters), output=output, pca=pca, dtype=dtype,

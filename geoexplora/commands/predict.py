@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from geoexplora.commands import _options as O
 
-Window = Annotated[Optional[int], typer.Option(
+Window = Annotated[int | None, typer.Option(
     "--window", help="Window size in pixels (default: the model's image size).")]
-Overlap = Annotated[Optional[int], typer.Option(
+Overlap = Annotated[int | None, typer.Option(
     "--overlap", help="Overlap of neighbouring windows in pixels (default: window/4; --dense "
                       "classification window/2; classification grid 0).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
@@ -22,10 +22,10 @@ DryRun = Annotated[bool, typer.Option(
     "--dry-run", help="Print the plan (windows, batches, band mapping, memory) and stop.")]
 Resume = Annotated[bool, typer.Option(
     "--resume", help="Continue an interrupted run (or assemble finished shards).")]
-Shard = Annotated[Optional[str], typer.Option(
+Shard = Annotated[str | None, typer.Option(
     "--shard", help="I/N: compute the I-th of N parts (strips of one raster, or every N-th "
                     "input with -o DIR/); the last part to finish writes the output.")]
-Devices = Annotated[Optional[str], typer.Option(
+Devices = Annotated[str | None, typer.Option(
     "--devices", help="Several GPUs: a count (2) or a list (0,1 or cuda:0,cuda:1).")]
 Output = Annotated[str, typer.Option(
     "-o", "--output", help="Output GeoTIFF (COG), or a folder (DIR/) for one output per input.")]
@@ -48,7 +48,7 @@ def predict(
     uncertainty: Annotated[bool, typer.Option(
         "--uncertainty", help="Also write entropy and overlap disagreement "
                               "(OUT_uncertainty.tif).")] = False,
-    vectorize: Annotated[Optional[Path], typer.Option(
+    vectorize: Annotated[Path | None, typer.Option(
         "--vectorize", help="Also write the class map as polygons (class, name, area) to a "
                             "GeoPackage.")] = None,
     dense: Annotated[bool, typer.Option(
@@ -76,7 +76,8 @@ def predict(
 
     Example: geoexplora predict model.pt region.tif -o region_pred.tif --probabilities
     """
-    from geoexplora.predict import PredictConfig, predict as run
+    from geoexplora.predict import PredictConfig
+    from geoexplora.predict import predict as run
 
     cfg = PredictConfig(
         model=model, rasters=O.expand_paths(rasters), output=output, window=window,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,31 +22,32 @@ def tile(
     s2_offset: O.S2Offset = "auto",
     resolution: O.Resolution = None,
     dates: O.Dates = None,
-    crs: Annotated[Optional[str], typer.Option(
+    crs: Annotated[str | None, typer.Option(
         "--crs", help="Target CRS (e.g. EPSG:32633); default: the first scene's.")] = None,
-    labels: Annotated[Optional[str], typer.Option(
+    labels: Annotated[str | None, typer.Option(
         "--labels", help="Vector labels (GPKG, GeoJSON, Shapefile); needs --label-field.")] = None,
-    label_field: Annotated[Optional[str], typer.Option(
+    label_field: Annotated[str | None, typer.Option(
         "--label-field", help="The field of --labels holding the class names.")] = None,
-    label_layer: Annotated[Optional[str], typer.Option(
+    label_layer: Annotated[str | None, typer.Option(
         "--label-layer", help="The layer of --labels (multi-layer files).")] = None,
-    label_raster: Annotated[Optional[str], typer.Option(
+    label_raster: Annotated[str | None, typer.Option(
         "--label-raster", help="A class raster (e.g. land cover); resampled with nearest "
-                               "neighbour. Class names from a CLASSES=\"1=forest,...\" tag.")] = None,
+                               "neighbour. Class names from a CLASSES=\"1=forest,...\" tag.",
+    )] = None,
     class_folders: Annotated[bool, typer.Option(
         "--class-folders", help="Import DIR/<class>/*.tif patches (EuroSAT style) as a "
                                 "classification dataset.")] = False,
-    task: Annotated[Optional[str], typer.Option(
+    task: Annotated[str | None, typer.Option(
         "--task", help="none, classification (majority class per chip), multilabel (classes "
                        "present) or segmentation (masks). Default: segmentation for polygons "
                        "and rasters, classification for points and class folders.")] = None,
     min_label_fraction: Annotated[float, typer.Option(
         "--min-label-fraction", help="Share of a chip's pixels a class needs to be its label "
                                      "(classification: the majority; multilabel: each).")] = 0.0,
-    size: Annotated[Optional[int], typer.Option(
+    size: Annotated[int | None, typer.Option(
         "--size", help="Chip size in pixels [default: 224; class folders: the patch size].",
         show_default=False)] = None,
-    stride: Annotated[Optional[int], typer.Option(
+    stride: Annotated[int | None, typer.Option(
         "--stride", help="Step between chips in pixels (< size overlaps) [default: size].",
         show_default=False)] = None,
     edge: Annotated[str, typer.Option(
@@ -54,19 +55,20 @@ def tile(
                        "nodata.")] = "drop",
     max_nodata: Annotated[float, typer.Option(
         "--max-nodata", help="Drop chips with a larger share of nodata pixels.")] = 0.5,
-    aoi: Annotated[Optional[str], typer.Option(
+    aoi: Annotated[str | None, typer.Option(
         "--aoi", help="Vector area of interest; chips outside it are dropped.")] = None,
     val_fraction: Annotated[float, typer.Option(
         "--val-fraction", help="Share of chips for validation (spatially blocked).")] = 0.1,
     test_fraction: Annotated[float, typer.Option(
         "--test-fraction", help="Share of chips for testing (spatially blocked).")] = 0.0,
-    split_block: Annotated[Optional[int], typer.Option(
+    split_block: Annotated[int | None, typer.Option(
         "--split-block", help="Side of the spatial split blocks in pixels [default: 8, 4, 2 or 1 "
                               "chips, the largest giving 20 blocks].", show_default=False)] = None,
     seed: O.Seed = 0,
     workers: Annotated[int, typer.Option("--workers", help="Parallel processes.")] = 1,
     skip_bad: Annotated[bool, typer.Option(
-        "--skip-bad", help="Skip unreadable files (named in the log) instead of stopping.")] = False,
+        "--skip-bad", help="Skip unreadable files (named in the log) instead of stopping.",
+    )] = False,
     co: O.CreationOptions = None,
     json_out: O.Json = False,
     overwrite: O.Overwrite = False,
@@ -78,7 +80,8 @@ def tile(
     Example: geoexplora tile ./scenes --size 224 --labels fields.gpkg --label-field crop -o chips/
     """
     from geoexplora.io.scene import scene_options
-    from geoexplora.tiling import TileConfig, tile as run_tile
+    from geoexplora.tiling import TileConfig
+    from geoexplora.tiling import tile as run_tile
 
     opts = scene_options(bands=bands, sensor=sensor, band_map=band_map, resolution=resolution,
                          nodata=nodata, dates=dates, s2_offset=s2_offset, crs=crs)

@@ -15,9 +15,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,13 +56,12 @@ class Timings:
     windows: int = 0
     skipped: int = 0
     batches: int = 0
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"read_s": round(self.read, 3), "forward_s": round(self.forward, 3),
                 "blend_s": round(self.blend, 3), "wall_s": round(self.wall, 3),
                 "windows": self.windows, "skipped_windows": self.skipped,
-                "batches": self.batches, **self.extra}
+                "batches": self.batches}
 
 
 class _Reader(threading.Thread):
@@ -121,7 +120,7 @@ class _Reader(threading.Thread):
             if batch and not self._put((batch, np.stack(datas), np.stack(valids))):
                 return
             self._put(None)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which re-raises it)
             self._put(exc)
 
 

@@ -9,8 +9,8 @@ out of attention (``frame_mask``), and the scene's dates feed the date encoding.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from geoexplora.errors import UserError
 

@@ -19,7 +19,8 @@ def vectorize(classes_path: Path, target: Path, classes: list[dict], overwrite: 
     import numpy as np
     import rasterio
     from rasterio.features import shapes
-    from rasterio.windows import Window, transform as window_transform
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
     from shapely.geometry import shape
     from shapely.ops import unary_union
 

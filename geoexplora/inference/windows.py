@@ -71,11 +71,11 @@ class WindowPlan:
                             f" must be multiples of {self.factor} (the model's patch size)")
 
     @classmethod
-    def dense(cls, height, width, window, overlap, factor=1) -> "WindowPlan":
+    def dense(cls, height, width, window, overlap, factor=1) -> WindowPlan:
         return cls(height, width, window, window - overlap, factor, "dense")
 
     @classmethod
-    def grid(cls, height, width, window, overlap) -> "WindowPlan":
+    def grid(cls, height, width, window, overlap) -> WindowPlan:
         """Classification grid: one cell per stride; the output factor is the stride."""
         stride = window - overlap
         return cls(height, width, window, stride, stride, "grid")

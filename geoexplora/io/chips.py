@@ -14,6 +14,7 @@ folder without it is not a dataset.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -95,7 +96,7 @@ class _TemplateWriter:
         self.strips = strips
         self.tiepoint_offset = tiepoint_offset
         start, end = strips[0][0], strips[-1][0] + strips[-1][1]
-        contiguous = all(a[0] + a[1] == b[0] for a, b in zip(strips, strips[1:]))
+        contiguous = all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(strips))
         # The common case: header, then every strip back to back, then the rest.
         self.span = (start, end) if contiguous and not start <= tiepoint_offset < end else None
         self.template = template
@@ -146,13 +147,24 @@ class _GdalWriter:
 
 
 _WRITERS: dict = {}
+_WKTS: dict = {}
+
+
+def _wkt(crs) -> str:
+    """``crs.to_wkt()``, memoised per CRS object (it costs ~0.1 ms, once per chip otherwise)."""
+    hit = _WKTS.get(id(crs))
+    if hit is None or hit[0] is not crs:
+        if len(_WKTS) > 256:
+            _WKTS.clear()
+        hit = _WKTS[id(crs)] = (crs, crs.to_wkt())
+    return hit[1]
 
 
 def _writer(data: np.ndarray, transform, crs, dtype, nodata, descriptions, tags, cmap,
             creation_options):
     count, h, w = data.shape
     options = dict(creation_options or {})
-    key = (count, h, w, dtype, crs.to_wkt(), transform.a, transform.b, transform.d, transform.e,
+    key = (count, h, w, dtype, _wkt(crs), transform.a, transform.b, transform.d, transform.e,
            descriptions, tuple(sorted(tags.items())), cmap, tuple(sorted(options.items())))
     writer = _WRITERS.get(key)
     if writer is None:

@@ -59,7 +59,8 @@ class VectorLabels:
                             f"({str(exc).splitlines()[0]})") from exc
         fields = [c for c in gdf.columns if c != gdf.geometry.name]
         if not field:
-            raise UserError(f"--labels {self.path}: pass --label-field, one of: {', '.join(fields)}")
+            raise UserError(f"--labels {self.path}: pass --label-field, one of: "
+                            f"{', '.join(fields)}")
         if field not in gdf.columns:
             raise UserError(f"--label-field {field}: not a field of {self.path.name}; its fields "
                             f"are: {', '.join(fields)}")
@@ -104,14 +105,15 @@ class VectorLabels:
 
         if self._tree is None:
             self._tree = STRtree(self.geometries.values)
-        col, row, h, w = int(window.col_off), int(window.row_off), int(window.height), int(window.width)
+        col, row = int(window.col_off), int(window.row_off)
+        h, w = int(window.height), int(window.width)
         hits = np.sort(self._tree.query(box(*window_bounds(grid.transform, col, row, w, h)),
                                         predicate="intersects"))
         if hits.size == 0:
             return np.full((h, w), IGNORE_INDEX, dtype=np.uint8)
         shapes = zip(self.geometries.values[hits], self.ids[hits].tolist())
-        return rasterize(shapes, out_shape=(h, w), transform=window_transform(grid.transform, col, row),
-                         fill=IGNORE_INDEX, dtype="uint8")
+        return rasterize(shapes, out_shape=(h, w), fill=IGNORE_INDEX, dtype="uint8",
+                         transform=window_transform(grid.transform, col, row))
 
 
 class RasterLabels:
@@ -261,8 +263,8 @@ def _colormap(src) -> dict[int, str]:
     return {int(v): "#{:02x}{:02x}{:02x}".format(*rgba[:3]) for v, rgba in cmap.items()}
 
 
-def open_labels(vector: str | os.PathLike | None, field: str | None, raster: str | os.PathLike | None,
-                crs, layer: str | None = None):
+def open_labels(vector: str | os.PathLike | None, field: str | None,
+                raster: str | os.PathLike | None, crs, layer: str | None = None):
     """The label source the options name (or None); both at once is a usage error."""
     if vector and raster:
         raise UserError("--labels and --label-raster are exclusive; pass one")

@@ -120,7 +120,7 @@ def pixel_sample(data: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
     out, so ``m <= n``."""
     if data.ndim == 3:
         data = data[None]
-    t, c, h, w = data.shape
+    t, _c, h, w = data.shape
     frames = rng.integers(0, t, n)
     rows = rng.integers(0, h, n)
     cols = rng.integers(0, w, n)

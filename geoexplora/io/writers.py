@@ -137,20 +137,19 @@ class StripStore:
 
     def _write_strip(self, i: int, data: np.ndarray) -> None:
         import rasterio
-        from rasterio.windows import Window, transform as window_transform
+        from rasterio.windows import Window
+        from rasterio.windows import transform as window_transform
 
         s = self.spec
         a, b = self.strip_rows_of(i)
         final = self.strip_path(i)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
-        profile = dict(driver="GTiff", width=s.width, height=b - a, count=s.count,
-                       dtype=s.store_dtype, nodata=s.nodata, crs=s.crs,
-                       transform=window_transform(Window(0, a, s.width, b - a), s.transform),
-                       compress="zstd", zstd_level=1, tiled=s.width >= 256,
-                       blockxsize=256, blockysize=256 if b - a >= 256 else 16 * max(1, (b - a) // 16))
-        if not profile["tiled"]:
-            profile.pop("blockxsize")
-            profile.pop("blockysize")
+        profile = {"driver": "GTiff", "width": s.width, "height": b - a, "count": s.count,
+                   "dtype": s.store_dtype, "nodata": s.nodata, "crs": s.crs,
+                   "transform": window_transform(Window(0, a, s.width, b - a), s.transform),
+                   "compress": "zstd", "zstd_level": 1}
+        if s.width >= 256 and b - a >= 256:
+            profile.update(tiled=True, blockxsize=256, blockysize=256)
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(data)
             dst.update_tags(**strip_stats(data, s))
@@ -182,8 +181,8 @@ class StripStore:
         gdal_type = _GDAL_TYPES[s.store_dtype]
         lines = [f'<VRTDataset rasterXSize="{s.width}" rasterYSize="{s.height}">',
                  f"  <SRS>{escape(s.crs.to_wkt())}</SRS>",
-                 f"  <GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}"
-                 "</GeoTransform>"]
+                 (f"  <GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}"
+                  "</GeoTransform>")]
         if s.tags:
             lines.append("  <Metadata>")
             lines += [f'    <MDI key="{escape(str(k))}">{escape(str(v))}</MDI>'
@@ -209,8 +208,8 @@ class StripStore:
                 a, b = self.strip_rows_of(i)
                 lines += [
                     "    <SimpleSource>",
-                    f'      <SourceFilename relativeToVRT="0">{escape(str(self.strip_path(i)))}'
-                    "</SourceFilename>",
+                    (f'      <SourceFilename relativeToVRT="1">{escape(self.strip_path(i).name)}'
+                     "</SourceFilename>"),
                     f"      <SourceBand>{band}</SourceBand>",
                     f'      <SrcRect xOff="0" yOff="0" xSize="{s.width}" ySize="{b - a}"/>',
                     f'      <DstRect xOff="0" yOff="{a}" xSize="{s.width}" ySize="{b - a}"/>',
@@ -237,9 +236,8 @@ class StripStore:
         if self.spec.dtype == "float16":  # half floats: Float32 stored with 16 bits
             options.update(PREDICTOR="NO", NBITS="16")
         options.update(creation_options or {})
-        with rasterio.Env(GDAL_CACHEMAX=256, GDAL_PAM_ENABLED="NO"):
-            with rasterio.open(vrt) as src:
-                rasterio.shutil.copy(src, target, driver="COG", **options)
+        with rasterio.Env(GDAL_CACHEMAX=256, GDAL_PAM_ENABLED="NO"), rasterio.open(vrt) as src:
+            rasterio.shutil.copy(src, target, driver="COG", **options)
 
 
 def strip_stats(data: np.ndarray, spec: RasterSpec) -> dict:

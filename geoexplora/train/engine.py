@@ -24,7 +24,8 @@ What the engine does
 Fabric set-up (devices, nodes, strategy, precision), AdamW, gradient accumulation (no DDP sync
 on the inner micro-batches), gradient clipping, checkpoints every N steps and on SIGINT/SIGTERM
 (saved at the next step boundary, agreed across ranks), exact resume (module, optimiser, step;
-torch's RNG is re-seeded from (seed, step, rank) at every step, so dropout/drop-path resume too),
+torch's RNG is re-seeded from (seed, micro-batch, rank) before every forward, so dropout and
+drop-path resume too),
 a rich progress bar on stderr, a JSONL log of all loss terms, a PNG of the loss curves, and a
 summary dict for ``--json`` (first/last loss, images/s, the fraction of time spent waiting for
 data, peak memory).
@@ -563,6 +564,9 @@ class TrainLoop:
             t0 = time.perf_counter()
             batch = next(loader_iter)
             waited += time.perf_counter() - t0
+            # Seeded after the fetch (creating a loader iterator draws from torch's RNG).
+            torch.manual_seed(step_seed(s.seed, self.step * s.accumulate + micro,
+                                        fabric.global_rank))
             with fabric.no_backward_sync(self.module, enabled=micro < s.accumulate - 1):
                 out = self.module(batch, self.step)
                 fabric.backward(out["loss"] / s.accumulate)
@@ -619,7 +623,6 @@ class TrainLoop:
                     task = progress.add_task(s.description, total=s.steps, completed=self.step,
                                              info="")
                 while self.step < s.steps:
-                    torch.manual_seed(step_seed(s.seed, self.step, fabric.global_rank))
                     lr, wd = self.schedules.apply(self.optimizer, self.step)
                     terms, waited = self._train_step(loader_iter)
                     wait_total += waited

@@ -139,6 +139,10 @@ def backbone_for_dataset(model_path: Path, dataset: ChipsDataset):
     from geoexplora.models import build_backbone
 
     vit = build_backbone(init=str(model_path))
+    if dataset.chip_size % vit.patch_size:
+        raise UserError(f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
+                        f"{model_path.name}'s {vit.patch_size} px patches; tile with --size "
+                        f"{vit.patch_size * max(1, round(dataset.chip_size / vit.patch_size))}")
     model_keys = [b.key for b in vit.bands]
     data_keys = [b.key for b in dataset.bands]
     band_index = None

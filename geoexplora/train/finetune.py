@@ -514,6 +514,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict | None:
     else:
         weights = class_weights(counts, cfg.class_weighting)
     objective = FinetuneObjective(model, task, weights, cfg.label_smoothing)
+    objective.train()  # loaded models come in eval mode: drop-path and dropout must act
 
     world = fabric.world_size
     global_batch = cfg.batch_size * cfg.accumulate * world
