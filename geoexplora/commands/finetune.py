@@ -115,11 +115,11 @@ def _render(doc: dict) -> None:
     grid.add_column()
     train = doc["train"]
     rows = [("task", f"{doc['task']}, mode {doc['mode']}"),
-            ("trainable", f"{report['trainable']:,} of {report['total']:,} "
-                          f"({100 * report['fraction']:.2f} %)"),
-            ("steps", f"{training['steps']} ({training['epochs']} epochs)"
-                      + (f", stopped early at {training['early_stopped_at']}"
-                         if training["early_stopped_at"] else "")),
+            ("trainable", (f"{report['trainable']:,} of {report['total']:,} "
+                           f"({100 * report['fraction']:.2f} %)")),
+            ("steps", (f"{training['steps']} ({training['epochs']} epochs)"
+                       + (f", stopped early at {training['early_stopped_at']}"
+                          if training["early_stopped_at"] else ""))),
             ("loss", f"{train['first_loss']:.4f} -> {train['last_loss']:.4f}"),
             ("best", f"step {metrics['best_step']}: val {monitor} "
                      f"{metrics['val'][monitor]:.4f}"

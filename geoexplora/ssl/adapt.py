@@ -99,35 +99,40 @@ def _chip_band_indices(chips, wanted: list[str] | None) -> list[int]:
 
 
 def open_scenes(paths: list[Path], opts) -> list:
-    """Scenes from the inputs: a chips-free folder holds scenes as sub-folders (each one scene:
-    per-band files, or dates of one place) and/or raster files; files of one folder that share a
-    footprint are one scene (dates, bands), other files are scenes of their own."""
+    """Scenes from the inputs. A folder's sub-folders are one scene each (per-band files, or
+    dates of one place); raster files (given, or in a given folder) that share a footprint are
+    one scene (its dates or bands), other files are scenes of their own."""
     import rasterio
 
     from geoexplora.io.scene import RASTER_SUFFIXES, open_scene
 
-    scenes = []
+    scenes, files = [], []
     for path in paths:
-        if not path.exists():
-            raise UserError(f"{path}: no such file or folder")
         if path.is_file():
-            scenes.append(open_scene([path], opts))
-            continue
-        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
-        for sub in subdirs:
-            if any(f.suffix.lower() in RASTER_SUFFIXES for f in sub.iterdir()):
-                scenes.append(open_scene([sub], opts))
-        groups: dict[tuple, list[Path]] = {}
-        for f in files:
+            files.append(path)
+        elif path.is_dir():
+            found = False
+            for entry in sorted(path.iterdir()):
+                if entry.is_file() and entry.suffix.lower() in RASTER_SUFFIXES:
+                    files.append(entry)
+                    found = True
+                elif entry.is_dir() and not entry.name.startswith(".") and any(
+                        f.suffix.lower() in RASTER_SUFFIXES for f in entry.iterdir()):
+                    scenes.append(open_scene([entry], opts))
+                    found = True
+            if not found:
+                raise UserError(f"{path}: holds no raster files or scene folders")
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    footprints: dict[tuple, list[Path]] = {}
+    for f in files:
+        try:
             with rasterio.open(f) as src:
                 key = (str(src.crs), tuple(round(v) for v in src.bounds))
-            groups.setdefault(key, []).append(f)
-        for group in groups.values():
-            scenes.append(open_scene(group, opts))
-        if not scenes:
-            raise UserError(f"{path}: holds no raster files or scene folders")
+        except rasterio.errors.RasterioIOError as exc:
+            raise UserError(f"{f}: not a readable raster ({str(exc).splitlines()[0]})") from exc
+        footprints.setdefault(key, []).append(f)
+    scenes += [open_scene(group, opts) for group in footprints.values()]
     return scenes
 
 
@@ -387,10 +392,8 @@ def adapt(cfg: AdaptConfig) -> dict | None:
         check_output(output, cfg.overwrite)
         if cfg.resume and not E.RunFiles(output).checkpoint.exists():
             raise UserError(f"--resume: no checkpoint {E.RunFiles(output).checkpoint}")
-    objective = choose_objective(cfg)
-    settings = objective_settings(objective, cfg.settings_overrides)
     fabric = None
-    if not cfg.dry_run:
+    if not cfg.dry_run:  # first: extra processes start now, and import in parallel with us
         fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,
                                                 cfg.strategy, cfg.precision))
         world = fabric.world_size
@@ -398,6 +401,8 @@ def adapt(cfg: AdaptConfig) -> dict | None:
     else:
         world = cfg.devices * cfg.num_nodes
         precision = cfg.precision or E.default_precision(E.resolve_accelerator(cfg.accelerator))
+    objective = choose_objective(cfg)
+    settings = objective_settings(objective, cfg.settings_overrides)
 
     # The patch size decides the crop sizes the data workers draw: build the model first, on
     # the data's bands and statistics (which need the data, but not its views).

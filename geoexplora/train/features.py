@@ -81,11 +81,11 @@ class SplitFeatures:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SplitFeatures":
+    def from_dict(cls, d: dict) -> SplitFeatures:
         return cls(d["cls_blocks"], d["patch_mean"], d["label"], d.get("labels"),
                    list(d["chip_ids"]))
 
-    def subset(self, index: torch.Tensor) -> "SplitFeatures":
+    def subset(self, index: torch.Tensor) -> SplitFeatures:
         return SplitFeatures(self.cls_blocks[index], self.patch_mean[index], self.label[index],
                              None if self.labels is None else self.labels[index],
                              [self.chip_ids[i] for i in index.tolist()])

@@ -28,7 +28,7 @@ and the training data's provenance.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -475,8 +475,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict | None:
     from geoexplora.io.outputs import atomic_output, check_output
     from geoexplora.models.file import save_model
     from geoexplora.train import engine as E
-    from geoexplora.train.features import (backbone_for_dataset, check_model_file,
-                                           dataset_digest, model_digest)
+    from geoexplora.train.features import (
+        backbone_for_dataset,
+        check_model_file,
+        dataset_digest,
+        model_digest,
+    )
 
     _check_config(cfg)
     model_path = check_model_file(Path(cfg.model))

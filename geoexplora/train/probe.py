@@ -279,7 +279,7 @@ def _check_config(cfg: ProbeConfig) -> None:
 class _Labelled:
     """One split's labelled chips: targets and the cached parts of their features."""
 
-    feats: "object"  # features.SplitFeatures
+    feats: object  # features.SplitFeatures
     targets: torch.Tensor
 
     def sets(self, names) -> dict[str, torch.Tensor]:

@@ -1,0 +1,106 @@
+"""Smoke runs of the benchmarks this suite owns: ``domain_shift.py --smoke`` (2 steps per arm,
+real data) and ``gpu.sh --dry-run`` (the GPU check's code on CPU with tiny configurations).
+They check that the scripts run and print complete JSON lines with sane numbers; the numbers
+themselves are in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SHARED_DATA
+
+ARMS = ["source", "explora", "lora_only", "full", "scratch", "random"]
+
+
+def _run(cmd: list[str]) -> list[dict]:
+    env = {**os.environ, "GEOEXPLORA_SHARED_DATA": str(SHARED_DATA), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _numbers(doc) -> list[float]:
+    if isinstance(doc, dict):
+        return [x for v in doc.values() for x in _numbers(v)]
+    if isinstance(doc, list):
+        return [x for v in doc for x in _numbers(v)]
+    return [float(doc)] if isinstance(doc, (int, float)) and not isinstance(doc, bool) else []
+
+
+@pytest.fixture(scope="module")
+def domain_shift(shared_data, tmp_path_factory) -> list[dict]:
+    work = tmp_path_factory.mktemp("domain_shift")
+    return _run([sys.executable, "-W", "ignore", "benchmarks/domain_shift.py", "--smoke",
+                 "--work", str(work)])
+
+
+def _what(lines: list[dict], what: str) -> list[dict]:
+    return [d for d in lines if d.get("what") == what]
+
+
+def test_domain_shift_prints_one_line_per_arm_and_a_summary_each(domain_shift):
+    assert [d["arm"] for d in _what(domain_shift, "arm")] == ARMS
+    assert [d["arm"] for d in _what(domain_shift, "summary")] == ARMS
+    assert len(_what(domain_shift, "source")) == len(_what(domain_shift, "verdict")) == 1
+
+
+def test_domain_shift_numbers_are_finite_and_accuracies_are_fractions(domain_shift):
+    assert all(math.isfinite(x) for d in domain_shift for x in _numbers(d))
+    for row in _what(domain_shift, "arm"):
+        for key in ("top1", "balanced_accuracy", "knn_top1"):
+            assert 0.0 <= row[key] <= 1.0, (row["arm"], key, row[key])
+        assert row["evaluated_on"] == "test" and row["test_chips"] > 0
+
+
+def test_domain_shift_adapted_arms_ran_the_smoke_budget(domain_shift):
+    rows = {d["arm"]: d for d in _what(domain_shift, "arm")}
+    assert {a: rows[a]["steps"] for a in ("explora", "lora_only", "full", "scratch")} == \
+        dict.fromkeys(("explora", "lora_only", "full", "scratch"), 2)
+    assert _what(domain_shift, "source")[0]["steps"] == 2
+
+
+def test_domain_shift_trainable_parameters_order_the_arms(domain_shift):
+    rows = {d["arm"]: d for d in _what(domain_shift, "arm")}
+    total = rows["full"]["total_params"]
+    assert rows["full"]["trainable_params"] == rows["scratch"]["trainable_params"] == total
+    assert 0 < rows["lora_only"]["trainable_params"] < rows["explora"]["trainable_params"] < total
+    assert rows["source"]["trainable_params"] == rows["random"]["trainable_params"] == 0
+    assert rows["explora"]["trainable_groups"]["unfrozen_blocks"] > 0
+    assert rows["lora_only"]["trainable_groups"]["unfrozen_blocks"] == 0
+
+
+def test_domain_shift_verdict_states_each_criterion(domain_shift):
+    verdict = _what(domain_shift, "verdict")[0]
+    for key in ("top1", "knn_top1"):
+        assert set(verdict[key]) >= {"explora_minus_source", "full_minus_explora", "lifted",
+                                     "close_to_full"}
+    assert verdict["fewer_parameters"] is True
+    assert isinstance(verdict["claim_held"], bool)
+
+
+@pytest.fixture(scope="module")
+def gpu_dry_run() -> list[dict]:
+    return _run(["bash", "benchmarks/gpu.sh", "--dry-run"])
+
+
+def test_gpu_dry_run_measures_every_part(gpu_dry_run):
+    kinds = [d["benchmark"] for d in gpu_dry_run]
+    assert kinds == ["gpu_peak", "gpu_adapt_step", "gpu_adapt_step", "gpu_adapt_end_to_end",
+                     "gpu_predict", "gpu_ddp"]
+    assert all(math.isfinite(x) for d in gpu_dry_run for x in _numbers(d))
+    assert gpu_dry_run[-1]["skipped"].startswith("0 GPU")
+
+
+def test_gpu_dry_run_explora_trains_and_computes_less_than_full(gpu_dry_run):
+    explora, full = [d for d in gpu_dry_run if d["benchmark"] == "gpu_adapt_step"]
+    assert (explora["mode"], full["mode"]) == ("explora", "full")
+    assert explora["trainable_params"] < full["trainable_params"] == full["total_params"]
+    # Frozen weights need no weight gradients: fewer FLOPs per image.
+    assert explora["gflops_per_image"] < full["gflops_per_image"]
+    assert explora["images_per_s"] > 0 and full["images_per_s"] > 0
