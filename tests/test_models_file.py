@@ -80,7 +80,8 @@ def test_model_loads_without_peft(tmp_path, backbone):
 
 
 @pytest.mark.parametrize("task,pooling", [("classification", "mean"), ("multilabel", "cls"),
-                                          ("classification", "cls+mean")])
+                                          ("classification", "cls+mean"),
+                                          ("classification", "cls4+mean")])
 def test_task_model_classification_round_trip(tmp_path, backbone, task, pooling):
     head = build_head(task, backbone.embed_dim, len(CLASSES), pooling=pooling)
     model = TaskModel(backbone, head, task, CLASSES).eval()
@@ -90,7 +91,10 @@ def test_task_model_classification_round_trip(tmp_path, backbone, task, pooling)
     path = save_model(tmp_path / "task.pt", model)
     loaded = load_model(path)
     assert isinstance(loaded, TaskModel) and loaded.classes == CLASSES
-    assert loaded.head.config == {"type": "linear", "pooling": pooling, "num_classes": 3}
+    expected = {"type": "linear", "pooling": pooling, "num_classes": 3}
+    if pooling.startswith("cls4"):
+        expected["cls_blocks"] = 4
+    assert loaded.head.config == expected
     with torch.no_grad():
         assert torch.allclose(loaded(image()), logits, atol=1e-6)
     assert loaded.meta["task"]["task"] == task

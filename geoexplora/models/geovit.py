@@ -210,14 +210,25 @@ class GeoViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor, dates: torch.Tensor | None = None,
                          frame_mask: torch.Tensor | None = None,
-                         patch_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                         patch_mask: torch.Tensor | None = None,
+                         cls_blocks: int = 0) -> dict[str, torch.Tensor]:
         """``cls (B, D)``, ``patch (B, T, N, D)`` (groups averaged), ``prefix (B, P, D)``, normed.
 
         ``frame_mask``: ``(B, T)`` bool, True = valid frame; invalid frames are not attended to.
+        ``cls_blocks`` > 0 adds ``cls_blocks (B, n*D)``: the normed class tokens of the last n
+        blocks (DINOv2's linear-probe features), from the same forward pass.
         """
         x = self._check_input(x)
-        out = self.encode(self.embed(x, dates, patch_mask), self._key_mask(x, frame_mask))
-        return self._split(out, x)
+        outs = self._blocks(self.embed(x, dates, patch_mask), self._key_mask(x, frame_mask))
+        if cls_blocks <= 0:
+            for last in outs:  # keeps the last block's output
+                continue
+            return self._split(self.vit.norm(last), x)
+        kept = list(outs)
+        features = self._split(self.vit.norm(kept[-1]), x)
+        features["cls_blocks"] = torch.cat([self.vit.norm(o[:, 0]) for o in kept[-cls_blocks:]],
+                                           dim=-1)
+        return features
 
     def _split(self, out: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         b, t = x.shape[:2]
@@ -232,10 +243,7 @@ class GeoViT(nn.Module):
                              frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Concatenated class tokens of the last ``n`` blocks, each through the final norm
         (DINOv2's linear-probe features): ``(B, n*D)``."""
-        x = self._check_input(x)
-        outs = list(self._blocks(self.embed(x, dates), self._key_mask(x, frame_mask)))[-n:]
-        return torch.cat([self.vit.norm(o)[:, 0] for o in outs], dim=-1)
-
+        return self.forward_features(x, dates, frame_mask, cls_blocks=n)["cls_blocks"]
 
 
 # --- construction ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Task heads on a GeoViT: classification, multilabel, segmentation.
 
-Classification and multilabel share a linear head on pooled features (cls token, mean of patch
-tokens, or both); multilabel logits go through a sigmoid at use. Segmentation uses a light
+Classification and multilabel share a linear head on pooled features (cls token, the cls tokens
+of the last 4 blocks, mean of patch tokens, or cls and mean together); multilabel logits go through a sigmoid at use. Segmentation uses a light
 decoder on the last block's patch tokens: 1x1 projection, bilinear upsampling to the input size,
 a 3x3 refinement conv, 1x1 classifier. For temporal stacks (T > 1) the patch tokens of the valid
 frames are averaged before decoding: the head then does not depend on T, missing frames simply
@@ -18,7 +18,8 @@ from geoexplora.errors import UserError
 from geoexplora.models.geovit import GeoViT
 
 TASKS = ("classification", "multilabel", "segmentation")
-POOLINGS = ("cls", "mean", "cls+mean")
+POOLINGS = ("cls", "mean", "cls+mean", "cls4", "cls4+mean")
+CLS_BLOCKS = 4  # "cls4": class tokens of the last 4 blocks (DINOv2 linear-probe protocol)
 
 
 def pool_frames(patch: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
@@ -33,23 +34,29 @@ class LinearHead(nn.Module):
     """Linear classifier on pooled features (classification, multilabel)."""
 
     def __init__(self, embed_dim: int, num_classes: int, pooling: str = "mean",
-                 init_std: float = 2e-5):
+                 init_std: float = 2e-5, cls_blocks: int = CLS_BLOCKS):
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(f"pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
         self.pooling = pooling
-        in_dim = embed_dim * (2 if pooling == "cls+mean" else 1)
+        self.cls_blocks = cls_blocks if pooling.startswith("cls4") else 0
+        in_dim = embed_dim * (max(1, self.cls_blocks) * pooling.startswith("cls")
+                              + pooling.endswith("mean"))
         self.fc = nn.Linear(in_dim, num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=init_std)
         nn.init.zeros_(self.fc.bias)
         self.config = {"type": "linear", "pooling": pooling, "num_classes": num_classes}
+        if self.cls_blocks:
+            self.config["cls_blocks"] = self.cls_blocks
 
     def forward(self, features: dict, frame_mask: torch.Tensor | None,
                 size: tuple[int, int]) -> torch.Tensor:
         parts = []
-        if self.pooling in ("cls", "cls+mean"):
+        if self.cls_blocks:
+            parts.append(features["cls_blocks"])
+        elif self.pooling.startswith("cls"):
             parts.append(features["cls"])
-        if self.pooling in ("mean", "cls+mean"):
+        if self.pooling.endswith("mean"):
             parts.append(pool_frames(features["patch"], frame_mask).mean(dim=1))
         return self.fc(torch.cat(parts, dim=-1))
 
@@ -107,7 +114,9 @@ class TaskModel(nn.Module):
     def forward(self, x: torch.Tensor, dates: torch.Tensor | None = None,
                 frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, K)`` (classification, multilabel) or ``(B, K, H, W)`` (segmentation)."""
-        features = self.backbone.forward_features(x, dates=dates, frame_mask=frame_mask)
+        cls_blocks = getattr(self.head, "cls_blocks", 0)
+        features = self.backbone.forward_features(x, dates=dates, frame_mask=frame_mask,
+                                                  cls_blocks=cls_blocks)
         size = tuple(x.shape[-2:])
         if self.task == "segmentation":
             return self.head(features, frame_mask, size, self.backbone.grid_size(*size))

@@ -24,9 +24,9 @@ from geoexplora.errors import UserError
 from geoexplora.io.chips import INDEX_NAME, META_NAME, ChipsDataset
 from geoexplora.io.outputs import atomic_output
 from geoexplora.log import logger, make_progress
+from geoexplora.models.heads import CLS_BLOCKS
 
 EXTRACTION_VERSION = 1
-NUM_CLS_BLOCKS = 4
 
 
 def default_cache_dir() -> Path:
@@ -177,7 +177,7 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
     from torch.utils.data import DataLoader
 
     backbone.eval().to(device)
-    n_blocks = min(NUM_CLS_BLOCKS, backbone.depth)
+    n_blocks = min(CLS_BLOCKS, backbone.depth)
     loader = DataLoader(ModelInputs(dataset, band_index), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
     cls_parts, mean_parts, label_parts, labels_parts, ids = [], [], [], [], []
@@ -187,8 +187,9 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
             x = batch["image"].to(device)
             dates = batch["dates"].to(device) if backbone.num_frames > 1 else None
             frames = valid_frames(x)
-            cls = backbone.get_intermediate_cls(x, n=n_blocks, dates=dates, frame_mask=frames)
-            patch = backbone.forward_features(x, dates=dates, frame_mask=frames)["patch"]
+            features = backbone.forward_features(x, dates=dates, frame_mask=frames,
+                                                 cls_blocks=n_blocks)
+            cls, patch = features["cls_blocks"], features["patch"]
             # Mean over the valid frames' patches only.
             weight = frames.to(patch.dtype)[:, :, None, None]
             count = weight.sum((1, 2)).clamp(min=1) * patch.shape[2]

@@ -106,13 +106,6 @@ class LinearProbeFit:
         return self.banks[spec.features].linear(
             [s for s in self.specs if s.features == spec.features].index(spec))
 
-    def best_among(self, feature_sets) -> int:
-        """The index of the best head reading one of ``feature_sets`` (ties: the first)."""
-        allowed = [i for i, s in enumerate(self.specs) if s.features in feature_sets]
-        if not allowed:
-            raise ValueError(f"no head of the grid reads {', '.join(feature_sets)}")
-        return max(allowed, key=lambda i: self.val_scores[i])
-
     def logits(self, features: dict[str, torch.Tensor], i: int | None = None) -> torch.Tensor:
         """Logits of head ``i`` (default: the chosen head), given feature sets by name."""
         i = self.best if i is None else i
@@ -414,16 +407,10 @@ def run_probe(cfg: ProbeConfig) -> dict:
                                          "test": len(test.targets) if evaluated_on == "test"
                                          else 0})
         if cfg.save_head is not None:
-            # The task model's head pools cls or cls+mean itself: when the best head reads the
-            # last 4 blocks, the best head on cls / cls+mean is saved (and evaluated) instead.
-            i = fit.best_among(SAVABLE_FEATURE_SETS)
-            saved = linear if i == fit.best else _evaluate(
-                fit.logits(test.sets([fit.specs[i].features]), i), test.targets, num_classes,
-                multilabel)
             keys = ("top1", "balanced_accuracy", "macro_f1") + (("map",) if multilabel else ())
             result["saved_head"] = _save_head(
-                cfg, model_path, fit, i, splits, meta, multilabel,
-                {"evaluated_on": evaluated_on, **{k: saved[k] for k in keys}})
+                cfg, model_path, fit, fit.best, splits, meta, multilabel,
+                {"evaluated_on": evaluated_on, **{k: linear[k] for k in keys}})
         if model_path in plot_paths and not multilabel:
             _plot_confusion(linear["confusion_matrix"], [c["name"] for c in classes],
                             plot_paths[model_path], f"{model_path.name}: linear probe "
@@ -529,28 +516,24 @@ def _plot_confusion(cm: list[list[int]], names: list[str], path: Path, title: st
     plt.close(fig)
 
 
-# Probe feature sets a task model's linear head computes itself (geoexplora.models.heads).
-SAVABLE_FEATURE_SETS = ("cls", "cls+mean")
-
-
 def _save_head(cfg: ProbeConfig, model_path: Path, fit: LinearProbeFit, i: int, splits: dict,
                meta: dict, multilabel: bool, metrics: dict) -> dict:
     """Write the backbone + head ``i`` of the grid + classes as a task model file."""
     from geoexplora.models.file import save_model
-    from geoexplora.models.heads import LinearHead, TaskModel
+    from geoexplora.models.heads import CLS_BLOCKS, LinearHead, TaskModel
     from geoexplora.train.features import backbone_for_dataset, dataset_digest, model_digest
 
     spec = fit.specs[i]
     trained = fit.head(i)
     backbone, _ = backbone_for_dataset(model_path, splits["train"])
-    head = LinearHead(backbone.embed_dim, trained.out_features, pooling=spec.features)
+    head = LinearHead(backbone.embed_dim, trained.out_features, pooling=spec.features,
+                      cls_blocks=min(CLS_BLOCKS, backbone.depth))
     head.fc.load_state_dict(trained.state_dict())
     task = "multilabel" if multilabel else "classification"
     model = TaskModel(backbone, head, task, meta["classes"])
     probe = {"features": spec.features, "base_lr": spec.base_lr, "lr": spec.lr(fit.batch_size),
              "batch_size": fit.batch_size, "steps": fit.steps,
-             f"val_{fit.val_metric}": fit.val_scores[i],
-             "best_of_grid": i == fit.best}
+             f"val_{fit.val_metric}": fit.val_scores[i]}
     save_model(cfg.save_head, model, {
         "probe": probe, "metrics": metrics,
         "provenance": {"data": {"chips": str(Path(cfg.chips).resolve()),
