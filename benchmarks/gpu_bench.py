@@ -52,17 +52,18 @@ class Profile:
     predict_size: int  # synthetic predict scene, pixels a side
     predict_batch: int
     matmul_size: int
+    lora_rank: int  # the recipe's 64 (for width 1024); the tiny dry-run model is 64 wide
 
 
 GPU = Profile(models=("vit_base_patch14_dinov2", "vit_large_patch14_dinov2"),
               accelerator="gpu", precision="bf16-mixed", crop=224, local_crop=98, local_crops=8,
               batch_size={"vit_base_patch14_dinov2": 64, "vit_large_patch14_dinov2": 32},
               warmup_steps=3, timed_steps=10, end_to_end_steps=40, scene_size=2048,
-              predict_size=4096, predict_batch=64, matmul_size=8192)
+              predict_size=4096, predict_batch=64, matmul_size=8192, lora_rank=64)
 DRY = Profile(models=("geo_vit_tiny_patch14",), accelerator="cpu", precision="32-true", crop=56,
               local_crop=28, local_crops=2, batch_size={"geo_vit_tiny_patch14": 4},
               warmup_steps=1, timed_steps=2, end_to_end_steps=3, scene_size=256,
-              predict_size=256, predict_batch=8, matmul_size=512)
+              predict_size=256, predict_batch=8, matmul_size=512, lora_rank=4)
 
 
 def emit(doc: dict) -> None:
@@ -146,7 +147,8 @@ def adapt_config(profile: Profile, model: str, mode: str, scene: Path, output: P
                        init_weights="random", full=mode == "full", steps=steps,
                        batch_size=profile.batch_size[model], crop_size=profile.crop,
                        local_crop_size=profile.local_crop, local_crops=profile.local_crops,
-                       accelerator=profile.accelerator, precision=profile.precision,
+                       lora_rank=profile.lora_rank, accelerator=profile.accelerator,
+                       precision=profile.precision,
                        num_workers=num_workers, overwrite=True, checkpoint_every=10**9)
 
 

@@ -220,3 +220,20 @@ def test_windows_come_from_the_valid_area(tmp_path):
         assert valid_fraction(image.numpy()) >= 0.5
     assert torch.equal(torch.nan_to_num(windows[3]["image"]),
                        torch.nan_to_num(windows[3]["image"]))
+
+
+def test_windows_of_a_real_scene_with_a_nodata_collar(shared_data):
+    """rasterio's RGB.byte.tif: a rotated Landsat footprint in a nodata (0) frame."""
+    from geoexplora.io.scene import SceneOptions, open_scene
+    from geoexplora.train.sampling import SceneWindows, valid_fraction
+
+    scene = open_scene([shared_data / "rgb-byte" / "RGB.byte.tif"], SceneOptions(sensor="rgb"))
+    windows = SceneWindows([scene], size=64, seed=1, cell=64)
+    full = scene.read()
+    valid = np.isfinite(full).all(axis=1).all(axis=0)
+    assert windows.valid_pixels == int(valid.sum())
+    assert 0.3 < valid.mean() < 0.9  # the collar is real
+    assert sum(p for c, p in zip(windows.cells, windows.probs)
+               if not valid[c.row:c.row + c.height, c.col:c.col + c.width].any()) == 0
+    fractions = [valid_fraction(windows[i]["image"].numpy()) for i in range(12)]
+    assert min(fractions) >= 0.5

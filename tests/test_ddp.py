@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from geoexplora import sample
@@ -34,8 +33,9 @@ def ddp_config(out: Path, weights: Path, batch_size: int, devices: int) -> Adapt
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    from geoexplora.models.file import load_model
     from test_models_helpers import timm_model
+
+    from geoexplora.models.file import load_model
 
     weights = tmp_path / "tiny.pth"
     torch.save(timm_model(TINY, img_size=56).state_dict(), weights)
@@ -43,7 +43,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
     proc = subprocess.run([sys.executable, __file__, str(ddp_out), str(weights)], env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads(ddp_out.with_suffix(".json").read_text())
     assert ddp["world_size"] == 2 and ddp["global_batch"] == 4

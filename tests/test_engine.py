@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -60,7 +61,7 @@ def test_cosine_warms_up_linearly_then_decays_to_the_final_value():
     values = [E.cosine(s, 10, 1.0, 0.1, warmup=2) for s in range(11)]
     assert values[:3] == [0.0, 0.5, 1.0]
     assert values[10] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert all(a >= b for a, b in itertools.pairwise(values[2:]))
 
 
 def test_param_groups_apply_layer_decay_multipliers_and_no_decay_on_biases():

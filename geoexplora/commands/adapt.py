@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,15 +23,15 @@ def adapt(
     s2_offset: O.S2Offset = "auto",
     init: O.Init = None,
     init_weights: O.InitWeights = None,
-    objective: Annotated[Optional[str], typer.Option(
+    objective: Annotated[str | None, typer.Option(
         "--objective", help="dinov2 (DINO+iBOT+KoLeo, EMA teacher) or mae; default: the "
                             "source model's own.")] = None,
     full: Annotated[bool, typer.Option(
         "--full", help="Train every parameter (full extended pre-training, for comparison) "
                        "instead of ExPLoRA.")] = False,
-    steps: Annotated[Optional[int], typer.Option(
+    steps: Annotated[int | None, typer.Option(
         "--steps", help=f"Optimiser steps (default {DATA.steps}).")] = None,
-    epochs: Annotated[Optional[float], typer.Option(
+    epochs: Annotated[float | None, typer.Option(
         "--epochs", help="Passes over the data instead of --steps (for scenes: valid area / "
                          "window area).")] = None,
     batch_size: Annotated[int, typer.Option(
@@ -45,7 +45,7 @@ def adapt(
     strategy: Annotated[str, typer.Option(
         "--strategy", help="Lightning Fabric strategy; auto = DDP with more than one device.")
     ] = "auto",
-    precision: Annotated[Optional[str], typer.Option(
+    precision: Annotated[str | None, typer.Option(
         "--precision", help="bf16-mixed (default on GPUs that have it), 16-mixed, 32-true "
                             "(default on CPU).")] = None,
     unfreeze_blocks: Annotated[str, typer.Option(
@@ -55,27 +55,30 @@ def adapt(
     lora_rank: Annotated[int, typer.Option(
         "--lora-rank", help="LoRA rank on Q and V of the other blocks.")] = EXPLORA.lora_rank,
     lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.")] = EXPLORA.lora_alpha,
-    frames: Annotated[Optional[int], typer.Option(
+    frames: Annotated[int | None, typer.Option(
         "--frames", help="Dates per sample (temporal model with the date encoding); default 1 "
                          "for scenes (each date a sample), the dataset's for chips.")] = None,
+    spectral_tokens: Annotated[str, typer.Option(
+        "--spectral-tokens", help="bank (one token per patch, any bands) or groups (one token "
+                                  "per patch and Sentinel-2 band group, as SatMAE).")] = "bank",
     crop_size: Annotated[int, typer.Option(
         "--crop-size", help="Training window and global crop size in pixels (a multiple of "
                             "the patch size).")] = DATA.crop_size,
-    local_crop_size: Annotated[Optional[int], typer.Option(
+    local_crop_size: Annotated[int | None, typer.Option(
         "--local-crop-size", help="dinov2 local crop size (default 7 patches: 98 px).")] = None,
     local_crops: Annotated[int, typer.Option(
         "--local-crops", help="dinov2 local crops per image.")] = DINOV2.local_crops,
-    head_prototypes: Annotated[Optional[int], typer.Option(
+    head_prototypes: Annotated[int | None, typer.Option(
         "--head-prototypes", help="dinov2 head prototypes (default by model width: 65536 for "
                                   "ViT-L, 32768 ViT-B, 16384 ViT-S, 1024 tiny).")] = None,
-    lr: Annotated[Optional[float], typer.Option(
+    lr: Annotated[float | None, typer.Option(
         "--lr", help="Peak learning rate (default: the recipe's, scaled to the global "
                      "batch).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(
-        "--warmup-steps", help="Linear warm-up steps (default: 10 %% dinov2, 5 %% mae).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        "--warmup-steps", help="Linear warm-up steps (default: 10 % dinov2, 5 % mae).")] = None,
     checkpoint_every: Annotated[int, typer.Option(
         "--checkpoint-every", help="Steps between checkpoints (OUT-stem.ckpt).")] = ENGINE.checkpoint_every,
-    num_workers: Annotated[Optional[int], typer.Option(
+    num_workers: Annotated[int | None, typer.Option(
         "--num-workers", help="Data-loading workers per device (default: min(4, CPUs-1)).")
     ] = None,
     seed: O.Seed = 0,
@@ -96,7 +99,8 @@ def adapt(
     Example: geoexplora adapt --bands B2,B3,B4,B8 ./scenes -o adapted.pt
     """
     from geoexplora.errors import UserError
-    from geoexplora.ssl.adapt import AdaptConfig, adapt as run_adapt
+    from geoexplora.ssl.adapt import AdaptConfig
+    from geoexplora.ssl.adapt import adapt as run_adapt
 
     opts = O.scene_opts(bands=bands, sensor=sensor, band_map=band_map, nodata=nodata,
                         s2_offset=s2_offset)
@@ -111,7 +115,8 @@ def adapt(
         init_weights=init_weights, objective=objective, full=full, steps=steps, epochs=epochs,
         batch_size=batch_size, accumulate=accumulate, accelerator=accelerator, devices=devices,
         num_nodes=num_nodes, strategy=strategy, precision=precision, unfreeze_blocks=blocks,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, frames=frames, crop_size=crop_size,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, frames=frames,
+        spectral_tokens=spectral_tokens, crop_size=crop_size,
         local_crop_size=local_crop_size, local_crops=local_crops,
         head_prototypes=head_prototypes, lr=lr, warmup_steps=warmup_steps,
         checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed, dry_run=dry_run,
@@ -134,16 +139,16 @@ def _render(summary: dict) -> None:
     table.add_column()
     report = summary["parameters"]
     rows = [("objective", summary["objective"]),
-            ("trainable", f"{report['trainable']:,} of {report['total']:,} "
-                          f"({100 * report['fraction']:.2f} %)"),
+            ("trainable", (f"{report['trainable']:,} of {report['total']:,} "
+                           f"({100 * report['fraction']:.2f} %)")),
             ("steps", f"{summary['steps']} x global batch {summary['global_batch']}")]
     if summary.get("dry_run"):
         mem = summary["memory_per_device"]
         rows.append(("memory per device", f"~{mem['total_gib']} GiB"))
     else:
         rows += [("loss", f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"),
-                 ("speed", f"{summary['images_per_s']:.1f} images/s, "
-                           f"{100 * summary['data_wait_fraction']:.0f} % waiting for data"),
+                 ("speed", (f"{summary['images_per_s']:.1f} images/s, "
+                            f"{100 * summary['data_wait_fraction']:.0f} % waiting for data")),
                  ("output", summary["output"])]
     for key, value in rows:
         table.add_row(key, str(value))

@@ -55,6 +55,7 @@ class AdaptConfig:
     lora_rank: int = EXPLORA.lora_rank
     lora_alpha: float = EXPLORA.lora_alpha
     frames: int | None = None  # None: 1 for scenes, the dataset's for chips
+    spectral_tokens: str = "bank"  # or "groups": SatMAE's band-group tokens
     split: str | None = "train"  # chips: which split to adapt on (None: all chips)
     crop_size: int = DATA.crop_size
     local_crop_size: int | None = None  # None: DINOV2.local_crop_patches x patch
@@ -254,7 +255,7 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
     backbone = build_backbone(init=cfg.init, init_weights=cfg.init_weights, bands=bands,
                               stats={"mean": stats["mean"], "std": stats["std"]},
                               img_size=cfg.crop_size, num_frames=frames,
-                              drop_path_rate=drop_path)
+                              spectral_tokens=cfg.spectral_tokens, drop_path_rate=drop_path)
     if cfg.crop_size % backbone.patch_size:
         raise UserError(f"--crop-size {cfg.crop_size} is not a multiple of the patch size "
                         f"{backbone.patch_size}")
@@ -353,7 +354,8 @@ def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig
 
 def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> dict:
     keys = ("bands", "sensor", "init", "init_weights", "full", "batch_size", "accumulate",
-            "unfreeze_blocks", "lora_rank", "lora_alpha", "frames", "split", "crop_size",
+            "unfreeze_blocks", "lora_rank", "lora_alpha", "frames", "spectral_tokens", "split",
+            "crop_size",
             "local_crop_size", "local_crops", "head_prototypes", "head_hidden", "head_bottleneck",
             "lr", "warmup_steps", "drop_path", "seed", "settings_overrides")
     fp = {k: getattr(cfg, k) for k in keys}

@@ -101,7 +101,7 @@ def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 def blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``x`` (B, K, H, W) with one sigma per sample ``(B,)``."""
     b, k, h, w = x.shape
-    radius = max(1, min(int(math.ceil(3 * max_sigma)), (min(h, w) - 1) // 2))
+    radius = max(1, min(math.ceil(3 * max_sigma), (min(h, w) - 1) // 2))
     kernels = _gaussian_kernels(sigma, radius).repeat_interleave(k, dim=0)  # (B*K, 2r+1)
     flat = x.reshape(1, b * k, h, w)
     flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"),

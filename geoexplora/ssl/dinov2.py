@@ -34,7 +34,6 @@ from geoexplora.ssl.augment import ViewSpec, draw_view, render_views, stack_view
 from geoexplora.ssl.heads import DinoHead
 from geoexplora.train.engine import cosine
 
-
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +132,8 @@ def block_mask(rng: np.random.Generator, height: int, width: int, count: int,
             break
         target = rng.uniform(min(min_patches, missing), min(max_patches, missing) + 1e-9)
         ratio = math.exp(rng.uniform(*log_aspect))
-        h = int(round(math.sqrt(target * ratio)))
-        w = int(round(math.sqrt(target / ratio)))
+        h = round(math.sqrt(target * ratio))
+        w = round(math.sqrt(target / ratio))
         if not (0 < h <= height and 0 < w <= width):
             continue
         top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
@@ -243,7 +242,7 @@ class DinoV2Objective(nn.Module):
         self.register_buffer("ibot_center", torch.zeros(1, k))
         self.freeze_last_layer_steps = min(
             settings.freeze_last_layer_steps,
-            int(round(settings.freeze_last_layer_fraction * total_steps)))
+            round(settings.freeze_last_layer_fraction * total_steps))
 
     # -- schedules ---------------------------------------------------------------------------
     def teacher_temp(self, step: int) -> float:

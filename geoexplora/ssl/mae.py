@@ -88,7 +88,7 @@ class MaeDecoder(nn.Module):
         dim = state["decoder_embed.weight"].shape[0]
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
         pos = state["decoder_pos_embed"]
-        side = int(math.isqrt(pos.shape[1] - 1))
+        side = math.isqrt(pos.shape[1] - 1)
         decoder = cls(embed_dim, dim, depth, max(1, dim // 32), pred_dim, (side, side), slots)
         own = decoder.state_dict()
         reuse_pred = tuple(state.get("decoder_pred.weight", torch.empty(0)).shape) == tuple(
@@ -169,8 +169,7 @@ class MaeObjective(nn.Module):
             self.decoder_source = "source_lora"
             self._lora_tune(decoder, settings.decoder_lora_rank, lora_alpha)
         else:
-            dim = settings.decoder_dim if backbone.embed_dim >= settings.decoder_dim else \
-                backbone.embed_dim
+            dim = min(settings.decoder_dim, backbone.embed_dim)
             grid = backbone.grid_size(img_size, img_size)
             decoder = MaeDecoder(backbone.embed_dim, dim, settings.decoder_depth,
                                  max(1, dim // 32), pred_dim, grid, slots)

@@ -49,12 +49,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import time
-from dataclasses import dataclass, field
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -446,7 +449,11 @@ def replica_checksums(fabric, module: nn.Module) -> list[float]:
     local = local.to(fabric.device).reshape(1)
     if fabric.world_size == 1:
         return [local.item()]
-    return [float(v) for v in fabric.all_gather(local).reshape(-1).tolist()]
+    import torch.distributed as dist
+
+    gathered = [torch.zeros_like(local) for _ in range(fabric.world_size)]
+    dist.all_gather(gathered, local)
+    return [t.item() for t in gathered]
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -478,16 +485,14 @@ class TrainLoop:
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.on_checkpoint = on_checkpoint
         self.files = RunFiles(Path(settings.output))
+        for name in ("steps", "batch_size", "accumulate", "checkpoint_every"):
+            if getattr(settings, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
+                                f"{getattr(settings, name)}")
         self.objective = objective  # unwrapped: what the caller exports
         self.module, self.optimizer = fabric.setup(objective, optimizer)
         self.step = 0
         self.elapsed = 0.0
-        if settings.steps < 1:
-            raise UserError(f"--steps must be at least 1, not {settings.steps}")
-        if settings.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {settings.batch_size}")
-        if settings.accumulate < 1:
-            raise UserError(f"--accumulate must be at least 1, not {settings.accumulate}")
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -517,7 +522,8 @@ class TrainLoop:
                             f"{self.settings.checkpoint_every} steps and when interrupted)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError,
+                zipfile.BadZipFile) as exc:
             raise UserError(f"--resume: {path} is not a readable checkpoint ({exc})") from exc
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"--resume: {path} is not a geoexplora training checkpoint")
@@ -593,6 +599,9 @@ class TrainLoop:
         fabric = self.fabric
         if resume:
             self.load_checkpoint()
+        elif fabric.is_global_zero and self.files.checkpoint.exists():
+            logger.warning("starting afresh: %s will be replaced (--resume continues it)",
+                           self.files.checkpoint)
         if fabric.is_global_zero:  # a fresh run starts a fresh log; a resumed one cuts it back
             self.files.log.parent.mkdir(parents=True, exist_ok=True)
             kept = read_log(self.files.log, upto_step=self.step) if resume else []
@@ -613,7 +622,8 @@ class TrainLoop:
         first: dict | None = None
         last: dict | None = None
         progress = make_progress() if fabric.is_global_zero else None
-        log_file = open(self.files.log, "a") if fabric.is_global_zero else None
+        log_file = (open(self.files.log, "a")  # noqa: SIM115 - closed in the finally below
+                    if fabric.is_global_zero else None)
         loader_iter = iter(self._loader())
         try:
             with _StopFlag() as flag:

@@ -14,8 +14,8 @@ retries (up to :data:`MAX_TRIES`) while the window has less than ``min_valid`` v
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
