@@ -471,12 +471,13 @@ class TrainLoop:
 
     ``fingerprint``: what must not change between a run and its resumption (options, data);
     a mismatch on ``--resume`` is a ``UserError`` naming the differing keys.
-    ``on_checkpoint(step)``: optional, called on every rank after a checkpoint is written.
+    ``on_checkpoint(step) -> bool``: optional, called on every rank after a checkpoint is
+    written; returning True ends the run there (early stopping; it must agree on all ranks).
     """
 
     def __init__(self, fabric, objective: nn.Module, optimizer, dataset, settings: LoopSettings,
                  schedules: Schedules, collate_fn=None, fingerprint: dict | None = None,
-                 on_checkpoint: Callable[[int], None] | None = None):
+                 on_checkpoint: Callable[[int], bool] | None = None):
         self.fabric = fabric
         self.settings = settings
         self.schedules = schedules
@@ -496,8 +497,9 @@ class TrainLoop:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
-        """Rank 0 writes module + optimiser + step atomically; all ranks wait for it."""
+    def save_checkpoint(self) -> bool:
+        """Rank 0 writes module + optimiser + step atomically; all ranks wait for it. Returns
+        whether ``on_checkpoint`` asks to stop early."""
         if self.fabric.is_global_zero:
             from geoexplora.io.outputs import atomic_output
 
@@ -512,8 +514,7 @@ class TrainLoop:
             if records:
                 write_loss_plot(records, self.files.plot, self.settings.description)
         self.fabric.barrier()
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(self.step)
+        return bool(self.on_checkpoint(self.step)) if self.on_checkpoint is not None else False
 
     def load_checkpoint(self) -> None:
         path = self.files.checkpoint
@@ -609,6 +610,8 @@ class TrainLoop:
             if not resume and self.files.plot.exists():
                 self.files.plot.unlink()
         start_step = self.step
+        stopped_early_at = None
+        self.objective.train()  # load_model returns eval-mode modules: drop-path must be on
         log_every = self._log_every()
         images_per_step = s.batch_size * s.accumulate * fabric.world_size
         if fabric.device.type == "cuda":
@@ -675,7 +678,9 @@ class TrainLoop:
                         now = time.perf_counter()
                         self.elapsed += now - mark
                         mark = now
-                        self.save_checkpoint()
+                        if self.save_checkpoint() and not stop:
+                            stopped_early_at = self.step
+                            break
                     if stop:
                         raise Interrupted(f"interrupted at step {self.step}/{s.steps}: checkpoint "
                                           f"{self.files.checkpoint}; continue with --resume")
@@ -687,7 +692,7 @@ class TrainLoop:
             del loader_iter
         run_seconds = max(time.perf_counter() - run_start, 1e-9)
         self.elapsed += time.perf_counter() - mark
-        run_steps = s.steps - start_step
+        run_steps = self.step - start_step
         checksums = replica_checksums(fabric, self.objective)
         if len(set(checksums)) > 1:
             raise RuntimeFailure(f"the {fabric.world_size} model replicas differ after training "
@@ -695,6 +700,7 @@ class TrainLoop:
         return {
             "steps": s.steps,
             "steps_this_run": run_steps,
+            "stopped_early_at": stopped_early_at,
             "resumed_from_step": start_step if resume else None,
             "batch_size_per_device": s.batch_size,
             "accumulate": s.accumulate,

@@ -400,11 +400,6 @@ def evaluate(model, dataset, task: str, num_classes: int, batch_size: int, devic
 # ---------------------------------------------------------------------------------------------
 
 
-class _EarlyStop(Exception):
-    """Raised from the engine's checkpoint callback when the validation metric has stopped
-    improving; the run ends there (the engine has just checkpointed)."""
-
-
 def _check_config(cfg: FinetuneConfig) -> None:
     if cfg.steps is not None and cfg.epochs is not None:
         raise UserError("give --steps or --epochs, not both")
@@ -518,7 +513,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict | None:
     else:
         weights = class_weights(counts, cfg.class_weighting)
     objective = FinetuneObjective(model, task, weights, cfg.label_smoothing)
-    objective.train()  # loaded models come in eval mode: drop-path and dropout must act
 
     world = fabric.world_size
     global_batch = cfg.batch_size * cfg.accumulate * world
@@ -582,8 +576,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict | None:
         logger.info("step %d: val %s %.4f%s", step, monitor, score,
                     " (best)" if improved else f" (best {float(objective.best_score):.4f} at "
                                                  f"step {int(objective.best_step)})")
-        if int(objective.evals_since_best) >= cfg.patience and step < steps:
-            raise _EarlyStop(step)
+        stop = int(objective.evals_since_best) >= cfg.patience and step < steps
+        if stop:
+            logger.info("early stop at step %d: val %s has not improved for %d evaluations",
+                        step, monitor, cfg.patience)
+        return stop
 
     loop = E.TrainLoop(fabric, objective, optimizer, train_stream, settings, schedules,
                        fingerprint=fingerprint, on_checkpoint=on_checkpoint)
@@ -591,19 +588,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict | None:
     # weights are not the initial ones then).
     val_at_start = None if cfg.resume else evaluate(
         objective.model, val_set, task, len(classes), eval_batch, fabric.device, fabric.autocast)
-    early_stopped = None
-    try:
-        summary = loop.run(resume=cfg.resume)
-    except _EarlyStop as stop:
-        early_stopped = int(stop.args[0])
-        records = E.read_log(loop.files.log)
-        summary = {"steps": steps, "stopped_at_step": early_stopped,
-                   "first_loss": records[0]["loss"] if records else None,
-                   "last_loss": records[-1]["loss"] if records else None,
-                   "files": {"checkpoint": str(loop.files.checkpoint),
-                             "log": str(loop.files.log), "plot": str(loop.files.plot)}}
-        logger.info("early stop at step %d: val %s has not improved for %d evaluations",
-                    early_stopped, monitor, cfg.patience)
+    summary = loop.run(resume=cfg.resume)
+    early_stopped = summary["stopped_early_at"]
 
     if not best_path.exists():
         raise RuntimeFailure(f"the validation {monitor} was never a number (is the val split "
