@@ -227,7 +227,9 @@ def adapt_arm(arm: str, source: Path, out: Path, budget: Budget, seed: int) -> d
             "first_loss": s["first_loss"], "last_loss": s["last_loss"], "steps": s["steps"]}
 
 
-def probe(models: dict[str, Path], chips_root: Path, budget: Budget, seed: int) -> dict:
+def probe(models: dict[str, Path], chips_root: Path, budget: Budget,
+          seed: int) -> tuple[dict[str, dict], dict]:
+    """Every arm probed together (one grid per model, same chips and seed): (per arm, doc)."""
     from geoexplora.train.probe import ProbeConfig, run_probe
 
     doc = run_probe(ProbeConfig(models=list(models.values()), chips=chips_root,
@@ -261,8 +263,8 @@ def verdict(rows: list[dict]) -> dict:
         lift = statistics.fmean(lifts)
         lift_std = statistics.stdev(lifts) if len(lifts) > 1 else 0.0
         gap = statistics.fmean(full.values()) - statistics.fmean(exp.values())
-        lifted = lift > max(lift_std, 0.0) and lift > 0
-        close = gap < 0.5 * lift if lift > 0 else False
+        lifted = lift > 0 and lift > lift_std
+        close = lift > 0 and gap < 0.5 * lift
         out[key] = {"explora_minus_source": round(lift, 4), "lift_std": round(lift_std, 4),
                     "full_minus_explora": round(gap, 4), "lifted": lifted, "close_to_full": close}
         held = held and lifted and close
