@@ -3,7 +3,8 @@
 Classification and multilabel share a linear head on pooled features (cls token, the cls tokens
 of the last 4 blocks, mean of patch tokens, or cls and mean together); multilabel logits go through a sigmoid at use. Segmentation uses a light
 decoder on the last block's patch tokens: 1x1 projection, bilinear upsampling to the input size,
-a 3x3 refinement conv, 1x1 classifier. For temporal stacks (T > 1) the patch tokens of the valid
+a 3x3 refinement conv (replicate padding: no zero-padding artefacts along window and raster
+edges), 1x1 classifier. For temporal stacks (T > 1) the patch tokens of the valid
 frames are averaged before decoding: the head then does not depend on T, missing frames simply
 drop out, and the temporal mixing happens where it should, in attention.
 """
@@ -67,7 +68,8 @@ class SegmentationHead(nn.Module):
     def __init__(self, embed_dim: int, num_classes: int, hidden: int = 64):
         super().__init__()
         self.proj = nn.Conv2d(embed_dim, hidden, kernel_size=1)
-        self.refine = nn.Sequential(nn.Conv2d(hidden, hidden, kernel_size=3, padding=1),
+        self.refine = nn.Sequential(nn.Conv2d(hidden, hidden, kernel_size=3, padding=1,
+                                              padding_mode="replicate"),
                                     nn.GroupNorm(8 if hidden % 8 == 0 else 1, hidden), nn.GELU())
         self.classify = nn.Conv2d(hidden, num_classes, kernel_size=1)
         self.config = {"type": "segmentation", "hidden": hidden, "num_classes": num_classes}

@@ -1,0 +1,131 @@
+"""Writes the error catalogue (docs/errors.md): every message the CLI can print for bad input or a
+failed run, read from the ``raise UserError(...)`` / ``raise RuntimeFailure(...)`` statements of
+the package with the ``ast`` module, so the catalogue cannot drift from the code.
+
+f-string fields show as ``{expression}`` (``{path}``, ``{args.bands}``); messages built at run
+time from a variable show that variable. The CLI prints only the first line of a message.
+
+Usage: python scripts/gen_error_catalog.py > docs/errors.md;
+tests/test_docs.py fails when docs/errors.md is stale.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "geoexplora"
+EXIT_CODES = {"UserError": 2, "RuntimeFailure": 1}
+
+
+@dataclass(frozen=True)
+class ErrorSite:
+    module: str  # geoexplora.io.scene
+    function: str  # qualified name of the enclosing function, or "<module>"
+    kind: str  # UserError or RuntimeFailure
+    template: str
+
+
+def message_template(node: ast.expr | None) -> str:
+    """The message of ``UserError(<node>)`` as text, with run-time parts as ``{expression}``."""
+    if node is None:
+        return ""
+    if isinstance(node, ast.Constant):
+        return str(node.value)
+    if isinstance(node, ast.JoinedStr):
+        return "".join(part.value if isinstance(part, ast.Constant)
+                       else "{" + ast.unparse(part.value) + "}" for part in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return message_template(node.left) + message_template(node.right)
+    return "{" + ast.unparse(node) + "}"
+
+
+def _raised_class(node: ast.Raise) -> tuple[str, ast.Call] | None:
+    call = node.exc
+    if not isinstance(call, ast.Call):
+        return None
+    func = call.func
+    name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+    return (name, call) if name in EXIT_CODES else None
+
+
+class _Collector(ast.NodeVisitor):
+    def __init__(self, module: str):
+        self.module = module
+        self.scope: list[str] = []
+        self.sites: list[ErrorSite] = []
+
+    def _visit_scope(self, node) -> None:
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _visit_scope
+
+    def visit_Raise(self, node: ast.Raise) -> None:
+        raised = _raised_class(node)
+        if raised:
+            kind, call = raised
+            self.sites.append(ErrorSite(self.module, ".".join(self.scope) or "<module>", kind,
+                                        message_template(call.args[0] if call.args else None)))
+        self.generic_visit(node)
+
+
+def collect(package: Path = PACKAGE) -> list[ErrorSite]:
+    """Every raise of a CLI error in the package, in module then source order, duplicates
+    (same module, function, kind and message) once."""
+    sites: list[ErrorSite] = []
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        collector = _Collector(module)
+        collector.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        sites += collector.sites
+    return list(dict.fromkeys(sites))
+
+
+def _module_summary(module: str, package: Path) -> str:
+    path = package.parent.joinpath(*module.split(".")).with_suffix(".py")
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def _code(text: str) -> str:
+    """Inline code that survives backticks in the text."""
+    fence = "``" if "`" in text else "`"
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def render(package: Path = PACKAGE) -> str:
+    sites = collect(package)
+    counts = {kind: sum(s.kind == kind for s in sites) for kind in EXIT_CODES}
+    lines = ["# Error catalogue", "",
+             "Generated from the source by `scripts/gen_error_catalog.py`; do not edit by hand.",
+             "Every message below is printed on stderr as `geoexplora: error: MESSAGE` (its first",
+             "line only; `-v` adds the traceback). `{...}` marks a part filled in at run time: a",
+             "path, band, option value or number.", "",
+             f"- **UserError** (exit code 2): bad input or usage; nothing was written. "
+             f"{counts['UserError']} messages.",
+             f"- **RuntimeFailure** (exit code 1): the run itself failed. "
+             f"{counts['RuntimeFailure']} messages.", "",
+             "Common ones, with their fixes, are explained in "
+             "[troubleshooting.md](troubleshooting.md).", ""]
+    by_module: dict[str, list[ErrorSite]] = {}
+    for site in sites:
+        by_module.setdefault(site.module, []).append(site)
+    commands = sorted(m for m in by_module if m.startswith("geoexplora.commands."))
+    for module in commands + sorted(m for m in by_module if m not in commands):
+        summary = _module_summary(module, package)
+        lines += [f"## {module}", ""] + ([summary, ""] if summary else [])
+        for site in by_module[module]:
+            first, *rest = site.template.splitlines() or [""]
+            more = " (continues on further lines, not printed)" if rest else ""
+            lines.append(f"- {_code(first)}: {site.kind}, exit {EXIT_CODES[site.kind]}; "
+                         f"in `{site.function}`{more}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")
