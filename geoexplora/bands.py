@@ -23,6 +23,7 @@ Every reader converts pixel values to one convention before anything else sees t
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -225,7 +226,7 @@ def interpolation_weights(wavelength_nm: float,
     if x >= logs[order[-1]]:
         w[order[-1]] = 1.0
         return w
-    for lo, hi in zip(order, order[1:]):
+    for lo, hi in itertools.pairwise(order):
         if logs[lo] <= x <= logs[hi]:
             t = (x - logs[lo]) / (logs[hi] - logs[lo])
             w[lo] += 1.0 - t

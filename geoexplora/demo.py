@@ -204,7 +204,7 @@ def write_quicklook(scene_path: Path, labels_path: Path, prediction_path: Path,
     for c in classes:
         reference[ref_values == c["value"]] = c["id"]
     cmap = ListedColormap([c["color"] for c in classes])
-    shown = dict(cmap=cmap, vmin=-0.5, vmax=len(classes) - 0.5, interpolation="nearest")
+    shown = {"cmap": cmap, "vmin": -0.5, "vmax": len(classes) - 0.5, "interpolation": "nearest"}
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
     axes[0].imshow(rgb)
     axes[0].set_title("Sentinel-2 true colour")

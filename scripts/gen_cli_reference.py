@@ -31,7 +31,7 @@ def render() -> str:
     group = typer.main.get_command(app)
     lines = ["# CLI reference", "",
              "Generated from the Typer app by `scripts/gen_cli_reference.py` (`make docs`); do not",
-             "edit by hand.", "", "```", f"geoexplora [-v|-q] [--version] COMMAND ...", "```", ""]
+             "edit by hand.", "", "```", "geoexplora [-v|-q] [--version] COMMAND ...", "```", ""]
     for name in app_command_order(group):
         command = group.commands[name]
         lines += [f"## geoexplora {name}", "", (command.help or "").strip(), "",

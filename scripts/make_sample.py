@@ -22,7 +22,7 @@ slo = out / "slovenia"
 slo.mkdir(parents=True, exist_ok=True)
 for f in sorted((shared / "s2-l1c-slovenia-2015").glob("S2L1C_*_13band_10m.tif")):
     with rasterio.open(f) as src:
-        profile = src.profile | dict(compress="deflate", predictor=3, tiled=False)
+        profile = src.profile | {"compress": "deflate", "predictor": 3, "tiled": False}
         with rasterio.open(slo / f.name, "w", **profile) as dst:
             dst.write(src.read())
             dst.descriptions = src.descriptions
@@ -39,9 +39,10 @@ for src_path, name in (
     (shared / "s2-l2a-29RKH-2020-02-19" / "original" / "SCL.tif", "S2A_29RKH_20200219_SCL_crop.tif"),
 ):
     with rasterio.open(src_path) as src:
-        profile = src.profile | dict(width=256, height=256, transform=src.window_transform(window),
-                                     compress="deflate", tiled=True, blockxsize=128,
-                                     blockysize=128)
+        profile = src.profile | {"width": 256, "height": 256,
+                                 "transform": src.window_transform(window),
+                                 "compress": "deflate", "tiled": True, "blockxsize": 128,
+                                 "blockysize": 128}
         profile.pop("photometric", None)
         with rasterio.open(s2 / name, "w", **profile) as dst:
             dst.write(src.read(window=window))

@@ -6,8 +6,13 @@ import json
 
 import pytest
 from conftest import run_cli
-from test_probe_support import one_thread  # noqa: F401 (fixture)
-from test_probe_support import bigearthnet_chips, nc_landsat7_chips, tile_once, tiny_model_file
+from test_probe_support import (
+    bigearthnet_chips,
+    nc_landsat7_chips,
+    one_thread,  # noqa: F401 (fixture)
+    tile_once,
+    tiny_model_file,
+)
 
 from geoexplora.io.chips import ChipsDataset
 from geoexplora.models.file import load_model

@@ -8,9 +8,13 @@ import geopandas as gpd
 import pytest
 import torch
 from conftest import run_cli
-from test_probe_support import one_thread  # noqa: F401 (fixture)
-from test_probe_support import (bigearthnet_chips, landsat8_polygon_chips, nc_landsat7_chips,
-                                tiny_model_file)
+from test_probe_support import (
+    bigearthnet_chips,
+    landsat8_polygon_chips,
+    nc_landsat7_chips,
+    one_thread,  # noqa: F401 (fixture)
+    tiny_model_file,
+)
 
 from geoexplora.io.chips import ChipsDataset
 from geoexplora.train.probe import ProbeConfig, run_probe

@@ -5,41 +5,41 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-Bands = Annotated[Optional[str], typer.Option(
+Bands = Annotated[str | None, typer.Option(
     "--bands", help="Bands to use, in this order, by name: e.g. B2,B3,B4,B8 (aliases like B02, "
                     "blue, nir work).")]
-Sensor = Annotated[Optional[str], typer.Option(
+Sensor = Annotated[str | None, typer.Option(
     "--sensor", help="Sensor preset naming the file's bands in order when it has no band "
                      "descriptions: sentinel2, landsat8, landsat9, landsat7, landsat5, rgb, rgbn.")]
-BandMap = Annotated[Optional[str], typer.Option(
+BandMap = Annotated[str | None, typer.Option(
     "--band-map", help="Explicit band identities of the file's bands, 1-based: 1=B2,2=B3,3=B4.")]
 S2Offset = Annotated[str, typer.Option(
     "--s2-offset", help="Sentinel-2 DN offset: auto (1000 from 2022-01-25, or from tags), 0 or "
                         "1000.")]
-Resolution = Annotated[Optional[float], typer.Option(
+Resolution = Annotated[float | None, typer.Option(
     "--resolution", help="Target pixel size in CRS units (default: the finest input).")]
-Nodata = Annotated[Optional[float], typer.Option(
+Nodata = Annotated[float | None, typer.Option(
     "--nodata", help="Nodata value overriding the file's (NaN is always nodata).")]
-Dates = Annotated[Optional[str], typer.Option(
+Dates = Annotated[str | None, typer.Option(
     "--dates", help="Comma-separated dates (YYYY-MM-DD), one per input file, when files carry "
                     "none.")]
 Json = Annotated[bool, typer.Option("--json", help="Print results as one JSON document on stdout.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
-Init = Annotated[Optional[str], typer.Option(
+Init = Annotated[str | None, typer.Option(
     "--init", help="Initial model: a timm name (vit_small_patch14_dinov2.lvd142m), "
                    "torchgeo:ENUM, or a geoexplora model file.")]
-InitWeights = Annotated[Optional[str], typer.Option(
+InitWeights = Annotated[str | None, typer.Option(
     "--init-weights", help="A local checkpoint for --init's architecture (Meta DINOv2 .pth, timm "
                            ".safetensors/.pth, MAE), or 'random' for an explicit random init.")]
-Device = Annotated[Optional[str], typer.Option(
+Device = Annotated[str | None, typer.Option(
     "--device", help="cpu, cuda or cuda:N (default: cuda when available).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 NumWorkers = Annotated[int, typer.Option("--num-workers", help="Data-loading worker processes.")]
-CreationOptions = Annotated[Optional[list[str]], typer.Option(
+CreationOptions = Annotated[list[str] | None, typer.Option(
     "--co", help="GDAL creation option KEY=VALUE for output rasters (repeatable).")]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,24 +15,24 @@ def finetune(
     model: Annotated[Path, typer.Argument(help="Model file (adapted backbone, or a task model).")],
     chips: Annotated[Path, typer.Argument(help="Labelled chips dataset folder (written by tile).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The task model file.")],
-    task: Annotated[Optional[str], typer.Option(
+    task: Annotated[str | None, typer.Option(
         "--task", help="classification, multilabel or segmentation (default: the dataset's).")
     ] = None,
     mode: Annotated[str, typer.Option(
         "--mode", help="lora (LoRA on q,v of all blocks + head: the paper's), linear (head "
                        "only), full (everything), explora (last block + LoRA + norms + "
                        "head).")] = FINETUNE.mode,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimiser steps.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimiser steps.")] = None,
+    epochs: Annotated[float | None, typer.Option(
         "--epochs", help=f"Passes over the training chips (default {FINETUNE.epochs}).")] = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Chips per device per micro-batch.")] = FINETUNE.batch_size,
     accumulate: Annotated[int, typer.Option(
         "--accumulate", help="Micro-batches per optimiser step.")] = 1,
-    lr: Annotated[Optional[float], typer.Option(
+    lr: Annotated[float | None, typer.Option(
         "--lr", help=f"Peak learning rate (default {FINETUNE.base_lr:g} x global batch / "
                      f"{FINETUNE.base_batch}).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(
+    warmup_steps: Annotated[int | None, typer.Option(
         "--warmup-steps", help=f"Warm-up steps (default {FINETUNE.warmup_epochs:g} epochs, at "
                                f"most {FINETUNE.warmup_max_fraction:.0%} of the run).")] = None,
     weight_decay: Annotated[float, typer.Option(
@@ -51,7 +51,7 @@ def finetune(
     ] = FINETUNE.class_weighting,
     no_augment: Annotated[bool, typer.Option(
         "--no-augment", help="No random flips and 90-degree rotations.")] = False,
-    eval_every: Annotated[Optional[int], typer.Option(
+    eval_every: Annotated[int | None, typer.Option(
         "--eval-every", help="Steps between validations (default: every epoch).")] = None,
     patience: Annotated[int, typer.Option(
         "--patience", help="Stop after this many validations without improvement.")
@@ -63,10 +63,10 @@ def finetune(
     strategy: Annotated[str, typer.Option(
         "--strategy", help="Lightning Fabric strategy; auto = DDP with more than one device.")
     ] = "auto",
-    precision: Annotated[Optional[str], typer.Option(
+    precision: Annotated[str | None, typer.Option(
         "--precision", help="bf16-mixed (default on GPUs that have it), 16-mixed, 32-true "
                             "(default on CPU).")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(
+    num_workers: Annotated[int | None, typer.Option(
         "--num-workers", help="Data-loading workers per device (default: min(4, CPUs-1)).")
     ] = None,
     seed: O.Seed = 0,

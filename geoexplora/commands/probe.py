@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,25 +14,25 @@ def probe(
     paths: Annotated[list[str], typer.Argument(
         help="One or more model files, then the chips dataset folder (written by tile).",
         metavar="MODEL... CHIPS")],
-    features: Annotated[Optional[str], typer.Option(
+    features: Annotated[str | None, typer.Option(
         "--features", help="Feature sets the heads may read, comma-separated, from cls (last "
                            "block's cls token), cls4 (last 4 blocks' cls tokens), cls+mean, "
                            "cls4+mean (with the mean patch token). Default: all four.")] = None,
     json_out: O.Json = False,
-    plots: Annotated[Optional[Path], typer.Option(
+    plots: Annotated[Path | None, typer.Option(
         "--plots", help="Folder for a confusion-matrix PNG per model.")] = None,
-    save_head: Annotated[Optional[Path], typer.Option(
+    save_head: Annotated[Path | None, typer.Option(
         "--save-head", help="Write a task model file (backbone + best linear head on cls or "
                             "cls+mean + classes), usable by predict. One MODEL only.")] = None,
-    learning_rates: Annotated[Optional[str], typer.Option(
+    learning_rates: Annotated[str | None, typer.Option(
         "--learning-rates", help="Base learning rates of the head grid (per batch 256), "
                                  "comma-separated. Default: 1e-4 ... 0.1.")] = None,
-    steps: Annotated[Optional[int], typer.Option(
+    steps: Annotated[int | None, typer.Option(
         "--steps", help="SGD steps of the head grid.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Batch size of the head grid.")] = None,
-    knn_k: Annotated[Optional[int], typer.Option("--knn-k", help="Neighbours of the k-NN.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(
+    knn_k: Annotated[int | None, typer.Option("--knn-k", help="Neighbours of the k-NN.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(
         "--cache-dir", help="Feature cache folder (default: $GEOEXPLORA_CACHE_DIR or "
                             "~/.cache/geoexplora/features).")] = None,
     no_cache: Annotated[bool, typer.Option(

@@ -216,9 +216,10 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
     """Open one file and identify its bands (None where unknown); UserError if unreadable."""
     try:
         with rasterio.open(path) as src:
-            info = dict(count=src.count, width=src.width, height=src.height, crs=src.crs,
-                        transform=src.transform, dtype=src.dtypes[0], nodata=src.nodata,
-                        descriptions=list(src.descriptions), tags=src.tags())
+            info = {"count": src.count, "width": src.width, "height": src.height,
+                    "crs": src.crs, "transform": src.transform, "dtype": src.dtypes[0],
+                    "nodata": src.nodata, "descriptions": list(src.descriptions),
+                    "tags": src.tags()}
     except rasterio.errors.RasterioIOError as exc:
         raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
     if info["crs"] is None:
@@ -481,8 +482,8 @@ def _target_grid(reference: RasterFile, opts: SceneOptions) -> Grid:
         return Grid(crs, transform, width, height)
     if opts.resolution:
         west, south, east, north = grid.bounds
-        width = max(1, int(round((east - west) / opts.resolution)))
-        height = max(1, int(round((north - south) / opts.resolution)))
+        width = max(1, round((east - west) / opts.resolution))
+        height = max(1, round((north - south) / opts.resolution))
         return Grid(grid.crs, Affine(opts.resolution, 0, west, 0, -opts.resolution, north),
                     width, height)
     return grid
