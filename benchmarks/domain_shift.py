@@ -54,6 +54,12 @@ L7_OPTS = {"sensor": "landsat7", "band_map": {str(i): f"B{i}" for i in range(1, 
 PHOTOS_RGB = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
 PHOTOS_GREY = ("camera", "moon", "coins", "grass", "gravel", "brick", "clock")
 ARCH = "geo_vit_tiny_patch14"
+# Models initialised at random (the source, the scratch arm, the random floor) use LayerScale
+# gammas of 1.0, not timm's DINOv2 1e-5: with 1e-5 the 4 random blocks are nearly the identity,
+# every image gets the same class token, the Sinkhorn-Knopp targets are uniform and the DINO loss
+# sits at ln K (nothing is learned; see docs/benchmarks.md). 1e-5 suits deep models and models
+# that start pre-trained; the arms that start from the source keep the source's gammas.
+SCRATCH_ARCH = {"init_values": 1.0}
 ARMS = ("source", "explora", "lora_only", "full", "scratch", "random")
 
 
@@ -157,7 +163,8 @@ def run_adapt(cfg) -> dict:
 
 def source_model(work: Path, budget: Budget) -> tuple[Path, dict]:
     """The source checkpoint: reused when one with the same settings exists under ``work``."""
-    key = hashlib.sha256(json.dumps([ARCH, sorted(PHOTOS_RGB), sorted(PHOTOS_GREY),
+    key = hashlib.sha256(json.dumps([ARCH, SCRATCH_ARCH, sorted(PHOTOS_RGB),
+                                     sorted(PHOTOS_GREY),
                                      budget.source_steps, budget.source_lr, budget.batch_size,
                                      budget.crop, budget.local_crop,
                                      budget.local_crops]).encode())
@@ -168,10 +175,12 @@ def source_model(work: Path, budget: Budget) -> tuple[Path, dict]:
     names = write_photos(work / "photos")
     run = run_adapt(adapt_config(budget, [work / "photos"], path, seed=0, sensor="rgb",
                                  init=ARCH, init_weights="random", full=True,
+                                 arch_overrides=SCRATCH_ARCH,
                                  steps=budget.source_steps, lr=budget.source_lr))
     s = run["summary"]
     info = {"photos": names, "steps": s["steps"], "lr": s["lr"], "wall_s": run["wall_s"],
             "first_loss": s["first_loss"], "last_loss": s["last_loss"],
+            "first_loss_dino": s["first"]["loss_dino"], "last_loss_dino": s["last"]["loss_dino"],
             "parameters": s["parameters"]["total"], "embedding_parameters": embedding_params(path)}
     info_path.write_text(json.dumps(info))
     return path, {**info, "cached": False}
@@ -202,7 +211,7 @@ def random_model(path: Path, chips_root: Path, seed: int, img_size: int) -> dict
     vit = build_backbone(init=ARCH, init_weights="random",
                          bands=[b["key"] for b in meta["bands"]],
                          stats={"mean": meta["stats"]["mean"], "std": meta["stats"]["std"]},
-                         img_size=img_size)
+                         img_size=img_size, arch_overrides=SCRATCH_ARCH)
     save_model(path, vit, {"provenance": {"command": "benchmarks/domain_shift.py (random)"}},
                overwrite=True)
     return {"trainable": 0, "total": parameter_report(vit)["total"], "fraction": 0.0,
@@ -215,7 +224,8 @@ def adapt_arm(arm: str, source: Path, out: Path, budget: Budget, seed: int) -> d
         "explora": {"init": str(source), "unfreeze_blocks": [-1], "lora_rank": rank},
         "lora_only": {"init": str(source), "unfreeze_blocks": [], "lora_rank": rank},
         "full": {"init": str(source), "full": True},
-        "scratch": {"init": ARCH, "init_weights": "random", "full": True},
+        "scratch": {"init": ARCH, "init_weights": "random", "full": True,
+                    "arch_overrides": SCRATCH_ARCH},
     }[arm]
     run = run_adapt(adapt_config(budget, [L7_SCENE], out, seed, **L7_OPTS, **kwargs))
     s = run["summary"]
@@ -224,7 +234,8 @@ def adapt_arm(arm: str, source: Path, out: Path, budget: Budget, seed: int) -> d
             "fraction": report["fraction"], "groups": report["groups"],
             "ssl_head_parameters": s["ssl_head_parameters"], "lr": s["lr"],
             "adapt_wall_s": run["wall_s"], "images_per_s": s["images_per_s"],
-            "first_loss": s["first_loss"], "last_loss": s["last_loss"], "steps": s["steps"]}
+            "first_loss": s["first_loss"], "last_loss": s["last_loss"],
+            "last_loss_dino": s["last"]["loss_dino"], "steps": s["steps"]}
 
 
 def probe(models: dict[str, Path], chips_root: Path, budget: Budget,
@@ -328,7 +339,7 @@ def run(budget: Budget, work: Path) -> list[dict]:
                    "trainable_groups": d["groups"],
                    "adapt_wall_s": d["adapt_wall_s"],
                    "evaluated_on": doc["evaluated_on"], "test_chips": r["split_sizes"]["test"]}
-            for key in ("steps", "lr", "first_loss", "last_loss", "images_per_s",
+            for key in ("steps", "lr", "first_loss", "last_loss", "last_loss_dino", "images_per_s",
                         "ssl_head_parameters"):
                 if key in d:
                     row[key] = round(d[key], 4) if isinstance(d[key], float) else d[key]

@@ -56,13 +56,26 @@ for _name in COMMANDS:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: maps our exceptions to exit codes and one-line messages."""
+    from typer.exceptions import TyperException  # click's ClickException (usage errors)
+
     from geoexplora.errors import RuntimeFailure, UserError
     from geoexplora.log import verbosity
 
     try:
-        app(args=argv, prog_name="geoexplora", standalone_mode=True)
+        result = app(args=argv, prog_name="geoexplora", standalone_mode=False)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except TyperException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if not exc.format_message() and ctx is not None:  # no arguments at all: show the help
+            sys.stdout.write(ctx.get_help() + "\n")
+            return exc.exit_code
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        sys.stderr.write(f"geoexplora: error: {exc.format_message()}{hint}\n")
+        return exc.exit_code
+    except typer.Abort:
+        sys.stderr.write("geoexplora: aborted\n")
+        return 130
     except (UserError, RuntimeFailure) as exc:
         if verbosity() > 0:
             import traceback
@@ -74,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("geoexplora: interrupted\n")
         return 130
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

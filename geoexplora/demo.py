@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from geoexplora.io.outputs import atomic_output, check_output
+from geoexplora.errors import UserError
+from geoexplora.io.outputs import check_output
 from geoexplora.log import logger
 from geoexplora.sample import s2_tile_crop, slovenia_labels, slovenia_scenes
 
@@ -29,6 +31,8 @@ LABELLED_DATE = "2015-07-11"  # a clear date (08-20 is cloudy)
 TINY_SOURCE = "geo_vit_tiny_patch14"
 PRETRAINED_SOURCE = "vit_small_patch14_dinov2.lvd142m"
 CHIP_SIZE = 28  # two patches of 14 px: the Slovenia scene is 100 x 101 px
+SPLIT_BLOCK = 2 * CHIP_SIZE  # 2 x 2 blocks on the scene: one of them becomes the val split
+VAL_FRACTION = 0.3
 
 
 @dataclass
@@ -37,6 +41,7 @@ class DemoConfig:
     overwrite: bool = False
     adapt_steps: int = 400
     finetune_steps: int = 200
+    probe_steps: int = 300  # per head of the probe's learning-rate grid
     batch_size: int = 16
     init: str | None = None  # None: GEOEXPLORA_INIT, or the tiny source
     init_weights: str | None = None  # None: GEOEXPLORA_INIT_WEIGHTS, or "random"
@@ -61,29 +66,35 @@ def _labelled_scene() -> Path:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the pipeline into ``cfg.out`` (written atomically); returns the summary document."""
-    check_output(cfg.out, cfg.overwrite, "--out")
+    """Run the pipeline into the folder ``cfg.out``; returns the summary document.
+
+    The folder is complete when ``summary.json`` is in it (written last); a failed or interrupted
+    run removes what it wrote. ``--overwrite`` replaces only an earlier demo folder.
+    """
+    for option, value in (("--adapt-steps", cfg.adapt_steps),
+                          ("--finetune-steps", cfg.finetune_steps),
+                          ("--probe-steps", cfg.probe_steps), ("--batch-size", cfg.batch_size)):
+        if value < 1:
+            raise UserError(f"{option} must be at least 1, not {value}")
+    out = check_output(cfg.out, cfg.overwrite, "--out")
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").exists()):
+            raise UserError(f"--out {out}: not an earlier demo folder (no summary.json); "
+                            "refusing to replace it")
+        shutil.rmtree(out)
     init, init_weights, source_note = _source(cfg)
     logger.info(source_note)
     timings: dict[str, float] = {}
-    with atomic_output(cfg.out, cfg.overwrite) as work:
-        work.mkdir(parents=True)
-        summary = _pipeline(cfg, work, init, init_weights, timings)
+    out.mkdir(parents=True)
+    try:
+        summary = _pipeline(cfg, out, init, init_weights, timings)
         summary["source"] = source_note
         summary["seconds"] = timings
-        (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return _relocate(summary, work, cfg.out)
-
-
-def _relocate(doc, old: Path, new: Path):
-    """Paths in the summary point into the final folder, not the temporary one."""
-    if isinstance(doc, dict):
-        return {k: _relocate(v, old, new) for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [_relocate(v, old, new) for v in doc]
-    if isinstance(doc, str) and str(old) in doc:
-        return doc.replace(str(old), str(new))
-    return doc
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return summary
 
 
 def _timed(timings: dict, name: str):
@@ -111,6 +122,7 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str,
     with _timed(timings, "tile"):
         tiled = tile(TileConfig(scenes=[labelled], out=chips, size=CHIP_SIZE,
                                 stride=CHIP_SIZE // 2, bands=BANDS, label_raster=slovenia_labels(),
+                                val_fraction=VAL_FRACTION, split_block=SPLIT_BLOCK,
                                 seed=cfg.seed, show_progress=False))
     with _timed(timings, "source model"):
         source = _write_source_model(work / "source.pt", init, init_weights, chips)
@@ -122,7 +134,8 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str,
             crop_size=2 * CHIP_SIZE, seed=cfg.seed, accelerator=_accelerator(cfg.device)))
     with _timed(timings, "probe"):
         probe_doc = run_probe(ProbeConfig(models=[source, adapted], chips=chips,
-                                          device=cfg.device, seed=cfg.seed))
+                                          steps=cfg.probe_steps, device=cfg.device,
+                                          seed=cfg.seed))
     model = work / "model.pt"
     with _timed(timings, "finetune"):
         finetune_doc = run_finetune(FinetuneConfig(

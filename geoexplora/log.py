@@ -44,10 +44,16 @@ def make_progress(transient: bool = False):
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.table import Column
 
+    # The bar, counts and times keep their width; a long description or info text (loss terms)
+    # is cut with an ellipsis rather than squeezing the bar out of an 80-column terminal.
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("[bold]{task.description}", table_column=Column(
+            no_wrap=True, overflow="ellipsis", max_width=28)),
+        BarColumn(bar_width=24), MofNCompleteColumn(), TaskProgressColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}", table_column=Column(
+            no_wrap=True, overflow="ellipsis", ratio=1)),
         console=stderr, disable=not progress_enabled(), transient=transient,
     )

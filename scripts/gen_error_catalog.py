@@ -27,18 +27,37 @@ class ErrorSite:
     template: str
 
 
-def message_template(node: ast.expr | None) -> str:
-    """The message of ``UserError(<node>)`` as text, with run-time parts as ``{expression}``."""
+def message_templates(node: ast.expr | None) -> list[str]:
+    """The message(s) of ``UserError(<node>)`` as text, run-time parts as ``{expression}``; a
+    conditional (``a if c else b``) gives one message per branch."""
     if node is None:
-        return ""
+        return [""]
     if isinstance(node, ast.Constant):
-        return str(node.value)
+        return [str(node.value)]
+    if isinstance(node, ast.IfExp):
+        return message_templates(node.body) + message_templates(node.orelse)
     if isinstance(node, ast.JoinedStr):
-        return "".join(part.value if isinstance(part, ast.Constant)
-                       else "{" + ast.unparse(part.value) + "}" for part in node.values)
+        return _concatenations([_field_templates(part) for part in node.values])
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return message_template(node.left) + message_template(node.right)
-    return "{" + ast.unparse(node) + "}"
+        return _concatenations([message_templates(node.left), message_templates(node.right)])
+    return ["{" + ast.unparse(node) + "}"]
+
+
+def _field_templates(part: ast.expr) -> list[str]:
+    if isinstance(part, ast.Constant):
+        return [str(part.value)]
+    value = part.value  # a FormattedValue
+    if isinstance(value, (ast.JoinedStr, ast.IfExp)) or (
+            isinstance(value, ast.Constant) and isinstance(value.value, str)):
+        return message_templates(value)
+    return ["{" + ast.unparse(value) + "}"]
+
+
+def _concatenations(alternatives: list[list[str]]) -> list[str]:
+    out = [""]
+    for options in alternatives:
+        out = [head + tail for head in out for tail in options]
+    return out
 
 
 def _raised_class(node: ast.Raise) -> tuple[str, ast.Call] | None:
@@ -67,8 +86,9 @@ class _Collector(ast.NodeVisitor):
         raised = _raised_class(node)
         if raised:
             kind, call = raised
-            self.sites.append(ErrorSite(self.module, ".".join(self.scope) or "<module>", kind,
-                                        message_template(call.args[0] if call.args else None)))
+            where = ".".join(self.scope) or "<module>"
+            self.sites += [ErrorSite(self.module, where, kind, template) for template in
+                           message_templates(call.args[0] if call.args else None)]
         self.generic_visit(node)
 
 

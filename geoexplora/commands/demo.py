@@ -16,6 +16,8 @@ def demo(
     adapt_steps: Annotated[int, typer.Option("--adapt-steps", help="ExPLoRA steps.")] = 400,
     finetune_steps: Annotated[int, typer.Option("--finetune-steps",
                                                 help="LoRA fine-tuning steps.")] = 200,
+    probe_steps: Annotated[int, typer.Option("--probe-steps",
+                                             help="Steps of each linear-probe head.")] = 300,
     init: O.Init = None,
     init_weights: O.InitWeights = None,
     device: O.Device = None,
@@ -27,15 +29,14 @@ def demo(
     Sentinel-2 sample bundled with the package, writing the chips dataset, model files,
     prediction COG, a quicklook PNG and the loss curves into one folder.
 
-    Without GEOEXPLORA_INIT_WEIGHTS the source model is a tiny ViT with random weights (no
-    pre-trained weights can be downloaded offline); the summary says which was used.
+    Without GEOEXPLORA_INIT_WEIGHTS the source model is a tiny ViT with random weights (no pre-trained weights can be downloaded offline); the summary says which was used.
 
     Example: geoexplora demo --out demo-out --overwrite
     """
     from geoexplora.demo import DemoConfig, render_summary, run_demo
 
     doc = run_demo(DemoConfig(out=out, overwrite=overwrite, adapt_steps=adapt_steps,
-                              finetune_steps=finetune_steps, init=init,
+                              finetune_steps=finetune_steps, probe_steps=probe_steps, init=init,
                               init_weights=init_weights, device=device, seed=seed))
     if json_out:
         O.print_json(doc)

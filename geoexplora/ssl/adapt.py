@@ -40,6 +40,10 @@ class AdaptConfig:
     s2_offset: str = "auto"
     init: str | None = None  # None: the registry's default DINOv2 source
     init_weights: str | None = None
+    # timm keyword overrides of the initial architecture (random or --init-weights sources),
+    # e.g. {"init_values": 1.0}: LayerScale's 1e-5 suits fine-tuning a pre-trained model but
+    # makes a randomly initialised one nearly the identity (see benchmarks/domain_shift.py).
+    arch_overrides: dict | None = None
     objective: str | None = None  # None: the source's family (dinov2 / mae)
     full: bool = False  # full-parameter extended pre-training (the comparison), not ExPLoRA
     steps: int | None = None
@@ -246,6 +250,15 @@ def objective_settings(objective: str, overrides: dict):
     return dataclasses.replace(base, **overrides)
 
 
+def run_settings(cfg: AdaptConfig, objective: str):
+    """The objective's settings for this run: the recipe's, then the config's own options
+    (``local_crops``), then ``settings_overrides``."""
+    overrides = dict(cfg.settings_overrides)
+    if objective == "dinov2":
+        overrides.setdefault("local_crops", cfg.local_crops)
+    return objective_settings(objective, overrides)
+
+
 def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames):
     """The initial backbone with the data's bands/statistics, ExPLoRA applied (unless
     ``full``); returns (backbone, parameter report)."""
@@ -255,7 +268,8 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
     backbone = build_backbone(init=cfg.init, init_weights=cfg.init_weights, bands=bands,
                               stats={"mean": stats["mean"], "std": stats["std"]},
                               img_size=cfg.crop_size, num_frames=frames,
-                              spectral_tokens=cfg.spectral_tokens, drop_path_rate=drop_path)
+                              spectral_tokens=cfg.spectral_tokens, drop_path_rate=drop_path,
+                              arch_overrides=cfg.arch_overrides)
     if cfg.crop_size % backbone.patch_size:
         raise UserError(f"--crop-size {cfg.crop_size} is not a multiple of the patch size "
                         f"{backbone.patch_size}")
@@ -353,9 +367,9 @@ def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig
 # ---------------------------------------------------------------------------------------------
 
 def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> dict:
-    keys = ("bands", "sensor", "init", "init_weights", "full", "batch_size", "accumulate",
-            "unfreeze_blocks", "lora_rank", "lora_alpha", "frames", "spectral_tokens", "split",
-            "crop_size",
+    keys = ("bands", "sensor", "init", "init_weights", "arch_overrides", "full", "batch_size",
+            "accumulate", "unfreeze_blocks", "lora_rank", "lora_alpha", "frames",
+            "spectral_tokens", "split", "crop_size",
             "local_crop_size", "local_crops", "head_prototypes", "head_hidden", "head_bottleneck",
             "lr", "warmup_steps", "drop_path", "seed", "settings_overrides")
     fp = {k: getattr(cfg, k) for k in keys}
@@ -392,8 +406,7 @@ def adapt(cfg: AdaptConfig) -> dict | None:
     output = Path(cfg.output)
     if not cfg.dry_run:
         check_output(output, cfg.overwrite)
-        if cfg.resume and not E.RunFiles(output).checkpoint.exists():
-            raise UserError(f"--resume: no checkpoint {E.RunFiles(output).checkpoint}")
+        E.RunFiles(output).check(cfg.overwrite, cfg.resume)
     fabric = None
     if not cfg.dry_run:  # first: extra processes start now, and import in parallel with us
         fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,
@@ -404,7 +417,7 @@ def adapt(cfg: AdaptConfig) -> dict | None:
         world = cfg.devices * cfg.num_nodes
         precision = cfg.precision or E.default_precision(E.resolve_accelerator(cfg.accelerator))
     objective = choose_objective(cfg)
-    settings = objective_settings(objective, cfg.settings_overrides)
+    settings = run_settings(cfg, objective)
 
     # The patch size decides the crop sizes the data workers draw: build the model first, on
     # the data's bands and statistics (which need the data, but not its views).

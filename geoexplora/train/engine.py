@@ -349,6 +349,32 @@ class RunFiles:
     def plot(self) -> Path:
         return self._sibling(".loss.png")
 
+    def check(self, overwrite: bool, resume: bool, extra: tuple[Path, ...] = ()) -> None:
+        """Before a run writes anything: ``--resume`` needs the checkpoint; a fresh run must not
+        silently replace an earlier run's checkpoint, log or plot (``--overwrite`` allows it)."""
+        from geoexplora.io.outputs import check_output
+
+        if resume:
+            if not self.checkpoint.exists():
+                raise UserError(f"--resume: no checkpoint {self.checkpoint}")
+            return
+        for path in (self.checkpoint, self.log, self.plot, *extra):
+            if path.exists() and not overwrite:
+                raise UserError(f"{path} exists (an earlier run's; --resume continues it); pass "
+                                "--overwrite to start afresh")
+            check_output(path, True)
+
+
+def progress_info(record: dict, lr: float, width: int) -> str:
+    """The progress line's text: the total loss, lr and rate; every loss term too when the
+    terminal is wide enough (the JSONL log always has them all)."""
+    rate = f"lr {lr:.2e} {record['images_per_s']:.1f} img/s"
+    terms = [k for k in record if is_loss_key(k) and k != "loss"]
+    if terms and width >= 120:
+        detail = " ".join(f"{k.removeprefix('loss_')} {record[k]:.3g}" for k in terms)
+        return f"loss {record['loss']:.4g} ({detail}) {rate}"
+    return f"loss {record['loss']:.4g} {rate}"
+
 
 def is_loss_key(key: str) -> bool:
     """Logged keys that are losses (plotted): ``loss`` and ``loss_*``."""
@@ -667,11 +693,8 @@ class TrainLoop:
                             log_file.write(json.dumps(record) + "\n")
                             log_file.flush()
                         if progress is not None:
-                            shown = " ".join(f"{k.removeprefix('loss_')} {record[k]:.4g}"
-                                             for k in record if is_loss_key(k))
                             progress.update(task, completed=self.step,
-                                            info=f"{shown} lr {lr:.2e} "
-                                                 f"{record['images_per_s']:.1f} img/s")
+                                            info=progress_info(record, lr, progress.console.width))
                         sums, count = {}, 0
                         interval_start, interval_wait = now, 0.0
                     if checkpoint:

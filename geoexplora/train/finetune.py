@@ -480,6 +480,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict | None:
     _check_config(cfg)
     model_path = check_model_file(Path(cfg.model))
     output = check_output(cfg.output, cfg.overwrite)
+    E.RunFiles(output).check(cfg.overwrite, cfg.resume, extra=(_best_path(output),))
     meta = load_dataset_meta(cfg.chips)
     task = dataset_task(meta["task"], cfg.task, Path(cfg.chips))
     classes = meta.get("classes") or []
