@@ -7,7 +7,9 @@ failure. ``-v`` shows tracebacks. Heavy packages are imported inside commands on
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -54,9 +56,18 @@ for _name in COMMANDS:
         importlib.import_module(f"geoexplora.commands.{_name}").register(app)
 
 
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: maps our exceptions to exit codes and one-line messages."""
     from typer.exceptions import TyperException  # click's ClickException (usage errors)
+
+    # SIGTERM (kill, SLURM pre-emption) unwinds like Ctrl-C, so temporary outputs are removed;
+    # training installs its own handler that checkpoints first.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
     from geoexplora.errors import RuntimeFailure, UserError
     from geoexplora.log import verbosity

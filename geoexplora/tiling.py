@@ -730,10 +730,10 @@ def tile(cfg: TileConfig) -> TileResult:
     if cfg.class_folders:
         return import_class_folders(cfg, start)
 
-    size = cfg.size or DEFAULT_SIZE
-    stride = cfg.stride or size
+    size = DEFAULT_SIZE if cfg.size is None else cfg.size
+    stride = size if cfg.stride is None else cfg.stride
     if size < 1 or stride < 1:
-        raise UserError("--size and --stride must be positive")
+        raise UserError(f"--size {size} / --stride {stride}: both must be at least 1")
     scenes, skipped = open_scenes(cfg)
     first = scenes[0]
     crs = first.crs

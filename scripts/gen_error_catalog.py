@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "geoexplora"
-EXIT_CODES = {"UserError": 2, "RuntimeFailure": 1}
+BASE_ERRORS = {"UserError": 2, "RuntimeFailure": 1}  # geoexplora/errors.py: what the CLI catches
 
 
 @dataclass(frozen=True)
 class ErrorSite:
     module: str  # geoexplora.io.scene
     function: str  # qualified name of the enclosing function, or "<module>"
-    kind: str  # UserError or RuntimeFailure
+    kind: str  # UserError, RuntimeFailure or a subclass of them
+    exit_code: int
     template: str
 
 
@@ -60,18 +61,32 @@ def _concatenations(alternatives: list[list[str]]) -> list[str]:
     return out
 
 
-def _raised_class(node: ast.Raise) -> tuple[str, ast.Call] | None:
-    call = node.exc
-    if not isinstance(call, ast.Call):
-        return None
-    func = call.func
-    name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-    return (name, call) if name in EXIT_CODES else None
+def error_classes(trees: list[ast.Module]) -> dict[str, int]:
+    """``{class name: exit code}`` of UserError, RuntimeFailure and their subclasses in the
+    package (a subclass may set its own ``exit_code``)."""
+    codes = dict(BASE_ERRORS)
+    defs = {node.name: node for tree in trees for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef) and node.name not in BASE_ERRORS}
+    changed = True
+    while changed:
+        changed = False
+        for name, node in defs.items():
+            parent = next((b.id for b in node.bases if isinstance(b, ast.Name) and b.id in codes),
+                          None)
+            if name in codes or parent is None:
+                continue
+            codes[name] = next((stmt.value.value for stmt in node.body
+                                if isinstance(stmt, ast.Assign)
+                                and any(getattr(t, "id", None) == "exit_code" for t in stmt.targets)
+                                and isinstance(stmt.value, ast.Constant)), codes[parent])
+            changed = True
+    return codes
 
 
 class _Collector(ast.NodeVisitor):
-    def __init__(self, module: str):
+    def __init__(self, module: str, codes: dict[str, int]):
         self.module = module
+        self.codes = codes
         self.scope: list[str] = []
         self.sites: list[ErrorSite] = []
 
@@ -83,23 +98,29 @@ class _Collector(ast.NodeVisitor):
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _visit_scope
 
     def visit_Raise(self, node: ast.Raise) -> None:
-        raised = _raised_class(node)
-        if raised:
-            kind, call = raised
-            where = ".".join(self.scope) or "<module>"
-            self.sites += [ErrorSite(self.module, where, kind, template) for template in
-                           message_templates(call.args[0] if call.args else None)]
+        call = node.exc
+        if isinstance(call, ast.Call):
+            func = call.func
+            kind = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if kind in self.codes:
+                where = ".".join(self.scope) or "<module>"
+                self.sites += [ErrorSite(self.module, where, kind, self.codes[kind], template)
+                               for template in
+                               message_templates(call.args[0] if call.args else None)]
         self.generic_visit(node)
 
 
 def collect(package: Path = PACKAGE) -> list[ErrorSite]:
     """Every raise of a CLI error in the package, in module then source order, duplicates
     (same module, function, kind and message) once."""
+    paths = sorted(package.rglob("*.py"))
+    trees = [ast.parse(path.read_text(encoding="utf-8"), filename=str(path)) for path in paths]
+    codes = error_classes(trees)
     sites: list[ErrorSite] = []
-    for path in sorted(package.rglob("*.py")):
-        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
-        collector = _Collector(module)
-        collector.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    for path, tree in zip(paths, trees):
+        collector = _Collector(".".join(path.relative_to(package.parent).with_suffix("").parts),
+                               codes)
+        collector.visit(tree)
         sites += collector.sites
     return list(dict.fromkeys(sites))
 
@@ -108,6 +129,14 @@ def _module_summary(module: str, package: Path) -> str:
     path = package.parent.joinpath(*module.split(".")).with_suffix(".py")
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
     return " ".join(doc.split("\n\n")[0].split())
+
+
+def _class_summary(name: str, package: Path) -> str:
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and node.name == name:
+                return " ".join((ast.get_docstring(node) or "").split("\n\n")[0].split())
+    return ""
 
 
 def _code(text: str) -> str:
@@ -119,18 +148,22 @@ def _code(text: str) -> str:
 
 def render(package: Path = PACKAGE) -> str:
     sites = collect(package)
-    counts = {kind: sum(s.kind == kind for s in sites) for kind in EXIT_CODES}
+    kinds = {site.kind: site.exit_code for site in sites}
+    meaning = {"UserError": "bad input or usage; nothing was written",
+               "RuntimeFailure": "the run itself failed"}
     lines = ["# Error catalogue", "",
              "Generated from the source by `scripts/gen_error_catalog.py`; do not edit by hand.",
              "Every message below is printed on stderr as `geoexplora: error: MESSAGE` (its first",
              "line only; `-v` adds the traceback). `{...}` marks a part filled in at run time: a",
-             "path, band, option value or number.", "",
-             f"- **UserError** (exit code 2): bad input or usage; nothing was written. "
-             f"{counts['UserError']} messages.",
-             f"- **RuntimeFailure** (exit code 1): the run itself failed. "
-             f"{counts['RuntimeFailure']} messages.", "",
-             "Common ones, with their fixes, are explained in "
-             "[troubleshooting.md](troubleshooting.md).", ""]
+             "path, band, option value or number.", ""]
+    order = [*BASE_ERRORS, *sorted(set(kinds) - set(BASE_ERRORS))]
+    for kind in (k for k in order if k in kinds):
+        count = sum(site.kind == kind for site in sites)
+        what = meaning.get(kind) or _class_summary(kind, package).rstrip(".")
+        lines.append(f"- **{kind}** (exit code {kinds[kind]}): {what}. "
+                     f"{count} message{'s' if count != 1 else ''}.")
+    lines += ["", "Common ones, with their fixes, are explained in "
+              "[troubleshooting.md](troubleshooting.md).", ""]
     by_module: dict[str, list[ErrorSite]] = {}
     for site in sites:
         by_module.setdefault(site.module, []).append(site)
@@ -141,7 +174,7 @@ def render(package: Path = PACKAGE) -> str:
         for site in by_module[module]:
             first, *rest = site.template.splitlines() or [""]
             more = " (continues on further lines, not printed)" if rest else ""
-            lines.append(f"- {_code(first)}: {site.kind}, exit {EXIT_CODES[site.kind]}; "
+            lines.append(f"- {_code(first)}: {site.kind}, exit {site.exit_code}; "
                          f"in `{site.function}`{more}")
         lines.append("")
     return "\n".join(lines)

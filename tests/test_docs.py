@@ -167,8 +167,12 @@ def test_error_catalogue_shows_fields_branches_and_exit_codes(tmp_path):
         "    if bands:\n"
         "        raise UserError(f\"{path}: no chips{f' in {bands}' if bands else ''}\")\n"
         "    raise RuntimeFailure('ran out ' + 'of memory')\n"
+        "class Stopped(RuntimeFailure):\n"
+        "    \"\"\"Ctrl-C.\"\"\"\n"
+        "    exit_code = 130\n"
         "class Reader:\n"
-        "    def go(self):\n"
+        "    def go(self, step):\n"
+        "        raise Stopped(f'stopped at {step}')\n"
         "        raise ValueError('not a CLI error')\n")
     catalog = load_script("gen_error_catalog")
     sites = catalog.collect(package)
@@ -176,10 +180,13 @@ def test_error_catalogue_shows_fields_branches_and_exit_codes(tmp_path):
         ("pkg.io.scene", "read", "UserError", "{path}: has no CRS; bands {', '.join(bands)}"),
         ("pkg.io.scene", "read", "UserError", "{path}: no chips in {bands}"),
         ("pkg.io.scene", "read", "UserError", "{path}: no chips"),
-        ("pkg.io.scene", "read", "RuntimeFailure", "ran out of memory")]
+        ("pkg.io.scene", "read", "RuntimeFailure", "ran out of memory"),
+        ("pkg.io.scene", "Reader.go", "Stopped", "stopped at {step}")]
     text = catalog.render(package)
     assert "## pkg.io.scene\n\nScenes.\n" in text
     assert "- `ran out of memory`: RuntimeFailure, exit 1; in `read`" in text
+    assert "- **Stopped** (exit code 130): Ctrl-C. 1 message." in text
+    assert "- `stopped at {step}`: Stopped, exit 130; in `Reader.go`" in text
 
 
 def test_error_catalogue_covers_the_package():

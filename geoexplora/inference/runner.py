@@ -127,7 +127,8 @@ def run_to_files(scene, plan: WindowPlan, forwards, channels: int, products: lis
         logger.info("resuming: %d of %d strips already done", len(done & set(mine)), len(mine))
     timings = engine.Timings()
     with make_progress() as progress:
-        task = progress.add_task(f"predict {main.name}", total=total, info="")
+        verb = "embed" if products[0].key == "embedding" else "predict"
+        task = progress.add_task(f"{verb} {main.name}", total=total, info="")
         offset = 0
 
         def tick(_n):
