@@ -137,6 +137,7 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_stops(tmp_path):
     loop = _loop(tmp_path, every=100)
+    handler_before = signal.getsignal(signal.SIGTERM)
 
     def kill_at_step_3(step):
         if step == 2:
@@ -146,7 +147,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_stops(tmp_path):
     with pytest.raises(E.Interrupted, match="step 3/12"):
         loop.run()
     assert torch.load(tmp_path / "out.ckpt", weights_only=True)["step"] == 3
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the loop restores the handler
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
