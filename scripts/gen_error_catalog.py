@@ -162,8 +162,8 @@ def render(package: Path = PACKAGE) -> str:
         what = meaning.get(kind) or _class_summary(kind, package).rstrip(".")
         lines.append(f"- **{kind}** (exit code {kinds[kind]}): {what}. "
                      f"{count} message{'s' if count != 1 else ''}.")
-    lines += ["", "Common ones, with their fixes, are explained in "
-              "[troubleshooting.md](troubleshooting.md).", ""]
+    lines += ["", ("Common ones, with their fixes, are explained in "
+                   "[troubleshooting.md](troubleshooting.md)."), ""]
     by_module: dict[str, list[ErrorSite]] = {}
     for site in sites:
         by_module.setdefault(site.module, []).append(site)

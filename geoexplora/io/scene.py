@@ -417,14 +417,16 @@ class Scene:
         for t, frame in enumerate(self.sources):
             for c, sb in enumerate(frame):
                 ds = self._dataset(sb.path)
-                raw = ds.read(sb.index, window=inner).astype(np.float32, copy=False)
-                nodata = sb.nodata
-                invalid = ~np.isfinite(raw)
-                if nodata is not None and not np.isnan(nodata):
-                    invalid |= raw == np.float32(nodata)
-                values = raw * np.float32(sb.scale) + np.float32(sb.add) if (
-                    sb.scale != 1.0 or sb.add != 0.0) else raw
-                values[invalid] = np.nan
+                # GDAL converts to float32 while reading; the rest works in place.
+                values = ds.read(sb.index, window=inner, out_dtype="float32")
+                if sb.nodata is not None and not np.isnan(sb.nodata):
+                    values[values == np.float32(sb.nodata)] = np.nan
+                if ds.dtypes[sb.index - 1].startswith("float"):
+                    values[np.isinf(values)] = np.nan  # NaN is nodata already
+                if sb.scale != 1.0:
+                    values *= np.float32(sb.scale)
+                if sb.add != 0.0:
+                    values += np.float32(sb.add)
                 out[t, c, r0 - row:r1 - row, c0 - col:c1 - col] = values
         return out
 
