@@ -23,6 +23,7 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) scripts/gen_cli_reference.py > docs/cli.md
+	$(PY) scripts/gen_error_catalog.py > docs/errors.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

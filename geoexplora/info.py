@@ -39,7 +39,9 @@ def describe_path(path: Path, opts) -> dict:
     if is_model_file(path):
         from geoexplora.models.file import model_card
 
-        return {"path": str(path), "kind": "model", **model_card(path)}
+        card = model_card(path)
+        # "kind" tells rasters from models here; the model's own kind (backbone/task) is kept.
+        return {**card, "path": str(path), "kind": "model", "model_kind": card.get("kind")}
     return describe_raster(path, opts)
 
 
@@ -51,7 +53,7 @@ def render_description(doc: dict) -> None:
     if doc["kind"] == "model":
         from geoexplora.models.file import render_model_card
 
-        render_model_card(doc, console)
+        console.print(render_model_card(doc))
         return
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]file", doc["path"])

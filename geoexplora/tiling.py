@@ -789,6 +789,11 @@ def tile(cfg: TileConfig) -> TileResult:
         stats = _stats_of(samples, len(first.bands), cfg)
         class_list = _class_counts(records, classes, task, class_pixels)
         splits = dict(Counter(r["split"] for r in records))
+        for name, fraction in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
+            if fraction > 0 and not splits.get(name):
+                log.warning("no %s chips: the scenes hold too few split blocks of %d px for "
+                               "--%s-fraction %g; pass a smaller --split-block or a larger "
+                               "fraction", name, block_px, name, fraction)
         counts = {"chips": len(records), "splits": splits, "dropped": dict(dropped),
                   "classes": {c["name"]: c["chips"] for c in class_list}}
         sources = [str(p) for s in scenes for p in s.paths]

@@ -95,3 +95,19 @@ def test_paths_from_stdin(sample_data):
     path = sample_data / "slovenia" / "S2L1C_2015-07-11_13band_10m.tif"
     code, out, _ = run_cli("info", "-", "--json", input=f"{path}\n")
     assert code == 0 and json.loads(out)["files"][0]["count"] == 13
+
+
+def test_info_on_a_model_file_prints_its_card(tmp_path):
+    from geoexplora.models import build_backbone
+    from geoexplora.models.file import save_model
+
+    vit = build_backbone(init="geo_vit_tiny_patch14", init_weights="random",
+                         bands=["sentinel2:B4", "sentinel2:B3", "sentinel2:B2"], img_size=28)
+    path = save_model(tmp_path / "m.pt", vit)
+    code, out, err = run_cli("info", str(path))
+    assert code == 0, err
+    assert "geo_vit_tiny_patch14" in out and "backbone" in out and "B4" in out
+    code, out, _ = run_cli("info", str(path), "--json")
+    doc = json.loads(out)["files"][0]
+    assert doc["kind"] == "model" and doc["model_kind"] == "backbone"
+    assert [b["key"] for b in doc["backbone"]["bands"]][:1] == ["sentinel2:B4"]

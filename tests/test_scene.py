@@ -202,3 +202,17 @@ def test_nan_pixels_are_nodata(tmp_path):
         open_scene([path])
     out = open_scene([path], SceneOptions(sensor="sentinel2")).read()
     assert np.isnan(out[0, 0, 1, 1]) and np.isfinite(out).sum() == 8
+
+
+def test_sensor_qualified_band_map_needs_no_sensor_option(tmp_path):
+    path = tmp_path / "plain.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=2, height=2, count=2, dtype="uint16",
+                       crs="EPSG:32633", transform=rasterio.transform.from_origin(0, 20, 10, 10)
+                       ) as dst:
+        dst.write(np.full((2, 2, 2), 900, "uint16"))
+    with pytest.raises(UserError, match="fit several sensors"):
+        open_scene([path], scene_options(band_map="1=B2,2=B8"))
+    scene = open_scene([path], scene_options(band_map="1=sentinel2:B2,2=sentinel2:B8"))
+    assert [b.key for b in scene.bands] == ["sentinel2:B2", "sentinel2:B8"]
+    with pytest.raises(UserError, match="is landsat8 .*not sentinel2"):
+        open_scene([path], scene_options(sensor="landsat8", band_map="1=sentinel2:B2"))

@@ -16,7 +16,9 @@ Sensor = Annotated[str | None, typer.Option(
     "--sensor", help="Sensor preset naming the file's bands in order when it has no band "
                      "descriptions: sentinel2, landsat8, landsat9, landsat7, landsat5, rgb, rgbn.")]
 BandMap = Annotated[str | None, typer.Option(
-    "--band-map", help="Explicit band identities of the file's bands, 1-based: 1=B2,2=B3,3=B4.")]
+    "--band-map", help="Explicit band identities of the file's bands, 1-based: 1=B2,2=B3,3=B4 "
+                       "(with --sensor), or sensor-qualified 1=sentinel2:B2; FILE:1=B7 for one "
+                       "file of several.")]
 S2Offset = Annotated[str, typer.Option(
     "--s2-offset", help="Sentinel-2 DN offset: auto (1000 from 2022-01-25, or from tags), 0 or "
                         "1000.")]

@@ -37,6 +37,8 @@ def resolve_devices(device: str | None, devices: str | None) -> list:
     or a list ``0,1`` / ``cuda:0,cuda:1``."""
     import torch
 
+    if devices and device == "cpu":
+        raise UserError("--devices picks GPUs; leave it out with --device cpu")
     if devices:
         items = [d.strip() for d in devices.split(",") if d.strip()]
         if len(items) == 1 and items[0].isdigit() and not device:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,7 +216,10 @@ def _band_map_for(path: Path, band_map: dict[str, str] | None, count: int) -> di
 def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) -> RasterFile:
     """Open one file and identify its bands (None where unknown); UserError if unreadable."""
     try:
-        with rasterio.open(path) as src:
+        with warnings.catch_warnings():  # no georeferencing: our own error below says so
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            src = rasterio.open(path)
+        with src:
             info = {"count": src.count, "width": src.width, "height": src.height,
                     "crs": src.crs, "transform": src.transform, "dtype": src.dtypes[0],
                     "nodata": src.nodata, "descriptions": list(src.descriptions),
@@ -232,6 +236,13 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
     explicit = _band_map_for(path, opts.band_map, info["count"])
     if explicit:
         for i, name in explicit.items():
+            named_sensor, sep, band_name = name.rpartition(":")
+            if sep:  # sensor-qualified: 1=sentinel2:B2
+                named_sensor = B.canonical_sensor(named_sensor)
+                if sensor not in (None, named_sensor):
+                    raise UserError(f"--band-map {i}={name}: {path.name} is {sensor} "
+                                    f"(from --sensor or its name), not {named_sensor}")
+                sensor, name = named_sensor, band_name
             tokens[i - 1] = name
     elif all(info["descriptions"]) and info["count"] > 0:
         tokens = list(info["descriptions"])

@@ -187,7 +187,7 @@ def render_model_card(card: dict):
     rows = [
         ("file", f"{card['file']} ({card['size_bytes'] / 1e6:.1f} MB)"),
         ("sha256", card["sha256"]),
-        ("kind", card["kind"]),
+        ("kind", card.get("model_kind", card["kind"])),
         ("architecture", (f"{arch['name']} (timm {arch['timm_name']}): depth {arch['depth']}, "
                           f"dim {arch['embed_dim']}, heads {arch['num_heads']}, patch "
                           f"{arch['patch_size']}, image {arch['img_size'][0]}x"
