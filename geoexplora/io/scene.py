@@ -426,20 +426,31 @@ class Scene:
             return out
         inner = Window(c0, r0, c1 - c0, r1 - r0)
         for t, frame in enumerate(self.sources):
+            by_file: dict[Path, list[int]] = {}
             for c, sb in enumerate(frame):
-                ds = self._dataset(sb.path)
-                # GDAL converts to float32 while reading; the rest works in place.
-                values = ds.read(sb.index, window=inner, out_dtype="float32")
-                if sb.nodata is not None and not np.isnan(sb.nodata):
-                    values[values == np.float32(sb.nodata)] = np.nan
-                if ds.dtypes[sb.index - 1].startswith("float"):
-                    values[np.isinf(values)] = np.nan  # NaN is nodata already
-                if sb.scale != 1.0:
-                    values *= np.float32(sb.scale)
-                if sb.add != 0.0:
-                    values += np.float32(sb.add)
-                out[t, c, r0 - row:r1 - row, c0 - col:c1 - col] = values
+                by_file.setdefault(sb.path, []).append(c)
+            for path, channels in by_file.items():
+                ds = self._dataset(path)
+                # One read per file: pixel-interleaved files decode each block once for all
+                # bands; GDAL converts to float32 while reading, the rest works in place.
+                stack = ds.read([frame[c].index for c in channels], window=inner,
+                                out_dtype="float32")
+                for values, c in zip(stack, channels):
+                    self._to_canonical(values, frame[c], ds)
+                    out[t, c, r0 - row:r1 - row, c0 - col:c1 - col] = values
         return out
+
+    @staticmethod
+    def _to_canonical(values: np.ndarray, sb: SourceBand, ds) -> None:
+        """In place: nodata and infinities -> NaN, DNs -> canonical units."""
+        if sb.nodata is not None and not np.isnan(sb.nodata):
+            values[values == np.float32(sb.nodata)] = np.nan
+        if ds.dtypes[sb.index - 1].startswith("float"):
+            values[np.isinf(values)] = np.nan  # NaN is nodata already
+        if sb.scale != 1.0:
+            values *= np.float32(sb.scale)
+        if sb.add != 0.0:
+            values += np.float32(sb.add)
 
     def valid_mask(self, data: np.ndarray) -> np.ndarray:
         """``(h, w)`` True where some date has all bands valid."""
