@@ -159,3 +159,16 @@ def test_chips_written_from_a_template_read_back_like_gdal_writes(tmp_path, opti
             assert chip.compression == (None if options is None else
                                         rasterio.enums.Compression.deflate)
         assert dates == ["2015-07-11"]
+
+
+def test_an_index_naming_files_outside_the_dataset_is_refused(tmp_path):
+    import geopandas as gpd
+
+    from geoexplora.io.chips import INDEX_NAME
+
+    root = make_chips_dataset(tmp_path, "unlabeled")
+    index = gpd.read_parquet(root / INDEX_NAME)
+    index.loc[0, "path"] = "../../../etc/hostname"
+    index.to_parquet(root / INDEX_NAME)
+    with pytest.raises(UserError, match="outside the dataset folder"):
+        ChipsDataset(root)

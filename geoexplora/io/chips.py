@@ -266,6 +266,16 @@ def read_index(root: str | os.PathLike):
     return gpd.read_parquet(path)
 
 
+def _check_inside(root: Path, relative_paths) -> None:
+    """The index may only name files inside the dataset folder (a crafted index must not make
+    us read elsewhere)."""
+    base = root.resolve()
+    for rel in relative_paths:
+        if Path(rel).is_absolute() or not (base / rel).resolve().is_relative_to(base):
+            raise UserError(f"{root / INDEX_NAME} names {rel}, outside the dataset folder; "
+                            "refusing to read it")
+
+
 class ChipsDataset:
     """Map-style dataset over a chips folder (usable with ``torch.utils.data.DataLoader``).
 
@@ -292,6 +302,7 @@ class ChipsDataset:
         self.chip_size: int = self.meta["chip_size"]
         self.stats: dict = self.meta["stats"]
         self.has_masks = bool(self.index["mask_path"].notna().any()) if len(self.index) else False
+        _check_inside(self.root, [*self.index["path"], *self.index["mask_path"].dropna()])
 
     @property
     def num_classes(self) -> int:
