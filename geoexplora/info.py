@@ -8,10 +8,25 @@ from geoexplora.errors import UserError
 
 
 def is_model_file(path: Path) -> bool:
-    """Model files are zip archives written by torch.save (``.pt``/``.pth``)."""
-    import zipfile
+    """Model files are ``.pt``/``.pth`` (the model reader says when one is not ours)."""
+    return path.suffix.lower() in (".pt", ".pth")
 
-    return path.suffix.lower() in (".pt", ".pth") and zipfile.is_zipfile(path)
+
+def raster_files(paths: list[Path]) -> list[Path]:
+    """Paths as given; a folder -> the raster files and model files in it, sorted."""
+    from geoexplora.io.scene import RASTER_SUFFIXES
+
+    out = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in
+                           (*RASTER_SUFFIXES, ".pt", ".pth"))
+            if not found:
+                raise UserError(f"{path}: folder holds no raster or model files")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
 
 
 def describe_raster(path: Path, opts) -> dict:

@@ -173,6 +173,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(
     monkeypatch.setattr(DinoV2Objective, "after_optimizer_step", original)
     summary = A.adapt(config(out, tiny_weights, resume=True))
     assert summary["resumed_from_step"] == 3
+    assert summary["first_loss"] == run[1]["first_loss"]  # step 1's, not the resumed step's
     reference = load_model(run[0]).state_dict()
     resumed = load_model(out).state_dict()
     for name, tensor in reference.items():

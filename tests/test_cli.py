@@ -111,3 +111,33 @@ def test_info_on_a_model_file_prints_its_card(tmp_path):
     doc = json.loads(out)["files"][0]
     assert doc["kind"] == "model" and doc["model_kind"] == "backbone"
     assert [b["key"] for b in doc["backbone"]["bands"]][:1] == ["sentinel2:B4"]
+
+
+def test_a_file_that_is_not_a_model_is_a_one_line_error(tmp_path):
+    fake = tmp_path / "x.pt"
+    fake.write_text("hello")
+    for args in (("info", str(fake)), ("embed", str(fake), str(tmp_path / "s.tif"), "-o",
+                                       str(tmp_path / "e.tif"))):
+        code, _, err = run_cli(*args)
+        assert code == 2, args
+        assert f"{fake}: not a readable model file" in err and "Traceback" not in err
+
+
+def test_info_on_a_folder_describes_its_band_files(shared_data):
+    folder = next((shared_data / "bigearthnet-s2-examples").glob("S2A_*"))
+    code, out, _ = run_cli("info", str(folder), "--json")
+    names = [f["bands"][0]["name"] for f in json.loads(out)["files"]]
+    assert code == 0 and len(names) == 12 and "B8A" in names
+
+
+def test_partial_band_map_overrides_only_the_bands_it_names(sample_data):
+    path = sample_data / "slovenia" / "S2L1C_2015-07-11_13band_10m.tif"
+    code, out, _ = run_cli("info", str(path), "--band-map", "1=B1", "--json")
+    names = [b["name"] for b in json.loads(out)["files"][0]["bands"]]
+    assert code == 0 and names[:3] == ["B1", "B2", "B3"] and names[8] == "B8A"
+
+
+def test_band_map_naming_an_unknown_band_is_refused(sample_data):
+    path = sample_data / "slovenia" / "S2L1C_2015-07-11_13band_10m.tif"
+    code, _, err = run_cli("info", str(path), "--band-map", "1=B77")
+    assert code == 2 and "--band-map names B77: not a band of any sensor" in err

@@ -18,14 +18,14 @@ def info(
     json_out: O.Json = False,
 ) -> None:
     """Describe rasters (size, CRS, resolution, dtype, nodata, identified bands, dates) or model
-    files (the model card).
+    files (the model card). A folder stands for the rasters in it (one file per band).
 
     Example: geoexplora info scene.tif --json | jq .files[0].bands
     """
-    from geoexplora.info import describe_path, render_description
+    from geoexplora.info import describe_path, raster_files, render_description
 
-    docs = [describe_path(p, O.scene_opts(sensor=sensor, band_map=band_map, s2_offset=s2_offset,
-                                          nodata=nodata)) for p in O.expand_paths(paths)]
+    opts = O.scene_opts(sensor=sensor, band_map=band_map, s2_offset=s2_offset, nodata=nodata)
+    docs = [describe_path(p, opts) for p in raster_files(O.expand_paths(paths))]
     if json_out:
         O.print_json({"files": docs})
     else:

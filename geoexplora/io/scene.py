@@ -235,6 +235,8 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
     tokens: list[str | None] = [None] * info["count"]
     explicit = _band_map_for(path, opts.band_map, info["count"])
     if explicit:
+        if all(info["descriptions"]):  # a partial map overrides only the bands it names
+            tokens = list(info["descriptions"])
         for i, name in explicit.items():
             named_sensor, sep, band_name = name.rpartition(":")
             if sep:  # sensor-qualified: 1=sentinel2:B2
@@ -254,6 +256,15 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
     known = [t for t in tokens if t]
     if sensor is None and known:
         sensor = guess_sensor(known)
+    if sensor is None and explicit:
+        unknown = [n for n in explicit.values()
+                   if not any(B.find_band(s, n) for s in B.SENSORS)]
+        if unknown:
+            raise UserError(f"--band-map names {', '.join(unknown)}: not a band of any sensor "
+                            f"({path.name})")
+        raise UserError(f"--band-map {', '.join(f'{i}={n}' for i, n in explicit.items())}: "
+                        f"these names fit several sensors ({path.name}); pass --sensor, or "
+                        "qualify them (1=sentinel2:B2)")
     identified: list[B.Band | None] = []
     for t in tokens:
         if t is None or sensor is None:

@@ -91,6 +91,9 @@ def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is not ours
+        raise UserError(f"{path}: not a readable model file (not a torch.save archive: corrupt, "
+                        "truncated or another format)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -99,14 +102,17 @@ def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
                             "just tensors)") from exc
         raise UserError(f"{path}: not a readable model file (corrupt or not written by "
                         f"torch.save: {exc})") from exc
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError,
+            zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable model file (corrupt, truncated or not written "
                         f"by torch.save: {exc})") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
         raise UserError(f"{path}: not a geoexplora model file (a raw checkpoint? give it as "
                         "--init-weights with --init naming its architecture)")
     version = obj.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version < 1:
+        raise UserError(f"{path}: corrupt model file (format version {version!r})")
+    if version > FORMAT_VERSION:
         raise UserError(f"{path}: model file format {version} is newer than this geoexplora "
                         f"reads (up to {FORMAT_VERSION}); upgrade geoexplora")
     try:

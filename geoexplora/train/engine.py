@@ -629,6 +629,7 @@ class TrainLoop:
         elif fabric.is_global_zero and self.files.checkpoint.exists():
             logger.warning("starting afresh: %s will be replaced (--resume continues it)",
                            self.files.checkpoint)
+        kept: list[dict] = []
         if fabric.is_global_zero:  # a fresh run starts a fresh log; a resumed one cuts it back
             self.files.log.parent.mkdir(parents=True, exist_ok=True)
             kept = read_log(self.files.log, upto_step=self.step) if resume else []
@@ -648,7 +649,8 @@ class TrainLoop:
         wait_total = 0.0
         run_start = mark = time.perf_counter()
         interval_start, interval_wait = run_start, 0.0
-        first: dict | None = None
+        # A resumed run reports the same first loss as an uninterrupted one (from the log).
+        first: dict | None = kept[0] if kept else None
         last: dict | None = None
         progress = make_progress() if fabric.is_global_zero else None
         log_file = (open(self.files.log, "a")  # noqa: SIM115 - closed in the finally below
