@@ -72,7 +72,9 @@ def predict(
     transform and nodata, colour table, class names and overviews) with sliding, blended windows
     in bounded memory, plus a JSON sidecar (OUT.tif.json) recording model, band mapping, windows and
     timings. Input nodata is nodata in every output; an input with no valid pixel gives an
-    all-nodata output and a warning.
+    all-nodata output and a warning. Classification models write one cell per window stride
+    (the last row and column of cells may reach past the raster's edge, by less than one
+    stride), or a per-pixel map with --dense.
 
     Example: geoexplora predict model.pt region.tif -o region_pred.tif --probabilities
     """
