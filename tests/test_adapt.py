@@ -345,3 +345,20 @@ def test_scene_smaller_than_the_window_is_refused(tmp_path, tiny_weights):
     code, _, stderr = _cli(tmp_path, tiny_weights, "-o", str(tmp_path / "m.pt"), "--bands",
                            "B2,B3,B4,B8", "--crop-size", "224")
     assert code == 2 and "smaller than the 224 px training window" in stderr
+
+
+def test_arch_option_overrides_the_architecture(tmp_path):
+    from conftest import run_cli
+
+    from geoexplora.sample import s2_tile_crop
+
+    code, out, err = run_cli(
+        "adapt", str(s2_tile_crop()), "--bands", "B2,B3,B4", "--init", "geo_vit_tiny_patch14",
+        "--init-weights", "random", "--arch", "depth=2", "--arch", "init_values=1.0",
+        "--dry-run", "--json", "-o", str(tmp_path / "a.pt"))
+    assert code == 0, err
+    assert json.loads(out)["parameters"]["unfrozen_block_indices"] == [1]  # the last of 2
+    assert not (tmp_path / "a.pt").exists()
+    code, _, err = run_cli("adapt", str(s2_tile_crop()), "--arch", "depth", "-o",
+                           str(tmp_path / "b.pt"))
+    assert code == 2 and "--arch 'depth' is not KEY=VALUE" in err

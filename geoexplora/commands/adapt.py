@@ -61,6 +61,9 @@ def adapt(
     spectral_tokens: Annotated[str, typer.Option(
         "--spectral-tokens", help="bank (one token per patch, any bands) or groups (one token "
                                   "per patch and Sentinel-2 band group, as SatMAE).")] = "bank",
+    arch: Annotated[list[str] | None, typer.Option(
+        "--arch", help="timm architecture override KEY=VALUE (repeatable), e.g. init_values=1.0 "
+                       "(LayerScale) for a shallow model trained from scratch, or depth=6.")] = None,
     crop_size: Annotated[int, typer.Option(
         "--crop-size", help="Training window and global crop size in pixels (a multiple of "
                             "the patch size).")] = DATA.crop_size,
@@ -110,6 +113,7 @@ def adapt(
         raise UserError(f"--unfreeze-blocks '{unfreeze_blocks}' is not a list of integers") \
             from exc
     cfg = AdaptConfig(
+        arch_overrides=parse_arch_overrides(arch),
         inputs=O.expand_paths(inputs), output=output, bands=opts.bands, sensor=opts.sensor,
         band_map=opts.band_map, nodata=nodata, s2_offset=s2_offset, init=init,
         init_weights=init_weights, objective=objective, full=full, steps=steps, epochs=epochs,
@@ -153,6 +157,27 @@ def _render(summary: dict) -> None:
     for key, value in rows:
         table.add_row(key, str(value))
     Console().print(table)
+
+
+def parse_arch_overrides(items: list[str] | None) -> dict | None:
+    """``["init_values=1.0", "depth=6"]`` -> ``{"init_values": 1.0, "depth": 6}`` (JSON values:
+    numbers, true/false, null; anything else is a string)."""
+    import json
+
+    from geoexplora.errors import UserError
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise UserError(f"--arch '{item}' is not KEY=VALUE (e.g. init_values=1.0)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def register(app: typer.Typer) -> None:
