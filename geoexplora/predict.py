@@ -260,25 +260,33 @@ def _finish(result: dict, output: Path) -> dict:
     return result
 
 
-def predict(cfg: PredictConfig) -> list[dict]:
-    """Predict every job of ``cfg``; one result dict per output (or per plan with dry_run)."""
-    from geoexplora.inference.model import predictor_from_model, resolve_devices
-    from geoexplora.inference.products import PROB_DTYPES, class_products
+def _prepare(cfg: PredictConfig | EmbedConfig):
+    """What predict and embed share before their jobs: (jobs, devices, model, model sha256,
+    run options)."""
+    from geoexplora.inference.model import resolve_devices
     from geoexplora.inference.runner import parse_shard
     from geoexplora.io.writers import file_sha256
     from geoexplora.models.file import load_model
 
-    if cfg.prob_dtype not in PROB_DTYPES:
-        raise UserError(f"--prob-dtype must be one of {', '.join(PROB_DTYPES)}")
     shard = parse_shard(cfg.shard)
     jobs = plan_jobs(cfg.rasters, cfg.output, shard)
-    if cfg.vectorize and output_is_folder(cfg.output):
-        raise UserError("--vectorize writes one file: use it with one output raster")
     devices = resolve_devices(cfg.device, cfg.devices)
     model = load_model(cfg.model)
-    model_sha = file_sha256(cfg.model)
     # One output: the shard is a range of its strips; an output folder: every n-th input.
     run_opts = _run_options(cfg, None if output_is_folder(cfg.output) else shard)
+    return jobs, devices, model, file_sha256(cfg.model), run_opts
+
+
+def predict(cfg: PredictConfig) -> list[dict]:
+    """Predict every job of ``cfg``; one result dict per output (or per plan with dry_run)."""
+    from geoexplora.inference.model import predictor_from_model
+    from geoexplora.inference.products import PROB_DTYPES, class_products
+
+    if cfg.prob_dtype not in PROB_DTYPES:
+        raise UserError(f"--prob-dtype must be one of {', '.join(PROB_DTYPES)}")
+    if cfg.vectorize and output_is_folder(cfg.output):
+        raise UserError("--vectorize writes one file: use it with one output raster")
+    jobs, devices, model, model_sha, run_opts = _prepare(cfg)
     results = []
     for inputs, output in jobs:
         scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
@@ -380,23 +388,15 @@ def _pca_for(scene, plan, model, read, device, k: int, work: Path) -> tuple:
 
 def embed(cfg: EmbedConfig) -> list[dict]:
     """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
-    from geoexplora.inference.model import predictor_from_model, resolve_devices
+    from geoexplora.inference.model import predictor_from_model
     from geoexplora.inference.products import EMBED_DTYPES, embedding_product
-    from geoexplora.inference.runner import parse_shard, prepare_work
-    from geoexplora.io.writers import file_sha256
-    from geoexplora.models.file import load_model
+    from geoexplora.inference.runner import prepare_work
 
     if cfg.dtype not in EMBED_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EMBED_DTYPES)}")
     if cfg.pca is not None and cfg.pca < 1:
         raise UserError("--pca must be at least 1")
-    shard = parse_shard(cfg.shard)
-    jobs = plan_jobs(cfg.rasters, cfg.output, shard)
-    devices = resolve_devices(cfg.device, cfg.devices)
-    model = load_model(cfg.model)
-    model_sha = file_sha256(cfg.model)
-    # One output: the shard is a range of its strips; an output folder: every n-th input.
-    run_opts = _run_options(cfg, None if output_is_folder(cfg.output) else shard)
+    jobs, devices, model, model_sha, run_opts = _prepare(cfg)
     results = []
     for inputs, output in jobs:
         scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))

@@ -379,16 +379,13 @@ def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> di
 
 
 def _validate(cfg: AdaptConfig) -> None:
+    from geoexplora.train import engine as E
+
     for name in ("batch_size", "accumulate", "devices", "num_nodes", "crop_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
                             f"{getattr(cfg, name)}")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise UserError("give --steps or --epochs, not both")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise UserError(f"--steps must be at least 1, not {cfg.steps}")
-    if cfg.epochs is not None and not cfg.epochs > 0:
-        raise UserError(f"--epochs must be positive, not {cfg.epochs}")
+    E.check_duration(cfg.steps, cfg.epochs)
     if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank must be 0 or more, not {cfg.lora_rank}")
     if cfg.local_crops < 0:

@@ -365,6 +365,16 @@ class RunFiles:
             check_output(path, True)
 
 
+def check_duration(steps: int | None, epochs: float | None) -> None:
+    """A run is sized by ``--steps`` or ``--epochs`` (or neither: the command's default)."""
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be at least 1, not {steps}")
+    if epochs is not None and not epochs > 0:
+        raise UserError(f"--epochs must be positive, not {epochs}")
+
+
 def progress_info(record: dict, lr: float, width: int) -> str:
     """The progress line's text: the total loss, lr and rate; every loss term too when the
     terminal is wide enough (the JSONL log always has them all)."""

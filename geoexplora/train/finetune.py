@@ -401,12 +401,9 @@ def evaluate(model, dataset, task: str, num_classes: int, batch_size: int, devic
 
 
 def _check_config(cfg: FinetuneConfig) -> None:
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise UserError("give --steps or --epochs, not both")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise UserError(f"--steps must be at least 1, not {cfg.steps}")
-    if cfg.epochs is not None and not cfg.epochs > 0:
-        raise UserError(f"--epochs must be positive, not {cfg.epochs}")
+    from geoexplora.train import engine as E
+
+    E.check_duration(cfg.steps, cfg.epochs)
     if cfg.mode not in MODES:
         raise UserError(f"--mode {cfg.mode}: use one of {', '.join(MODES)}")
     if cfg.class_weighting not in CLASS_WEIGHTINGS:
