@@ -479,8 +479,8 @@ def _init_worker(plan: Plan) -> None:
 
 def make_block_tasks(cands: Candidates, scenes: list, size: int, stride: int,
                      workers: int = 1) -> list[BlockTask]:
-    """Group the live candidates into read blocks of several chips, bounded in memory (and, with
-    several workers, at least about four blocks per worker)."""
+    """Group the live candidates into read blocks of several chips, bounded in memory, and at
+    least about four blocks per worker, so reading one block overlaps writing the last."""
     tasks: list[BlockTask] = []
     live = cands.drop == ""
     total_px = sum(s.width * s.height for s in scenes)
@@ -489,9 +489,7 @@ def make_block_tasks(cands: Candidates, scenes: list, size: int, stride: int,
         if mine.size == 0:
             continue
         px_budget = BLOCK_BUDGET_BYTES // (4 * scene.shape[0] * scene.shape[1])
-        if workers > 1:
-            px_budget = min(px_budget, total_px // (4 * workers))
-        px_budget = max(size * size, px_budget)
+        px_budget = max(size * size, min(px_budget, total_px // (4 * workers)))
         span_cols = max(1, (px_budget // size - size) // stride + 1)
         rows = np.unique(cands.row[mine])
         cols = np.unique(cands.col[mine])
@@ -534,8 +532,12 @@ def _read_block(plan: Plan, task: BlockTask):
         raise UserError(message) from exc
 
 
-def run_block(task: BlockTask) -> BlockResult:
-    """Read one block, cut its chips, filter, label and write them."""
+_NOT_READ = object()
+
+
+def run_block(task: BlockTask, block=_NOT_READ) -> BlockResult:
+    """Cut one block's chips, filter, label and write them (reading the block unless given:
+    ``_read_block``'s result, None when unreadable)."""
     from rasterio.windows import Window
 
     plan = _PLAN
@@ -544,7 +546,8 @@ def run_block(task: BlockTask) -> BlockResult:
     dropped: Counter = Counter()
     class_pixels = np.zeros(max(plan.num_classes, 1), dtype=np.int64)
     records, samples = [], {}
-    block = _read_block(plan, task)
+    if block is _NOT_READ:
+        block = _read_block(plan, task)
     if block is None:
         dropped["unreadable"] += len(task.chips)
         return BlockResult([], {}, dropped, class_pixels)
@@ -601,15 +604,19 @@ def _chip_rng(seed: int, cid: str) -> np.random.Generator:
 
 def _stats_of(samples: dict[str, np.ndarray], num_bands: int, cfg: TileConfig) -> dict:
     acc = BandStatsAccumulator(num_bands, cfg.stats_samples, cfg.seed)
-    for cid in sorted(samples):
-        acc.update(samples[cid])
+    acc.update(np.concatenate([samples[cid] for cid in sorted(samples)]))  # ~stats_samples rows
     return acc.result()
 
 
 def run_tasks(fn, tasks: list, plan, workers: int, description: str, weights: list[int],
-              show_progress: bool = True):
+              show_progress: bool = True, read_ahead=None):
     """Run ``fn`` over ``tasks`` (inline, or in ``workers`` processes), yielding results in
-    completion order, with a progress bar advanced by each task's weight."""
+    completion order, with a progress bar advanced by each task's weight.
+
+    Inline, ``read_ahead(plan, task)`` (when given) runs in a thread one task ahead and its
+    result is passed as ``fn(task, prefetched)``: GDAL reads without the Python lock, so the next
+    block is decoded while this one's chips are written.
+    """
     import contextlib
 
     from geoexplora.log import make_progress
@@ -623,9 +630,21 @@ def run_tasks(fn, tasks: list, plan, workers: int, description: str, weights: li
 
         if workers <= 1 or len(tasks) <= 1:
             _init_worker(plan)
-            for task, weight in zip(tasks, weights):
-                yield fn(task)
-                advance(weight)
+            if read_ahead is None:
+                for task, weight in zip(tasks, weights):
+                    yield fn(task)
+                    advance(weight)
+                return
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+                ahead = reader.submit(read_ahead, plan, tasks[0]) if tasks else None
+                for i, (task, weight) in enumerate(zip(tasks, weights)):
+                    prefetched = ahead.result()
+                    if i + 1 < len(tasks):
+                        ahead = reader.submit(read_ahead, plan, tasks[i + 1])
+                    yield fn(task, prefetched)
+                    advance(weight)
             return
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -758,6 +777,8 @@ def tile(cfg: TileConfig) -> TileResult:
     n_live = sum(len(t.chips) for t in tasks)
     classes = labels.classes if labels is not None and task != "none" else []
     crss = [write_crs(s.crs) for s in scenes]
+    for scene in scenes:
+        scene.decode_threads = max(1, (os.cpu_count() or 1) // cfg.workers)
     plan = Plan(scenes=scenes, crss=crss, labels=labels if classes else None, task=task, size=size,
                 max_nodata=cfg.max_nodata, min_label_fraction=cfg.min_label_fraction,
                 num_classes=len(classes), class_colors={c.id: c.color for c in classes},
@@ -776,7 +797,7 @@ def tile(cfg: TileConfig) -> TileResult:
         records: list[dict] = []
         class_pixels = np.zeros(max(len(classes), 1), dtype=np.int64)
         for res in run_tasks(run_block, tasks, plan, cfg.workers, "tile",
-                             [len(t.chips) for t in tasks], cfg.show_progress):
+                             [len(t.chips) for t in tasks], cfg.show_progress, _read_block):
             records.extend(res.records)
             dropped.update(res.dropped)
             class_pixels += res.class_pixels

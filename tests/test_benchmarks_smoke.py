@@ -1,5 +1,6 @@
 """Smoke runs of the benchmarks this suite owns: ``domain_shift.py --smoke`` (2 steps per arm,
-real data) and ``gpu.sh --dry-run`` (the GPU check's code on CPU with tiny configurations).
+real data), ``gpu.sh --dry-run`` (the GPU check's code on CPU with tiny configurations) and
+``tile.py`` on the bundled Sentinel-2 crop.
 They check that the scripts run and print complete JSON lines with sane numbers; the numbers
 themselves are in docs/benchmarks.md."""
 
@@ -104,3 +105,19 @@ def test_gpu_dry_run_explora_trains_and_computes_less_than_full(gpu_dry_run):
     # Frozen weights need no weight gradients: fewer FLOPs per image.
     assert explora["gflops_per_image"] < full["gflops_per_image"]
     assert explora["images_per_s"] > 0 and full["images_per_s"] > 0
+
+
+def test_tile_benchmark_prints_rates_and_ratios_against_both_baselines(tmp_path):
+    from geoexplora import sample
+
+    lines = _run([sys.executable, "-W", "ignore", "benchmarks/tile.py", "--scene",
+                  str(sample.s2_tile_crop()), "--size", "64", "--repeat", "1"])
+    rates = {d["what"]: d for d in lines if d["what"] != "ratios"}
+    assert set(rates) == {"raw_read", "raw_read_threads", "naive", "tile_1", "tile_2"}
+    assert rates["naive"]["chips"] == 16 and rates["tile_1"]["chips"] == 16  # 256 px / 64 px
+    assert all(d["seconds"] > 0 and d["mb_per_s"] > 0 for d in rates.values())
+    (ratios,) = [d for d in lines if d["what"] == "ratios"]
+    tiled = rates[ratios["best_tile"]]
+    assert ratios["tile_vs_naive"] == pytest.approx(
+        tiled["mb_per_s"] / rates["naive"]["mb_per_s"], rel=0.02)
+    assert ratios["targets"] == {"tile_vs_naive": 3.0, "tile_vs_raw_read": 0.5}

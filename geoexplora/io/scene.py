@@ -387,6 +387,9 @@ class Scene:
         self.bands = [s.band for s in sources[0]]
         self._handles: dict = {}
         self._pid = os.getpid()
+        # GDAL threads decoding compressed blocks of one read (GTiff/COG); 1 suits readers that
+        # run in parallel already, like DataLoader workers.
+        self.decode_threads = 1
 
     crs = property(lambda self: self.grid.crs)
     transform = property(lambda self: self.grid.transform)
@@ -409,7 +412,8 @@ class Scene:
             self._handles, self._pid = {}, os.getpid()
         ds = self._handles.get(path)
         if ds is None:
-            src = rasterio.open(path)
+            with rasterio.Env(GDAL_NUM_THREADS=str(self.decode_threads)):  # read at open time
+                src = rasterio.open(path)
             if same_grid(_inspect_grid(src), self.grid):
                 ds = src
             else:
@@ -430,9 +434,11 @@ class Scene:
             window = Window(0, 0, self.width, self.height)
         col, row = int(window.col_off), int(window.row_off)
         w, h = int(window.width), int(window.height)
-        out = np.full((len(self.dates), len(self.bands), h, w), np.nan, dtype=np.float32)
+        shape = (len(self.dates), len(self.bands), h, w)
         c0, r0 = max(col, 0), max(row, 0)
         c1, r1 = min(col + w, self.width), min(row + h, self.height)
+        inside = (c0, r0, c1, r1) == (col, row, col + w, row + h)
+        out = np.empty(shape, np.float32) if inside else np.full(shape, np.nan, np.float32)
         if c1 <= c0 or r1 <= r0:
             return out
         inner = Window(c0, r0, c1 - c0, r1 - r0)
@@ -442,13 +448,20 @@ class Scene:
                 by_file.setdefault(sb.path, []).append(c)
             for path, channels in by_file.items():
                 ds = self._dataset(path)
+                indexes = [frame[c].index for c in channels]
                 # One read per file: pixel-interleaved files decode each block once for all
-                # bands; GDAL converts to float32 while reading, the rest works in place.
-                stack = ds.read([frame[c].index for c in channels], window=inner,
-                                out_dtype="float32")
+                # bands; GDAL converts to float32 while reading (into ``out`` itself when the
+                # window is inside the scene and the file's bands are consecutive channels), the
+                # rest works in place.
+                if inside and channels == list(range(channels[0], channels[-1] + 1)):
+                    stack = out[t, channels[0]:channels[-1] + 1]
+                    ds.read(indexes, window=inner, out=stack)
+                else:
+                    stack = ds.read(indexes, window=inner, out_dtype="float32")
                 for values, c in zip(stack, channels):
                     self._to_canonical(values, frame[c], ds)
-                    out[t, c, r0 - row:r1 - row, c0 - col:c1 - col] = values
+                    if not np.shares_memory(values, out):
+                        out[t, c, r0 - row:r1 - row, c0 - col:c1 - col] = values
         return out
 
     @staticmethod

@@ -83,10 +83,9 @@ class BandStatsAccumulator:
         mean_c = self._sum / n
         var = np.maximum(self._sumsq / n - mean_c ** 2, 0.0)
         mean = mean_c + self._shift
-        p2 = [float(np.percentile(r, 2)) for r in self._reservoirs]
-        p98 = [float(np.percentile(r, 98)) for r in self._reservoirs]
+        p2, p98 = zip(*(np.percentile(r, [2, 98]).tolist() for r in self._reservoirs))
         return {"mean": [float(v) for v in mean], "std": [float(v) for v in np.sqrt(var)],
-                "p2": p2, "p98": p98}
+                "p2": list(p2), "p98": list(p98)}
 
 
 def robust_band_stats(sample: np.ndarray | Iterable[np.ndarray], max_samples: int = 200_000,
@@ -120,9 +119,9 @@ def pixel_sample(data: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
     out, so ``m <= n``."""
     if data.ndim == 3:
         data = data[None]
-    t, _c, h, w = data.shape
-    frames = rng.integers(0, t, n)
-    rows = rng.integers(0, h, n)
-    cols = rng.integers(0, w, n)
-    picked = data[frames, :, rows, cols]
+    t, c, h, w = data.shape
+    at = rng.integers(0, t * h * w, n)  # one draw per pixel: (frame, row, col) flattened
+    frames, pixels = np.divmod(at, h * w)
+    picked = data.reshape(t, c, h * w)[frames, :, pixels] if data.flags.c_contiguous else \
+        data[frames, :, pixels // w, pixels % w]
     return picked[np.isfinite(picked).any(axis=1)]
