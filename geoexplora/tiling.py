@@ -76,6 +76,7 @@ class TileConfig:
     seed: int = 0
     workers: int = 1
     overwrite: bool = False
+    append: bool = False  # add to an existing dataset (see geoexplora.append)
     skip_bad: bool = False
     creation_options: dict[str, str] | None = None
     stats_samples: int = 200_000
@@ -84,9 +85,13 @@ class TileConfig:
 
 @dataclass
 class TileResult:
+    """What a run did. ``chips`` and ``dropped`` are this run's; ``dataset_chips``, ``splits``,
+    ``classes`` and ``stats`` describe the whole dataset (they differ with ``append``)."""
+
     out: Path
     task: str
     chips: int
+    dataset_chips: int
     dropped: dict[str, int]
     splits: dict[str, int]
     classes: list[dict]
@@ -96,6 +101,7 @@ class TileResult:
     chip_size: int
     seconds: float
     skipped_files: list[str] = field(default_factory=list)
+    appended: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -329,17 +335,19 @@ def _block_keys(cands: Candidates, block_m: float) -> dict:
 
 
 def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
-                  test_fraction: float, seed: int, block_px: int | None = None) -> int:
+                  test_fraction: float, seed: int, block_px: int | None = None,
+                  fixed: dict | None = None) -> int:
     """Spatially blocked splits; val/test chips overlapping another split's chip are dropped.
 
     Blocks (``block_px`` squares of the target CRS) go to test, then val, until each reaches its
-    fraction of the candidates; one block is always kept for train. Returns the block size used.
+    fraction of the candidates; one block is always kept for train. Blocks in ``fixed`` (block
+    key -> split: those of an existing dataset) keep their split. Returns the block size used.
     """
     import shapely
     from shapely.strtree import STRtree
 
     live = np.flatnonzero(cands.drop == "")
-    if not (val_fraction or test_fraction) or live.size == 0:
+    if not (val_fraction or test_fraction or fixed) or live.size == 0:
         return block_px or size
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise UserError("--val-fraction and --test-fraction must be >= 0 and sum to less than 1")
@@ -351,13 +359,19 @@ def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
     order = np.random.default_rng(seed).permutation(len(keys))
     want = {"test": round(test_fraction * live.size), "val": round(val_fraction * live.size)}
     have = {"test": 0, "val": 0}
-    if len(keys) < 2:
+    fixed = fixed or {}
+    if len(keys) < 2 and not fixed:
         log.warning("one spatial block only (%d px); all chips go to train (pass a smaller "
                     "--split-block)", block_px)
+    for key in keys:
+        if key in fixed and fixed[key] != "train":
+            have[fixed[key]] += len(blocks[key])
     for n, k in enumerate(order):
         members = live[blocks[keys[k]]]
         split = "train"
-        if n > 0:  # the first block of the permutation stays in train
+        if keys[k] in fixed:
+            split = fixed[keys[k]]
+        elif n > 0:  # the first block of the permutation stays in train
             for s in ("test", "val"):
                 if have[s] < want[s]:
                     split = s
@@ -448,6 +462,8 @@ class Plan:
     samples_per_chip: int
     seed: int
     skip_bad: bool
+    first_scene_number: int = 0  # chip ids count scenes from here (after an existing dataset's)
+    class_lut: np.ndarray | None = None  # label ids -> the dataset's class ids (append)
 
 
 @dataclass
@@ -554,6 +570,8 @@ def run_block(task: BlockTask, block=_NOT_READ) -> BlockResult:
     block_window = Window(task.col0, task.row0, task.width, task.height)
     label_block = (plan.labels.read_mask(scene.grid, block_window)
                    if plan.labels is not None and plan.task != "none" else None)
+    if label_block is not None and plan.class_lut is not None:
+        label_block = plan.class_lut[label_block]
     valid_block = np.isfinite(block).all(axis=1).any(axis=0)  # a pixel is valid on some date
     for row, col, split in task.chips:
         r, c = row - task.row0, col - task.col0
@@ -578,7 +596,7 @@ def run_block(task: BlockTask, block=_NOT_READ) -> BlockResult:
                 dropped["unlabelled"] += 1
                 continue
             class_pixels += counts
-        cid = chip_id(task.scene, row, col)
+        cid = chip_id(plan.first_scene_number + task.scene, row, col)
         transform = C.window_transform(scene.transform, col, row)
         chip_path = f"{C.CHIPS_DIR}/{cid}.tif"
         C.write_chip(plan.out / chip_path, np.ascontiguousarray(data), transform,
@@ -602,10 +620,10 @@ def _chip_rng(seed: int, cid: str) -> np.random.Generator:
     return np.random.default_rng((seed, zlib.crc32(cid.encode())))
 
 
-def _stats_of(samples: dict[str, np.ndarray], num_bands: int, cfg: TileConfig) -> dict:
-    acc = BandStatsAccumulator(num_bands, cfg.stats_samples, cfg.seed)
-    acc.update(np.concatenate([samples[cid] for cid in sorted(samples)]))  # ~stats_samples rows
-    return acc.result()
+def _samples_per_chip(cfg: TileConfig, new_chips: int, existing) -> int:
+    """Pixels sampled per chip so that all chips (old ones too) give ~``stats_samples``."""
+    total = new_chips + (len(existing.index) if existing is not None else 0)
+    return max(16, math.ceil(cfg.stats_samples / max(total, 1)))
 
 
 def run_tasks(fn, tasks: list, plan, workers: int, description: str, weights: list[int],
@@ -721,6 +739,42 @@ def _provenance(cfg: TileConfig, sources: list[str], extra: dict | None = None) 
             "sources": sources, "config": config, **(extra or {})}
 
 
+def _write_dataset(tmp: Path, cfg: TileConfig, existing, *, records: list[dict], index_crs,
+                   samples: dict[str, np.ndarray], task: str, bands: list, num_frames: int,
+                   size: int, classes: list, class_pixels: np.ndarray | None, dropped: Counter,
+                   sources: list[str], extra: dict) -> dict:
+    """Index, statistics (and their pixel sample) and ``dataset.json`` of this run's chips plus,
+    when appending, the existing dataset's. Returns the dataset's counts."""
+    if existing is not None:
+        records = existing.old_records() + records
+        dropped = existing.dropped() + dropped
+        if class_pixels is not None:
+            class_pixels = class_pixels + existing.class_pixels(len(class_pixels))
+        new_chips = len(records) - len(existing.index)
+    records.sort(key=lambda r: r["chip_id"])
+    _write_index(tmp, records, index_crs)
+    parts = [samples[cid] for cid in sorted(samples)]
+    if existing is not None:
+        parts.insert(0, existing.thinned_sample(new_chips, cfg.seed))
+    sample = np.concatenate(parts).astype(np.float32, copy=False)  # ~stats_samples rows
+    acc = BandStatsAccumulator(len(bands), cfg.stats_samples, cfg.seed)
+    acc.update(sample)
+    stats = acc.result()
+    np.save(tmp / C.STATS_SAMPLE_NAME, sample, allow_pickle=False)
+    class_list = _class_counts(records, classes, task, class_pixels)
+    counts = {"chips": len(records), "splits": dict(Counter(r["split"] for r in records)),
+              "dropped": dict(dropped), "classes": {c["name"]: c["chips"] for c in class_list}}
+    if task == "segmentation":
+        counts["class_pixels"] = {c["name"]: c["pixels"] for c in class_list}
+    provenance = _provenance(cfg, sources, extra)
+    if existing is not None:
+        provenance = existing.provenance(provenance)
+    _write_meta(tmp, task=task, bands=bands, num_frames=num_frames, size=size, stats=stats,
+                classes=class_list, counts=counts, provenance=provenance)
+    return {"stats": stats, "classes": class_list, "splits": counts["splits"],
+            "chips": len(records)}
+
+
 def _zero_chips_message(dropped: Counter, n_candidates: int) -> str:
     if n_candidates == 0:
         return "no chip fits the scenes (smaller than --size? try --edge pad)"
@@ -733,11 +787,24 @@ def _zero_chips_message(dropped: Counter, n_candidates: int) -> str:
 
 
 def tile(cfg: TileConfig) -> TileResult:
-    """Tile scenes (or import class folders) into a chips dataset at ``cfg.out``."""
+    """Tile scenes (or import class folders) into a chips dataset at ``cfg.out`` (or, with
+    ``cfg.append`` and an existing dataset there, add to it: see ``geoexplora.append``)."""
     from geoexplora.io.outputs import atomic_output, check_output
 
     start = time.perf_counter()
-    out = check_output(cfg.out, cfg.overwrite)
+    if cfg.append and cfg.overwrite:
+        raise UserError("--append and --overwrite exclude each other: add to the dataset, or "
+                        "replace it")
+    if Path(cfg.out).exists() and not (cfg.append or cfg.overwrite):
+        raise UserError(f"{cfg.out} exists; pass --append to add to it or --overwrite to "
+                        "replace it")
+    existing = None
+    if cfg.append and Path(cfg.out).exists():
+        from geoexplora.append import ExistingDataset
+
+        existing = ExistingDataset.load(Path(cfg.out))
+        cfg = existing.with_defaults(cfg)
+    out = check_output(cfg.out, cfg.overwrite or existing is not None)
     if cfg.edge not in EDGES:
         raise UserError(f"--edge {cfg.edge}: must be drop or pad")
     if not 0.0 <= cfg.max_nodata <= 1.0:
@@ -747,13 +814,15 @@ def tile(cfg: TileConfig) -> TileResult:
     if cfg.workers < 1:
         raise UserError(f"--workers {cfg.workers}: must be at least 1")
     if cfg.class_folders:
-        return import_class_folders(cfg, start)
+        return import_class_folders(cfg, start, existing)
 
     size = DEFAULT_SIZE if cfg.size is None else cfg.size
     stride = size if cfg.stride is None else cfg.stride
     if size < 1 or stride < 1:
         raise UserError(f"--size {size} / --stride {stride}: both must be at least 1")
     scenes, skipped = open_scenes(cfg)
+    if existing is not None:
+        scenes = _new_scenes(scenes, existing)
     first = scenes[0]
     crs = first.crs
     from geoexplora.io.labels import open_labels
@@ -763,6 +832,12 @@ def tile(cfg: TileConfig) -> TileResult:
     _check_task(task, labels)
     if labels is not None:
         _check_labels_overlap(labels, scenes, crs)
+    classes = labels.classes if labels is not None and task != "none" else []
+    class_lut = None
+    if existing is not None:
+        existing.check_matches([b.key for b in first.bands], len(first.dates),
+                               str(first.paths[0]))
+        classes, class_lut = existing.merge_classes(classes)
 
     cands = make_candidates(scenes, size, stride, cfg.edge)
     n_candidates = len(cands)
@@ -770,12 +845,15 @@ def tile(cfg: TileConfig) -> TileResult:
         _apply_aoi(cands, cfg.aoi, crs)
     if labels is not None and task != "none":
         drop_unlabelled_candidates(cands, labels, crs)
-    block_px = assign_splits(cands, size, first.res[0], cfg.val_fraction, cfg.test_fraction,
-                             cfg.seed, cfg.split_block)
+    split_res = first.res[0] if existing is None else existing.split_res()
+    fixed = existing.block_splits(cfg.split_block * split_res) if existing is not None else None
+    block_px = assign_splits(cands, size, split_res, cfg.val_fraction, cfg.test_fraction,
+                             cfg.seed, cfg.split_block, fixed)
+    if existing is not None:
+        existing.drop_overlapping(cands, first.res[0])
     dropped = Counter(r for r in cands.drop if r)
     tasks = make_block_tasks(cands, scenes, size, stride, cfg.workers)
     n_live = sum(len(t.chips) for t in tasks)
-    classes = labels.classes if labels is not None and task != "none" else []
     crss = [write_crs(s.crs) for s in scenes]
     for scene in scenes:
         scene.decode_threads = max(1, (os.cpu_count() or 1) // cfg.workers)
@@ -783,15 +861,20 @@ def tile(cfg: TileConfig) -> TileResult:
                 max_nodata=cfg.max_nodata, min_label_fraction=cfg.min_label_fraction,
                 num_classes=len(classes), class_colors={c.id: c.color for c in classes},
                 out=Path(), creation_options=dict(cfg.creation_options or {}),
-                samples_per_chip=max(16, math.ceil(cfg.stats_samples / max(n_live, 1))),
-                seed=cfg.seed, skip_bad=cfg.skip_bad)
+                samples_per_chip=_samples_per_chip(cfg, n_live, existing), seed=cfg.seed,
+                skip_bad=cfg.skip_bad, class_lut=class_lut,
+                first_scene_number=existing.next_scene_number() if existing is not None else 0)
     log.info("%d candidate chips of %d px (stride %d) in %d scene(s); %d to read in %d blocks",
              n_candidates, size, stride, len(scenes), n_live, len(tasks))
 
-    with atomic_output(out, cfg.overwrite) as tmp:
-        (tmp / C.CHIPS_DIR).mkdir(parents=True)
+    with atomic_output(out, cfg.overwrite or existing is not None) as tmp:
+        if existing is not None:
+            from geoexplora.append import link_dataset
+
+            link_dataset(out, tmp)
+        (tmp / C.CHIPS_DIR).mkdir(parents=True, exist_ok=True)
         if task == "segmentation":
-            (tmp / C.MASKS_DIR).mkdir()
+            (tmp / C.MASKS_DIR).mkdir(exist_ok=True)
         plan.out = tmp
         samples: dict[str, np.ndarray] = {}
         records: list[dict] = []
@@ -804,32 +887,45 @@ def tile(cfg: TileConfig) -> TileResult:
             samples.update(res.samples)
         if not records:
             raise UserError(_zero_chips_message(dropped, n_candidates))
-        records.sort(key=lambda r: r["chip_id"])
+        new_chips = len(records)
         _add_geometry(records, scenes, crss)
-        _write_index(tmp, records, crss[0])
-        stats = _stats_of(samples, len(first.bands), cfg)
-        class_list = _class_counts(records, classes, task, class_pixels)
-        splits = dict(Counter(r["split"] for r in records))
-        for name, fraction in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
-            if fraction > 0 and not splits.get(name):
-                log.warning("no %s chips: the scenes hold too few split blocks of %d px for "
-                               "--%s-fraction %g; pass a smaller --split-block or a larger "
-                               "fraction", name, block_px, name, fraction)
-        counts = {"chips": len(records), "splits": splits, "dropped": dict(dropped),
-                  "classes": {c["name"]: c["chips"] for c in class_list}}
         sources = [str(p) for s in scenes for p in s.paths]
         extra = {"split_block_px": block_px, "crs": crs.to_string(),
                  "labels": str(cfg.labels or cfg.label_raster or "") or None}
-        _write_meta(tmp, task=task, bands=first.bands, num_frames=len(first.dates), size=size,
-                    stats=stats, classes=class_list, counts=counts,
-                    provenance=_provenance(cfg, sources, extra))
+        dataset = _write_dataset(tmp, cfg, existing, records=records, index_crs=crss[0],
+                                 samples=samples, task=task, bands=first.bands,
+                                 num_frames=len(first.dates), size=size, classes=classes,
+                                 class_pixels=class_pixels, dropped=dropped, sources=sources,
+                                 extra=extra)
+        for name, fraction in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
+            if fraction > 0 and not dataset["splits"].get(name):
+                log.warning("no %s chips: the scenes hold too few split blocks of %d px for "
+                            "--%s-fraction %g; pass a smaller --split-block or a larger "
+                            "fraction", name, block_px, name, fraction)
     for scene in scenes:
         scene.close()
-    return TileResult(out=out, task=task, chips=len(records), dropped=dict(dropped),
-                      splits=splits, classes=class_list, stats=stats,
+    return TileResult(out=out, task=task, chips=new_chips, dataset_chips=dataset["chips"],
+                      dropped=dict(dropped), splits=dataset["splits"],
+                      classes=dataset["classes"], stats=dataset["stats"],
                       bands=[b.key for b in first.bands], num_frames=len(first.dates),
                       chip_size=size, seconds=round(time.perf_counter() - start, 3),
-                      skipped_files=skipped)
+                      skipped_files=skipped, appended=existing is not None)
+
+
+def _new_scenes(scenes: list, existing) -> list:
+    """The scenes none of whose files is already a source of ``existing``."""
+    known = existing.known_sources()
+    new = []
+    for scene in scenes:
+        if any(p.resolve() in known for p in scene.paths):
+            log.warning("%s: already in %s; skipped", ", ".join(p.name for p in scene.paths),
+                        existing.root)
+            scene.close()
+        else:
+            new.append(scene)
+    if not new:
+        raise UserError(f"nothing to append: every scene given is already in {existing.root}")
+    return new
 
 
 def write_crs(crs):
@@ -920,12 +1016,13 @@ class PatchTask:
     patches: list[tuple[str, int, str, str]]  # (path, class id, split, chip id)
 
 
-def import_class_folders(cfg: TileConfig, start: float) -> TileResult:
+def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileResult:
     """``DIR/<class>/*.tif`` (EuroSAT / UC Merced style) -> a classification chips dataset.
 
     Each file is one chip, kept in its own CRS (the index geometry is in EPSG:4326); patches of
     another size are centre-cropped/padded to ``size`` when ``size`` is given, else refused.
-    Splits are drawn per class (stratified) with ``seed``.
+    Splits are drawn per class (stratified) with ``seed``. With ``existing`` (append), files
+    already in it are skipped and class ids follow its classes.
     """
     from geoexplora.io.labels import LabelClass, _natural_key
     from geoexplora.io.outputs import atomic_output
@@ -953,40 +1050,64 @@ def import_class_folders(cfg: TileConfig, start: float) -> TileResult:
         if not files[i]:
             raise UserError(f"{d}: class folder holds no raster files")
     classes = [LabelClass(i, d.name, C.class_color(i)) for i, d in enumerate(class_dirs)]
-
+    class_ids = np.arange(len(classes))
+    if existing is not None:
+        classes, class_ids = existing.merge_classes(classes)
+        known = existing.known_sources()
+        fresh = {i: [f for f in paths if f.resolve() not in known] for i, paths in files.items()}
+        already = sum(len(files[i]) - len(fresh[i]) for i in files)
+        if already:
+            log.warning("%d patch file(s) already in %s; skipped", already, existing.root)
+        files = {i: paths for i, paths in fresh.items() if paths}
+        if not files:
+            raise UserError(f"nothing to append: every patch in {root} is already in "
+                            f"{existing.root}")
+    example = next(iter(files.values()))[0]
     opts = scene_options_from(cfg)
-    first = open_scene([files[0][0]], opts)
-    size = cfg.size or first.width
-    if cfg.size is None and first.width != first.height:
-        raise UserError(f"{files[0][0]}: {first.width} x {first.height} px patches are not "
+    first = open_scene([example], opts)
+    if existing is not None:
+        existing.check_matches([b.key for b in first.bands], len(first.dates), str(example))
+    size = cfg.size or (existing.meta["chip_size"] if existing is not None else first.width)
+    if cfg.size is None and existing is None and first.width != first.height:
+        raise UserError(f"{example}: {first.width} x {first.height} px patches are not "
                         "square; pass --size to centre-crop/pad them")
     rng = np.random.default_rng(cfg.seed)
-    patches, splits_wanted = [], {}
-    for cid, paths in files.items():
+    patches = []
+    for i, paths in files.items():
+        cid = int(class_ids[i])
         order = rng.permutation(len(paths))
         n_test = round(cfg.test_fraction * len(paths))
         n_val = round(cfg.val_fraction * len(paths))
         for rank, k in enumerate(order):
             split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
             patches.append((str(paths[k]), cid, split, f"c{cid:03d}_{_safe(paths[k].stem)}"))
-        splits_wanted[cid] = len(paths)
     patches.sort(key=lambda p: p[3])
     if len({p[3] for p in patches}) != len(patches):
         raise UserError(f"{root}: two files of one class folder share a name stem")
+    if existing is not None:
+        taken = existing.chip_ids()
+        clash = next((p for p in patches if p[3] in taken), None)
+        if clash is not None:
+            raise UserError(f"{clash[0]}: {existing.root} already has a chip {clash[3]} (another "
+                            "file of that name in that class); rename the file")
     batch = 64
     tasks = [PatchTask(i // batch, patches[i:i + batch]) for i in range(0, len(patches), batch)]
     plan = PatchPlan(bands=[b.name for b in first.bands], band_keys=[b.key for b in first.bands],
                      num_frames=len(first.dates), size=size, size_given=cfg.size is not None,
                      scene_options=opts, out=Path(),
                      creation_options=dict(cfg.creation_options or {}),
-                     samples_per_chip=max(16, math.ceil(cfg.stats_samples / len(patches))),
+                     samples_per_chip=_samples_per_chip(cfg, len(patches), existing),
                      seed=cfg.seed, skip_bad=cfg.skip_bad)
     first.close()
     out = Path(cfg.out)
     dropped: Counter = Counter()
     skipped: list[str] = []
-    with atomic_output(out, cfg.overwrite) as tmp:
-        (tmp / C.CHIPS_DIR).mkdir(parents=True)
+    with atomic_output(out, cfg.overwrite or existing is not None) as tmp:
+        if existing is not None:
+            from geoexplora.append import link_dataset
+
+            link_dataset(out, tmp)
+        (tmp / C.CHIPS_DIR).mkdir(parents=True, exist_ok=True)
         plan.out = tmp
         samples: dict[str, np.ndarray] = {}
         records: list[dict] = []
@@ -998,21 +1119,19 @@ def import_class_folders(cfg: TileConfig, start: float) -> TileResult:
             samples.update(res.samples)
         if not records:
             raise UserError(_zero_chips_message(dropped, len(patches)))
-        records.sort(key=lambda r: r["chip_id"])
-        _write_index(tmp, records, "EPSG:4326")
-        stats = _stats_of(samples, len(plan.bands), cfg)
-        class_list = _class_counts(records, classes, "classification", None)
-        splits = dict(Counter(r["split"] for r in records))
-        counts = {"chips": len(records), "splits": splits, "dropped": dict(dropped),
-                  "classes": {c["name"]: c["chips"] for c in class_list}}
-        bands = [band_from_key(k) for k in plan.band_keys]
-        _write_meta(tmp, task="classification", bands=bands, num_frames=plan.num_frames,
-                    size=size, stats=stats, classes=class_list, counts=counts,
-                    provenance=_provenance(cfg, [str(root)], {"skipped": skipped}))
-    return TileResult(out=out, task="classification", chips=len(records), dropped=dict(dropped),
-                      splits=splits, classes=class_list, stats=stats, bands=plan.band_keys,
-                      num_frames=plan.num_frames, chip_size=size,
-                      seconds=round(time.perf_counter() - start, 3), skipped_files=skipped)
+        new_chips = len(records)
+        dataset = _write_dataset(tmp, cfg, existing, records=records, index_crs="EPSG:4326",
+                                 samples=samples, task="classification",
+                                 bands=[band_from_key(k) for k in plan.band_keys],
+                                 num_frames=plan.num_frames, size=size, classes=classes,
+                                 class_pixels=None, dropped=dropped, sources=[str(root)],
+                                 extra={"skipped": skipped})
+    return TileResult(out=out, task="classification", chips=new_chips,
+                      dataset_chips=dataset["chips"], dropped=dict(dropped),
+                      splits=dataset["splits"], classes=dataset["classes"],
+                      stats=dataset["stats"], bands=plan.band_keys, num_frames=plan.num_frames,
+                      chip_size=size, seconds=round(time.perf_counter() - start, 3),
+                      skipped_files=skipped, appended=existing is not None)
 
 
 def _safe(stem: str) -> str:

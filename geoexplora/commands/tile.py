@@ -72,6 +72,10 @@ def tile(
     co: O.CreationOptions = None,
     json_out: O.Json = False,
     overwrite: O.Overwrite = False,
+    append: Annotated[bool, typer.Option(
+        "--append", help="Add the chips of new scenes (or patches) to the existing dataset at "
+                         "-o: its bands, chip size, CRS, classes and split blocks carry over; "
+                         "scenes already in it are skipped.")] = False,
 ) -> None:
     """Cut scenes into a training-ready chips dataset: chip GeoTIFFs, a GeoParquet index and
     dataset.json (bands, statistics, classes). Labels come from a vector layer, a class raster or
@@ -93,7 +97,7 @@ def tile(
         label_raster=label_raster, class_folders=class_folders, task=task,
         min_label_fraction=min_label_fraction, aoi=aoi, max_nodata=max_nodata, edge=edge,
         val_fraction=val_fraction, test_fraction=test_fraction, split_block=split_block,
-        seed=seed, workers=workers, overwrite=overwrite, skip_bad=skip_bad,
+        seed=seed, workers=workers, overwrite=overwrite, append=append, skip_bad=skip_bad,
         creation_options=O.parse_creation_options(co))
     result = run_tile(cfg)
     if json_out:
@@ -101,8 +105,12 @@ def tile(
         return
     splits = ", ".join(f"{k} {v}" for k, v in sorted(result.splits.items()))
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items())) or "none"
-    typer.echo(f"{result.out}: {result.chips} chips ({splits}) of {result.chip_size} px, "
-               f"task {result.task}; dropped: {dropped}")
+    if result.appended:
+        typer.echo(f"{result.out}: {result.chips} chips added, {result.dataset_chips} in all "
+                   f"({splits}) of {result.chip_size} px, task {result.task}; dropped: {dropped}")
+    else:
+        typer.echo(f"{result.out}: {result.chips} chips ({splits}) of {result.chip_size} px, "
+                   f"task {result.task}; dropped: {dropped}")
     for cl in result.classes:
         typer.echo(f"  {cl['id']:>3} {cl['name']}: {cl['chips']} chips")
 

@@ -7,6 +7,8 @@ Layout (see docs/architecture.md, "Chips dataset")::
     DIR/index.parquet    GeoParquet, one row per chip (footprint, window, dates, label, split)
     DIR/chips/ID.tif     float32 GeoTIFF, T*C bands date-major ("B2@2015-07-11"), nodata NaN
     DIR/masks/ID.tif     uint8 per-pixel class ids, 255 = no label (segmentation)
+    DIR/stats_sample.npy float32 (N, C) pixel sample behind the statistics (``tile --append``
+                         updates them from it)
 
 Chips are plain GeoTIFFs so that QGIS and rio open them; ``dataset.json`` is written last, so a
 folder without it is not a dataset.
@@ -31,6 +33,7 @@ IGNORE_INDEX = 255  # "no label" in masks
 NO_LABEL = -1  # "no label" in the index's label column
 META_NAME = "dataset.json"
 INDEX_NAME = "index.parquet"
+STATS_SAMPLE_NAME = "stats_sample.npy"
 CHIPS_DIR = "chips"
 MASKS_DIR = "masks"
 
