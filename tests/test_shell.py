@@ -329,7 +329,8 @@ def test_existing_output_is_refused_untouched_and_nothing_written(command, work,
     before = tree(tmp_path)
     code, stdout, stderr = run_cli(*invocation(command, work, out))
     message = assert_one_line_error(code, stdout, stderr)
-    assert message == f"{out} exists; pass --overwrite to replace it"
+    ways = "--append to add to it or --overwrite" if command == "tile" else "--overwrite"
+    assert message == f"{out} exists; pass {ways} to replace it"
     assert tree(tmp_path) == before
 
 
