@@ -599,8 +599,9 @@ def run_block(task: BlockTask, block=_NOT_READ) -> BlockResult:
         cid = chip_id(plan.first_scene_number + task.scene, row, col)
         transform = C.window_transform(scene.transform, col, row)
         chip_path = f"{C.CHIPS_DIR}/{cid}.tif"
-        C.write_chip(plan.out / chip_path, np.ascontiguousarray(data), transform,
-                     plan.crss[task.scene], scene.bands, scene.dates, plan.creation_options)
+        data = np.ascontiguousarray(data)  # one copy, for the file and the pixel sample
+        C.write_chip(plan.out / chip_path, data, transform, plan.crss[task.scene], scene.bands,
+                     scene.dates, plan.creation_options)
         mask_path = None
         if mask is not None and plan.task == "segmentation":
             mask_path = f"{C.MASKS_DIR}/{cid}.tif"
