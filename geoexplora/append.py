@@ -79,13 +79,13 @@ class ExistingDataset:
     def with_defaults(self, cfg):
         """``cfg`` with what the dataset fixes filled in; UserError for contradictions."""
         config = self.meta["provenance"].get("config", {})
-        size = self.meta["chip_size"]
-        if cfg.size is not None and cfg.size != size:
-            raise UserError(f"--size {cfg.size}: {self.root} holds {size} px chips")
         if cfg.class_folders != self.class_folders:
             made = "from class folders" if self.class_folders else "by tiling scenes"
             raise UserError(f"--append: {self.root} was made {made}; "
                             f"{'pass' if self.class_folders else 'drop'} --class-folders")
+        size = self.meta["chip_size"]
+        if cfg.size is not None and cfg.size != size:
+            raise UserError(f"--size {cfg.size}: {self.root} holds {size} px chips")
         task = self.meta["task"]
         if cfg.task is not None and cfg.task != task:
             raise UserError(f"--task {cfg.task}: {self.root} is a {task} dataset")

@@ -208,6 +208,40 @@ def test_labels_are_required_to_append_to_a_labelled_dataset(halves, tmp_path):
         _tile([east], tmp_path / "ds", append=True, val_fraction=0)
 
 
+def test_labels_are_refused_for_a_dataset_without_labels(halves, tmp_path):
+    west, east = halves
+    _tile([west], tmp_path / "ds", val_fraction=0)
+    with pytest.raises(UserError, match="has no labels"):
+        _tile([east], tmp_path / "ds", append=True, val_fraction=0, label_field="kind",
+              labels=_polygons(tmp_path / "b.geojson", east, ["x"]))
+
+
+def test_a_scene_with_another_number_of_dates_is_refused(tmp_path):
+    import shutil
+
+    _tile(sample.slovenia_scenes(), tmp_path / "ds", val_fraction=0)
+    one_date = shutil.copy(sample.slovenia_scenes()[0], tmp_path / "S2L1C_2015-10-01_13band.tif")
+    with pytest.raises(UserError, match="1 date"):
+        _tile([one_date], tmp_path / "ds", append=True, val_fraction=0)
+
+
+def test_scenes_cannot_be_appended_to_a_class_folder_dataset(halves, tmp_path):
+    root = _patches(tmp_path / "p", [("grass", "a"), ("urban", "b")])
+    _tile([root], tmp_path / "ds", class_folders=True, size=None, val_fraction=0)
+    with pytest.raises(UserError, match="made from class folders; pass --class-folders"):
+        _tile([halves[0]], tmp_path / "ds", append=True, val_fraction=0)
+
+
+def test_parallel_workers_append_the_same_chips(halves, tmp_path):
+    west, east = halves
+    for name, workers in (("one", 1), ("two", 2)):
+        _tile([west], tmp_path / name, **SPLITS)
+        _tile([east], tmp_path / name, append=True, workers=workers, **SPLITS)
+    a, b = ChipsDataset(tmp_path / "one"), ChipsDataset(tmp_path / "two")
+    assert a.index.drop(columns="geometry").equals(b.index.drop(columns="geometry"))
+    assert a.meta["stats"] == b.meta["stats"]
+
+
 def test_an_interrupted_append_leaves_the_old_dataset_as_it_was(halves, tmp_path, monkeypatch):
     from geoexplora.io import chips
 
