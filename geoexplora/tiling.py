@@ -77,6 +77,7 @@ class TileConfig:
     workers: int = 1
     overwrite: bool = False
     append: bool = False  # add to an existing dataset (see geoexplora.append)
+    dry_run: bool = False  # plan only: TileResult.plan, nothing read or written
     skip_bad: bool = False
     creation_options: dict[str, str] | None = None
     stats_samples: int = 200_000
@@ -102,6 +103,9 @@ class TileResult:
     seconds: float
     skipped_files: list[str] = field(default_factory=list)
     appended: bool = False
+    # With dry_run: what would be done (chips: at most this many; dropped: known before
+    # reading; splits: of the chips to read; no statistics).
+    plan: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -867,6 +871,22 @@ def tile(cfg: TileConfig) -> TileResult:
                 first_scene_number=existing.next_scene_number() if existing is not None else 0)
     log.info("%d candidate chips of %d px (stride %d) in %d scene(s); %d to read in %d blocks",
              n_candidates, size, stride, len(scenes), n_live, len(tasks))
+    if cfg.dry_run:
+        for scene in scenes:
+            scene.close()
+        bands = len(first.bands) * len(first.dates)
+        block_bytes = max((4 * bands * t.width * t.height for t in tasks), default=0)
+        plan_doc = {
+            "scenes": [{"paths": [str(p) for p in sc.paths], "width": sc.width,
+                        "height": sc.height, "resolution": list(sc.res), "dates": sc.dates}
+                       for sc in scenes],
+            "crs": crs.to_string(), "candidates": n_candidates, "to_read": n_live,
+            "blocks": len(tasks), "split_block_px": block_px,
+            "disk_bytes_at_most": n_live * (4 * bands + (task == "segmentation")) * size * size,
+            # a block being cut, the next being read (per worker)
+            "memory_bytes": 2 * block_bytes * cfg.workers}
+        return _planned(cfg, out, task, n_live, existing, cands, dropped, classes, first, size,
+                        start, skipped, plan_doc)
 
     with atomic_output(out, cfg.overwrite or existing is not None) as tmp:
         if existing is not None:
@@ -911,6 +931,20 @@ def tile(cfg: TileConfig) -> TileResult:
                       bands=[b.key for b in first.bands], num_frames=len(first.dates),
                       chip_size=size, seconds=round(time.perf_counter() - start, 3),
                       skipped_files=skipped, appended=existing is not None)
+
+
+def _planned(cfg: TileConfig, out: Path, task: str, n_live: int, existing, cands: Candidates,
+             dropped: Counter, classes: list, first, size: int, start: float, skipped: list,
+             plan_doc: dict) -> TileResult:
+    """The dry run's result: what tile would write, from the candidates alone."""
+    live = cands.drop == ""
+    return TileResult(out=out, task=task, chips=n_live,
+                      dataset_chips=n_live + (len(existing.index) if existing is not None else 0),
+                      dropped=dict(dropped), splits=dict(Counter(cands.split[live])),
+                      classes=[c.to_dict() for c in classes], stats={},
+                      bands=[b.key for b in first.bands], num_frames=len(first.dates),
+                      chip_size=size, seconds=round(time.perf_counter() - start, 3),
+                      skipped_files=skipped, appended=existing is not None, plan=plan_doc)
 
 
 def _new_scenes(scenes: list, existing) -> list:
@@ -1103,6 +1137,17 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
     out = Path(cfg.out)
     dropped: Counter = Counter()
     skipped: list[str] = []
+    if cfg.dry_run:
+        bands = len(plan.band_keys) * plan.num_frames
+        return TileResult(
+            out=out, task="classification", chips=len(patches),
+            dataset_chips=len(patches) + (len(existing.index) if existing is not None else 0),
+            dropped={}, splits=dict(Counter(p[2] for p in patches)),
+            classes=[c.to_dict() for c in classes], stats={}, bands=plan.band_keys,
+            num_frames=plan.num_frames, chip_size=size,
+            seconds=round(time.perf_counter() - start, 3), appended=existing is not None,
+            plan={"root": str(root), "patches": len(patches),
+                  "disk_bytes_at_most": len(patches) * 4 * bands * size * size})
     with atomic_output(out, cfg.overwrite or existing is not None) as tmp:
         if existing is not None:
             from geoexplora.append import link_dataset

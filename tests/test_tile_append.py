@@ -325,3 +325,13 @@ def test_cli_existing_output_names_both_ways_on(halves, tmp_path):
     assert code == 2 and "--overwrite" in err and "--append" in err
     summary = json.loads(run_cli(*args[:-2], "--append", "--json", str(halves[1]))[1])
     assert summary["appended"] and summary["dataset_chips"] == 80
+
+
+def test_dry_run_append_counts_old_and_new_chips_and_changes_nothing(halves, tmp_path):
+    west, east = halves
+    first = _tile([west], tmp_path / "ds", val_fraction=0)
+    before = _snapshot(tmp_path / "ds")
+    planned = _tile([east], tmp_path / "ds", append=True, val_fraction=0, dry_run=True)
+    assert planned.appended and planned.plan["to_read"] == 40
+    assert planned.dataset_chips == first.chips + 40
+    assert _snapshot(tmp_path / "ds") == before

@@ -150,3 +150,29 @@ def test_an_empty_class_folder_is_an_error_naming_it(tmp_path):
     code, _, err = run_cli("tile", str(tmp_path / "patches"), "--class-folders", "-o",
                            str(tmp_path / "c"))
     assert code == 2 and "water" in err and "no raster" in err
+
+
+def test_dry_run_plans_the_chips_a_real_run_writes_and_writes_nothing(tmp_path):
+    args = ["tile", SLOVENIA_0, "-o", str(tmp_path / "c"), "--size", "32", "--label-raster",
+            str(sample.slovenia_labels()), "--val-fraction", "0.2", "--split-block", "32"]
+    code, out, err = run_cli(*args, "--dry-run", "--json")
+    assert code == 0, err
+    assert list(tmp_path.iterdir()) == []
+    planned = json.loads(out)
+    plan = planned["plan"]
+    assert (plan["candidates"], plan["to_read"], plan["split_block_px"]) == (9, 9, 32)
+    assert plan["disk_bytes_at_most"] == 9 * (13 * 4 + 1) * 32 * 32
+    assert (plan["scenes"][0]["width"], plan["scenes"][0]["height"]) == (100, 101)
+    code, out, err = run_cli(*args, "--json")
+    written = json.loads(out)
+    assert written["plan"] is None
+    assert written["chips"] == planned["chips"] == 9 and written["splits"] == planned["splits"]
+    assert [c["name"] for c in written["classes"]] == [c["name"] for c in planned["classes"]]
+
+
+def test_dry_run_text_names_chips_blocks_disk_and_memory(tmp_path):
+    code, out, err = run_cli("tile", SLOVENIA_0, "-o", str(tmp_path / "c"), "--size", "32",
+                             "--dry-run")
+    assert code == 0, err
+    assert "would write at most 9 chips" in out and "read blocks" in out and "MiB" in out
+    assert not (tmp_path / "c").exists()

@@ -76,6 +76,10 @@ def tile(
         "--append", help="Add the chips of new scenes (or patches) to the existing dataset at "
                          "-o: its bands, chip size, CRS, classes and split blocks carry over; "
                          "scenes already in it are skipped.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (scenes, chips to read, drops known before reading, "
+                          "splits, disk and memory) and stop; no chip is read or written.",
+    )] = False,
 ) -> None:
     """Cut scenes into a training-ready chips dataset: chip GeoTIFFs, a GeoParquet index and
     dataset.json (bands, statistics, classes). Labels come from a vector layer, a class raster or
@@ -98,6 +102,7 @@ def tile(
         min_label_fraction=min_label_fraction, aoi=aoi, max_nodata=max_nodata, edge=edge,
         val_fraction=val_fraction, test_fraction=test_fraction, split_block=split_block,
         seed=seed, workers=workers, overwrite=overwrite, append=append, skip_bad=skip_bad,
+        dry_run=dry_run,
         creation_options=O.parse_creation_options(co))
     result = run_tile(cfg)
     if json_out:
@@ -105,6 +110,16 @@ def tile(
         return
     splits = ", ".join(f"{k} {v}" for k, v in sorted(result.splits.items()))
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items())) or "none"
+    if result.plan is not None:
+        plan = result.plan
+        where = (f"{len(plan['scenes'])} scene(s) in {plan['blocks']} read blocks"
+                 if "scenes" in plan else f"{plan['patches']} patch files")
+        memory = (f", ~{plan['memory_bytes'] / 2**20:.0f} MiB of pixels in memory"
+                  if "memory_bytes" in plan else "")
+        typer.echo(f"{result.out}: would write at most {result.chips} chips ({splits}) of "
+                   f"{result.chip_size} px from {where}; dropped before reading: {dropped}; "
+                   f"at most {plan['disk_bytes_at_most'] / 1e6:.0f} MB on disk{memory}")
+        return
     if result.appended:
         typer.echo(f"{result.out}: {result.chips} chips added, {result.dataset_chips} in all "
                    f"({splits}) of {result.chip_size} px, task {result.task}; dropped: {dropped}")
