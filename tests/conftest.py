@@ -44,3 +44,20 @@ def run_cli(*args: str, input: str | None = None):
     finally:
         sys.stdin = old_stdin
     return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def interrupt_fifth_chip(monkeypatch):
+    """Ctrl-C while tile writes its fifth chip."""
+    from geoexplora.io import chips
+
+    calls = []
+    real_write = chips.write_chip
+
+    def failing_write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(chips, "write_chip", failing_write)

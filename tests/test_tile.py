@@ -251,19 +251,7 @@ def test_parallel_workers_write_the_same_dataset(tmp_path):
     assert one.stats == two.stats
 
 
-def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
-    from geoexplora.io import chips
-
-    calls = []
-    real_write = chips.write_chip
-
-    def failing_write(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        real_write(*args, **kwargs)
-
-    monkeypatch.setattr(chips, "write_chip", failing_write)
+def test_an_interrupted_run_leaves_no_dataset(tmp_path, interrupt_fifth_chip):
     with pytest.raises(KeyboardInterrupt):
         tile(_config([sample.s2_tile_crop()], tmp_path / "out", size=32))
     assert list(tmp_path.iterdir()) == []

@@ -242,22 +242,11 @@ def test_parallel_workers_append_the_same_chips(halves, tmp_path):
     assert a.meta["stats"] == b.meta["stats"]
 
 
-def test_an_interrupted_append_leaves_the_old_dataset_as_it_was(halves, tmp_path, monkeypatch):
-    from geoexplora.io import chips
-
+def test_an_interrupted_append_leaves_the_old_dataset_as_it_was(halves, tmp_path, request):
     west, east = halves
     _tile([west], tmp_path / "ds", **SPLITS)
     before = _snapshot(tmp_path / "ds")
-    calls = []
-    real_write = chips.write_chip
-
-    def failing_write(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        real_write(*args, **kwargs)
-
-    monkeypatch.setattr(chips, "write_chip", failing_write)
+    request.getfixturevalue("interrupt_fifth_chip")
     with pytest.raises(KeyboardInterrupt):
         _tile([east], tmp_path / "ds", append=True, **SPLITS)
     assert _snapshot(tmp_path / "ds") == before
