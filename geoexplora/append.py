@@ -92,6 +92,10 @@ class ExistingDataset:
         updates = {"task": task, "bands": cfg.bands or [b["name"] for b in self.meta["bands"]]}
         if not cfg.class_folders:  # (class-folder patches keep the rule of their first import)
             updates["size"] = size
+            missing = [k for k in ("crs", "split_block_px") if k not in self.meta["provenance"]]
+            if missing:
+                raise UserError(f"{self.root}: its provenance lacks {', '.join(missing)} (not "
+                                "written by geoexplora tile?); cannot append to it")
             crs = self.meta["provenance"]["crs"]
             if cfg.crs is not None and not _same_crs(cfg.crs, crs):
                 raise UserError(f"--crs {cfg.crs}: {self.root} is in {crs}")

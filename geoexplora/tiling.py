@@ -860,8 +860,9 @@ def tile(cfg: TileConfig) -> TileResult:
     tasks = make_block_tasks(cands, scenes, size, stride, cfg.workers)
     n_live = sum(len(t.chips) for t in tasks)
     crss = [write_crs(s.crs) for s in scenes]
-    for scene in scenes:
-        scene.decode_threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    if "GDAL_NUM_THREADS" not in os.environ:  # else the user's setting stands
+        for scene in scenes:
+            scene.decode_threads = max(1, (os.cpu_count() or 1) // cfg.workers)
     plan = Plan(scenes=scenes, crss=crss, labels=labels if classes else None, task=task, size=size,
                 max_nodata=cfg.max_nodata, min_label_fraction=cfg.min_label_fraction,
                 num_classes=len(classes), class_colors={c.id: c.color for c in classes},

@@ -387,9 +387,10 @@ class Scene:
         self.bands = [s.band for s in sources[0]]
         self._handles: dict = {}
         self._pid = os.getpid()
-        # GDAL threads decoding compressed blocks of one read (GTiff/COG); 1 suits readers that
-        # run in parallel already, like DataLoader workers.
-        self.decode_threads = 1
+        # GDAL threads decoding the compressed blocks of one read (GTiff/COG), for files opened
+        # from now on; None leaves GDAL's setting (GDAL_NUM_THREADS, default one thread), which
+        # suits readers that run in parallel already, like DataLoader workers.
+        self.decode_threads: int | None = None
 
     crs = property(lambda self: self.grid.crs)
     transform = property(lambda self: self.grid.transform)
@@ -412,8 +413,11 @@ class Scene:
             self._handles, self._pid = {}, os.getpid()
         ds = self._handles.get(path)
         if ds is None:
-            with rasterio.Env(GDAL_NUM_THREADS=str(self.decode_threads)):  # read at open time
+            if self.decode_threads is None:
                 src = rasterio.open(path)
+            else:
+                with rasterio.Env(GDAL_NUM_THREADS=str(self.decode_threads)):  # read at open
+                    src = rasterio.open(path)
             if same_grid(_inspect_grid(src), self.grid):
                 ds = src
             else:
