@@ -7,6 +7,8 @@ Prints one JSON line per measurement, then one with the ratios, for each workloa
   atomic rename) weigh as much as its pixels.
 - ``mosaic``: the same pixels tiled 3 x 3 into one 6123 x 5580 file with the same layout, the
   size of a real Landsat scene (610 chips of 224 px).
+- ``append``: ``tile --append`` of the scene to the mosaic's dataset, against tiling both from
+  scratch (what one would do without ``--append``).
 
 The naive loop opens the source, reads one window, converts it and writes it as a chip, window by
 window (what a short script would do). The raw read is one sequential read of every input pixel,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -137,6 +140,32 @@ def measure(workload: str, scene: Path, opts: dict, args, tmp: Path) -> None:
           "targets": {"tile_vs_naive": 3.0, "tile_vs_raw_read": 0.5}})
 
 
+def measure_append(mosaic: Path, scene: Path, opts: dict, args, tmp: Path) -> None:
+    def run(scenes, out, **kw):
+        os.sync()
+        start = time.perf_counter()
+        result = tile(TileConfig(scenes=scenes, out=out, size=args.size, max_nodata=1.0,
+                                 show_progress=False, **opts, **kw))
+        return result, time.perf_counter() - start
+
+    best: dict[str, float] = {}
+    for attempt in range(args.repeat + 1):  # attempt 0 untimed, as in measure()
+        for leftover in tmp.iterdir():
+            shutil.rmtree(leftover)
+        run([mosaic], tmp / "dataset")
+        appended, append_s = run([scene], tmp / "dataset", append=True)
+        scratch, scratch_s = run([mosaic, scene], tmp / "scratch")
+        if attempt:
+            best["append"] = min(best.get("append", math.inf), append_s)
+            best["scratch"] = min(best.get("scratch", math.inf), scratch_s)
+    emit({"benchmark": "tile", "workload": "append", "what": "ratios",
+          "dataset_chips_before": appended.dataset_chips - appended.chips,
+          "chips_added": appended.chips, "chips_from_scratch": scratch.chips,
+          "append_seconds": round(best["append"], 3),
+          "from_scratch_seconds": round(best["scratch"], 3),
+          "append_vs_from_scratch": round(best["append"] / best["scratch"], 2)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scene", type=Path, help="benchmark this file only")
@@ -157,6 +186,10 @@ def main() -> None:
         for workload, scene, opts in workloads:
             (work / "out").mkdir()
             measure(workload, scene, opts, args, work / "out")
+            shutil.rmtree(work / "out")
+        if len(workloads) == 2:
+            (work / "out").mkdir()
+            measure_append(workloads[1][1], workloads[0][1], L8_OPTS, args, work / "out")
             shutil.rmtree(work / "out")
     finally:
         shutil.rmtree(work, ignore_errors=True)
