@@ -37,6 +37,10 @@ from geoexplora.io import chips as C
 log = logging.getLogger("geoexplora")
 
 SCENE_ID = re.compile(r"^s(\d+)_")
+# TileConfig fields taken from the dataset's first run when not given (``None``): how pixels are
+# read, gridded, filtered, labelled and split.
+CARRIED_OVER = ("sensor", "band_map", "nodata", "resolution", "stride", "max_nodata",
+                "min_label_fraction", "val_fraction", "test_fraction")
 
 
 @dataclass
@@ -50,6 +54,9 @@ class ExistingDataset:
 
     @classmethod
     def load(cls, root: Path) -> ExistingDataset:
+        if not (root / C.META_NAME).is_file():
+            raise UserError(f"--append: {root} is not a chips dataset (no {C.META_NAME}); "
+                            "pass another -o, or --overwrite to replace it")
         meta = C.load_dataset_meta(root)
         index = C.read_index(root)
         sample_path = root / C.STATS_SAMPLE_NAME
@@ -73,12 +80,18 @@ class ExistingDataset:
         return [b["key"] for b in self.meta["bands"]]
 
     @property
+    def config(self) -> dict:
+        """The TileConfig of the dataset's first run, as stored in its provenance."""
+        return self.meta["provenance"].get("config", {})
+
+    @property
     def class_folders(self) -> bool:
-        return bool(self.meta["provenance"].get("config", {}).get("class_folders"))
+        return bool(self.config.get("class_folders"))
 
     def with_defaults(self, cfg):
-        """``cfg`` with what the dataset fixes filled in; UserError for contradictions."""
-        config = self.meta["provenance"].get("config", {})
+        """``cfg`` with what the dataset fixes, and the options of its first run that were not
+        given, filled in; UserError for contradictions."""
+        config = self.config
         if cfg.class_folders != self.class_folders:
             made = "from class folders" if self.class_folders else "by tiling scenes"
             raise UserError(f"--append: {self.root} was made {made}; "
@@ -89,30 +102,47 @@ class ExistingDataset:
         task = self.meta["task"]
         if cfg.task is not None and cfg.task != task:
             raise UserError(f"--task {cfg.task}: {self.root} is a {task} dataset")
+        stored = config.get("resolution")
+        if cfg.resolution is not None and stored is not None and cfg.resolution != stored:
+            raise UserError(f"--resolution {cfg.resolution:g}: {self.root} was tiled at "
+                            f"{stored:g} m")
         updates = {"task": task, "bands": cfg.bands or [b["name"] for b in self.meta["bands"]]}
+        # Options of the first run that the new chips should share unless given again.
+        for key in CARRIED_OVER:
+            if getattr(cfg, key) is None and config.get(key) is not None:
+                updates[key] = config[key]
+        if cfg.s2_offset == "auto" and config.get("s2_offset", "auto") != "auto":
+            updates["s2_offset"] = config["s2_offset"]
         if not cfg.class_folders:  # (class-folder patches keep the rule of their first import)
             updates["size"] = size
-            missing = [k for k in ("crs", "split_block_px") if k not in self.meta["provenance"]]
-            if missing:
-                raise UserError(f"{self.root}: its provenance lacks {', '.join(missing)} (not "
-                                "written by geoexplora tile?); cannot append to it")
-            crs = self.meta["provenance"]["crs"]
-            if cfg.crs is not None and not _same_crs(cfg.crs, crs):
-                raise UserError(f"--crs {cfg.crs}: {self.root} is in {crs}")
-            block = self.meta["provenance"]["split_block_px"]
-            if cfg.split_block is not None and cfg.split_block != block:
-                raise UserError(f"--split-block {cfg.split_block}: {self.root} was split in "
-                                f"blocks of {block} px")
-            updates |= {"crs": crs, "split_block": block}
-            if task != "none" and not (cfg.labels or cfg.label_raster):
-                raise UserError(f"--append: {self.root} is a {task} dataset; pass the labels of "
-                                "the new scenes (--labels/--label-raster)")
-            if task == "none" and (cfg.labels or cfg.label_raster):
-                raise UserError(f"--append: {self.root} has no labels (task none); drop "
-                                "--labels/--label-raster")
-            if cfg.labels and not cfg.label_field and config.get("label_field"):
-                updates["label_field"] = config["label_field"]
+            updates |= self._scene_defaults(cfg)
         return dataclasses.replace(cfg, **updates)
+
+    def _scene_defaults(self, cfg) -> dict:
+        prov = self.meta["provenance"]
+        missing = [k for k in ("crs", "split_block_px") if k not in prov]
+        if missing:
+            raise UserError(f"{self.root}: its provenance lacks {', '.join(missing)} (not "
+                            "written by geoexplora tile?); cannot append to it")
+        task = self.meta["task"]
+        crs, block = prov["crs"], prov["split_block_px"]
+        if cfg.crs is not None and not _same_crs(cfg.crs, crs):
+            raise UserError(f"--crs {cfg.crs}: {self.root} is in {crs}")
+        if block is not None and cfg.split_block not in (None, block):
+            raise UserError(f"--split-block {cfg.split_block}: {self.root} was split in "
+                            f"blocks of {block} px")
+        if task != "none" and not (cfg.labels or cfg.label_raster):
+            raise UserError(f"--append: {self.root} is a {task} dataset; pass the labels of "
+                            "the new scenes (--labels/--label-raster)")
+        if task == "none" and (cfg.labels or cfg.label_raster):
+            raise UserError(f"--append: {self.root} has no labels (task none); drop "
+                            "--labels/--label-raster")
+        updates = {"crs": crs, "split_block": block if block is not None else cfg.split_block}
+        field = self.config.get("label_field")
+        if cfg.labels and not cfg.label_field and field:
+            log.info("--label-field %s, as in %s", field, self.root)
+            updates["label_field"] = field
+        return updates
 
     def check_matches(self, band_keys: list[str], num_frames: int, what: str) -> None:
         if band_keys != self.band_keys:
@@ -224,6 +254,8 @@ class ExistingDataset:
     def provenance(self, run: dict) -> dict:
         """The dataset's provenance with this run added to its ``appended`` list."""
         prov = dict(self.meta["provenance"])
+        if prov.get("split_block_px") is None:  # the first run did not split; this one may have
+            prov["split_block_px"] = run.get("split_block_px")
         prov["sources"] = list(prov.get("sources", [])) + run["sources"]
         prov["appended"] = list(prov.get("appended", [])) + [
             {k: run[k] for k in ("created", "version", "sources", "config")}]

@@ -5,7 +5,7 @@ Values marked "recipe" are the faithful ExPLoRA / DINOv2 / MAE values of
 the recipe does not make (short runs, small models, multispectral augmentation); each says why.
 
 Sections: ENGINE (the training loop shared by adapt and finetune), ADAPT (data, augmentation,
-the two objectives), then the sections of the other commands (finetune, probe) appended below.
+the two objectives), then the sections of the other commands (finetune, probe, tile) below.
 """
 
 from __future__ import annotations
@@ -246,3 +246,19 @@ class ProbeDefaults:
 
 
 PROBE = ProbeDefaults()
+
+# --------------------------------------------------------------------------------------------
+# TILE: geoexplora/tiling.py, geoexplora/commands/tile.py
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileDefaults:
+    size: int = 224  # recipe: chips are the training window (DataDefaults.crop_size)
+    val_fraction: float = 0.1  # ours: a validation split for early stopping and model choice
+    test_fraction: float = 0.0  # ours: a test split only when asked for
+    max_nodata: float = 0.5  # ours: as DataDefaults.min_valid_fraction, from the other side
+    min_label_fraction: float = 0.0  # ours: the majority class labels a chip, however small
+
+
+TILE = TileDefaults()

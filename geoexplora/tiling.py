@@ -25,20 +25,20 @@ import os
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from geoexplora import __version__
 from geoexplora.bands import band_from_key
+from geoexplora.defaults import TILE
 from geoexplora.errors import UserError
 from geoexplora.io import chips as C
 from geoexplora.io.stats import BandStatsAccumulator, pixel_sample
 
 log = logging.getLogger("geoexplora")
 
-DEFAULT_SIZE = 224
 BLOCK_BUDGET_BYTES = 64 * 2**20  # pixels held per read block (per worker)
 SAME_PLACE_IOU = 0.8  # footprints overlapping this much are one place (bands/dates of one scene)
 EDGES = ("drop", "pad")
@@ -50,7 +50,7 @@ class TileConfig:
 
     scenes: list[str | os.PathLike]
     out: str | os.PathLike
-    size: int | None = None  # default DEFAULT_SIZE (class folders: the patch size)
+    size: int | None = None  # default TILE.size (class folders: the patch size)
     stride: int | None = None  # default: size (no overlap)
     bands: list[str] | None = None
     sensor: str | None = None
@@ -66,12 +66,12 @@ class TileConfig:
     label_raster: str | os.PathLike | None = None
     class_folders: bool = False
     task: str | None = None  # default from the labels: see _default_task
-    min_label_fraction: float = 0.0
+    min_label_fraction: float | None = None  # None: TILE's (or, appending, the dataset's)
     aoi: str | os.PathLike | None = None
-    max_nodata: float = 0.5
+    max_nodata: float | None = None  # None: TILE's (or, appending, the dataset's)
     edge: str = "drop"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
+    val_fraction: float | None = None  # None: TILE's (or, appending, the dataset's)
+    test_fraction: float | None = None  # None: TILE's (or, appending, the dataset's)
     split_block: int | None = None  # pixels; default: see _auto_block
     seed: int = 0
     workers: int = 1
@@ -101,8 +101,9 @@ class TileResult:
     num_frames: int
     chip_size: int
     seconds: float
-    skipped_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # unreadable (skip_bad)
     appended: bool = False
+    already_in_dataset: list[str] = field(default_factory=list)  # appending: files skipped
     # With dry_run: what would be done (chips: at most this many; dropped: known before
     # reading; splits: of the chips to read; no statistics).
     plan: dict | None = None
@@ -148,7 +149,10 @@ def collect_inputs(items: list[str | os.PathLike]) -> list[Path]:
             raise UserError(f"{path}: no such file or folder")
     if not out:
         raise UserError("no input scenes given")
-    return list(dict.fromkeys(out))
+    unique: dict[Path, Path] = {}
+    for p in out:  # one file named twice (relative and absolute, a link) is one input
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def _raster_suffixes() -> tuple[str, ...]:
@@ -216,13 +220,31 @@ def scene_options_from(cfg: TileConfig, crs: str | None = None):
                         s2_offset=cfg.s2_offset, crs=crs)
 
 
-def open_scenes(cfg: TileConfig) -> tuple[list, list[str]]:
-    """Open every place named by the inputs on the target CRS; check they agree on bands/dates."""
+def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[str]]:
+    """Open every place named by the inputs on the target CRS; check they agree on bands/dates.
+
+    Returns the scenes, the files skipped as unreadable (``skip_bad``) and, appending to
+    ``existing``, the files skipped as already in it (left out before grouping by place, so a
+    new date of a known place is a scene of its own).
+    """
     import rasterio
 
     from geoexplora.io.scene import open_scene
 
-    groups, skipped = group_by_place(collect_inputs(cfg.scenes), cfg.skip_bad)
+    paths = collect_inputs(cfg.scenes)
+    already = []
+    if existing is not None:
+        known = existing.known_sources()
+        already = [p for p in paths if p.resolve() in known]
+        paths = [p for p in paths if p.resolve() not in known]
+        if not paths:
+            raise UserError(f"nothing to append: every file given is already in "
+                            f"{existing.root}")
+        if already:
+            log.warning("%d file(s) already in %s, skipped: %s", len(already), existing.root,
+                        ", ".join(p.name for p in already[:5]) + (", ..." if len(already) > 5
+                                                                 else ""))
+    groups, skipped = group_by_place(paths, cfg.skip_bad)
     if not groups:
         raise UserError("no readable input scenes")
     if cfg.dates and len(groups) > 1:
@@ -258,7 +280,7 @@ def open_scenes(cfg: TileConfig) -> tuple[list, list[str]]:
     if len(scenes) > 1:
         log.info("%d scenes (places) from %d files", len(scenes),
                  sum(len(s.paths) for s in scenes))
-    return scenes, skipped
+    return scenes, skipped, [str(p) for p in already]
 
 
 def _band_names(scene) -> str:
@@ -340,21 +362,22 @@ def _block_keys(cands: Candidates, block_m: float) -> dict:
 
 def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
                   test_fraction: float, seed: int, block_px: int | None = None,
-                  fixed: dict | None = None) -> int:
+                  fixed_blocks=None) -> int | None:
     """Spatially blocked splits; val/test chips overlapping another split's chip are dropped.
 
     Blocks (``block_px`` squares of the target CRS) go to test, then val, until each reaches its
-    fraction of the candidates; one block is always kept for train. Blocks in ``fixed`` (block
-    key -> split: those of an existing dataset) keep their split. Returns the block size used.
+    fraction of the candidates; one block is always kept for train. ``fixed_blocks(block_m)``
+    (appending) gives the blocks that keep a split: block key -> split. Returns the block size
+    used, None when nothing was split.
     """
     import shapely
     from shapely.strtree import STRtree
 
     live = np.flatnonzero(cands.drop == "")
-    if not (val_fraction or test_fraction or fixed) or live.size == 0:
-        return block_px or size
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise UserError("--val-fraction and --test-fraction must be >= 0 and sum to less than 1")
+    if not (val_fraction or test_fraction or fixed_blocks) or live.size == 0:
+        return block_px
     sub = Candidates(*(getattr(cands, f)[live] for f in
                        ("scene", "row", "col", "boxes", "split", "drop")))
     block_px = block_px or _auto_block(sub, size, res)
@@ -363,7 +386,7 @@ def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
     order = np.random.default_rng(seed).permutation(len(keys))
     want = {"test": round(test_fraction * live.size), "val": round(val_fraction * live.size)}
     have = {"test": 0, "val": 0}
-    fixed = fixed or {}
+    fixed = fixed_blocks(block_px * res) if fixed_blocks else {}
     if len(keys) < 2 and not fixed:
         log.warning("one spatial block only (%d px); all chips go to train (pass a smaller "
                     "--split-block)", block_px)
@@ -738,7 +761,8 @@ def _write_meta(tmp: Path, *, task, bands, num_frames, size, stats, classes, cou
 
 def _provenance(cfg: TileConfig, sources: list[str], extra: dict | None = None) -> dict:
     config = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(cfg).items()
-              if k not in ("scenes", "out", "overwrite", "show_progress", "workers")}
+              if k not in ("scenes", "out", "overwrite", "append", "dry_run", "show_progress",
+                           "workers")}
     return {"tool": "geoexplora tile", "version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "sources": sources, "config": config, **(extra or {})}
@@ -794,6 +818,15 @@ def _zero_chips_message(dropped: Counter, n_candidates: int) -> str:
 def tile(cfg: TileConfig) -> TileResult:
     """Tile scenes (or import class folders) into a chips dataset at ``cfg.out`` (or, with
     ``cfg.append`` and an existing dataset there, add to it: see ``geoexplora.append``)."""
+    if cfg.append and not cfg.dry_run:
+        from geoexplora.io.outputs import exclusive
+
+        with exclusive(cfg.out):  # from reading the old dataset to swapping in the new one
+            return _tile(cfg)
+    return _tile(cfg)
+
+
+def _tile(cfg: TileConfig) -> TileResult:
     from geoexplora.io.outputs import atomic_output, check_output
 
     start = time.perf_counter()
@@ -804,11 +837,15 @@ def tile(cfg: TileConfig) -> TileResult:
         raise UserError(f"{cfg.out} exists; pass --append to add to it or --overwrite to "
                         "replace it")
     existing = None
+    given_label_field = cfg.label_field
     if cfg.append and Path(cfg.out).exists():
         from geoexplora.append import ExistingDataset
 
         existing = ExistingDataset.load(Path(cfg.out))
         cfg = existing.with_defaults(cfg)
+    cfg = replace(cfg, **{
+        k: getattr(TILE, k) for k in ("max_nodata", "min_label_fraction", "val_fraction",
+                                      "test_fraction") if getattr(cfg, k) is None})
     out = check_output(cfg.out, cfg.overwrite or existing is not None)
     if cfg.edge not in EDGES:
         raise UserError(f"--edge {cfg.edge}: must be drop or pad")
@@ -821,18 +858,22 @@ def tile(cfg: TileConfig) -> TileResult:
     if cfg.class_folders:
         return import_class_folders(cfg, start, existing)
 
-    size = DEFAULT_SIZE if cfg.size is None else cfg.size
+    size = TILE.size if cfg.size is None else cfg.size
     stride = size if cfg.stride is None else cfg.stride
     if size < 1 or stride < 1:
         raise UserError(f"--size {size} / --stride {stride}: both must be at least 1")
-    scenes, skipped = open_scenes(cfg)
-    if existing is not None:
-        scenes = _new_scenes(scenes, existing)
+    scenes, skipped, already = open_scenes(cfg, existing)
     first = scenes[0]
     crs = first.crs
     from geoexplora.io.labels import open_labels
 
-    labels = open_labels(cfg.labels, cfg.label_field, cfg.label_raster, crs, cfg.label_layer)
+    try:
+        labels = open_labels(cfg.labels, cfg.label_field, cfg.label_raster, crs, cfg.label_layer)
+    except UserError as exc:
+        if cfg.label_field != given_label_field:  # taken from the existing dataset
+            raise UserError(f"{exc} (--label-field {cfg.label_field} is the field {out} was "
+                            "tiled with; pass --label-field)") from exc
+        raise
     task = cfg.task or _default_task(labels, False)
     _check_task(task, labels)
     if labels is not None:
@@ -851,9 +892,13 @@ def tile(cfg: TileConfig) -> TileResult:
     if labels is not None and task != "none":
         drop_unlabelled_candidates(cands, labels, crs)
     split_res = first.res[0] if existing is None else existing.split_res()
-    fixed = existing.block_splits(cfg.split_block * split_res) if existing is not None else None
+    if existing is not None and not math.isclose(first.res[0], split_res, rel_tol=1e-6):
+        log.warning("%s: %.6g m pixels, %s's chips have %.6g m; pass --resolution %.6g for one "
+                    "GSD", first.paths[0].name, first.res[0], existing.root, split_res,
+                    split_res)
     block_px = assign_splits(cands, size, split_res, cfg.val_fraction, cfg.test_fraction,
-                             cfg.seed, cfg.split_block, fixed)
+                             cfg.seed, cfg.split_block,
+                             existing.block_splits if existing is not None else None)
     if existing is not None:
         existing.drop_overlapping(cands, first.res[0])
     dropped = Counter(r for r in cands.drop if r)
@@ -886,8 +931,8 @@ def tile(cfg: TileConfig) -> TileResult:
             "disk_bytes_at_most": n_live * (4 * bands + (task == "segmentation")) * size * size,
             # a block being cut, the next being read (per worker)
             "memory_bytes": 2 * block_bytes * cfg.workers}
-        return _planned(cfg, out, task, n_live, existing, cands, dropped, classes, first, size,
-                        start, skipped, plan_doc)
+        return _planned(out, task, n_live, existing, cands, dropped, classes, first, size,
+                        start, skipped, already, plan_doc)
 
     with atomic_output(out, cfg.overwrite or existing is not None) as tmp:
         if existing is not None:
@@ -911,7 +956,7 @@ def tile(cfg: TileConfig) -> TileResult:
             raise UserError(_zero_chips_message(dropped, n_candidates))
         new_chips = len(records)
         _add_geometry(records, scenes, crss)
-        sources = [str(p) for s in scenes for p in s.paths]
+        sources = [str(p.absolute()) for s in scenes for p in s.paths]
         extra = {"split_block_px": block_px, "crs": crs.to_string(),
                  "labels": str(cfg.labels or cfg.label_raster or "") or None}
         dataset = _write_dataset(tmp, cfg, existing, records=records, index_crs=crss[0],
@@ -931,11 +976,12 @@ def tile(cfg: TileConfig) -> TileResult:
                       classes=dataset["classes"], stats=dataset["stats"],
                       bands=[b.key for b in first.bands], num_frames=len(first.dates),
                       chip_size=size, seconds=round(time.perf_counter() - start, 3),
-                      skipped_files=skipped, appended=existing is not None)
+                      skipped_files=skipped, appended=existing is not None,
+                      already_in_dataset=already)
 
 
-def _planned(cfg: TileConfig, out: Path, task: str, n_live: int, existing, cands: Candidates,
-             dropped: Counter, classes: list, first, size: int, start: float, skipped: list,
+def _planned(out: Path, task: str, n_live: int, existing, cands: Candidates, dropped: Counter,
+             classes: list, first, size: int, start: float, skipped: list, already: list,
              plan_doc: dict) -> TileResult:
     """The dry run's result: what tile would write, from the candidates alone."""
     live = cands.drop == ""
@@ -945,23 +991,8 @@ def _planned(cfg: TileConfig, out: Path, task: str, n_live: int, existing, cands
                       classes=[c.to_dict() for c in classes], stats={},
                       bands=[b.key for b in first.bands], num_frames=len(first.dates),
                       chip_size=size, seconds=round(time.perf_counter() - start, 3),
-                      skipped_files=skipped, appended=existing is not None, plan=plan_doc)
-
-
-def _new_scenes(scenes: list, existing) -> list:
-    """The scenes none of whose files is already a source of ``existing``."""
-    known = existing.known_sources()
-    new = []
-    for scene in scenes:
-        if any(p.resolve() in known for p in scene.paths):
-            log.warning("%s: already in %s; skipped", ", ".join(p.name for p in scene.paths),
-                        existing.root)
-            scene.close()
-        else:
-            new.append(scene)
-    if not new:
-        raise UserError(f"nothing to append: every scene given is already in {existing.root}")
-    return new
+                      skipped_files=skipped, appended=existing is not None,
+                      already_in_dataset=already, plan=plan_doc)
 
 
 def write_crs(crs):
@@ -984,7 +1015,7 @@ def write_crs(crs):
 def _add_geometry(records: list[dict], scenes: list, crss: list) -> None:
     from shapely import box
 
-    per_scene = [(c.to_string(), ";".join(str(p) for p in s.paths),
+    per_scene = [(c.to_string(), ";".join(str(p.absolute()) for p in s.paths),
                   ";".join(d or "" for d in s.dates)) for s, c in zip(scenes, crss)]
     for r in records:
         i = r.pop("scene")
@@ -1038,6 +1069,7 @@ class PatchPlan:
     num_frames: int
     size: int
     size_given: bool
+    size_from: str  # what fixed the size, for messages
     scene_options: object
     out: Path
     creation_options: dict[str, str]
@@ -1087,17 +1119,18 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
             raise UserError(f"{d}: class folder holds no raster files")
     classes = [LabelClass(i, d.name, C.class_color(i)) for i, d in enumerate(class_dirs)]
     class_ids = np.arange(len(classes))
+    already: list[str] = []
     if existing is not None:
         classes, class_ids = existing.merge_classes(classes)
         known = existing.known_sources()
-        fresh = {i: [f for f in paths if f.resolve() not in known] for i, paths in files.items()}
-        already = sum(len(files[i]) - len(fresh[i]) for i in files)
-        if already:
-            log.warning("%d patch file(s) already in %s; skipped", already, existing.root)
-        files = {i: paths for i, paths in fresh.items() if paths}
+        already = [str(f) for paths in files.values() for f in paths if f.resolve() in known]
+        files = {i: kept for i, paths in files.items()
+                 if (kept := [f for f in paths if f.resolve() not in known])}
         if not files:
             raise UserError(f"nothing to append: every patch in {root} is already in "
                             f"{existing.root}")
+        if already:
+            log.warning("%d patch file(s) already in %s, skipped", len(already), existing.root)
     example = next(iter(files.values()))[0]
     opts = scene_options_from(cfg)
     first = open_scene([example], opts)
@@ -1130,6 +1163,8 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
     tasks = [PatchTask(i // batch, patches[i:i + batch]) for i in range(0, len(patches), batch)]
     plan = PatchPlan(bands=[b.name for b in first.bands], band_keys=[b.key for b in first.bands],
                      num_frames=len(first.dates), size=size, size_given=cfg.size is not None,
+                     size_from=(f"{existing.root}'s chips are" if existing is not None
+                                else "the first patch is"),
                      scene_options=opts, out=Path(),
                      creation_options=dict(cfg.creation_options or {}),
                      samples_per_chip=_samples_per_chip(cfg, len(patches), existing),
@@ -1147,6 +1182,7 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
             classes=[c.to_dict() for c in classes], stats={}, bands=plan.band_keys,
             num_frames=plan.num_frames, chip_size=size,
             seconds=round(time.perf_counter() - start, 3), appended=existing is not None,
+            already_in_dataset=already,
             plan={"root": str(root), "patches": len(patches),
                   "disk_bytes_at_most": len(patches) * 4 * bands * size * size})
     with atomic_output(out, cfg.overwrite or existing is not None) as tmp:
@@ -1171,14 +1207,15 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
                                  samples=samples, task="classification",
                                  bands=[band_from_key(k) for k in plan.band_keys],
                                  num_frames=plan.num_frames, size=size, classes=classes,
-                                 class_pixels=None, dropped=dropped, sources=[str(root)],
+                                 class_pixels=None, dropped=dropped, sources=[str(root.absolute())],
                                  extra={"skipped": skipped})
     return TileResult(out=out, task="classification", chips=new_chips,
                       dataset_chips=dataset["chips"], dropped=dict(dropped),
                       splits=dataset["splits"], classes=dataset["classes"],
                       stats=dataset["stats"], bands=plan.band_keys, num_frames=plan.num_frames,
                       chip_size=size, seconds=round(time.perf_counter() - start, 3),
-                      skipped_files=skipped, appended=existing is not None)
+                      skipped_files=skipped, appended=existing is not None,
+                      already_in_dataset=already)
 
 
 def _safe(stem: str) -> str:
@@ -1209,7 +1246,7 @@ def run_patches(task: PatchTask) -> PatchResult:
                 raise UserError(f"{path}: bands {','.join(b.key for b in scene.bands)} differ "
                                 f"from the first patch's {','.join(plan.band_keys)}")
             if not plan.size_given and (scene.width, scene.height) != (plan.size, plan.size):
-                raise UserError(f"{path}: {scene.width} x {scene.height} px, the first patch is "
+                raise UserError(f"{path}: {scene.width} x {scene.height} px, {plan.size_from} "
                                 f"{plan.size} x {plan.size}; pass --size to centre-crop/pad")
             col, row = (scene.width - plan.size) // 2, (scene.height - plan.size) // 2
             window = Window(col, row, plan.size, plan.size)
@@ -1238,7 +1275,7 @@ def run_patches(task: PatchTask) -> PatchResult:
         samples[cid] = pixel_sample(data, plan.samples_per_chip, _chip_rng(plan.seed, cid))
         records.append({
             "chip_id": cid, "path": chip_path, "mask_path": None, "geometry": footprint,
-            "crs": scene.crs.to_string(), "source": path, "col_off": col, "row_off": row,
+            "crs": scene.crs.to_string(), "source": str(Path(path).absolute()), "col_off": col, "row_off": row,
             "width": plan.size, "height": plan.size,
             "dates": ";".join(d or "" for d in scene.dates), "label": class_id,
             "labels": str(class_id), "nodata_fraction": nodata_fraction, "split": split})

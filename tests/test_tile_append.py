@@ -324,3 +324,101 @@ def test_dry_run_append_counts_old_and_new_chips_and_changes_nothing(halves, tmp
     assert planned.appended and planned.plan["to_read"] == 40
     assert planned.dataset_chips == first.chips + 40
     assert _snapshot(tmp_path / "ds") == before
+
+
+# --------------------------------------------------------------------------- review findings
+
+def test_a_known_scene_named_from_another_folder_is_still_skipped(halves, tmp_path, monkeypatch):
+    west, _east = halves
+    _tile([west], tmp_path / "ds", val_fraction=0)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="nothing to append"):
+        _tile(["../scenes/" + west.name], "../ds", append=True)
+
+
+def test_a_new_date_of_a_known_place_in_a_batch_folder_is_appended(tmp_path):
+    import shutil
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copy(sample.slovenia_scenes()[0], batch)
+    first = _tile([batch], tmp_path / "ds", val_fraction=0)
+    shutil.copy(sample.slovenia_scenes()[1], batch)
+    result = _tile([batch], tmp_path / "ds", append=True)
+    assert result.chips == first.chips == 9
+    assert result.already_in_dataset == [str(batch / sample.slovenia_scenes()[0].name)]
+    assert ChipsDataset(result.out).index.dates.value_counts().to_dict() == {
+        "2015-07-11": 9, "2015-07-31": 9}
+
+
+def test_reading_and_split_options_of_the_first_run_carry_over(halves, tmp_path):
+    west, east = halves
+    _tile([west], tmp_path / "ds", resolution=400, val_fraction=0.25, test_fraction=0.25,
+          split_block=64, max_nodata=0.2)
+    result = _tile([east], tmp_path / "ds", append=True, size=None)
+    ds = ChipsDataset(result.out)
+    new = ds.index[ds.index.source.str.endswith("east.tif")]
+    assert {round(g.bounds[2] - g.bounds[0]) for g in new.geometry} == {32 * 400}
+    assert {"val", "test"} <= set(new.split)
+    config = ds.meta["provenance"]["appended"][0]["config"]
+    assert (config["resolution"], config["val_fraction"], config["test_fraction"],
+            config["max_nodata"]) == (400, 0.25, 0.25, 0.2)
+    with pytest.raises(UserError, match="--resolution 200: .* was tiled at 400 m"):
+        _tile([east], tmp_path / "ds", append=True, resolution=200)
+
+
+def test_a_dataset_tiled_without_splits_gets_real_blocks_on_append(halves, tmp_path):
+    west, east = halves
+    first = _tile([west], tmp_path / "ds", val_fraction=0)
+    assert ChipsDataset(first.out).meta["provenance"]["split_block_px"] is None
+    result = _tile([east], tmp_path / "ds", append=True, val_fraction=0.3, split_block=64)
+    ds = ChipsDataset(result.out)
+    assert ds.meta["provenance"]["split_block_px"] == 64
+    val = ds.index[ds.index.split == "val"]
+    assert len(val) > 0 and len(val) % 4 == 0  # whole 2 x 2 chip blocks (stride = size)
+
+
+def test_a_link_to_the_dataset_can_be_appended_to_and_stays_a_link(halves, tmp_path):
+    west, east = halves
+    _tile([west], tmp_path / "ds", val_fraction=0)
+    (tmp_path / "link").symlink_to(tmp_path / "ds")
+    result = _tile([east], tmp_path / "link", append=True)
+    assert (tmp_path / "link").is_symlink() and len(ChipsDataset(tmp_path / "ds")) == 80
+    assert result.dataset_chips == 80
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "link", "scenes"]
+
+
+def test_a_carried_label_field_missing_from_new_labels_is_named_as_carried(halves, tmp_path):
+    west, east = halves
+    _tile([west], tmp_path / "ds", val_fraction=0, label_field="kind",
+          labels=_polygons(tmp_path / "a.geojson", west, ["x"]))
+    other = gpd.read_file(_polygons(tmp_path / "b.geojson", east, ["x"])).rename(
+        columns={"kind": "type"})
+    other.to_file(tmp_path / "c.geojson")
+    with pytest.raises(UserError, match="kind is the field .* was tiled with; pass --label-field"):
+        _tile([east], tmp_path / "ds", append=True, labels=tmp_path / "c.geojson")
+
+
+def test_an_append_waits_for_another_append_to_the_same_dataset(halves, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from geoexplora.io.outputs import exclusive
+
+    west, east = halves
+    _tile([west], tmp_path / "ds", val_fraction=0)
+    code = "import sys; from geoexplora.cli import main; sys.exit(main(sys.argv[1:]))"
+    log = tmp_path / "stderr.txt"
+    with exclusive(tmp_path / "ds"), open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code, "tile", str(east), "-o",
+                                 str(tmp_path / "ds"), "--append"], stderr=stderr,
+                                stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while "waiting for it" not in " ".join(log.read_text().split()):
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert len(ChipsDataset(tmp_path / "ds")) == 40
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    assert len(ChipsDataset(tmp_path / "ds")) == 80

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from geoexplora.commands import _options as O
+from geoexplora.defaults import TILE
 
 
 def tile(
@@ -41,11 +42,14 @@ def tile(
         "--task", help="none, classification (majority class per chip), multilabel (classes "
                        "present) or segmentation (masks). Default: segmentation for polygons "
                        "and rasters, classification for points and class folders.")] = None,
-    min_label_fraction: Annotated[float, typer.Option(
+    min_label_fraction: Annotated[float | None, typer.Option(
         "--min-label-fraction", help="Share of a chip's pixels a class needs to be its label "
-                                     "(classification: the majority; multilabel: each).")] = 0.0,
+                                     "(classification: the majority; multilabel: each) "
+                                     f"[default: {TILE.min_label_fraction}].",
+        show_default=False)] = None,
     size: Annotated[int | None, typer.Option(
-        "--size", help="Chip size in pixels [default: 224; class folders: the patch size].",
+        "--size", help=f"Chip size in pixels [default: {TILE.size}; class folders: the patch "
+                       "size].",
         show_default=False)] = None,
     stride: Annotated[int | None, typer.Option(
         "--stride", help="Step between chips in pixels (< size overlaps) [default: size].",
@@ -53,14 +57,17 @@ def tile(
     edge: Annotated[str, typer.Option(
         "--edge", help="Chips at the right/bottom edge: drop partial ones, or pad them with "
                        "nodata.")] = "drop",
-    max_nodata: Annotated[float, typer.Option(
-        "--max-nodata", help="Drop chips with a larger share of nodata pixels.")] = 0.5,
+    max_nodata: Annotated[float | None, typer.Option(
+        "--max-nodata", help="Drop chips with a larger share of nodata pixels "
+                             f"[default: {TILE.max_nodata}].", show_default=False)] = None,
     aoi: Annotated[str | None, typer.Option(
         "--aoi", help="Vector area of interest; chips outside it are dropped.")] = None,
-    val_fraction: Annotated[float, typer.Option(
-        "--val-fraction", help="Share of chips for validation (spatially blocked).")] = 0.1,
-    test_fraction: Annotated[float, typer.Option(
-        "--test-fraction", help="Share of chips for testing (spatially blocked).")] = 0.0,
+    val_fraction: Annotated[float | None, typer.Option(
+        "--val-fraction", help="Share of chips for validation (spatially blocked) "
+                               f"[default: {TILE.val_fraction}].", show_default=False)] = None,
+    test_fraction: Annotated[float | None, typer.Option(
+        "--test-fraction", help="Share of chips for testing (spatially blocked) "
+                                f"[default: {TILE.test_fraction}].", show_default=False)] = None,
     split_block: Annotated[int | None, typer.Option(
         "--split-block", help="Side of the spatial split blocks in pixels [default: 8, 4, 2 or 1 "
                               "chips, the largest giving 20 blocks].", show_default=False)] = None,
@@ -74,8 +81,9 @@ def tile(
     overwrite: O.Overwrite = False,
     append: Annotated[bool, typer.Option(
         "--append", help="Add the chips of new scenes (or patches) to the existing dataset at "
-                         "-o: its bands, chip size, CRS, classes and split blocks carry over; "
-                         "scenes already in it are skipped.")] = False,
+                         "-o: its bands, chip size, CRS, classes, split blocks and the reading "
+                         "and split options of its first run carry over unless given; files "
+                         "already in it are skipped.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (scenes, chips to read, drops known before reading, "
                           "splits, disk and memory) and stop; no chip is read or written.",
@@ -114,11 +122,11 @@ def tile(
         plan = result.plan
         where = (f"{len(plan['scenes'])} scene(s) in {plan['blocks']} read blocks"
                  if "scenes" in plan else f"{plan['patches']} patch files")
-        memory = (f", ~{plan['memory_bytes'] / 2**20:.0f} MiB of pixels in memory"
+        memory = (f", ~{_size(plan['memory_bytes'])} of pixels in memory"
                   if "memory_bytes" in plan else "")
         typer.echo(f"{result.out}: would write at most {result.chips} chips ({splits}) of "
                    f"{result.chip_size} px from {where}; dropped before reading: {dropped}; "
-                   f"at most {plan['disk_bytes_at_most'] / 1e6:.0f} MB on disk{memory}")
+                   f"at most {_size(plan['disk_bytes_at_most'])} on disk{memory}")
         return
     if result.appended:
         typer.echo(f"{result.out}: {result.chips} chips added, {result.dataset_chips} in all "
@@ -128,6 +136,15 @@ def tile(
                    f"task {result.task}; dropped: {dropped}")
     for cl in result.classes:
         typer.echo(f"  {cl['id']:>3} {cl['name']}: {cl['chips']} chips")
+
+
+def _size(n: float) -> str:
+    """Bytes as text: ``812 B``, ``3.4 MB``, ``1.2 GB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def register(app: typer.Typer) -> None:

@@ -34,9 +34,12 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary path; on success move it to ``path``, on failure remove it.
 
     Works for files and folders. An existing ``path`` is only replaced once the new output is
-    complete, so an interrupted run never leaves a half-written output under the final name.
+    complete, so an interrupted run never leaves a half-written output under the final name. A
+    link to a folder stays a link: the folder it names is replaced.
     """
     path = Path(path)
+    if path.is_symlink() and path.is_dir():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
@@ -55,6 +58,31 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False):
             _remove(old)
             return
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike):
+    """Hold an exclusive lock on ``path``'s folder while a run rewrites ``path`` from its old
+    content (``tile --append``): concurrent runs wait for each other instead of the last one
+    undoing the others' work. Only runs of this program that take the lock wait."""
+    import fcntl
+    import logging
+
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger("geoexplora").warning(
+                "%s: another run is writing in %s; waiting for it", path, parent)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _remove(p: Path) -> None:
