@@ -255,3 +255,13 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, interrupt_fifth_chip):
     with pytest.raises(KeyboardInterrupt):
         tile(_config([sample.s2_tile_crop()], tmp_path / "out", size=32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_file_named_twice_is_one_input(tmp_path, monkeypatch):
+    import shutil
+
+    scene = shutil.copy(sample.slovenia_scenes()[0], tmp_path / "S2L1C_2015-07-11.tif")
+    monkeypatch.chdir(tmp_path)
+    result = tile(_config(["S2L1C_2015-07-11.tif", scene], tmp_path / "out", size=32,
+                          val_fraction=0))
+    assert result.chips == 9 and ChipsDataset(result.out).index.source.nunique() == 1
