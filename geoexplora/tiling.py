@@ -1104,6 +1104,12 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
                         "--labels/--label-raster")
     if (cfg.task or "classification") != "classification":
         raise UserError(f"--task {cfg.task}: class folders make a classification dataset")
+    gridding = [name for name, value in (("--crs", cfg.crs), ("--stride", cfg.stride),
+                                         ("--split-block", cfg.split_block), ("--aoi", cfg.aoi))
+                if value is not None]
+    if gridding:
+        raise UserError(f"{', '.join(gridding)}: not for --class-folders (each file is one chip, "
+                        "kept in its own CRS; splits are drawn per class)")
     root = Path(cfg.scenes[0])
     if not root.is_dir():
         raise UserError(f"--class-folders {root}: not a folder")

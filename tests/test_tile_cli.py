@@ -177,3 +177,11 @@ def test_dry_run_text_names_chips_blocks_disk_and_memory(tmp_path):
     assert "would write at most 9 chips" in out and "read blocks" in out
     assert "at most 479.2 kB on disk" in out  # 9 chips x 13 bands x 4 bytes x 32 x 32
     assert not (tmp_path / "c").exists()
+
+
+def test_gridding_options_are_refused_with_class_folders(tmp_path):
+    (tmp_path / "patches" / "forest").mkdir(parents=True)
+    code, _, err = run_cli("tile", str(tmp_path / "patches"), "--class-folders", "-o",
+                           str(tmp_path / "c"), "--crs", "EPSG:4326", "--stride", "8")
+    assert code == 2 and "--crs, --stride: not for --class-folders" in err
+    assert not (tmp_path / "c").exists()
