@@ -257,6 +257,10 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
     for group in groups:
         try:
             scene = open_scene(group, scene_options_from(cfg, target))
+            if (existing is not None and existing.meta["num_frames"] == 1
+                    and len(scene.dates) > 1 and not cfg.dates):
+                scenes.extend(_one_scene_per_date(scene, scene_options_from(cfg, target)))
+                continue
         except UserError as exc:
             if not cfg.skip_bad:
                 raise
@@ -281,6 +285,15 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
         log.info("%d scenes (places) from %d files", len(scenes),
                  sum(len(s.paths) for s in scenes))
     return scenes, skipped, [str(p) for p in already]
+
+
+def _one_scene_per_date(scene, opts) -> list:
+    """A several-date scene as one scene per date (appending to a dataset of one-date chips:
+    new dates of a known place are more chips of it, not a time series)."""
+    from geoexplora.io.scene import open_scene
+
+    scene.close()
+    return [open_scene(sorted({sb.path for sb in frame}), opts) for frame in scene.sources]
 
 
 def _band_names(scene) -> str:
@@ -374,8 +387,6 @@ def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
     from shapely.strtree import STRtree
 
     live = np.flatnonzero(cands.drop == "")
-    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise UserError("--val-fraction and --test-fraction must be >= 0 and sum to less than 1")
     if not (val_fraction or test_fraction or fixed_blocks) or live.size == 0:
         return block_px
     sub = Candidates(*(getattr(cands, f)[live] for f in
@@ -837,15 +848,22 @@ def _tile(cfg: TileConfig) -> TileResult:
         raise UserError(f"{cfg.out} exists; pass --append to add to it or --overwrite to "
                         "replace it")
     existing = None
-    given_label_field = cfg.label_field
+    given = cfg
     if cfg.append and Path(cfg.out).exists():
         from geoexplora.append import ExistingDataset
 
         existing = ExistingDataset.load(Path(cfg.out))
         cfg = existing.with_defaults(cfg)
+    carried = [k for k in ("val_fraction", "test_fraction")
+               if getattr(given, k) is None and getattr(cfg, k) is not None]
     cfg = replace(cfg, **{
         k: getattr(TILE, k) for k in ("max_nodata", "min_label_fraction", "val_fraction",
                                       "test_fraction") if getattr(cfg, k) is None})
+    if cfg.val_fraction < 0 or cfg.test_fraction < 0 or cfg.val_fraction + cfg.test_fraction >= 1:
+        source = (f" ({' and '.join('--' + k.replace('_', '-') for k in carried)} from "
+                  f"{cfg.out}'s first run)" if carried else "")
+        raise UserError(f"--val-fraction {cfg.val_fraction:g} and --test-fraction "
+                        f"{cfg.test_fraction:g} must be >= 0 and sum to less than 1{source}")
     out = check_output(cfg.out, cfg.overwrite or existing is not None)
     if cfg.edge not in EDGES:
         raise UserError(f"--edge {cfg.edge}: must be drop or pad")
@@ -870,7 +888,7 @@ def _tile(cfg: TileConfig) -> TileResult:
     try:
         labels = open_labels(cfg.labels, cfg.label_field, cfg.label_raster, crs, cfg.label_layer)
     except UserError as exc:
-        if cfg.label_field != given_label_field:  # taken from the existing dataset
+        if cfg.label_field != given.label_field:  # taken from the existing dataset
             raise UserError(f"{exc} (--label-field {cfg.label_field} is the field {out} was "
                             "tiled with; pass --label-field)") from exc
         raise
@@ -899,6 +917,10 @@ def _tile(cfg: TileConfig) -> TileResult:
     block_px = assign_splits(cands, size, split_res, cfg.val_fraction, cfg.test_fraction,
                              cfg.seed, cfg.split_block,
                              existing.block_splits if existing is not None else None)
+    # The block size is the dataset's once chips were split by it (or it was asked for): later
+    # appends must keep it; until then they may choose.
+    split = (cands.split[cands.drop == ""] != "train").any() or cfg.split_block is not None
+    recorded_block = block_px if split else None
     if existing is not None:
         existing.drop_overlapping(cands, first.res[0])
     dropped = Counter(r for r in cands.drop if r)
@@ -920,6 +942,8 @@ def _tile(cfg: TileConfig) -> TileResult:
     if cfg.dry_run:
         for scene in scenes:
             scene.close()
+        if n_live == 0:  # as the real run would say
+            raise UserError(_zero_chips_message(dropped, n_candidates))
         bands = len(first.bands) * len(first.dates)
         block_bytes = max((4 * bands * t.width * t.height for t in tasks), default=0)
         plan_doc = {
@@ -927,14 +951,14 @@ def _tile(cfg: TileConfig) -> TileResult:
                         "height": sc.height, "resolution": list(sc.res), "dates": sc.dates}
                        for sc in scenes],
             "crs": crs.to_string(), "candidates": n_candidates, "to_read": n_live,
-            "blocks": len(tasks), "split_block_px": block_px,
+            "blocks": len(tasks), "split_block_px": recorded_block,
             "disk_bytes_at_most": n_live * (4 * bands + (task == "segmentation")) * size * size,
             # a block being cut, the next being read (per worker)
             "memory_bytes": 2 * block_bytes * cfg.workers}
         return _planned(out, task, n_live, existing, cands, dropped, classes, first, size,
                         start, skipped, already, plan_doc)
 
-    with atomic_output(out, cfg.overwrite or existing is not None) as tmp:
+    with atomic_output(out, cfg.overwrite or existing is not None, _appeared_hint(cfg)) as tmp:
         if existing is not None:
             from geoexplora.append import link_dataset
 
@@ -956,8 +980,8 @@ def _tile(cfg: TileConfig) -> TileResult:
             raise UserError(_zero_chips_message(dropped, n_candidates))
         new_chips = len(records)
         _add_geometry(records, scenes, crss)
-        sources = [str(p.absolute()) for s in scenes for p in s.paths]
-        extra = {"split_block_px": block_px, "crs": crs.to_string(),
+        sources = [os.path.abspath(p) for s in scenes for p in s.paths]
+        extra = {"split_block_px": recorded_block, "crs": crs.to_string(),
                  "labels": str(cfg.labels or cfg.label_raster or "") or None}
         dataset = _write_dataset(tmp, cfg, existing, records=records, index_crs=crss[0],
                                  samples=samples, task=task, bands=first.bands,
@@ -978,6 +1002,11 @@ def _tile(cfg: TileConfig) -> TileResult:
                       chip_size=size, seconds=round(time.perf_counter() - start, 3),
                       skipped_files=skipped, appended=existing is not None,
                       already_in_dataset=already)
+
+
+def _appeared_hint(cfg: TileConfig) -> str:
+    return ("re-run with --append to add to it" if cfg.append
+            else "pass --overwrite to replace it")
 
 
 def _planned(out: Path, task: str, n_live: int, existing, cands: Candidates, dropped: Counter,
@@ -1015,7 +1044,7 @@ def write_crs(crs):
 def _add_geometry(records: list[dict], scenes: list, crss: list) -> None:
     from shapely import box
 
-    per_scene = [(c.to_string(), ";".join(str(p.absolute()) for p in s.paths),
+    per_scene = [(c.to_string(), ";".join(os.path.abspath(p) for p in s.paths),
                   ";".join(d or "" for d in s.dates)) for s, c in zip(scenes, crss)]
     for r in records:
         i = r.pop("scene")
@@ -1191,7 +1220,7 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
             already_in_dataset=already,
             plan={"root": str(root), "patches": len(patches),
                   "disk_bytes_at_most": len(patches) * 4 * bands * size * size})
-    with atomic_output(out, cfg.overwrite or existing is not None) as tmp:
+    with atomic_output(out, cfg.overwrite or existing is not None, _appeared_hint(cfg)) as tmp:
         if existing is not None:
             from geoexplora.append import link_dataset
 
@@ -1213,7 +1242,7 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
                                  samples=samples, task="classification",
                                  bands=[band_from_key(k) for k in plan.band_keys],
                                  num_frames=plan.num_frames, size=size, classes=classes,
-                                 class_pixels=None, dropped=dropped, sources=[str(root.absolute())],
+                                 class_pixels=None, dropped=dropped, sources=[os.path.abspath(root)],
                                  extra={"skipped": skipped})
     return TileResult(out=out, task="classification", chips=new_chips,
                       dataset_chips=dataset["chips"], dropped=dict(dropped),
@@ -1281,7 +1310,7 @@ def run_patches(task: PatchTask) -> PatchResult:
         samples[cid] = pixel_sample(data, plan.samples_per_chip, _chip_rng(plan.seed, cid))
         records.append({
             "chip_id": cid, "path": chip_path, "mask_path": None, "geometry": footprint,
-            "crs": scene.crs.to_string(), "source": str(Path(path).absolute()), "col_off": col, "row_off": row,
+            "crs": scene.crs.to_string(), "source": os.path.abspath(path), "col_off": col, "row_off": row,
             "width": plan.size, "height": plan.size,
             "dates": ";".join(d or "" for d in scene.dates), "label": class_id,
             "labels": str(class_id), "nodata_fraction": nodata_fraction, "split": split})

@@ -422,3 +422,43 @@ def test_an_append_waits_for_another_append_to_the_same_dataset(halves, tmp_path
         assert len(ChipsDataset(tmp_path / "ds")) == 40
     assert proc.wait(timeout=120) == 0, log.read_text()
     assert len(ChipsDataset(tmp_path / "ds")) == 80
+
+
+def test_an_append_that_splits_nothing_leaves_the_block_size_open(halves, tmp_path):
+    west, east = halves
+    _tile([west], tmp_path / "ds", val_fraction=0)
+    _tile([east], tmp_path / "ds", append=True, val_fraction=0)
+    assert ChipsDataset(tmp_path / "ds").meta["provenance"]["split_block_px"] is None
+
+
+def test_several_new_dates_of_a_known_place_are_one_date_scenes_each(tmp_path):
+    import shutil
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for scene in sample.slovenia_scenes()[:1]:
+        shutil.copy(scene, batch)
+    _tile([batch], tmp_path / "ds", val_fraction=0)
+    for scene in sample.slovenia_scenes()[1:3]:
+        shutil.copy(scene, batch)
+    result = _tile([batch], tmp_path / "ds", append=True)
+    ds = ChipsDataset(result.out)
+    assert result.chips == 18 and ds.num_frames == 1
+    assert sorted(ds.index.dates.unique()) == ["2015-07-11", "2015-07-31", "2015-08-20"]
+
+
+def test_a_carried_fraction_that_no_longer_fits_is_named_as_carried(halves, tmp_path):
+    west, east = halves
+    _tile([west], tmp_path / "ds", val_fraction=0.2, test_fraction=0.3, split_block=64)
+    with pytest.raises(UserError, match=r"--test-fraction from .*'s first run"):
+        _tile([east], tmp_path / "ds", append=True, val_fraction=0.7)
+
+
+def test_the_dataset_holding_the_current_folder_is_not_replaced(halves, tmp_path, monkeypatch):
+    west, east = halves
+    _tile([west], tmp_path / "ds", val_fraction=0)
+    before = _snapshot(tmp_path / "ds")
+    monkeypatch.chdir(tmp_path / "ds")
+    with pytest.raises(UserError, match="holds the current folder"):
+        _tile([east], ".", append=True)
+    assert _snapshot(tmp_path / "ds") == before

@@ -185,3 +185,14 @@ def test_gridding_options_are_refused_with_class_folders(tmp_path):
                            str(tmp_path / "c"), "--crs", "EPSG:4326", "--stride", "8")
     assert code == 2 and "--crs, --stride: not for --class-folders" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_split_fractions_summing_to_one_are_refused_for_class_folders(tmp_path):
+    code, _, err = run_cli("tile", str(tmp_path), "--class-folders", "-o", str(tmp_path / "c"),
+                           "--val-fraction", "0.7", "--test-fraction", "0.6")
+    assert code == 2 and "sum to less than 1" in err
+
+
+def test_a_dry_run_that_would_write_nothing_fails_as_the_run_would(tmp_path):
+    code, out, err = run_cli("tile", SLOVENIA_0, "-o", str(tmp_path / "c"), "--dry-run")
+    assert code == 2 and "no chip fits the scenes" in err and out == ""

@@ -16,6 +16,9 @@ def check_output(path: str | os.PathLike, overwrite: bool, option: str = "-o") -
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
+    if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise UserError(f"{option} {path}: holds the current folder, and is replaced by a new "
+                        "folder when the run completes; run from another folder")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise UserError(f"{option} {path}: {parent} is not a folder")
@@ -30,7 +33,8 @@ def temporary_sibling(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False):
+def atomic_output(path: str | os.PathLike, overwrite: bool = False,
+                  appeared_hint: str = "pass --overwrite to replace it"):
     """Yield a temporary path; on success move it to ``path``, on failure remove it.
 
     Works for files and folders. An existing ``path`` is only replaced once the new output is
@@ -50,7 +54,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False):
     if path.exists():
         if not overwrite:
             _remove(tmp)
-            raise UserError(f"{path} appeared while writing; pass --overwrite to replace it")
+            raise UserError(f"{path} appeared while writing (another run?); {appeared_hint}")
         if path.is_dir() and not path.is_symlink():
             old = temporary_sibling(path)
             os.replace(path, old)
