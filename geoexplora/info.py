@@ -1,4 +1,4 @@
-"""Descriptions of rasters and model files for ``geoexplora info``."""
+"""Descriptions of rasters, model files and chips datasets for ``geoexplora info``."""
 
 from __future__ import annotations
 
@@ -12,13 +12,20 @@ def is_model_file(path: Path) -> bool:
     return path.suffix.lower() in (".pt", ".pth")
 
 
+def is_chips_dataset(path: Path) -> bool:
+    from geoexplora.io.chips import META_NAME
+
+    return path.is_dir() and (path / META_NAME).is_file()
+
+
 def raster_files(paths: list[Path]) -> list[Path]:
-    """Paths as given; a folder -> the raster files and model files in it, sorted."""
+    """Paths as given; a folder -> the raster files and model files in it, sorted (a chips
+    dataset's folder stands for the dataset)."""
     from geoexplora.io.scene import RASTER_SUFFIXES
 
     out = []
     for path in paths:
-        if path.is_dir():
+        if path.is_dir() and not is_chips_dataset(path):
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in
                            (*RASTER_SUFFIXES, ".pt", ".pth"))
             if not found:
@@ -48,9 +55,30 @@ def describe_raster(path: Path, opts) -> dict:
     }
 
 
+def describe_dataset(path: Path) -> dict:
+    """A chips dataset from its ``dataset.json``: what tile made, and from what."""
+    from geoexplora.io.chips import load_dataset_meta
+
+    meta = load_dataset_meta(path)
+    counts, prov = meta.get("counts", {}), meta.get("provenance", {})
+    chips_per_class = counts.get("classes", {})
+    return {
+        "path": str(path), "kind": "chips", "task": meta["task"],
+        "chip_size": meta["chip_size"], "num_frames": meta["num_frames"],
+        "bands": [b["key"] for b in meta["bands"]], "chips": counts.get("chips"),
+        "splits": counts.get("splits", {}), "dropped": counts.get("dropped", {}),
+        "classes": [{**c, "chips": chips_per_class.get(c["name"])} for c in meta["classes"]],
+        "stats": meta["stats"], "crs": prov.get("crs"),
+        "split_block_px": prov.get("split_block_px"), "sources": len(prov.get("sources", [])),
+        "created": prov.get("created"), "appends": len(prov.get("appended", [])),
+    }
+
+
 def describe_path(path: Path, opts) -> dict:
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    if is_chips_dataset(path):
+        return describe_dataset(path)
     if is_model_file(path):
         from geoexplora.models.file import model_card
 
@@ -70,6 +98,9 @@ def render_description(doc: dict) -> None:
 
         console.print(render_model_card(doc))
         return
+    if doc["kind"] == "chips":
+        _render_dataset(console, doc)
+        return
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]file", doc["path"])
     head.add_row("size", f"{doc['width']} x {doc['height']} px, {doc['count']} band(s), {doc['dtype']}")
@@ -85,3 +116,28 @@ def render_description(doc: dict) -> None:
                       b.get("sensor", ""), f"{b['center_nm']:g}" if "center_nm" in b else "",
                       f"{b['gsd_m']:g}" if "gsd_m" in b else "")
     console.print(table)
+
+
+def _render_dataset(console, doc: dict) -> None:
+    from rich.table import Table
+
+    head = Table.grid(padding=(0, 2))
+    head.add_row("[bold]chips dataset", doc["path"])
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(doc["splits"].items()))
+    head.add_row("chips", f"{doc['chips']} of {doc['chip_size']} px ({splits}), "
+                          f"{doc['num_frames']} date(s) each")
+    head.add_row("task", doc["task"])
+    head.add_row("bands", ", ".join(doc["bands"]))
+    head.add_row("CRS", str(doc["crs"] or "per chip"))
+    head.add_row("made", f"{doc['created']} from {doc['sources']} source(s)"
+                         + (f", {doc['appends']} append(s)" if doc["appends"] else ""))
+    console.print(head)
+    table = Table("band", "mean", "std", "p2", "p98")
+    for i, key in enumerate(doc["bands"]):
+        table.add_row(key, *(f"{doc['stats'][s][i]:.1f}" for s in ("mean", "std", "p2", "p98")))
+    console.print(table)
+    if doc["classes"]:
+        classes = Table("id", "class", "colour", "chips")
+        for c in doc["classes"]:
+            classes.add_row(str(c["id"]), c["name"], c["color"], str(c["chips"]))
+        console.print(classes)

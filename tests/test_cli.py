@@ -141,3 +141,19 @@ def test_band_map_naming_an_unknown_band_is_refused(sample_data):
     path = sample_data / "slovenia" / "S2L1C_2015-07-11_13band_10m.tif"
     code, _, err = run_cli("info", str(path), "--band-map", "1=B77")
     assert code == 2 and "--band-map names B77: not a band of any sensor" in err
+
+
+def test_info_on_a_chips_dataset_summarises_it(sample_data, tmp_path):
+    out_dir = str(tmp_path / "chips")
+    assert run_cli("tile", str(sample_data / "slovenia" / "S2L1C_2015-07-11_13band_10m.tif"),
+                   "--label-raster", str(sample_data / "slovenia" / "LULC.tif"), "--size", "32",
+                   "-o", out_dir)[0] == 0
+    code, out, _ = run_cli("info", out_dir, "--json")
+    (doc,) = json.loads(out)["files"]
+    assert code == 0 and doc["kind"] == "chips" and doc["task"] == "segmentation"
+    assert (doc["chips"], doc["chip_size"], doc["num_frames"]) == (9, 32, 1)
+    assert sum(doc["splits"].values()) == 9 and len(doc["bands"]) == 13
+    assert [c["name"] for c in doc["classes"]][:2] == ["cultivated_land", "forest"]
+    assert doc["classes"][1]["chips"] == 9 and doc["crs"] == "EPSG:32633"
+    code, out, _ = run_cli("info", out_dir)
+    assert code == 0 and "9 of 32 px" in out and "forest" in out

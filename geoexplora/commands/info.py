@@ -1,4 +1,4 @@
-"""``geoexplora info PATH...``: what a raster (or a model file) holds."""
+"""``geoexplora info PATH...``: what a raster (or a model file, or a chips dataset) holds."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ from geoexplora.commands import _options as O
 
 
 def info(
-    paths: Annotated[list[str], typer.Argument(help="Rasters or geoexplora model files.")],
+    paths: Annotated[list[str], typer.Argument(
+        help="Rasters, geoexplora model files or chips datasets (folders).")],
     sensor: O.Sensor = None,
     band_map: O.BandMap = None,
     s2_offset: O.S2Offset = "auto",
     nodata: O.Nodata = None,
     json_out: O.Json = False,
 ) -> None:
-    """Describe rasters (size, CRS, resolution, dtype, nodata, identified bands, dates) or model
-    files (the model card). A folder stands for the rasters in it (one file per band).
+    """Describe rasters (size, CRS, resolution, dtype, nodata, identified bands, dates), model
+    files (the model card) or chips datasets (chips, splits, bands, statistics, classes). A
+    folder stands for the rasters in it (one file per band), unless it is a chips dataset.
 
     Example: geoexplora info scene.tif --json | jq .files[0].bands
     """
