@@ -133,7 +133,7 @@ def write_photos(folder: Path) -> list[str]:
 
 def probe_chips(out: Path, budget: Budget):
     """The labelled Landsat-7 chips (tile library): majority point label per chip."""
-    from geoexplora.tiling import TileConfig, tile
+    from geoexplora.pipelines.tile import TileConfig, tile
 
     return tile(TileConfig(scenes=[L7_SCENE], out=out, size=budget.chip, **L7_OPTS,
                            labels=L7_POINTS, label_field="label", task="classification",
@@ -144,7 +144,7 @@ def probe_chips(out: Path, budget: Budget):
 
 
 def adapt_config(budget: Budget, inputs: list[Path], output: Path, seed: int, **kw):
-    from geoexplora.ssl.adapt import AdaptConfig
+    from geoexplora.pipelines.adapt import AdaptConfig
 
     return AdaptConfig(inputs=inputs, output=output, steps=kw.pop("steps", budget.steps),
                        batch_size=budget.batch_size, crop_size=budget.crop,
@@ -154,7 +154,7 @@ def adapt_config(budget: Budget, inputs: list[Path], output: Path, seed: int, **
 
 
 def run_adapt(cfg) -> dict:
-    from geoexplora.ssl.adapt import adapt
+    from geoexplora.pipelines.adapt import adapt
 
     start = time.perf_counter()
     summary = adapt(cfg)
@@ -241,7 +241,7 @@ def adapt_arm(arm: str, source: Path, out: Path, budget: Budget, seed: int) -> d
 def probe(models: dict[str, Path], chips_root: Path, budget: Budget,
           seed: int) -> tuple[dict[str, dict], dict]:
     """Every arm probed together (one grid per model, same chips and seed): (per arm, doc)."""
-    from geoexplora.train.probe import ProbeConfig, run_probe
+    from geoexplora.pipelines.probe import ProbeConfig, run_probe
 
     doc = run_probe(ProbeConfig(models=list(models.values()), chips=chips_root,
                                 steps=budget.probe_steps, seed=seed, device="cpu"))

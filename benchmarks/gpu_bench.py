@@ -141,7 +141,7 @@ def synthetic_scene(path: Path, size: int, seed: int = 0) -> Path:
 
 def adapt_config(profile: Profile, model: str, mode: str, scene: Path, output: Path,
                  steps: int, num_workers: int | None):
-    from geoexplora.ssl.adapt import AdaptConfig
+    from geoexplora.pipelines.adapt import AdaptConfig
 
     return AdaptConfig(inputs=[scene], output=output, sensor="sentinel2", init=model,
                        init_weights="random", full=mode == "full", steps=steps,
@@ -159,7 +159,7 @@ def adapt_step(profile: Profile, model: str, mode: str, scene: Path, work: Path,
     from torch.utils.data import default_collate
     from torch.utils.flop_counter import FlopCounterMode
 
-    from geoexplora.ssl import adapt as A
+    from geoexplora.pipelines import adapt as A
     from geoexplora.train import engine as E
 
     steps = profile.warmup_steps + profile.timed_steps + 1
@@ -227,7 +227,7 @@ def adapt_end_to_end(profile: Profile, model: str, scene: Path, work: Path,
                      step_images_per_s: float) -> dict:
     """``adapt()`` itself (ExPLoRA); steady state = median images/s of its log's second half."""
 
-    from geoexplora.ssl.adapt import adapt
+    from geoexplora.pipelines.adapt import adapt
     from geoexplora.train.engine import RunFiles, read_log
 
     output = work / f"{model}-explora.pt"
@@ -258,7 +258,7 @@ def predict_throughput(profile: Profile, work: Path) -> dict:
     from geoexplora.models import build_backbone
     from geoexplora.models.file import save_model
     from geoexplora.models.heads import TaskModel, build_head
-    from geoexplora.predict import PredictConfig, predict
+    from geoexplora.pipelines.predict import PredictConfig, predict
 
     arch = profile.models[0]
     torch.manual_seed(0)

@@ -67,7 +67,7 @@ def tiny_model(path: Path) -> Path:
 
 def _config(args, raster: Path, output: Path, shard: str | None = None):
     from geoexplora.io.scene import SceneOptions
-    from geoexplora.predict import PredictConfig
+    from geoexplora.pipelines.predict import PredictConfig
 
     return PredictConfig(model=Path(args.model), rasters=[raster], output=output,
                          window=args.window, batch_size=args.batch_size, device=args.device,
@@ -84,7 +84,7 @@ def throughput(args, work: Path) -> dict:
     from geoexplora.inference.model import predictor_from_model, resolve_devices
     from geoexplora.log import set_verbosity
     from geoexplora.models.file import load_model
-    from geoexplora.predict import make_plan, open_model_scene, predict
+    from geoexplora.pipelines.predict import make_plan, open_model_scene, predict
 
     set_verbosity(-1)
     raster = mosaic_vrt(args.scene, args.size, work / f"mosaic_{args.size}.vrt")
@@ -134,7 +134,7 @@ def child(args) -> None:
 
     from geoexplora.log import set_verbosity
     from geoexplora.models.file import load_model
-    from geoexplora.predict import predict
+    from geoexplora.pipelines.predict import predict
 
     set_verbosity(-1)
     load_model(args.model)  # warm imports (timm) so the baseline holds them

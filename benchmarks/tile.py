@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from geoexplora import sample
 from geoexplora.io.chips import window_transform
-from geoexplora.tiling import TileConfig, tile, window_offsets
+from geoexplora.pipelines.tile import TileConfig, tile, window_offsets
 
 L8 = ROOT.parent / "shared" / "data" / "landsat8-224078-2020-05-18" / \
     "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"

@@ -196,7 +196,7 @@ MAE = MaeDefaults()
 
 @dataclass(frozen=True)
 class FinetuneDefaults:
-    """Fine-tuning (recipe section 3, "Fine-tune (PEFT)"); geoexplora/train/finetune.py."""
+    """Fine-tuning (recipe section 3, "Fine-tune (PEFT)"); geoexplora/pipelines/finetune.py."""
 
     mode: str = "lora"  # recipe: LoRA on q,v of all blocks + a new head
     lora_rank: int = 8  # recipe
@@ -229,7 +229,7 @@ FINETUNE = FinetuneDefaults()
 @dataclass(frozen=True)
 class ProbeDefaults:
     """Linear probe and k-NN (recipe section 3; DINOv2's linear evaluation);
-    geoexplora/train/probe.py."""
+    geoexplora/pipelines/probe.py."""
 
     features: tuple[str, ...] = ("cls", "cls4", "cls+mean", "cls4+mean")  # DINOv2's grid
     learning_rates: tuple[float, ...] = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
@@ -248,7 +248,7 @@ class ProbeDefaults:
 PROBE = ProbeDefaults()
 
 # --------------------------------------------------------------------------------------------
-# TILE: geoexplora/tiling.py, geoexplora/commands/tile.py
+# TILE: geoexplora/pipelines/tile.py, geoexplora/commands/tile.py
 # --------------------------------------------------------------------------------------------
 
 

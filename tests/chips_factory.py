@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from geoexplora import sample
-from geoexplora.tiling import TileConfig, tile
+from geoexplora.pipelines.tile import TileConfig, tile
 
 KINDS = ("classification", "segmentation", "temporal_segmentation", "multilabel", "unlabeled")
 

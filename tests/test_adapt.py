@@ -16,7 +16,7 @@ from test_models_helpers import TINY, timm_model
 
 from geoexplora import sample
 from geoexplora.errors import UserError
-from geoexplora.ssl import adapt as A
+from geoexplora.pipelines import adapt as A
 from geoexplora.train.engine import Interrupted, RunFiles, read_log
 
 BANDS = ["B2", "B3", "B4", "B8"]

@@ -239,7 +239,7 @@ def test_dino_loss_of_a_random_vit_falls_below_the_uniform_level_when_it_learns(
 
 
 def test_the_local_crops_option_reaches_the_objective_settings(tmp_path):
-    from geoexplora.ssl.adapt import AdaptConfig, run_settings
+    from geoexplora.pipelines.adapt import AdaptConfig, run_settings
 
     cfg = AdaptConfig(inputs=[], output=tmp_path / "m.pt", local_crops=3)
     assert run_settings(cfg, "dinov2").local_crops == 3
@@ -249,7 +249,7 @@ def test_the_local_crops_option_reaches_the_objective_settings(tmp_path):
 
 def test_arch_overrides_reach_the_backbone(tmp_path):
     from geoexplora.bands import get_band
-    from geoexplora.ssl.adapt import AdaptConfig, build_model, run_settings
+    from geoexplora.pipelines.adapt import AdaptConfig, build_model, run_settings
 
     cfg = AdaptConfig(inputs=[], output=tmp_path / "m.pt", init="geo_vit_tiny_patch14",
                       init_weights="random", crop_size=28, full=True,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from geoexplora import sample
-from geoexplora.ssl.adapt import AdaptConfig, adapt
+from geoexplora.pipelines.adapt import AdaptConfig, adapt
 
 TINY = "geo_vit_tiny_patch14"
 

@@ -31,7 +31,7 @@ def tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
 @pytest.fixture(scope="module")
 def small_probe():
     """The demo's probe with one learning rate, one feature set and 20 steps."""
-    from geoexplora.train import probe
+    from geoexplora.pipelines import probe
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(probe, "ProbeConfig", functools.partial(
@@ -158,8 +158,8 @@ def test_demo_again_without_overwrite_exits_2_leaving_the_first_run_untouched(de
 
 
 def test_run_demo_refuses_an_existing_folder_before_any_work(tmp_path):
-    from geoexplora.demo import DemoConfig, run_demo
     from geoexplora.errors import UserError
+    from geoexplora.pipelines.demo import DemoConfig, run_demo
 
     (tmp_path / "demo-out").mkdir()
     (tmp_path / "demo-out" / "notes.txt").write_text("mine")
@@ -169,7 +169,7 @@ def test_run_demo_refuses_an_existing_folder_before_any_work(tmp_path):
 
 
 def test_demo_refuses_a_bad_step_count_up_front_naming_its_option(tmp_path, monkeypatch):
-    from geoexplora.ssl import adapt
+    from geoexplora.pipelines import adapt
 
     def must_not_run(cfg):
         raise AssertionError("adapt ran before the demo's options were checked")

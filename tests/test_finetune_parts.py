@@ -6,7 +6,7 @@ from test_probe_support import one_thread  # noqa: F401 (fixture)
 
 from geoexplora.bands import get_band
 from geoexplora.io.chips import IGNORE_INDEX
-from geoexplora.train.finetune import (
+from geoexplora.pipelines.finetune import (
     FinetuneObjective,
     build_task_model,
     class_weights,

@@ -87,8 +87,8 @@ def test_output_carries_head_classes_colours_metrics_provenance_with_lora_merged
 
 def test_exported_weights_are_the_best_checkpoint(nc_train_only, nc_lora):
     """The file's forward pass reproduces the best validation score it reports."""
+    from geoexplora.pipelines.finetune import EvalSet, evaluate, holdout_val, labelled_indices
     from geoexplora.train.features import ModelInputs
-    from geoexplora.train.finetune import EvalSet, evaluate, holdout_val, labelled_indices
 
     chips, _ = nc_train_only
     out, doc = nc_lora

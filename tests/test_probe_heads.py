@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from geoexplora.train.probe import (
+from geoexplora.pipelines.probe import (
     FEATURE_SETS,
     HeadBank,
     compose_features,

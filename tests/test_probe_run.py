@@ -17,7 +17,7 @@ from test_probe_support import (
 )
 
 from geoexplora.io.chips import ChipsDataset
-from geoexplora.train.probe import ProbeConfig, run_probe
+from geoexplora.pipelines.probe import ProbeConfig, run_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ("--steps", "150", "--learning-rates", "1e-3,1e-2,0.1")

@@ -25,7 +25,7 @@ def one_thread():
 
 def tile_once(base: Path, name: str, **config) -> Path:
     """``tile(TileConfig(**config))`` into ``base/name``, unless an earlier test built it."""
-    from geoexplora.tiling import TileConfig, tile
+    from geoexplora.pipelines.tile import TileConfig, tile
 
     out = Path(base) / name
     if not (out / "dataset.json").is_file():

@@ -11,7 +11,7 @@ from rasterio.windows import Window
 from geoexplora import sample
 from geoexplora.errors import UserError
 from geoexplora.io.chips import ChipsDataset, window_bounds, window_transform
-from geoexplora.tiling import TileConfig, tile
+from geoexplora.pipelines.tile import TileConfig, tile
 
 L8_DIR = "landsat8-224078-2020-05-18"
 L8_NAME = "LC08_L1TP_224078_20200518_20200518_01_RT"

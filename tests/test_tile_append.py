@@ -17,7 +17,7 @@ from rasterio.windows import Window
 from geoexplora import sample
 from geoexplora.errors import UserError
 from geoexplora.io.chips import STATS_SAMPLE_NAME, ChipsDataset
-from geoexplora.tiling import TileConfig, tile
+from geoexplora.pipelines.tile import TileConfig, tile
 
 SPLITS = {"val_fraction": 0.3, "split_block": 64}
 

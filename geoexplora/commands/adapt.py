@@ -102,8 +102,8 @@ def adapt(
     Example: geoexplora adapt --bands B2,B3,B4,B8 ./scenes -o adapted.pt
     """
     from geoexplora.errors import UserError
-    from geoexplora.ssl.adapt import AdaptConfig
-    from geoexplora.ssl.adapt import adapt as run_adapt
+    from geoexplora.pipelines.adapt import AdaptConfig
+    from geoexplora.pipelines.adapt import adapt as run_adapt
 
     opts = O.scene_opts(bands=bands, sensor=sensor, band_map=band_map, nodata=nodata,
                         s2_offset=s2_offset)

@@ -33,7 +33,7 @@ def demo(
 
     Example: geoexplora demo --out demo-out --overwrite
     """
-    from geoexplora.demo import DemoConfig, render_summary, run_demo
+    from geoexplora.pipelines.demo import DemoConfig, render_summary, run_demo
 
     doc = run_demo(DemoConfig(out=out, overwrite=overwrite, adapt_steps=adapt_steps,
                               finetune_steps=finetune_steps, probe_steps=probe_steps, init=init,

@@ -54,8 +54,8 @@ def embed(
 
     Example: geoexplora embed adapted.pt region.tif -o region_emb.tif --pca 8
     """
-    from geoexplora.predict import EmbedConfig
-    from geoexplora.predict import embed as run
+    from geoexplora.pipelines.embed import EmbedConfig
+    from geoexplora.pipelines.embed import embed as run
 
     cfg = EmbedConfig(
         model=model, rasters=O.expand_paths(rasters), output=output, pca=pca, dtype=dtype,

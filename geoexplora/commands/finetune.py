@@ -82,7 +82,7 @@ def finetune(
 
     Example: geoexplora finetune adapted.pt chips/ --task segmentation -o model.pt
     """
-    from geoexplora.train.finetune import FinetuneConfig, run_finetune
+    from geoexplora.pipelines.finetune import FinetuneConfig, run_finetune
 
     cfg = FinetuneConfig(
         model=model, chips=chips, output=output, task=task, mode=mode, steps=steps,

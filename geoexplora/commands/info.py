@@ -24,7 +24,7 @@ def info(
 
     Example: geoexplora info scene.tif --json | jq .files[0].bands
     """
-    from geoexplora.info import describe_path, raster_files, render_description
+    from geoexplora.pipelines.info import describe_path, raster_files, render_description
 
     opts = O.scene_opts(sensor=sensor, band_map=band_map, s2_offset=s2_offset, nodata=nodata)
     docs = [describe_path(p, opts) for p in raster_files(O.expand_paths(paths))]

@@ -78,8 +78,8 @@ def predict(
 
     Example: geoexplora predict model.pt region.tif -o region_pred.tif --probabilities
     """
-    from geoexplora.predict import PredictConfig
-    from geoexplora.predict import predict as run
+    from geoexplora.pipelines.predict import PredictConfig
+    from geoexplora.pipelines.predict import predict as run
 
     cfg = PredictConfig(
         model=model, rasters=O.expand_paths(rasters), output=output, window=window,

@@ -50,8 +50,8 @@ def probe(
     """
     from geoexplora.defaults import PROBE
     from geoexplora.errors import UserError
+    from geoexplora.pipelines.probe import ProbeConfig, render_probe, run_probe
     from geoexplora.train.features import default_cache_dir
-    from geoexplora.train.probe import ProbeConfig, render_probe, run_probe
 
     items = O.expand_paths(paths)
     if len(items) < 2:

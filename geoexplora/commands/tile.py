@@ -96,8 +96,8 @@ def tile(
     Example: geoexplora tile ./scenes --size 224 --labels fields.gpkg --label-field crop -o chips/
     """
     from geoexplora.io.scene import scene_options
-    from geoexplora.tiling import TileConfig
-    from geoexplora.tiling import tile as run_tile
+    from geoexplora.pipelines.tile import TileConfig
+    from geoexplora.pipelines.tile import tile as run_tile
 
     opts = scene_options(bands=bands, sensor=sensor, band_map=band_map, resolution=resolution,
                          nodata=nodata, dates=dates, s2_offset=s2_offset, crs=crs)

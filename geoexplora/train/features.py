@@ -2,7 +2,7 @@
 
 What is cached per chip: the normed cls tokens of the last (up to) 4 blocks and the mean of the
 last block's normed patch tokens (over dates and patches). Every probe feature set
-(``geoexplora.train.probe.FEATURE_SETS``) is composed from these two, so one extraction serves
+(``geoexplora.pipelines.probe.FEATURE_SETS``) is composed from these two, so one extraction serves
 them all.
 
 The cache key is the SHA-256 of the model file, the dataset's ``dataset.json`` and
@@ -119,7 +119,7 @@ class ModelInputs(torch.utils.data.Dataset):
 
 
 def check_model_file(path: Path) -> Path:
-    from geoexplora.info import is_model_file
+    from geoexplora.pipelines.info import is_model_file
 
     path = Path(path)
     if not path.is_file():

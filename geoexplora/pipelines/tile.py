@@ -76,7 +76,7 @@ class TileConfig:
     seed: int = 0
     workers: int = 1
     overwrite: bool = False
-    append: bool = False  # add to an existing dataset (see geoexplora.append)
+    append: bool = False  # add to an existing dataset (see geoexplora.pipelines.append)
     dry_run: bool = False  # plan only: TileResult.plan, nothing read or written
     skip_bad: bool = False
     creation_options: dict[str, str] | None = None
@@ -828,7 +828,7 @@ def _zero_chips_message(dropped: Counter, n_candidates: int) -> str:
 
 def tile(cfg: TileConfig) -> TileResult:
     """Tile scenes (or import class folders) into a chips dataset at ``cfg.out`` (or, with
-    ``cfg.append`` and an existing dataset there, add to it: see ``geoexplora.append``)."""
+    ``cfg.append`` and an existing dataset there, add to it: see ``geoexplora.pipelines.append``)."""
     if cfg.append and not cfg.dry_run:
         from geoexplora.io.outputs import exclusive
 
@@ -850,7 +850,7 @@ def _tile(cfg: TileConfig) -> TileResult:
     existing = None
     given = cfg
     if cfg.append and Path(cfg.out).exists():
-        from geoexplora.append import ExistingDataset
+        from geoexplora.pipelines.append import ExistingDataset
 
         existing = ExistingDataset.load(Path(cfg.out))
         cfg = existing.with_defaults(cfg)
@@ -960,7 +960,7 @@ def _tile(cfg: TileConfig) -> TileResult:
 
     with atomic_output(out, cfg.overwrite or existing is not None, _appeared_hint(cfg)) as tmp:
         if existing is not None:
-            from geoexplora.append import link_dataset
+            from geoexplora.pipelines.append import link_dataset
 
             link_dataset(out, tmp)
         (tmp / C.CHIPS_DIR).mkdir(parents=True, exist_ok=True)
@@ -1222,7 +1222,7 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
                   "disk_bytes_at_most": len(patches) * 4 * bands * size * size})
     with atomic_output(out, cfg.overwrite or existing is not None, _appeared_hint(cfg)) as tmp:
         if existing is not None:
-            from geoexplora.append import link_dataset
+            from geoexplora.pipelines.append import link_dataset
 
             link_dataset(out, tmp)
         (tmp / C.CHIPS_DIR).mkdir(parents=True, exist_ok=True)

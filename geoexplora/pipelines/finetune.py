@@ -189,7 +189,7 @@ def holdout_val(dataset: ChipsDataset, indices: list[int], task: str, fraction: 
                 seed: int) -> tuple[list[int], list[int]]:
     """(train, val) chip indices: ``fraction`` of the labelled training chips held out, stratified
     by the chip label (for segmentation the chips' majority class)."""
-    from geoexplora.train.probe import stratified_holdout
+    from geoexplora.pipelines.probe import stratified_holdout
 
     if len(indices) < 2:
         raise UserError(f"{dataset.root}: {len(indices)} labelled training chip(s) and no val "

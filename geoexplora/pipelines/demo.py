@@ -111,11 +111,11 @@ def _timed(timings: dict, name: str):
 
 def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str,
               timings: dict) -> dict:
-    from geoexplora.predict import PredictConfig, predict
-    from geoexplora.ssl.adapt import AdaptConfig, adapt
-    from geoexplora.tiling import TileConfig, tile
-    from geoexplora.train.finetune import FinetuneConfig, run_finetune
-    from geoexplora.train.probe import ProbeConfig, run_probe
+    from geoexplora.pipelines.adapt import AdaptConfig, adapt
+    from geoexplora.pipelines.finetune import FinetuneConfig, run_finetune
+    from geoexplora.pipelines.predict import PredictConfig, predict
+    from geoexplora.pipelines.probe import ProbeConfig, run_probe
+    from geoexplora.pipelines.tile import TileConfig, tile
 
     labelled = _labelled_scene()
     chips = work / "chips"

@@ -1,7 +1,7 @@
-"""``predict`` and ``embed``: georeferenced rasters from a model file, windowed, blended and
+"""``predict``: georeferenced rasters from a model file, windowed, blended and
 streamed to disk in bounded memory.
 
-``predict(PredictConfig(...))`` / ``embed(EmbedConfig(...))`` are what the CLI calls. The engine
+``predict(PredictConfig(...))`` is what the CLI calls (``embed`` shares its job set-up). The engine
 (``geoexplora.inference``) is independent of model files: ``predict_scene`` takes any
 :class:`~geoexplora.inference.model.Predictor`.
 
@@ -18,7 +18,6 @@ written and correct.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -33,7 +32,6 @@ from geoexplora.log import logger
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BLEND = "cosine"
 DEFAULT_PREFETCH = 4  # batches read ahead
-PCA_SAMPLE_WINDOWS = 32  # windows the --pca projection is fitted on
 
 
 @dataclass
@@ -58,28 +56,6 @@ class PredictConfig:
     device: str | None = None
     devices: str | None = None
     scene: object = None  # geoexplora.io.scene.SceneOptions
-    prefetch: int = DEFAULT_PREFETCH
-
-
-@dataclass
-class EmbedConfig:
-    model: Path
-    rasters: list[Path]
-    output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
-    pca: int | None = None
-    dtype: str = "float32"
-    window: int | None = None
-    overlap: int | None = None  # default: window/4 rounded to the patch size
-    batch_size: int = DEFAULT_BATCH_SIZE
-    blend: str = DEFAULT_BLEND
-    creation_options: dict = field(default_factory=dict)
-    dry_run: bool = False
-    resume: bool = False
-    shard: str | None = None
-    overwrite: bool = False
-    device: str | None = None
-    devices: str | None = None
-    scene: object = None
     prefetch: int = DEFAULT_PREFETCH
 
 
@@ -182,7 +158,7 @@ def memory_estimate(scene, plan, predictor, products, batch_size: int, prefetch:
 
 # --- one scene --------------------------------------------------------------------------------
 
-def _fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) -> dict:
+def job_fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) -> dict:
     files = []
     for p in inputs:
         st = Path(p).stat()
@@ -191,7 +167,7 @@ def _fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) -> di
     return {"model_sha256": model_sha, "inputs": files, "plan": plan.describe(), **settings}
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import importlib.metadata
 
     import rasterio
@@ -230,7 +206,7 @@ def _run_options(cfg, shard):
                       creation_options=dict(cfg.creation_options))
 
 
-def _check_outputs(products, cfg, extra: list[Path]) -> None:
+def check_outputs(products, cfg, extra: list[Path]) -> None:
     from geoexplora.inference.runner import sidecar_path
 
     paths = [p.path for p in products] + [sidecar_path(products[0].path)] + extra
@@ -238,7 +214,7 @@ def _check_outputs(products, cfg, extra: list[Path]) -> None:
         check_output(path, cfg.overwrite)
 
 
-def _dry_run_doc(inputs, output, scene, plan, predictor, products, mapping, cfg, devices,
+def dry_run_doc(inputs, output, scene, plan, predictor, products, mapping, cfg, devices,
                  votes) -> dict:
     from geoexplora.inference.runner import sidecar_path, work_folder
 
@@ -254,13 +230,13 @@ def _dry_run_doc(inputs, output, scene, plan, predictor, products, mapping, cfg,
                                       cfg.prefetch, len(devices), votes)}
 
 
-def _finish(result: dict, output: Path) -> dict:
+def finish_result(result: dict, output: Path) -> dict:
     if result.get("status") == "complete" and result.get("valid_pixels") == 0:
         logger.warning("%s: the input has no valid pixel; the output is all nodata", output)
     return result
 
 
-def _prepare(cfg: PredictConfig | EmbedConfig):
+def prepare_jobs(cfg):
     """What predict and embed share before their jobs: (jobs, devices, model, model sha256,
     run options)."""
     from geoexplora.inference.model import resolve_devices
@@ -286,7 +262,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
         raise UserError(f"--prob-dtype must be one of {', '.join(PROB_DTYPES)}")
     if cfg.vectorize and output_is_folder(cfg.output):
         raise UserError("--vectorize writes one file: use it with one output raster")
-    jobs, devices, model, model_sha, run_opts = _prepare(cfg)
+    jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
     results = []
     for inputs, output in jobs:
         scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
@@ -298,9 +274,9 @@ def predict(cfg: PredictConfig) -> list[dict]:
             probabilities=cfg.probabilities, prob_dtype=cfg.prob_dtype,
             uncertainty=cfg.uncertainty, disagreement=votes,
             tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task})
-        _check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [])
+        check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [])
         if cfg.dry_run:
-            results.append(_dry_run_doc(inputs, output, scene, plan, predictor, products,
+            results.append(dry_run_doc(inputs, output, scene, plan, predictor, products,
                                         mapping, cfg, devices, votes))
             continue
         settings = {"task": predictor.task, "blend": cfg.blend, "probabilities": cfg.probabilities,
@@ -311,129 +287,15 @@ def predict(cfg: PredictConfig) -> list[dict]:
                       "inputs": [str(p) for p in inputs], "scene": scene.describe(),
                       "band_mapping": mapping, "task": predictor.task,
                       "classes": predictor.classes, "devices": [str(d) for d in devices],
-                      "versions": _versions()}
+                      "versions": versions()}
         result = predict_scene(scene, predictor, plan, products, devices, run_opts,
-                               _fingerprint(model_sha, inputs, plan, settings), provenance,
+                               job_fingerprint(model_sha, inputs, plan, settings), provenance,
                                votes=votes)
         if cfg.vectorize and result["status"] == "complete":
             from geoexplora.inference.vectorize import vectorize
 
             result["vectorized"] = vectorize(output, cfg.vectorize, predictor.classes,
                                              cfg.overwrite)
-        results.append(_finish({"input": [str(p) for p in inputs], "output": str(output),
+        results.append(finish_result({"input": [str(p) for p in inputs], "output": str(output),
                                 **result}, output))
     return results
-
-
-# --- embed --------------------------------------------------------------------------------------
-
-def fit_pca(scene, plan, forward, device, k: int, sample_windows: int = PCA_SAMPLE_WINDOWS):
-    """``(mean (D,), components (k, D), explained variance ratio (k,))`` of the patch
-    embeddings of up to ``sample_windows`` windows spread evenly over the raster (valid patches
-    only). Signs are fixed (largest loading positive) so reruns and shards agree."""
-    import numpy as np
-    import torch
-    from rasterio.windows import Window
-
-    tiles = list(plan.tiles())
-    step = max(1, len(tiles) // sample_windows)
-    samples = []
-    for tile in tiles[::step]:
-        data = scene.read(Window(tile.col, tile.row, plan.window, plan.window))
-        valid = plan.output_valid(np.isfinite(data).all(axis=1).any(axis=0))
-        if not valid.any():
-            continue
-        with torch.inference_mode():
-            emb = forward(torch.from_numpy(data[None]).to(device))[0].float().cpu()
-        samples.append(emb.permute(1, 2, 0)[torch.from_numpy(valid)])
-        if len(samples) >= sample_windows:
-            break
-    if not samples:
-        raise UserError("--pca: the raster has no valid pixel to fit the projection on")
-    x = torch.cat(samples).double()
-    if k > min(x.shape):
-        raise UserError(f"--pca {k}: at most {min(x.shape)} components from "
-                        f"{x.shape[0]} sampled patches of dimension {x.shape[1]}")
-    mean = x.mean(dim=0)
-    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    comps = vh[:k]
-    signs = torch.sign(comps.gather(1, comps.abs().argmax(dim=1, keepdim=True)))
-    comps = comps * signs
-    ratio = (s[:k] ** 2 / (s ** 2).sum()).tolist()
-    return mean.float(), comps.float(), ratio
-
-
-def _pca_for(scene, plan, model, read, device, k: int, work: Path) -> tuple:
-    """The PCA projection, fitted once per output and kept in the (prepared) work folder so
-    that resumed runs and every shard use the same one."""
-    import torch
-
-    from geoexplora.inference.model import predictor_from_model
-
-    stored = work / "pca.json"
-    if stored.exists():
-        doc = json.loads(stored.read_text())
-        if doc["k"] == k:
-            return (torch.tensor(doc["mean"]), torch.tensor(doc["components"]),
-                    doc["explained_variance_ratio"])
-    raw = predictor_from_model(model, read.days, embed=True)
-    mean, comps, ratio = fit_pca(scene, plan, raw.make_forward(device), device, k)
-    work.mkdir(parents=True, exist_ok=True)
-    tmp = work / f".pca.json.{os.getpid()}"
-    tmp.write_text(json.dumps({"k": k, "mean": mean.tolist(), "components": comps.tolist(),
-                               "explained_variance_ratio": ratio}))
-    os.replace(tmp, stored)
-    return mean, comps, ratio
-
-
-def embed(cfg: EmbedConfig) -> list[dict]:
-    """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
-    from geoexplora.inference.model import predictor_from_model
-    from geoexplora.inference.products import EMBED_DTYPES, embedding_product
-    from geoexplora.inference.runner import prepare_work
-
-    if cfg.dtype not in EMBED_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(EMBED_DTYPES)}")
-    if cfg.pca is not None and cfg.pca < 1:
-        raise UserError("--pca must be at least 1")
-    jobs, devices, model, model_sha, run_opts = _prepare(cfg)
-    results = []
-    for inputs, output in jobs:
-        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
-        raw = predictor_from_model(model, read.days, embed=True)
-        plan = make_plan(scene, raw, cfg.window, cfg.overlap, dense=True)
-        dim = raw.channels
-        channels = cfg.pca or dim
-        tags = {"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": "embedding"}
-        names = ([f"pc{i + 1}" for i in range(channels)] if cfg.pca
-                 else [f"dim{i}" for i in range(channels)])
-        product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags,
-                                    names)
-        _check_outputs([product], cfg, [])
-        if cfg.dry_run:
-            doc = _dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
-                               devices, False)
-            results.append({**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype})
-            continue
-        if cfg.pca and cfg.pca > dim:
-            raise UserError(f"--pca {cfg.pca}: the model's embeddings have {dim} dimensions")
-        settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
-        work = prepare_work(output, _fingerprint(model_sha, inputs, plan, settings), run_opts)
-        pca_doc = None
-        predictor = raw
-        if cfg.pca:
-            mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
-            predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
-            pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
-                       "mean": mean.tolist(), "components": comps.tolist()}
-        provenance = {"command": "embed", "model": {"path": str(cfg.model), "sha256": model_sha},
-                      "inputs": [str(p) for p in inputs], "scene": scene.describe(),
-                      "band_mapping": mapping, "task": "embedding", "embed_dim": dim,
-                      "patch_size": raw.patch_size, "pca": pca_doc,
-                      "devices": [str(d) for d in devices], "versions": _versions()}
-        result = predict_scene(scene, predictor, plan, [product], devices, run_opts, {},
-                               provenance, prepared=True)
-        results.append(_finish({"input": [str(p) for p in inputs], "output": str(output),
-                                **result}, output))
-    return results
-

@@ -1,0 +1,167 @@
+"""``embed``: patch embeddings of a model file as georeferenced rasters at patch resolution,
+optionally PCA-reduced. Shares predict's job set-up, plan and streamed engine
+(:mod:`geoexplora.pipelines.predict`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geoexplora.errors import UserError
+from geoexplora.pipelines.predict import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BLEND,
+    DEFAULT_PREFETCH,
+    check_outputs,
+    dry_run_doc,
+    finish_result,
+    job_fingerprint,
+    make_plan,
+    open_model_scene,
+    output_grid,
+    predict_scene,
+    prepare_jobs,
+    versions,
+)
+
+PCA_SAMPLE_WINDOWS = 32  # windows the --pca projection is fitted on
+
+
+@dataclass
+class EmbedConfig:
+    model: Path
+    rasters: list[Path]
+    output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
+    pca: int | None = None
+    dtype: str = "float32"
+    window: int | None = None
+    overlap: int | None = None  # default: window/4 rounded to the patch size
+    batch_size: int = DEFAULT_BATCH_SIZE
+    blend: str = DEFAULT_BLEND
+    creation_options: dict = field(default_factory=dict)
+    dry_run: bool = False
+    resume: bool = False
+    shard: str | None = None
+    overwrite: bool = False
+    device: str | None = None
+    devices: str | None = None
+    scene: object = None
+    prefetch: int = DEFAULT_PREFETCH
+
+
+
+# --- embed --------------------------------------------------------------------------------------
+
+def fit_pca(scene, plan, forward, device, k: int, sample_windows: int = PCA_SAMPLE_WINDOWS):
+    """``(mean (D,), components (k, D), explained variance ratio (k,))`` of the patch
+    embeddings of up to ``sample_windows`` windows spread evenly over the raster (valid patches
+    only). Signs are fixed (largest loading positive) so reruns and shards agree."""
+    import numpy as np
+    import torch
+    from rasterio.windows import Window
+
+    tiles = list(plan.tiles())
+    step = max(1, len(tiles) // sample_windows)
+    samples = []
+    for tile in tiles[::step]:
+        data = scene.read(Window(tile.col, tile.row, plan.window, plan.window))
+        valid = plan.output_valid(np.isfinite(data).all(axis=1).any(axis=0))
+        if not valid.any():
+            continue
+        with torch.inference_mode():
+            emb = forward(torch.from_numpy(data[None]).to(device))[0].float().cpu()
+        samples.append(emb.permute(1, 2, 0)[torch.from_numpy(valid)])
+        if len(samples) >= sample_windows:
+            break
+    if not samples:
+        raise UserError("--pca: the raster has no valid pixel to fit the projection on")
+    x = torch.cat(samples).double()
+    if k > min(x.shape):
+        raise UserError(f"--pca {k}: at most {min(x.shape)} components from "
+                        f"{x.shape[0]} sampled patches of dimension {x.shape[1]}")
+    mean = x.mean(dim=0)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    comps = vh[:k]
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(dim=1, keepdim=True)))
+    comps = comps * signs
+    ratio = (s[:k] ** 2 / (s ** 2).sum()).tolist()
+    return mean.float(), comps.float(), ratio
+
+
+def _pca_for(scene, plan, model, read, device, k: int, work: Path) -> tuple:
+    """The PCA projection, fitted once per output and kept in the (prepared) work folder so
+    that resumed runs and every shard use the same one."""
+    import torch
+
+    from geoexplora.inference.model import predictor_from_model
+
+    stored = work / "pca.json"
+    if stored.exists():
+        doc = json.loads(stored.read_text())
+        if doc["k"] == k:
+            return (torch.tensor(doc["mean"]), torch.tensor(doc["components"]),
+                    doc["explained_variance_ratio"])
+    raw = predictor_from_model(model, read.days, embed=True)
+    mean, comps, ratio = fit_pca(scene, plan, raw.make_forward(device), device, k)
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / f".pca.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"k": k, "mean": mean.tolist(), "components": comps.tolist(),
+                               "explained_variance_ratio": ratio}))
+    os.replace(tmp, stored)
+    return mean, comps, ratio
+
+
+def embed(cfg: EmbedConfig) -> list[dict]:
+    """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
+    from geoexplora.inference.model import predictor_from_model
+    from geoexplora.inference.products import EMBED_DTYPES, embedding_product
+    from geoexplora.inference.runner import prepare_work
+
+    if cfg.dtype not in EMBED_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(EMBED_DTYPES)}")
+    if cfg.pca is not None and cfg.pca < 1:
+        raise UserError("--pca must be at least 1")
+    jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
+    results = []
+    for inputs, output in jobs:
+        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
+        raw = predictor_from_model(model, read.days, embed=True)
+        plan = make_plan(scene, raw, cfg.window, cfg.overlap, dense=True)
+        dim = raw.channels
+        channels = cfg.pca or dim
+        tags = {"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": "embedding"}
+        names = ([f"pc{i + 1}" for i in range(channels)] if cfg.pca
+                 else [f"dim{i}" for i in range(channels)])
+        product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags,
+                                    names)
+        check_outputs([product], cfg, [])
+        if cfg.dry_run:
+            doc = dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
+                               devices, False)
+            results.append({**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype})
+            continue
+        if cfg.pca and cfg.pca > dim:
+            raise UserError(f"--pca {cfg.pca}: the model's embeddings have {dim} dimensions")
+        settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
+        work = prepare_work(output, job_fingerprint(model_sha, inputs, plan, settings), run_opts)
+        pca_doc = None
+        predictor = raw
+        if cfg.pca:
+            mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
+            predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
+            pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
+                       "mean": mean.tolist(), "components": comps.tolist()}
+        provenance = {"command": "embed", "model": {"path": str(cfg.model), "sha256": model_sha},
+                      "inputs": [str(p) for p in inputs], "scene": scene.describe(),
+                      "band_mapping": mapping, "task": "embedding", "embed_dim": dim,
+                      "patch_size": raw.patch_size, "pca": pca_doc,
+                      "devices": [str(d) for d in devices], "versions": versions()}
+        result = predict_scene(scene, predictor, plan, [product], devices, run_opts, {},
+                               provenance, prepared=True)
+        results.append(finish_result({"input": [str(p) for p in inputs], "output": str(output),
+                                **result}, output))
+    return results
+
