@@ -157,7 +157,7 @@ def run_adapt(cfg) -> dict:
     from geoexplora.pipelines.adapt import adapt
 
     start = time.perf_counter()
-    summary = adapt(cfg)
+    summary = adapt(cfg).report
     return {"wall_s": round(time.perf_counter() - start, 2), "summary": summary}
 
 
@@ -241,10 +241,10 @@ def adapt_arm(arm: str, source: Path, out: Path, budget: Budget, seed: int) -> d
 def probe(models: dict[str, Path], chips_root: Path, budget: Budget,
           seed: int) -> tuple[dict[str, dict], dict]:
     """Every arm probed together (one grid per model, same chips and seed): (per arm, doc)."""
-    from geoexplora.pipelines.probe import ProbeConfig, run_probe
+    from geoexplora.pipelines.probe import ProbeConfig, probe
 
-    doc = run_probe(ProbeConfig(models=list(models.values()), chips=chips_root,
-                                steps=budget.probe_steps, seed=seed, device="cpu"))
+    doc = probe(ProbeConfig(models=list(models.values()), chips=chips_root,
+                                steps=budget.probe_steps, seed=seed, device="cpu")).report
     by_path = {m["model"]: m for m in doc["models"]}
     return {arm: by_path[str(path)] for arm, path in models.items()}, doc
 

@@ -271,13 +271,13 @@ def predict_throughput(profile: Profile, work: Path) -> dict:
                                  "segmentation", classes), overwrite=True)
     raster = synthetic_scene(work / "predict-scene.tif", profile.predict_size, seed=1)
     device = "cuda" if profile.accelerator == "gpu" else "cpu"
-    cfg = PredictConfig(model=Path(model), rasters=[raster], output=work / "pred.tif",
+    cfg = PredictConfig(model=Path(model), inputs=[raster], output=work / "pred.tif",
                         window=profile.crop, batch_size=profile.predict_batch, device=device,
                         overwrite=True, scene=SceneOptions(sensor="sentinel2"))
-    predict(replace(cfg, output=work / "warm.tif", rasters=[synthetic_scene(
+    predict(replace(cfg, output=work / "warm.tif", inputs=[synthetic_scene(
         work / "warm-scene.tif", profile.crop * 4, seed=2)]))  # CUDA context, kernels
     start = time.perf_counter()
-    result = predict(cfg)[0]
+    result = predict(cfg)[0].report
     wall = time.perf_counter() - start
     megapixels = profile.predict_size ** 2 / 1e6
     return {"benchmark": "gpu_predict", "model": arch, "window": profile.crop,

@@ -69,7 +69,7 @@ def _config(args, raster: Path, output: Path, shard: str | None = None):
     from geoexplora.io.scene import SceneOptions
     from geoexplora.pipelines.predict import PredictConfig
 
-    return PredictConfig(model=Path(args.model), rasters=[raster], output=output,
+    return PredictConfig(model=Path(args.model), inputs=[raster], output=output,
                          window=args.window, batch_size=args.batch_size, device=args.device,
                          shard=shard, overwrite=True, scene=SceneOptions(sensor="sentinel2"))
 
@@ -89,7 +89,7 @@ def throughput(args, work: Path) -> dict:
     set_verbosity(-1)
     raster = mosaic_vrt(args.scene, args.size, work / f"mosaic_{args.size}.vrt")
     t0 = time.perf_counter()
-    result = predict(_config(args, raster, work / "pred.tif"))[0]
+    result = predict(_config(args, raster, work / "pred.tif"))[0].report
     end_to_end = time.perf_counter() - t0
 
     model = load_model(args.model)
@@ -154,7 +154,7 @@ def child(args) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    result = predict(cfg)[0]
+    result = predict(cfg)[0].report
     stop.set()
     sampler.join()
     print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

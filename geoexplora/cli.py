@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        from geoexplora.errors import cli_flag
+
+        text = exc.render(cli_flag)
+        message = text.splitlines()[0] if text else type(exc).__name__
         sys.stderr.write(f"geoexplora: error: {message}\n")
         return exc.exit_code
     except KeyboardInterrupt:

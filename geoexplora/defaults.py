@@ -1,7 +1,7 @@
 """The recipe's defaults, in one place, one section per command.
 
 Values marked "recipe" are the faithful ExPLoRA / DINOv2 / MAE values of
-``docs/explora-recipe.md`` (the CLI defaults must equal them). Values marked "ours" are choices
+``docs/recipe.md`` (the CLI defaults must equal them). Values marked "ours" are choices
 the recipe does not make (short runs, small models, multispectral augmentation); each says why.
 
 Sections: ENGINE (the training loop shared by adapt and finetune), ADAPT (data, augmentation,
@@ -34,10 +34,6 @@ ENGINE = EngineDefaults()
 # --------------------------------------------------------------------------------------------
 # ADAPT: geoexplora/commands/adapt.py, geoexplora/ssl/
 # --------------------------------------------------------------------------------------------
-
-# recipe: a DINOv2 source, the paper's kind of initial model (its headline model is ViT-L/14).
-ADAPT_INIT = "vit_large_patch14_dinov2.lvd142m"
-
 
 @dataclass(frozen=True)
 class ExploraDefaults:
@@ -262,3 +258,33 @@ class TileDefaults:
 
 
 TILE = TileDefaults()
+
+# --------------------------------------------------------------------------------------------
+# PREDICT and EMBED: geoexplora/pipelines/predict.py, geoexplora/pipelines/embed.py
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictDefaults:
+    batch_size: int = 8  # ours: windows per forward pass
+    blend: str = "cosine"  # ours: flat centre, cosine ramps over the overlap
+    prefetch: int = 4  # ours: batches read ahead of the forward pass
+    pca_sample_windows: int = 32  # ours: windows embed's --pca projection is fitted on
+
+
+PREDICT = PredictDefaults()
+
+# --------------------------------------------------------------------------------------------
+# DEMO: geoexplora/pipelines/demo.py (a few minutes on 2 CPU cores)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoDefaults:
+    adapt_steps: int = 400  # ours: enough for the tiny source's loss to fall visibly
+    finetune_steps: int = 200
+    probe_steps: int = 300  # per head of the probe's learning-rate grid
+    batch_size: int = 16
+
+
+DEMO = DemoDefaults()

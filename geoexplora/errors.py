@@ -3,16 +3,70 @@
 ``UserError`` is bad usage or bad input (exit code 2): the message names the file, band or option.
 ``RuntimeFailure`` is a failure of the run itself (exit code 1). Anything else is a bug and keeps
 its traceback.
+
+The library never spells CLI flags. An error about one option carries the option's name as data
+(``UserError("must be at least 1", option="batch_size")``), and a message that mentions other
+options marks them with :func:`opt`. ``str(error)`` names options as the Python API spells them
+(``batch_size: must be at least 1``); the CLI renders the same error with its flags
+(``--batch-size: must be at least 1``) through :meth:`UserError.render`.
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+# Marks an option's name inside a message: rendered as the field name or as the CLI flag.
+_MARK = re.compile("\u2039([A-Za-z0-9_]+)\u203a")
+
+
+def opt(name: str) -> str:
+    """An option's name inside a message (``f"use {opt('overlap')} 0"``), rendered per caller."""
+    return f"\u2039{name}\u203a"
+
+
+def cli_flag(name: str) -> str:
+    """The CLI flag of a configuration field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _render(template: str, option: str | None, name: Callable[[str], str]) -> str:
+    text = _MARK.sub(lambda m: name(m.group(1)), template)
+    return f"{name(option)}: {text}" if option else text
 
 
 class UserError(Exception):
-    """Bad input or usage; exit code 2."""
+    """Bad input or usage; exit code 2. ``option``: the configuration field at fault, if one."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", option: str | None = None):
+        super().__init__(message)
+        self.template = message
+        self.option = option
+
+    def __reduce__(self):  # keeps ``option`` across processes (tile's workers)
+        return type(self), (self.template, self.option)
+
+    def render(self, name: Callable[[str], str] = str) -> str:
+        """The message with option names spelled by ``name`` (the CLI passes :func:`cli_flag`)."""
+        return _render(self.template, self.option, name)
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class RuntimeFailure(Exception):
     """The work could not be completed; exit code 1."""
 
     exit_code = 1
+
+    def __init__(self, message: str = ""):
+        super().__init__(message)
+        self.template = message
+
+    def render(self, name: Callable[[str], str] = str) -> str:
+        return _render(self.template, None, name)
+
+    def __str__(self) -> str:
+        return self.render()

@@ -3,7 +3,8 @@ failed run, read from the ``raise UserError(...)`` / ``raise RuntimeFailure(...)
 the package with the ``ast`` module, so the catalogue cannot drift from the code.
 
 f-string fields show as ``{expression}`` (``{path}``, ``{args.bands}``); messages built at run
-time from a variable show that variable. The CLI prints only the first line of a message.
+time from a variable show that variable. An error's ``option=`` and the options marked with
+``opt("name")`` show as the CLI prints them (``--name``). The CLI prints only the first line of a message.
 
 Usage: python scripts/gen_error_catalog.py > docs/errors.md;
 tests/test_docs.py fails when docs/errors.md is stale.
@@ -17,6 +18,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "geoexplora"
 BASE_ERRORS = {"UserError": 2, "RuntimeFailure": 1}  # geoexplora/errors.py: what the CLI catches
+
+
+def cli_flag(name: str) -> str:
+    """As ``geoexplora.errors.cli_flag`` (this script reads the source; it imports nothing)."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ def _field_templates(part: ast.expr) -> list[str]:
     if isinstance(part, ast.Constant):
         return [str(part.value)]
     value = part.value  # a FormattedValue
+    if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "opt"
+            and value.args and isinstance(value.args[0], ast.Constant)):
+        return [cli_flag(value.args[0].value)]  # errors.opt("name"): the CLI prints the flag
     if isinstance(value, (ast.JoinedStr, ast.IfExp)) or (
             isinstance(value, ast.Constant) and isinstance(value.value, str)):
         return message_templates(value)
@@ -104,7 +113,11 @@ class _Collector(ast.NodeVisitor):
             kind = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
             if kind in self.codes:
                 where = ".".join(self.scope) or "<module>"
-                self.sites += [ErrorSite(self.module, where, kind, self.codes[kind], template)
+                option = next((kw.value.value for kw in call.keywords if kw.arg == "option"
+                               and isinstance(kw.value, ast.Constant)), None)
+                prefix = f"{cli_flag(option)}: " if option else ""
+                self.sites += [ErrorSite(self.module, where, kind, self.codes[kind],
+                                         prefix + template)
                                for template in
                                message_templates(call.args[0] if call.args else None)]
         self.generic_visit(node)

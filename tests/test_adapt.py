@@ -31,6 +31,11 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
+def adapt_report(cfg: A.AdaptConfig) -> dict:
+    """The result document of an adapt run (what --json prints)."""
+    return A.adapt(cfg).report
+
+
 def config(out: Path, weights: Path, **kw) -> A.AdaptConfig:
     base = {"inputs": sample.slovenia_scenes()[:2], "output": out, "bands": BANDS, "init": TINY,
             "init_weights": str(weights), "steps": STEPS, "batch_size": 4, "crop_size": 56,
@@ -43,7 +48,7 @@ def config(out: Path, weights: Path, **kw) -> A.AdaptConfig:
 def run(tmp_path_factory, tiny_weights):
     """One uninterrupted run, shared by the tests that inspect its results."""
     out = tmp_path_factory.mktemp("run") / "adapted.pt"
-    summary = A.adapt(config(out, tiny_weights))
+    summary = adapt_report(config(out, tiny_weights))
     return out, summary
 
 
@@ -168,10 +173,10 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(
 
     monkeypatch.setattr(DinoV2Objective, "after_optimizer_step", interrupt_after_step_3)
     with pytest.raises(Interrupted, match=f"step 3/{STEPS}"):
-        A.adapt(config(out, tiny_weights))
+        adapt_report(config(out, tiny_weights))
     assert not out.exists()
     monkeypatch.setattr(DinoV2Objective, "after_optimizer_step", original)
-    summary = A.adapt(config(out, tiny_weights, resume=True))
+    summary = adapt_report(config(out, tiny_weights, resume=True))
     assert summary["resumed_from_step"] == 3
     assert summary["first_loss"] == run[1]["first_loss"]  # step 1's, not the resumed step's
     reference = load_model(run[0]).state_dict()
@@ -185,7 +190,7 @@ def test_resume_with_other_options_is_refused(run, tiny_weights, tmp_path):
     out = tmp_path / "adapted.pt"
     shutil.copy(RunFiles(run[0]).checkpoint, RunFiles(out).checkpoint)
     with pytest.raises(UserError, match="different run.*lora_rank"):
-        A.adapt(config(out, tiny_weights, resume=True, lora_rank=4))
+        adapt_report(config(out, tiny_weights, resume=True, lora_rank=4))
     assert not out.exists()
 
 
@@ -199,7 +204,7 @@ def test_mae_source_keeps_and_lora_tunes_its_decoder(tmp_path):
     weights = tmp_path / "mae.pth"
     torch.save({"model": {**encoder, **decoder}}, weights)
     out = tmp_path / "mae_adapted.pt"
-    summary = A.adapt(config(out, weights, init=TINY_MAE, crop_size=32, steps=4, lr=3e-3))
+    summary = adapt_report(config(out, weights, init=TINY_MAE, crop_size=32, steps=4, lr=3e-3))
     assert summary["objective"] == "mae"
     assert summary["mae_decoder"] == "source_lora"
     records = read_log(RunFiles(out).log)
@@ -212,7 +217,7 @@ def test_chips_dataset_input_uses_its_statistics(tmp_path, tiny_weights, chips):
 
     root = chips
     out = tmp_path / "from_chips.pt"
-    summary = A.adapt(config(out, tiny_weights, inputs=[root], steps=2, batch_size=2))
+    summary = adapt_report(config(out, tiny_weights, inputs=[root], steps=2, batch_size=2))
     meta = json.loads((root / "dataset.json").read_text())
     keys = [b["key"] for b in meta["bands"]]
     want = [meta["stats"]["mean"][keys.index(f"sentinel2:{b}")] for b in BANDS]
@@ -224,7 +229,7 @@ def test_temporal_scenes_adapt_with_the_date_encoding(tmp_path, tiny_weights):
     from geoexplora.models.file import load_model
 
     out = tmp_path / "temporal.pt"
-    summary = A.adapt(config(out, tiny_weights, inputs=sample.slovenia_scenes()[:2], frames=2,
+    summary = adapt_report(config(out, tiny_weights, inputs=sample.slovenia_scenes()[:2], frames=2,
                              steps=2, batch_size=2, local_crops=0))
     assert summary["frames"] == 2
     assert summary["parameters"]["groups"]["embedding"] > 0
@@ -304,7 +309,7 @@ def test_missing_band_is_refused(tmp_path, tiny_weights):
 def test_band_missing_from_a_chips_dataset_is_refused(tmp_path, tiny_weights, chips):
     root = chips
     with pytest.raises(UserError, match="B10: not in the chips dataset"):
-        A.adapt(config(tmp_path / "m.pt", tiny_weights, inputs=[root], bands=["B2", "B10"]))
+        adapt_report(config(tmp_path / "m.pt", tiny_weights, inputs=[root], bands=["B2", "B10"]))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")

@@ -50,7 +50,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     checksums = ddp["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
 
-    single = adapt(ddp_config(tmp_path / "single.pt", weights, batch_size=4, devices=1))
+    single = adapt(ddp_config(tmp_path / "single.pt", weights, batch_size=4, devices=1)).report
     assert single["world_size"] == 1 and single["global_batch"] == 4
     want = load_model(tmp_path / "single.pt").state_dict()
     got = load_model(ddp_out).state_dict()
@@ -65,6 +65,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 if __name__ == "__main__":
     out, weights_path = Path(sys.argv[1]), Path(sys.argv[2])
-    summary = adapt(ddp_config(out, weights_path, batch_size=2, devices=2))
-    if summary is not None:  # rank 0
-        out.with_suffix(".json").write_text(json.dumps(summary, default=str))
+    result = adapt(ddp_config(out, weights_path, batch_size=2, devices=2))
+    if result is not None:  # rank 0
+        out.with_suffix(".json").write_text(json.dumps(result.report, default=str))

@@ -159,12 +159,12 @@ def test_demo_again_without_overwrite_exits_2_leaving_the_first_run_untouched(de
 
 def test_run_demo_refuses_an_existing_folder_before_any_work(tmp_path):
     from geoexplora.errors import UserError
-    from geoexplora.pipelines.demo import DemoConfig, run_demo
+    from geoexplora.pipelines.demo import DemoConfig, demo
 
     (tmp_path / "demo-out").mkdir()
     (tmp_path / "demo-out" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="demo-out exists; pass --overwrite"):
-        run_demo(DemoConfig(out=tmp_path / "demo-out", adapt_steps=1, finetune_steps=1))
+        demo(DemoConfig(out=tmp_path / "demo-out", adapt_steps=1, finetune_steps=1))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["demo-out", "notes.txt"]
 
 

@@ -203,3 +203,15 @@ def test_relative_links_resolve():
             if "://" not in target and not (path.parent / target).exists():
                 broken.append(f"{path.name} -> {target}")
     assert broken == []
+
+
+def test_recipe_page_is_current_and_lists_every_default():
+    current = (DOCS / "recipe.md").read_text(encoding="utf-8")
+    assert current == load_script("gen_recipe").render(), \
+        "docs/recipe.md is stale: run `python scripts/gen_recipe.py > docs/recipe.md`"
+    from geoexplora import defaults
+
+    for section in ("ENGINE", "EXPLORA", "DATA", "DINOV2", "MAE", "FINETUNE", "PROBE", "TILE",
+                    "PREDICT"):
+        assert f"## `{section}`" in current
+    assert f"| `lora_rank` | `{defaults.EXPLORA.lora_rank}` | recipe |" in current

@@ -12,6 +12,7 @@ import torch
 from test_models_helpers import TINY, s2
 
 from geoexplora.bands import get_band
+from geoexplora.commands.info import render_model_card
 from geoexplora.errors import UserError
 from geoexplora.models import apply_explora, build_backbone
 from geoexplora.models.file import (
@@ -20,7 +21,6 @@ from geoexplora.models.file import (
     load_model,
     model_card,
     read_model_meta,
-    render_model_card,
     save_model,
 )
 from geoexplora.models.heads import TaskModel, build_head

@@ -17,7 +17,7 @@ from test_probe_support import (
 )
 
 from geoexplora.io.chips import ChipsDataset
-from geoexplora.pipelines.probe import ProbeConfig, run_probe
+from geoexplora.pipelines.probe import ProbeConfig, probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ("--steps", "150", "--learning-rates", "1e-3,1e-2,0.1")
@@ -144,7 +144,7 @@ def test_without_a_test_split_it_reports_on_val_and_says_so(sample_data, tmp_pat
 
     chips = make_chips_dataset(tmp_path, "classification")  # 32 px chips: patch 16
     model = tiny_model_file(tmp_path / "tiny.pt", chips, arch="geo_vit_tiny_patch16")
-    doc = run_probe(ProbeConfig([model], chips, steps=20, learning_rates=(1e-2,)))
+    doc = probe(ProbeConfig([model], chips, steps=20, learning_rates=(1e-2,))).report
     assert doc["evaluated_on"] == "val"
     assert any("no test split" in note for note in doc["notes"])
     assert doc["models"][0]["split_sizes"]["test"] == 0

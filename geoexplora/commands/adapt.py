@@ -125,9 +125,10 @@ def adapt(
         head_prototypes=head_prototypes, lr=lr, warmup_steps=warmup_steps,
         checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed, dry_run=dry_run,
         resume=resume, overwrite=overwrite)
-    summary = run_adapt(cfg)
-    if summary is None:  # another rank of a multi-device run: rank 0 reports
+    result = run_adapt(cfg)
+    if result is None:  # another rank of a multi-device run: rank 0 reports
         return
+    summary = result.to_dict()
     if json_out:
         O.print_json(summary)
     else:

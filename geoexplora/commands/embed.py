@@ -20,6 +20,7 @@ from geoexplora.commands.predict import (
     Window,
     report,
 )
+from geoexplora.defaults import PREDICT
 
 
 def embed(
@@ -32,8 +33,8 @@ def embed(
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
     window: Window = None,
     overlap: Overlap = None,
-    batch_size: BatchSize = 8,
-    blend: Blend = "cosine",
+    batch_size: BatchSize = PREDICT.batch_size,
+    blend: Blend = PREDICT.blend,
     co: O.CreationOptions = None,
     dry_run: DryRun = False,
     resume: Resume = False,
@@ -58,13 +59,13 @@ def embed(
     from geoexplora.pipelines.embed import embed as run
 
     cfg = EmbedConfig(
-        model=model, rasters=O.expand_paths(rasters), output=output, pca=pca, dtype=dtype,
+        model=model, inputs=O.expand_paths(rasters), output=output, pca=pca, dtype=dtype,
         window=window, overlap=overlap, batch_size=batch_size, blend=blend,
         creation_options=O.parse_creation_options(co), dry_run=dry_run, resume=resume,
         shard=shard, overwrite=overwrite, device=device, devices=devices,
         scene=O.scene_opts(band_map=band_map, sensor=sensor, nodata=nodata,
                            s2_offset=s2_offset, dates=dates))
-    report(run(cfg), json_out, dry_run)
+    report([r.to_dict() for r in run(cfg)], json_out, dry_run)
 
 
 def register(app: typer.Typer) -> None:

@@ -82,7 +82,8 @@ def finetune(
 
     Example: geoexplora finetune adapted.pt chips/ --task segmentation -o model.pt
     """
-    from geoexplora.pipelines.finetune import FinetuneConfig, run_finetune
+    from geoexplora.pipelines.finetune import FinetuneConfig
+    from geoexplora.pipelines.finetune import finetune as run_finetune
 
     cfg = FinetuneConfig(
         model=model, chips=chips, output=output, task=task, mode=mode, steps=steps,

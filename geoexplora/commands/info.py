@@ -24,7 +24,7 @@ def info(
 
     Example: geoexplora info scene.tif --json | jq .files[0].bands
     """
-    from geoexplora.pipelines.info import describe_path, raster_files, render_description
+    from geoexplora.pipelines.info import describe_path, raster_files
 
     opts = O.scene_opts(sensor=sensor, band_map=band_map, s2_offset=s2_offset, nodata=nodata)
     docs = [describe_path(p, opts) for p in raster_files(O.expand_paths(paths))]
@@ -33,6 +33,125 @@ def info(
     else:
         for doc in docs:
             render_description(doc)
+
+
+def render_description(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if doc["kind"] == "model":
+        console.print(render_model_card(doc))
+        return
+    if doc["kind"] == "chips":
+        _render_dataset(console, doc)
+        return
+    head = Table.grid(padding=(0, 2))
+    head.add_row("[bold]file", doc["path"])
+    head.add_row("size", f"{doc['width']} x {doc['height']} px, {doc['count']} band(s), {doc['dtype']}")
+    head.add_row("CRS", f"{doc['crs']}")
+    head.add_row("resolution", f"{doc['resolution'][0]:g} x {doc['resolution'][1]:g}")
+    head.add_row("nodata", "none" if doc["nodata"] is None else f"{doc['nodata']:g}")
+    head.add_row("sensor", doc["sensor"] or "unknown (pass --sensor or --band-map)")
+    head.add_row("date", doc["date"] or "unknown")
+    console.print(head)
+    table = Table("#", "description", "band", "sensor", "wavelength nm", "GSD m")
+    for b in doc["bands"]:
+        table.add_row(str(b["index"]), b["description"] or "", b.get("name", "?"),
+                      b.get("sensor", ""), f"{b['center_nm']:g}" if "center_nm" in b else "",
+                      f"{b['gsd_m']:g}" if "gsd_m" in b else "")
+    console.print(table)
+
+
+def _render_dataset(console, doc: dict) -> None:
+    from rich.table import Table
+
+    head = Table.grid(padding=(0, 2))
+    head.add_row("[bold]chips dataset", doc["path"])
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(doc["splits"].items()))
+    head.add_row("chips", f"{doc['chips']} of {doc['chip_size']} px ({splits}), "
+                          f"{doc['num_frames']} date(s) each")
+    head.add_row("task", doc["task"])
+    head.add_row("bands", ", ".join(doc["bands"]))
+    head.add_row("CRS", str(doc["crs"] or "per chip"))
+    head.add_row("made", f"{doc['created']} from {doc['sources']} source(s)"
+                         + (f", {doc['appends']} append(s)" if doc["appends"] else ""))
+    console.print(head)
+    table = Table("band", "mean", "std", "p2", "p98")
+    for i, key in enumerate(doc["bands"]):
+        table.add_row(key, *(f"{doc['stats'][s][i]:.1f}" for s in ("mean", "std", "p2", "p98")))
+    console.print(table)
+    if doc["classes"]:
+        classes = Table("id", "class", "colour", "chips")
+        for c in doc["classes"]:
+            classes.add_row(str(c["id"]), c["name"], c["color"], str(c["chips"]))
+        console.print(classes)
+
+
+def render_model_card(card: dict):
+    """A rich renderable of :func:`model_card`'s dict (for ``geoexplora info model.pt``)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    bb = card["backbone"]
+    arch = bb["architecture"]
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows = [
+        ("file", f"{card['file']} ({card['size_bytes'] / 1e6:.1f} MB)"),
+        ("sha256", card["sha256"]),
+        ("kind", card.get("model_kind", card["kind"])),
+        ("architecture", (f"{arch['name']} (timm {arch['timm_name']}): depth {arch['depth']}, "
+                          f"dim {arch['embed_dim']}, heads {arch['num_heads']}, patch "
+                          f"{arch['patch_size']}, image {arch['img_size'][0]}x"
+                          f"{arch['img_size'][1]}, prefix tokens {arch['num_prefix_tokens']}")),
+        ("source", f"{bb['source'].get('init')} [{bb['family']}]"
+                   + (f" weights {bb['source']['weights']}" if bb["source"].get("weights") else "")),
+        ("frames", str(bb["num_frames"])),
+        ("spectral tokens", bb["spectral_tokens"] + (
+            f" {bb['spectral_groups']}" if bb["spectral_tokens"] == "groups" else "")),
+        ("parameters", ", ".join(f"{k} {_millions(v)}"
+                                 for k, v in card["parameter_counts"].items())),
+        ("statistics", bb["stats"]["origin"]),
+    ]
+    for stage in ("explora", "finetune_lora"):
+        if stage in bb:
+            s = bb[stage]
+            rep = s["parameters"]
+            rows.append((stage, (f"unfrozen blocks {s['unfreeze_blocks']}, LoRA "
+                                 f"r={s['lora_rank']} alpha={s['lora_alpha']} on "
+                                 f"{','.join(s['lora_targets'])}; trained "
+                                 f"{_millions(rep['trainable'])} of {_millions(rep['total'])} "
+                                 f"({100 * rep['fraction']:.1f}%)")))
+    prov = card.get("provenance", {})
+    rows.append(("created", f"{prov.get('created', '?')} with "
+                            + ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items())))
+    for key, value in rows:
+        summary.add_row(key, value)
+
+    bands = Table(title="bands", title_justify="left")
+    for col in ("band", "sensor", "nm", "mean", "std"):
+        bands.add_column(col, justify="right" if col in ("nm", "mean", "std") else "left")
+    for b, m, s in zip(bb["bands"], bb["stats"]["mean"], bb["stats"]["std"]):
+        bands.add_row(b["name"], b["sensor"], f"{b['center_nm']:.1f}", f"{m:.1f}", f"{s:.1f}")
+    parts = [summary, bands]
+    task = card.get("task")
+    if task:
+        classes = Table(title=f"task: {task['task']}, head {task['head']}", title_justify="left")
+        for col in ("id", "name", "colour"):
+            classes.add_column(col)
+        for c in task["classes"]:
+            color = c.get("color") or ""
+            swatch = Text("  ", style=f"on {color}") if color else Text("")
+            classes.add_row(str(c["id"]), str(c["name"]), Text.assemble(swatch, " ", color))
+        parts.append(classes)
+    return Group(*parts)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
 
 
 def register(app: typer.Typer) -> None:

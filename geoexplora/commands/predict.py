@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from geoexplora.commands import _options as O
+from geoexplora.defaults import PREDICT
 
 Window = Annotated[int | None, typer.Option(
     "--window", help="Window size in pixels (default: the model's image size).")]
@@ -39,8 +40,8 @@ def predict(
     output: Output,
     window: Window = None,
     overlap: Overlap = None,
-    batch_size: BatchSize = 8,
-    blend: Blend = "cosine",
+    batch_size: BatchSize = PREDICT.batch_size,
+    blend: Blend = PREDICT.blend,
     probabilities: Annotated[bool, typer.Option(
         "--probabilities", help="Also write class probabilities (OUT_probabilities.tif).")] = False,
     prob_dtype: Annotated[str, typer.Option(
@@ -82,14 +83,14 @@ def predict(
     from geoexplora.pipelines.predict import predict as run
 
     cfg = PredictConfig(
-        model=model, rasters=O.expand_paths(rasters), output=output, window=window,
+        model=model, inputs=O.expand_paths(rasters), output=output, window=window,
         overlap=overlap, batch_size=batch_size, blend=blend, probabilities=probabilities,
         prob_dtype=prob_dtype, uncertainty=uncertainty, vectorize=vectorize, dense=dense,
         creation_options=O.parse_creation_options(co), dry_run=dry_run, resume=resume,
         shard=shard, overwrite=overwrite, device=device, devices=devices,
         scene=O.scene_opts(band_map=band_map, sensor=sensor, nodata=nodata,
                            s2_offset=s2_offset, dates=dates))
-    report(run(cfg), json_out, dry_run)
+    report([r.to_dict() for r in run(cfg)], json_out, dry_run)
 
 
 def report(results: list[dict], json_out: bool, dry_run: bool) -> None:

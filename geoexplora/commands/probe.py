@@ -50,8 +50,8 @@ def probe(
     """
     from geoexplora.defaults import PROBE
     from geoexplora.errors import UserError
-    from geoexplora.pipelines.probe import ProbeConfig, render_probe, run_probe
-    from geoexplora.train.features import default_cache_dir
+    from geoexplora.pipelines.probe import ProbeConfig
+    from geoexplora.pipelines.probe import probe as run_probe
 
     items = O.expand_paths(paths)
     if len(items) < 2:
@@ -66,11 +66,22 @@ def probe(
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         plots_dir=plots, save_head=save_head, overwrite=overwrite, device=device,
         num_workers=num_workers, seed=seed)
-    doc = run_probe(cfg)
+    doc = run_probe(cfg).to_dict()
     if json_out:
         O.print_json(doc)
     else:
         render_probe(doc)
+
+
+def default_cache_dir() -> Path:
+    """``$GEOEXPLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/geoexplora/features`` (~/.cache): the
+    CLI's feature cache (the library caches only where it is told to)."""
+    import os
+
+    if os.environ.get("GEOEXPLORA_CACHE_DIR"):
+        return Path(os.environ["GEOEXPLORA_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
+    return base / "geoexplora" / "features"
 
 
 def _names(text: str | None, option: str) -> tuple[str, ...] | None:
@@ -94,6 +105,44 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         return tuple(float(t) for t in names)
     except ValueError as exc:
         raise UserError(f"--learning-rates '{text}': not numbers") from exc
+
+
+def render_probe(doc: dict, console=None) -> None:
+    """The models side by side (metrics, chosen head, per-class F1), then each model's confusion
+    matrix; on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    models = doc["models"]
+    multilabel = doc["task"] == "multilabel"
+    table = Table(title=f"linear probe and k-NN on {doc['chips']} ({doc['evaluated_on']} split)",
+                  title_justify="left")
+    table.add_column("metric")
+    for m in models:
+        table.add_column(m["name"], justify="right")
+    rows = [("top-1", "top1"), ("balanced accuracy", "balanced_accuracy"),
+            ("macro-F1", "macro_f1"), ("k-NN top-1", "knn_top1")]
+    if multilabel:
+        rows += [("mAP", "map"), ("micro-F1", "micro_f1"), ("k-NN mAP", "knn_map")]
+    for label, key in rows:
+        table.add_row(label, *(f"{m[key]:.3f}" for m in models))
+    table.add_row("head", *(f"{m['chosen_head']['features']} lr {m['chosen_head']['lr']:.2g}"
+                            for m in models), end_section=True)
+    for name in doc["classes"]:
+        table.add_row(f"F1 {name}", *(f"{m['per_class_f1'][name]:.3f}" for m in models))
+    console.print(table)
+    for m in models if not multilabel else []:
+        cm = Table(title=f"{m['name']}: confusion matrix (rows true, columns predicted)",
+                   title_justify="left")
+        cm.add_column("")
+        for name in doc["classes"]:
+            cm.add_column(name, justify="right")
+        for name, row in zip(doc["classes"], m["confusion_matrix"]):
+            cm.add_row(name, *(str(v) for v in row))
+        console.print(cm)
+    for note in doc["notes"]:
+        console.print(f"note: {note}")
 
 
 def register(app: typer.Typer) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geoexplora.defaults import PREDICT
 from geoexplora.inference.windows import Tile, WindowPlan, blend_weights
 
 Forward = Callable  # (torch.Tensor (B,T,C,H,W)) -> torch.Tensor (B,K,h,w) | (B,K)
@@ -191,8 +192,9 @@ class _Accumulator:
 
 
 def run(scene, plan: WindowPlan, forwards: list[tuple[Forward, object]], channels: int, *,
-        blend: str = "cosine", batch_size: int = 8, out_rows: tuple[int, int] | None = None,
-        votes: bool = False, prefetch: int = 4, timings: Timings | None = None,
+        blend: str = PREDICT.blend, batch_size: int = PREDICT.batch_size,
+        out_rows: tuple[int, int] | None = None, votes: bool = False,
+        prefetch: int = PREDICT.prefetch, timings: Timings | None = None,
         on_batch: Callable[[int], None] | None = None) -> Iterator[Strip]:
     """Blend the plan's windows over output rows ``[a, b)`` and yield finished strips in order.
 

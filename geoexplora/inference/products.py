@@ -19,14 +19,17 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from geoexplora.inference.engine import Strip
 from geoexplora.io.writers import RasterSpec, class_colormap, class_dtype
 
-PROB_DTYPES = ("float32", "uint8")
-EMBED_DTYPES = ("float32", "float16")
+ProbDtype = Literal["float32", "uint8"]
+EmbedDtype = Literal["float32", "float16"]
+PROB_DTYPES: tuple[str, ...] = get_args(ProbDtype)
+EMBED_DTYPES: tuple[str, ...] = get_args(EmbedDtype)
 UINT8_PROB_SCALE = 254.0
 
 

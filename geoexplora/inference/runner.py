@@ -54,10 +54,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         return None
     i, sep, n = text.partition("/")
     if not sep or not i.strip().isdigit() or not n.strip().isdigit():
-        raise UserError(f"--shard '{text}' is not I/N (e.g. 1/4)")
+        raise UserError(f"'{text}' is not I/N (e.g. 1/4)", option="shard")
     i, n = int(i), int(n)
     if not 1 <= i <= n:
-        raise UserError(f"--shard {text}: I must be between 1 and N")
+        raise UserError(f"{text}: I must be between 1 and N", option="shard")
     return i - 1, n
 
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal, get_args
 
 import numpy as np
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 
-BLENDS = ("cosine", "hann", "none")
+Blend = Literal["cosine", "hann", "none"]
+BLENDS: tuple[str, ...] = get_args(Blend)
 MODES = ("dense", "grid")
 
 
@@ -64,11 +66,12 @@ class WindowPlan:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if self.window < 1 or self.stride < 1 or self.stride > self.window:
-            raise UserError(f"--overlap must be in [0, window): window {self.window}, "
-                            f"stride {self.stride}")
+            raise UserError(f"must be in [0, window): window {self.window}, "
+                            f"stride {self.stride}", option="overlap")
         if self.mode == "dense" and (self.window % self.factor or self.stride % self.factor):
-            raise UserError(f"--window ({self.window}) and --overlap ({self.window - self.stride})"
-                            f" must be multiples of {self.factor} (the model's patch size)")
+            raise UserError(f"{opt('window')} ({self.window}) and {opt('overlap')} "
+                            f"({self.window - self.stride}) must be multiples of {self.factor} "
+                            "(the model's patch size)")
 
     @classmethod
     def dense(cls, height, width, window, overlap, factor=1) -> WindowPlan:
@@ -173,7 +176,7 @@ def taper(n: int, blend: str, overlap: int) -> np.ndarray:
         w[:ramp] = edge
         w[n - ramp:] = edge[::-1]
     else:
-        raise UserError(f"--blend must be one of {', '.join(BLENDS)}, not '{blend}'")
+        raise UserError(f"must be one of {', '.join(BLENDS)}, not '{blend}'", option="blend")
     return w.astype(np.float32)
 
 

@@ -17,6 +17,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import rasterio
@@ -427,6 +428,12 @@ class Scene:
                                src_nodata=src.nodata, nodata=np.nan)
             self._handles[path] = ds
         return ds
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         for ds in self._handles.values():

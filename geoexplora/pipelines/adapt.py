@@ -5,7 +5,7 @@ area) or a chips dataset, builds the initial model with the data's band statisti
 ExPLoRA (LoRA on Q, V of the frozen blocks, the last block unfrozen, norms, tokens and - for new
 bands - the patch embedding trained), trains it with the source model's own objective (DINOv2
 or MAE) on the shared Fabric engine, and writes the merged model file. See
-``docs/explora-recipe.md`` for what each default reproduces; the values live in
+``docs/recipe.md`` for what each default reproduces; the values live in
 :mod:`geoexplora.defaults`.
 
 With ``devices > 1`` the default DDP strategy re-runs the calling program once per extra device
@@ -20,13 +20,20 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from geoexplora import bands as B
+from geoexplora.config_checks import one_of, path_list
 from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA, MAE, dino_head_size
 from geoexplora.errors import UserError
-from geoexplora.log import logger
+from geoexplora.log import Progress, logger, reports_progress
+from geoexplora.results import AdaptResult
 
 OBJECTIVES = ("dinov2", "mae")
+
+
+Objective = Literal["dinov2", "mae"]
+SpectralTokens = Literal["bank", "groups"]  # geoexplora.models.geovit.SPECTRAL_TOKEN_MODES
 
 
 @dataclass
@@ -44,7 +51,7 @@ class AdaptConfig:
     # e.g. {"init_values": 1.0}: LayerScale's 1e-5 suits fine-tuning a pre-trained model but
     # makes a randomly initialised one nearly the identity (see benchmarks/domain_shift.py).
     arch_overrides: dict | None = None
-    objective: str | None = None  # None: the source's family (dinov2 / mae)
+    objective: Objective | None = None  # None: the source's family (dinov2 / mae)
     full: bool = False  # full-parameter extended pre-training (the comparison), not ExPLoRA
     steps: int | None = None
     epochs: float | None = None
@@ -59,7 +66,7 @@ class AdaptConfig:
     lora_rank: int = EXPLORA.lora_rank
     lora_alpha: float = EXPLORA.lora_alpha
     frames: int | None = None  # None: 1 for scenes, the dataset's for chips
-    spectral_tokens: str = "bank"  # or "groups": SatMAE's band-group tokens
+    spectral_tokens: SpectralTokens = "bank"  # or "groups": SatMAE's band-group tokens
     split: str | None = "train"  # chips: which split to adapt on (None: all chips)
     crop_size: int = DATA.crop_size
     local_crop_size: int | None = None  # None: DINOV2.local_crop_patches x patch
@@ -77,6 +84,12 @@ class AdaptConfig:
     resume: bool = False
     overwrite: bool = False
     settings_overrides: dict = field(default_factory=dict)  # DinoV2/Mae defaults fields
+    progress: Progress = True  # False, or a callback (see geoexplora.log)
+
+    def __post_init__(self):
+        self.inputs = path_list("inputs", self.inputs)
+        one_of("objective", self.objective, Objective, optional=True)
+        one_of("spectral_tokens", self.spectral_tokens, SpectralTokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +405,10 @@ def _validate(cfg: AdaptConfig) -> None:
         raise UserError(f"--local-crops must be 0 or more, not {cfg.local_crops}")
 
 
-def adapt(cfg: AdaptConfig) -> dict | None:
-    """Run (or plan, with ``dry_run``) an ExPLoRA adaptation; see the module docs."""
+@reports_progress
+def adapt(cfg: AdaptConfig) -> AdaptResult | None:
+    """Run (or plan, with ``dry_run``) an ExPLoRA adaptation; see the module docs. Returns None
+    on the ranks other than 0 of a multi-process run (rank 0 reports)."""
     import torch
 
     from geoexplora.io.outputs import check_output
@@ -453,7 +468,7 @@ def adapt(cfg: AdaptConfig) -> dict | None:
         plan["memory_per_device"] = estimate_memory(backbone, objective_module, objective, cfg,
                                                     precision)
         plan["dry_run"] = True
-        return plan
+        return AdaptResult.from_report(plan)
 
     groups = E.param_groups(objective_module, num_blocks=backbone.depth,
                             layer_decay=settings.layer_decay,
@@ -484,4 +499,4 @@ def adapt(cfg: AdaptConfig) -> dict | None:
                "exported": "ema_teacher" if objective == "dinov2" else "model"}}
     save_model(output, export, meta, overwrite=cfg.overwrite)
     logger.info("wrote %s", output)
-    return {**plan, **summary, "output": str(output)}
+    return AdaptResult.from_report({**plan, **summary, "output": str(output)})

@@ -15,12 +15,12 @@ real pre-trained weights instead.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from geoexplora.defaults import DEMO
 from geoexplora.errors import UserError
 from geoexplora.io.outputs import check_output
 from geoexplora.log import logger
@@ -39,23 +39,23 @@ VAL_FRACTION = 0.3
 class DemoConfig:
     out: Path = Path("demo-out")
     overwrite: bool = False
-    adapt_steps: int = 400
-    finetune_steps: int = 200
-    probe_steps: int = 300  # per head of the probe's learning-rate grid
-    batch_size: int = 16
-    init: str | None = None  # None: GEOEXPLORA_INIT, or the tiny source
-    init_weights: str | None = None  # None: GEOEXPLORA_INIT_WEIGHTS, or "random"
+    adapt_steps: int = DEMO.adapt_steps
+    finetune_steps: int = DEMO.finetune_steps
+    probe_steps: int = DEMO.probe_steps
+    batch_size: int = DEMO.batch_size
+    init: str | None = None  # None: the tiny source (with init_weights: PRETRAINED_SOURCE)
+    init_weights: str | None = None  # None: "random"
     device: str | None = None
     seed: int = 0
 
 
 def _source(cfg: DemoConfig) -> tuple[str, str, str]:
     """(init, init_weights, sentence saying which weights and why)."""
-    weights = cfg.init_weights or os.environ.get("GEOEXPLORA_INIT_WEIGHTS")
+    weights = cfg.init_weights
     if weights and weights != "random":
-        init = cfg.init or os.environ.get("GEOEXPLORA_INIT") or PRETRAINED_SOURCE
+        init = cfg.init or PRETRAINED_SOURCE
         return init, weights, f"source: {init} with pre-trained weights from {weights}"
-    init = cfg.init or os.environ.get("GEOEXPLORA_INIT") or TINY_SOURCE
+    init = cfg.init or TINY_SOURCE
     return init, "random", (f"source: {init} with RANDOM weights (pre-trained weights cannot be "
                             "downloaded offline; set GEOEXPLORA_INIT_WEIGHTS to a checkpoint to "
                             "start from real ones)")
@@ -65,7 +65,7 @@ def _labelled_scene() -> Path:
     return next(p for p in slovenia_scenes() if LABELLED_DATE in p.name)
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def demo(cfg: DemoConfig) -> dict:
     """Run the pipeline into the folder ``cfg.out``; returns the summary document.
 
     The folder is complete when ``summary.json`` is in it (written last); a failed or interrupted
@@ -112,9 +112,9 @@ def _timed(timings: dict, name: str):
 def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str,
               timings: dict) -> dict:
     from geoexplora.pipelines.adapt import AdaptConfig, adapt
-    from geoexplora.pipelines.finetune import FinetuneConfig, run_finetune
+    from geoexplora.pipelines.finetune import FinetuneConfig, finetune
     from geoexplora.pipelines.predict import PredictConfig, predict
-    from geoexplora.pipelines.probe import ProbeConfig, run_probe
+    from geoexplora.pipelines.probe import ProbeConfig, probe
     from geoexplora.pipelines.tile import TileConfig, tile
 
     labelled = _labelled_scene()
@@ -131,21 +131,21 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str,
         adapt_doc = adapt(AdaptConfig(
             inputs=[*slovenia_scenes(), s2_tile_crop()], output=adapted, bands=BANDS,
             init=str(source), steps=cfg.adapt_steps, batch_size=cfg.batch_size,
-            crop_size=2 * CHIP_SIZE, seed=cfg.seed, accelerator=_accelerator(cfg.device)))
+            crop_size=2 * CHIP_SIZE, seed=cfg.seed, accelerator=_accelerator(cfg.device))).report
     with _timed(timings, "probe"):
-        probe_doc = run_probe(ProbeConfig(models=[source, adapted], chips=chips,
+        probe_doc = probe(ProbeConfig(models=[source, adapted], chips=chips,
                                           steps=cfg.probe_steps, device=cfg.device,
-                                          seed=cfg.seed))
+                                          seed=cfg.seed)).report
     model = work / "model.pt"
     with _timed(timings, "finetune"):
-        finetune_doc = run_finetune(FinetuneConfig(
+        finetune_doc = finetune(FinetuneConfig(
             model=adapted, chips=chips, output=model, task="segmentation", mode="lora",
             steps=cfg.finetune_steps, batch_size=cfg.batch_size, seed=cfg.seed,
             accelerator=_accelerator(cfg.device)))
     prediction = work / "prediction.tif"
     with _timed(timings, "predict"):
-        predict_doc = predict(PredictConfig(model=model, rasters=[labelled], output=prediction,
-                                            window=2 * CHIP_SIZE, device=cfg.device))
+        predict_doc = predict(PredictConfig(model=model, inputs=[labelled], output=prediction,
+                                            window=2 * CHIP_SIZE, device=cfg.device))[0].report
     with _timed(timings, "quicklook"):
         quicklook = write_quicklook(labelled, slovenia_labels(), prediction,
                                     work / "quicklook.png")
@@ -165,8 +165,8 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str,
         "finetune": {"path": str(model), "mode": "lora", "val": val,
                      "first_loss": finetune_doc["train"]["first_loss"],
                      "last_loss": finetune_doc["train"]["last_loss"]},
-        "predict": {"path": str(prediction), "sidecar": predict_doc[0].get("sidecar"),
-                    "valid_pixels": predict_doc[0].get("valid_pixels")},
+        "predict": {"path": str(prediction), "sidecar": predict_doc.get("sidecar"),
+                    "valid_pixels": predict_doc.get("valid_pixels")},
         "quicklook": str(quicklook),
     }
 
@@ -234,38 +234,3 @@ def write_quicklook(scene_path: Path, labels_path: Path, prediction_path: Path,
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def render_summary(doc: dict, console=None) -> None:
-    """The short summary table of ``geoexplora demo`` (stdout)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    console.print(f"[bold]geoexplora demo[/bold] -> {doc['out']}")
-    console.print(doc["source"])
-    table = Table("step", "result", "seconds")
-    s = doc["seconds"]
-    ch = doc["chips"]
-    table.add_row("tile", f"{ch['count']} chips of {CHIP_SIZE} px, splits {ch['splits']}, "
-                          f"classes {', '.join(ch['classes'])}", str(s["tile"]))
-    a = doc["adapt"]
-    table.add_row("adapt", f"{a['steps']} steps, loss {a['first_loss']:.3f} -> "
-                           f"{a['last_loss']:.3f}; trained {a['trainable']:,} of {a['total']:,} "
-                           "parameters", str(s["adapt"]))
-    for m in doc["probe"]["models"]:
-        table.add_row(f"probe {m['name']}", f"top-1 {m['top1']:.3f}, balanced "
-                      f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, k-NN "
-                      f"{m['knn_top1']:.3f} (on {doc['probe']['evaluated_on']})",
-                      str(s["probe"]))
-    f = doc["finetune"]
-    table.add_row("finetune", f"lora, loss {f['first_loss']:.3f} -> {f['last_loss']:.3f}; "
-                              f"val {_fmt_metrics(f['val'])}", str(s["finetune"]))
-    table.add_row("predict", f"{doc['predict']['path']}", str(s["predict"]))
-    table.add_row("quicklook", doc["quicklook"], str(s["quicklook"]))
-    console.print(table)
-
-
-def _fmt_metrics(metrics: dict) -> str:
-    keys = [k for k in ("miou", "pixel_accuracy", "top1", "macro_f1") if k in metrics]
-    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys)

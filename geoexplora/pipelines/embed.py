@@ -9,38 +9,46 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from geoexplora.config_checks import one_of
+from geoexplora.defaults import PREDICT
 from geoexplora.errors import UserError
+from geoexplora.inference.products import EmbedDtype
+from geoexplora.inference.windows import Blend
+from geoexplora.log import Progress, reports_progress
 from geoexplora.pipelines.predict import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_BLEND,
-    DEFAULT_PREFETCH,
+    check_common,
     check_outputs,
     dry_run_doc,
     finish_result,
+    input_files,
     job_fingerprint,
     make_plan,
+    model_name,
     open_model_scene,
     output_grid,
     predict_scene,
     prepare_jobs,
     versions,
 )
-
-PCA_SAMPLE_WINDOWS = 32  # windows the --pca projection is fitted on
+from geoexplora.results import RasterResult
 
 
 @dataclass
 class EmbedConfig:
-    model: Path
-    rasters: list[Path]
+    """``geoexplora embed MODEL INPUTS -o OUTPUT``; ``model`` and ``inputs`` as in
+    :class:`~geoexplora.pipelines.predict.PredictConfig`."""
+
+    model: str | os.PathLike | Any
+    inputs: list[str | os.PathLike] | list[Any]
     output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
     pca: int | None = None
-    dtype: str = "float32"
+    dtype: EmbedDtype = "float32"
     window: int | None = None
     overlap: int | None = None  # default: window/4 rounded to the patch size
-    batch_size: int = DEFAULT_BATCH_SIZE
-    blend: str = DEFAULT_BLEND
+    batch_size: int = PREDICT.batch_size
+    blend: Blend = PREDICT.blend
     creation_options: dict = field(default_factory=dict)
     dry_run: bool = False
     resume: bool = False
@@ -48,14 +56,19 @@ class EmbedConfig:
     overwrite: bool = False
     device: str | None = None
     devices: str | None = None
-    scene: object = None
-    prefetch: int = DEFAULT_PREFETCH
+    scene: Any = None  # geoexplora.io.scene.SceneOptions, or a dict of its fields
+    prefetch: int = PREDICT.prefetch
+    progress: Progress = True  # False, or a callback (see geoexplora.log)
+
+    def __post_init__(self):
+        check_common(self)
+        one_of("dtype", self.dtype, EmbedDtype)
 
 
 
 # --- embed --------------------------------------------------------------------------------------
 
-def fit_pca(scene, plan, forward, device, k: int, sample_windows: int = PCA_SAMPLE_WINDOWS):
+def fit_pca(scene, plan, forward, device, k: int, sample_windows: int = PREDICT.pca_sample_windows):
     """``(mean (D,), components (k, D), explained variance ratio (k,))`` of the patch
     embeddings of up to ``sample_windows`` windows spread evenly over the raster (valid patches
     only). Signs are fixed (largest loading positive) so reruns and shards agree."""
@@ -114,20 +127,19 @@ def _pca_for(scene, plan, model, read, device, k: int, work: Path) -> tuple:
     return mean, comps, ratio
 
 
-def embed(cfg: EmbedConfig) -> list[dict]:
+@reports_progress
+def embed(cfg: EmbedConfig) -> list[RasterResult]:
     """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
     from geoexplora.inference.model import predictor_from_model
-    from geoexplora.inference.products import EMBED_DTYPES, embedding_product
+    from geoexplora.inference.products import embedding_product
     from geoexplora.inference.runner import prepare_work
 
-    if cfg.dtype not in EMBED_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(EMBED_DTYPES)}")
     if cfg.pca is not None and cfg.pca < 1:
         raise UserError("--pca must be at least 1")
     jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
     results = []
     for inputs, output in jobs:
-        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
+        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, model_name(cfg.model))
         raw = predictor_from_model(model, read.days, embed=True)
         plan = make_plan(scene, raw, cfg.window, cfg.overlap, dense=True)
         dim = raw.channels
@@ -141,7 +153,8 @@ def embed(cfg: EmbedConfig) -> list[dict]:
         if cfg.dry_run:
             doc = dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
                                devices, False)
-            results.append({**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype})
+            results.append(RasterResult.from_report(
+                {**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype}, dry_run=True))
             continue
         if cfg.pca and cfg.pca > dim:
             raise UserError(f"--pca {cfg.pca}: the model's embeddings have {dim} dimensions")
@@ -154,14 +167,17 @@ def embed(cfg: EmbedConfig) -> list[dict]:
             predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
             pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
                        "mean": mean.tolist(), "components": comps.tolist()}
-        provenance = {"command": "embed", "model": {"path": str(cfg.model), "sha256": model_sha},
-                      "inputs": [str(p) for p in inputs], "scene": scene.describe(),
+        provenance = {"command": "embed", "model": {"path": model_name(cfg.model), "sha256": model_sha},
+                      "inputs": [str(p) for p in input_files(inputs)],
+                      "scene": scene.describe(),
                       "band_mapping": mapping, "task": "embedding", "embed_dim": dim,
                       "patch_size": raw.patch_size, "pca": pca_doc,
                       "devices": [str(d) for d in devices], "versions": versions()}
         result = predict_scene(scene, predictor, plan, [product], devices, run_opts, {},
                                provenance, prepared=True)
-        results.append(finish_result({"input": [str(p) for p in inputs], "output": str(output),
-                                **result}, output))
+        results.append(RasterResult.from_report(finish_result(
+            {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
+            output),
+            dry_run=False))
     return results
 

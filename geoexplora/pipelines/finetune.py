@@ -460,7 +460,7 @@ def summarise_metrics(metrics: dict | None, task: str, classes: list[dict]) -> d
     return out
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict | None:
+def finetune(cfg: FinetuneConfig) -> dict | None:
     """Fine-tune ``cfg.model`` on ``cfg.chips``, write ``cfg.output``; the result document
     (None on the other ranks of a multi-device run)."""
     from geoexplora.io.chips import load_dataset_meta

@@ -18,33 +18,42 @@ written and correct.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from geoexplora.config_checks import one_of, path_list, scene_options
+from geoexplora.defaults import PREDICT
 from geoexplora.errors import UserError
+from geoexplora.inference.products import ProbDtype
+from geoexplora.inference.windows import Blend
 from geoexplora.io.outputs import check_output
-from geoexplora.log import logger
+from geoexplora.log import Progress, logger, reports_progress
+from geoexplora.results import RasterResult
 
 # Defaults of predict/embed (kept here: this module owns them).
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_BLEND = "cosine"
-DEFAULT_PREFETCH = 4  # batches read ahead
 
 
 @dataclass
 class PredictConfig:
-    model: Path
-    rasters: list[Path]
+    """``geoexplora predict MODEL INPUTS -o OUTPUT``. ``model``: a model file, or a model loaded
+    by :func:`geoexplora.models.file.load_model` (it carries its ``meta``). ``inputs``: raster
+    paths, or one open :class:`~geoexplora.io.scene.Scene` (then ``scene`` options do not apply).
+    """
+
+    model: str | os.PathLike | Any
+    inputs: list[str | os.PathLike] | list[Any]
     output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
     window: int | None = None  # default: the model's image size
     overlap: int | None = None  # default: window/4 (segmentation), window/2 (--dense), 0 (grid)
-    batch_size: int = DEFAULT_BATCH_SIZE
-    blend: str = DEFAULT_BLEND
+    batch_size: int = PREDICT.batch_size
+    blend: Blend = PREDICT.blend
     probabilities: bool = False
-    prob_dtype: str = "float32"
+    prob_dtype: ProbDtype = "float32"
     uncertainty: bool = False
     vectorize: Path | None = None
     dense: bool = False
@@ -55,8 +64,29 @@ class PredictConfig:
     overwrite: bool = False
     device: str | None = None
     devices: str | None = None
-    scene: object = None  # geoexplora.io.scene.SceneOptions
-    prefetch: int = DEFAULT_PREFETCH
+    scene: Any = None  # geoexplora.io.scene.SceneOptions, or a dict of its fields
+    prefetch: int = PREDICT.prefetch
+    progress: Progress = True  # False, or a callback (see geoexplora.log)
+
+    def __post_init__(self):
+        check_common(self)
+        one_of("prob_dtype", self.prob_dtype, ProbDtype)
+
+
+def check_common(cfg) -> None:
+    """The checks predict's and embed's configurations share (normalising ``inputs`` and
+    ``scene`` in place)."""
+    from geoexplora.io.scene import Scene
+
+    if isinstance(cfg.inputs, Scene):
+        cfg.inputs = [cfg.inputs]
+    cfg.inputs = path_list("inputs", cfg.inputs)
+    if any(isinstance(i, Scene) for i in cfg.inputs) and (
+            len(cfg.inputs) != 1 or output_is_folder(cfg.output)):
+        raise UserError("an open Scene is predicted alone, into one output file",
+                        option="inputs")
+    one_of("blend", cfg.blend, Blend)
+    cfg.scene = scene_options("scene", cfg.scene)
 
 
 # --- jobs: which inputs go to which output --------------------------------------------------
@@ -72,7 +102,7 @@ def plan_jobs(rasters: list[Path], output: str | Path,
     if not rasters:
         raise UserError("no input rasters given")
     if not output_is_folder(output):
-        return [(list(rasters), Path(output))]
+        return [(list(rasters), Path(output))]  # one scene: files, or one open Scene
     output = Path(output)
     jobs = [([r], output / f"{Path(r).stem if Path(r).suffix else Path(r).name}.tif")
             for r in rasters]
@@ -92,7 +122,10 @@ def open_model_scene(paths: list[Path], scene_opts, meta: dict, model_name: str)
     from geoexplora.io.scene import Scene, SceneOptions, open_scene
     from geoexplora.models.file import check_scene_against_model
 
-    scene = open_scene(paths, scene_opts or SceneOptions())
+    if len(paths) == 1 and isinstance(paths[0], Scene):
+        scene = paths[0]
+    else:
+        scene = open_scene(paths, scene_opts or SceneOptions())
     read = check_scene_against_model(meta, scene, model_name)
     sources = [[frame[i] for i in read.band_indices] for frame in scene.sources]
     mapping = [{"model_band": b.key, "file": str(s.path), "file_band": s.index,
@@ -160,7 +193,7 @@ def memory_estimate(scene, plan, predictor, products, batch_size: int, prefetch:
 
 def job_fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) -> dict:
     files = []
-    for p in inputs:
+    for p in input_files(inputs):
         st = Path(p).stat()
         files.append({"path": str(Path(p).resolve()), "size": st.st_size,
                       "mtime": int(st.st_mtime)})
@@ -219,7 +252,7 @@ def dry_run_doc(inputs, output, scene, plan, predictor, products, mapping, cfg, 
     from geoexplora.inference.runner import sidecar_path, work_folder
 
     n = len(plan)
-    return {"inputs": [str(p) for p in inputs], "output": str(output),
+    return {"inputs": [str(p) for p in input_files(inputs)], "output": str(output),
             "outputs": {p.key: str(p.path) for p in products},
             "sidecar": str(sidecar_path(output)), "work_folder": str(work_folder(output)),
             "task": predictor.task, "plan": plan.describe(),
@@ -245,27 +278,55 @@ def prepare_jobs(cfg):
     from geoexplora.models.file import load_model
 
     shard = parse_shard(cfg.shard)
-    jobs = plan_jobs(cfg.rasters, cfg.output, shard)
+    jobs = plan_jobs(cfg.inputs, cfg.output, shard)
     devices = resolve_devices(cfg.device, cfg.devices)
-    model = load_model(cfg.model)
+    if isinstance(cfg.model, (str, os.PathLike)):
+        model, model_sha = load_model(cfg.model), file_sha256(cfg.model)
+    else:
+        model, model_sha = cfg.model, module_sha256(cfg.model)
     # One output: the shard is a range of its strips; an output folder: every n-th input.
     run_opts = _run_options(cfg, None if output_is_folder(cfg.output) else shard)
-    return jobs, devices, model, file_sha256(cfg.model), run_opts
+    return jobs, devices, model, model_sha, run_opts
 
 
-def predict(cfg: PredictConfig) -> list[dict]:
-    """Predict every job of ``cfg``; one result dict per output (or per plan with dry_run)."""
+def model_name(model) -> str:
+    """How provenance and messages name the model: its file, or an in-memory model."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>"
+
+
+def module_sha256(module) -> str:
+    """sha256 of a loaded model's weights and metadata: a resumable run's fingerprint."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(getattr(module, "meta", {}), sort_keys=True,
+                                       default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def input_files(inputs: list) -> list[Path]:
+    """The files behind a job's inputs (an open Scene's source files)."""
+    from geoexplora.io.scene import Scene
+
+    if len(inputs) == 1 and isinstance(inputs[0], Scene):
+        return list(dict.fromkeys(s.path for frame in inputs[0].sources for s in frame))
+    return [Path(p) for p in inputs]
+
+
+@reports_progress
+def predict(cfg: PredictConfig) -> list[RasterResult]:
+    """Predict every job of ``cfg``; one result per output (its plan, with ``dry_run``)."""
     from geoexplora.inference.model import predictor_from_model
-    from geoexplora.inference.products import PROB_DTYPES, class_products
+    from geoexplora.inference.products import class_products
 
-    if cfg.prob_dtype not in PROB_DTYPES:
-        raise UserError(f"--prob-dtype must be one of {', '.join(PROB_DTYPES)}")
     if cfg.vectorize and output_is_folder(cfg.output):
         raise UserError("--vectorize writes one file: use it with one output raster")
     jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
     results = []
     for inputs, output in jobs:
-        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, str(cfg.model))
+        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, model_name(cfg.model))
         predictor = predictor_from_model(model, read.days)
         plan = make_plan(scene, predictor, cfg.window, cfg.overlap, cfg.dense)
         votes = cfg.uncertainty and plan.mode == "dense" and plan.overlap > 0
@@ -276,15 +337,17 @@ def predict(cfg: PredictConfig) -> list[dict]:
             tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task})
         check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [])
         if cfg.dry_run:
-            results.append(dry_run_doc(inputs, output, scene, plan, predictor, products,
-                                        mapping, cfg, devices, votes))
+            results.append(RasterResult.from_report(dry_run_doc(
+                inputs, output, scene, plan, predictor, products, mapping, cfg, devices, votes),
+                dry_run=True))
             continue
         settings = {"task": predictor.task, "blend": cfg.blend, "probabilities": cfg.probabilities,
                     "prob_dtype": cfg.prob_dtype, "uncertainty": cfg.uncertainty,
                     "dense": cfg.dense}
-        provenance = {"command": "predict", "model": {"path": str(cfg.model),
+        provenance = {"command": "predict", "model": {"path": model_name(cfg.model),
                                                      "sha256": model_sha},
-                      "inputs": [str(p) for p in inputs], "scene": scene.describe(),
+                      "inputs": [str(p) for p in input_files(inputs)],
+                      "scene": scene.describe(),
                       "band_mapping": mapping, "task": predictor.task,
                       "classes": predictor.classes, "devices": [str(d) for d in devices],
                       "versions": versions()}
@@ -296,6 +359,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
 
             result["vectorized"] = vectorize(output, cfg.vectorize, predictor.classes,
                                              cfg.overwrite)
-        results.append(finish_result({"input": [str(p) for p in inputs], "output": str(output),
-                                **result}, output))
+        results.append(RasterResult.from_report(finish_result(
+            {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
+            output),
+            dry_run=False))
     return results

@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from geoexplora.config_checks import path_list
 from geoexplora.defaults import PROBE
+from geoexplora.log import Progress, reports_progress
+from geoexplora.results import ProbeResult
 from geoexplora.train import metrics as M
 
 # The ways a chip becomes a feature vector; see :func:`compose_features`.
@@ -243,6 +246,10 @@ class ProbeConfig:
     device: str | None = None
     num_workers: int = 0
     seed: int = 0
+    progress: Progress = True  # False, or a callback (see geoexplora.log)
+
+    def __post_init__(self):
+        self.models = path_list("models", self.models)
 
 
 def _check_config(cfg: ProbeConfig) -> None:
@@ -337,8 +344,10 @@ def _knn_logits(votes: torch.Tensor, multilabel: bool) -> torch.Tensor:
     return torch.logit(votes, eps=1e-6) if multilabel else votes
 
 
-def run_probe(cfg: ProbeConfig) -> dict:
-    """Probe every model of ``cfg.models`` on ``cfg.chips``; the result document (``--json``).
+@reports_progress
+def probe(cfg: ProbeConfig) -> ProbeResult:
+    """Probe every model of ``cfg.models`` on ``cfg.chips``; ``report`` is the result document
+    (``--json``).
 
     Raises UserError on bad input before any work is written.
     """
@@ -425,7 +434,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
                      "(optimistic)")
     for note in notes:
         logger.warning(note)
-    return {
+    return ProbeResult.from_report({
         "chips": str(cfg.chips),
         "task": "multilabel" if multilabel else "classification",
         "classes": [c["name"] for c in classes],
@@ -442,7 +451,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
             "seed": cfg.seed,
         },
         "models": results,
-    }
+    })
 
 
 def _model_label(path: Path, models: list[Path]) -> str:
@@ -531,53 +540,15 @@ def _save_head(cfg: ProbeConfig, model_path: Path, fit: LinearProbeFit, i: int, 
     head.fc.load_state_dict(trained.state_dict())
     task = "multilabel" if multilabel else "classification"
     model = TaskModel(backbone, head, task, meta["classes"])
-    probe = {"features": spec.features, "base_lr": spec.base_lr, "lr": spec.lr(fit.batch_size),
+    chosen = {"features": spec.features, "base_lr": spec.base_lr, "lr": spec.lr(fit.batch_size),
              "batch_size": fit.batch_size, "steps": fit.steps,
              f"val_{fit.val_metric}": fit.val_scores[i]}
     save_model(cfg.save_head, model, {
-        "probe": probe, "metrics": metrics,
+        "probe": chosen, "metrics": metrics,
         "provenance": {"data": {"chips": str(Path(cfg.chips).resolve()),
                                 "dataset_sha256": dataset_digest(Path(cfg.chips)),
                                 "tile": meta.get("provenance")},
                        "backbone_file": {"path": str(model_path.resolve()),
                                          "sha256": model_digest(model_path)}}},
         overwrite=cfg.overwrite)
-    return {"path": str(cfg.save_head), **probe}
-
-
-def render_probe(doc: dict, console=None) -> None:
-    """The models side by side (metrics, chosen head, per-class F1), then each model's confusion
-    matrix; on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    models = doc["models"]
-    multilabel = doc["task"] == "multilabel"
-    table = Table(title=f"linear probe and k-NN on {doc['chips']} ({doc['evaluated_on']} split)",
-                  title_justify="left")
-    table.add_column("metric")
-    for m in models:
-        table.add_column(m["name"], justify="right")
-    rows = [("top-1", "top1"), ("balanced accuracy", "balanced_accuracy"),
-            ("macro-F1", "macro_f1"), ("k-NN top-1", "knn_top1")]
-    if multilabel:
-        rows += [("mAP", "map"), ("micro-F1", "micro_f1"), ("k-NN mAP", "knn_map")]
-    for label, key in rows:
-        table.add_row(label, *(f"{m[key]:.3f}" for m in models))
-    table.add_row("head", *(f"{m['chosen_head']['features']} lr {m['chosen_head']['lr']:.2g}"
-                            for m in models), end_section=True)
-    for name in doc["classes"]:
-        table.add_row(f"F1 {name}", *(f"{m['per_class_f1'][name]:.3f}" for m in models))
-    console.print(table)
-    for m in models if not multilabel else []:
-        cm = Table(title=f"{m['name']}: confusion matrix (rows true, columns predicted)",
-                   title_justify="left")
-        cm.add_column("")
-        for name in doc["classes"]:
-            cm.add_column(name, justify="right")
-        for name, row in zip(doc["classes"], m["confusion_matrix"]):
-            cm.add_row(name, *(str(v) for v in row))
-        console.print(cm)
-    for note in doc["notes"]:
-        console.print(f"note: {note}")
+    return {"path": str(cfg.save_head), **chosen}

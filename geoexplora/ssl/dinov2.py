@@ -1,6 +1,6 @@
 """The DINOv2 objective: DINO (class token) + iBOT (masked patches) + KoLeo, EMA teacher.
 
-Follows DINOv2's ``SSLMetaArch`` and the ExPLoRA recipe (``docs/explora-recipe.md`` section 2;
+Follows DINOv2's ``SSLMetaArch`` and the ExPLoRA recipe (``docs/recipe.md`` section 2;
 values in :data:`geoexplora.defaults.DINOV2`):
 
 * student = the ExPLoRA-parameterised backbone + a :class:`~geoexplora.ssl.heads.DinoHead`

@@ -14,7 +14,6 @@ strings, loaded with ``torch.load(weights_only=True)``, written atomically.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +26,6 @@ from geoexplora.log import logger, make_progress
 from geoexplora.models.heads import CLS_BLOCKS
 
 EXTRACTION_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$GEOEXPLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/geoexplora/features`` (~/.cache)."""
-    if os.environ.get("GEOEXPLORA_CACHE_DIR"):
-        return Path(os.environ["GEOEXPLORA_CACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
-    return base / "geoexplora" / "features"
 
 
 def _sha256(path: Path) -> str:
