@@ -241,9 +241,10 @@ def adapt_arm(arm: str, source: Path, out: Path, budget: Budget, seed: int) -> d
 def probe(models: dict[str, Path], chips_root: Path, budget: Budget,
           seed: int) -> tuple[dict[str, dict], dict]:
     """Every arm probed together (one grid per model, same chips and seed): (per arm, doc)."""
-    from geoexplora.pipelines.probe import ProbeConfig, probe
+    from geoexplora.pipelines.probe import ProbeConfig
+    from geoexplora.pipelines.probe import probe as run_probe
 
-    doc = probe(ProbeConfig(models=list(models.values()), chips=chips_root,
+    doc = run_probe(ProbeConfig(models=list(models.values()), chips=chips_root,
                                 steps=budget.probe_steps, seed=seed, device="cpu")).report
     by_path = {m["model"]: m for m in doc["models"]}
     return {arm: by_path[str(path)] for arm, path in models.items()}, doc

@@ -233,7 +233,7 @@ def adapt_end_to_end(profile: Profile, model: str, scene: Path, work: Path,
     output = work / f"{model}-explora.pt"
     start = time.perf_counter()
     summary = adapt(adapt_config(profile, model, "explora", scene, output,
-                                 profile.end_to_end_steps, None))
+                                 profile.end_to_end_steps, None)).report
     wall = time.perf_counter() - start
     records = read_log(RunFiles(output).log)
     steady = statistics.median(r["images_per_s"] for r in records[len(records) // 2:])

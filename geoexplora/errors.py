@@ -43,17 +43,24 @@ class UserError(Exception):
     def __init__(self, message: str = "", option: str | None = None):
         super().__init__(message)
         self.template = message
-        self.option = option
+        self._prefixed = option is not None  # "option: message"
+        first = _MARK.search(message)
+        # The option at fault: as given, else the first one the message names.
+        self.option = option if option is not None else (first.group(1) if first else None)
 
     def __reduce__(self):  # keeps ``option`` across processes (tile's workers)
-        return type(self), (self.template, self.option)
+        return _rebuild, (type(self), self.template, self.option if self._prefixed else None)
 
     def render(self, name: Callable[[str], str] = str) -> str:
         """The message with option names spelled by ``name`` (the CLI passes :func:`cli_flag`)."""
-        return _render(self.template, self.option, name)
+        return _render(self.template, self.option if self._prefixed else None, name)
 
     def __str__(self) -> str:
         return self.render()
+
+
+def _rebuild(kind: type, template: str, option: str | None) -> UserError:
+    return kind(template, option=option)
 
 
 class RuntimeFailure(Exception):

@@ -61,3 +61,13 @@ def interrupt_fifth_chip(monkeypatch):
         real_write(*args, **kwargs)
 
     monkeypatch.setattr(chips, "write_chip", failing_write)
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from test_models_helpers import TINY, timm_model
+from factories import TINY, timm_model
 
 from geoexplora import sample
 from geoexplora.errors import UserError
@@ -55,7 +55,7 @@ def run(tmp_path_factory, tiny_weights):
 @pytest.fixture(scope="module")
 def chips(tmp_path_factory) -> Path:
     """A real unlabeled chips dataset (Sentinel-2 L2A, 12 bands), 56 px chips."""
-    from chips_factory import make_chips_dataset
+    from factories import make_chips_dataset
 
     return make_chips_dataset(tmp_path_factory.mktemp("chips"), "unlabeled", size=56)
 
@@ -195,7 +195,7 @@ def test_resume_with_other_options_is_refused(run, tiny_weights, tmp_path):
 
 
 def test_mae_source_keeps_and_lora_tunes_its_decoder(tmp_path):
-    from test_models_helpers import TINY_MAE
+    from factories import TINY_MAE
 
     from geoexplora.ssl.mae import MaeDecoder
 

@@ -1,5 +1,5 @@
 """The chips dataset format and its reader (geoexplora/io/chips.py), on datasets built by tile()
-from the bundled real sample (tests/chips_factory.py)."""
+from the bundled real sample (tests/factories.py)."""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from chips_factory import KINDS, make_chips_dataset
+from factories import KINDS, make_chips_dataset
 from rasterio.windows import Window
 
 from geoexplora import sample

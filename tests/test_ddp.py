@@ -33,7 +33,7 @@ def ddp_config(out: Path, weights: Path, batch_size: int, devices: int) -> Adapt
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    from test_models_helpers import timm_model
+    from factories import timm_model
 
     from geoexplora.models.file import load_model
 

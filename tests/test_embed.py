@@ -9,7 +9,7 @@ import pytest
 import rasterio
 from affine import Affine
 from conftest import run_cli
-from test_predict import make_model
+from factories import make_model
 
 from geoexplora.sample import s2_tile_crop
 

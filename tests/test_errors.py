@@ -41,3 +41,10 @@ def test_the_cli_prints_the_flag(capsys):
     assert main(["predict", "nothing.pt", "nothing.tif", "-o", "x.tif", "--shard", "3"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "geoexplora: error: --shard: '3' is not I/N (e.g. 1/4)"
+
+
+def test_an_error_that_names_options_in_its_text_carries_the_first_as_data():
+    err = UserError(f"{opt('label_field')} crop: not a field of fields.gpkg")
+    assert err.option == "label_field" and str(err) == "label_field crop: not a field of fields.gpkg"
+    assert pickle.loads(pickle.dumps(err)).render(cli_flag) == \
+        "--label-field crop: not a field of fields.gpkg"

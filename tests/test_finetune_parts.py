@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from test_probe_support import one_thread  # noqa: F401 (fixture)
 
 from geoexplora.bands import get_band
 from geoexplora.io.chips import IGNORE_INDEX

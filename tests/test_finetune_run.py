@@ -6,10 +6,9 @@ import json
 
 import pytest
 from conftest import run_cli
-from test_probe_support import (
+from factories import (
     bigearthnet_chips,
     nc_landsat7_chips,
-    one_thread,  # noqa: F401 (fixture)
     tile_once,
     tiny_model_file,
 )
@@ -115,7 +114,7 @@ def test_early_stopping_ends_the_run_when_val_stops_improving(nc, tmp_path):
 
 
 def test_temporal_segmentation_on_the_slovenia_series(sample_data, tmp_path):
-    from chips_factory import make_chips_dataset
+    from factories import make_chips_dataset
 
     chips = make_chips_dataset(tmp_path, "temporal_segmentation")
     model = tiny_model_file(tmp_path / "tiny.pt", chips, arch="geo_vit_tiny_patch16")
@@ -164,7 +163,7 @@ def test_multilabel_on_bigearthnet(shared_data, tmp_path):
 
 
 def test_bad_inputs_exit_2_and_write_nothing(nc, tmp_path, sample_data):
-    from chips_factory import make_chips_dataset
+    from factories import make_chips_dataset
 
     chips, model = nc
     unlabelled = make_chips_dataset(tmp_path, "unlabeled")

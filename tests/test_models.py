@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from test_models_helpers import (
+from factories import (
     TINY,
     TINY_MAE,
     TINY_REG,
@@ -17,6 +16,7 @@ from test_models_helpers import (
     to_meta_dinov2,
     zscore,
 )
+from safetensors.torch import save_file
 
 from geoexplora.bands import get_band
 from geoexplora.errors import UserError
@@ -170,7 +170,7 @@ def test_torchgeo_enum_bands_and_normalisation(tmp_path, monkeypatch):
     overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2}
     src = timm.create_model("vit_small_patch16_224", num_classes=0, in_chans=13,
                             dynamic_img_size=True, **overrides)
-    from test_models_helpers import randomise
+    from factories import randomise
 
     randomise(src).eval()
     path = tmp_path / "vit_small_patch16_224_sentinel2_all_dino.pth"

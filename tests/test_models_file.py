@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_models_helpers import TINY, s2
+from factories import TINY, s2
 
 from geoexplora.bands import get_band
 from geoexplora.commands.info import render_model_card

@@ -13,41 +13,14 @@ import pytest
 import rasterio
 from affine import Affine
 from conftest import ROOT, run_cli
+from factories import make_model
 
 from geoexplora.sample import s2_tile_crop, slovenia_scenes
 
-CLASSES = [{"id": 0, "name": "water", "color": "#0000ff"},
-           {"id": 1, "name": "crop", "color": "#ffff00"},
-           {"id": 2, "name": "tree", "color": None}]
 L8 = "/landsat8-224078-2020-05-18/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 S2_TILE = "/s2-l2a-29RKH-2020-02-19/S2A_29RKH_20200219_L2A_12band_200m.tif"
 
 
-def make_model(path: Path, task: str = "segmentation", bands=("sentinel2:B2", "sentinel2:B3",
-               "sentinel2:B4", "sentinel2:B8"), frames: int = 1, img_size: int = 56,
-               seed: int = 0) -> Path:
-    """A tiny random model file (depth 2, dim 32, patch 14) with a task head, or a backbone
-    (task None)."""
-    import torch
-
-    from geoexplora.bands import band_from_key
-    from geoexplora.models.file import save_model
-    from geoexplora.models.geovit import build_backbone
-    from geoexplora.models.heads import TaskModel, build_head
-
-    torch.manual_seed(seed)
-    vit = build_backbone("geo_vit_tiny_patch14", init_weights="random",
-                         bands=[band_from_key(b) for b in bands], img_size=img_size,
-                         num_frames=frames,
-                         arch_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2})
-    if task is None:
-        return save_model(path, vit)
-    head = build_head(task, vit.embed_dim, len(CLASSES),
-                      **({"hidden": 16} if task == "segmentation" else {}))
-    with torch.no_grad():  # a random head predicts one class everywhere; make it vary
-        for p in head.parameters():
-            p.normal_(0, 0.5)
-    return save_model(path, TaskModel(vit, head, task, CLASSES))
 
 
 @pytest.fixture(scope="module")

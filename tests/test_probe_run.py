@@ -8,11 +8,10 @@ import geopandas as gpd
 import pytest
 import torch
 from conftest import run_cli
-from test_probe_support import (
+from factories import (
     bigearthnet_chips,
     landsat8_polygon_chips,
     nc_landsat7_chips,
-    one_thread,  # noqa: F401 (fixture)
     tiny_model_file,
 )
 
@@ -140,7 +139,7 @@ def test_multilabel_chips_get_per_class_sigmoids_and_map(shared_data, tmp_path):
 
 
 def test_without_a_test_split_it_reports_on_val_and_says_so(sample_data, tmp_path):
-    from chips_factory import make_chips_dataset
+    from factories import make_chips_dataset
 
     chips = make_chips_dataset(tmp_path, "classification")  # 32 px chips: patch 16
     model = tiny_model_file(tmp_path / "tiny.pt", chips, arch="geo_vit_tiny_patch16")

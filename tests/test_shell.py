@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from chips_factory import make_chips_dataset
 from conftest import run_cli
+from factories import make_chips_dataset
 
 from geoexplora.sample import sample_dir
 
