@@ -396,14 +396,18 @@ def adapt(cfg: AdaptConfig) -> dict | None:
     """Run (or plan, with ``dry_run``) an ExPLoRA adaptation; see the module docs."""
     import torch
 
-    from geoexplora.io.outputs import check_output
+    from geoexplora.io.outputs import check_not_input, check_output
     from geoexplora.train import engine as E
 
     _validate(cfg)
     output = Path(cfg.output)
+    files = E.RunFiles(output)
+    check_not_input([output, files.checkpoint, files.log, files.plot],
+                    [*cfg.inputs, *(p for p in (cfg.init, cfg.init_weights)
+                                    if p is not None and Path(p).exists())])
     if not cfg.dry_run:
         check_output(output, cfg.overwrite)
-        E.RunFiles(output).check(cfg.overwrite, cfg.resume)
+        files.check(cfg.overwrite, cfg.resume)
     fabric = None
     if not cfg.dry_run:  # first: extra processes start now, and import in parallel with us
         fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,

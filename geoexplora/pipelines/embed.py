@@ -137,7 +137,7 @@ def embed(cfg: EmbedConfig) -> list[dict]:
                  else [f"dim{i}" for i in range(channels)])
         product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags,
                                     names)
-        check_outputs([product], cfg, [])
+        check_outputs([product], cfg, [], inputs)
         if cfg.dry_run:
             doc = dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
                                devices, False)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geoexplora.errors import UserError
-from geoexplora.io.outputs import check_output
+from geoexplora.io.outputs import check_not_input, check_output
 from geoexplora.log import logger
 
 # Defaults of predict/embed (kept here: this module owns them).
@@ -206,10 +206,12 @@ def _run_options(cfg, shard):
                       creation_options=dict(cfg.creation_options))
 
 
-def check_outputs(products, cfg, extra: list[Path]) -> None:
+def check_outputs(products, cfg, extra: list[Path], inputs: list[Path]) -> None:
+    """Every file the job writes is new (or ``--overwrite``) and none is one it reads."""
     from geoexplora.inference.runner import sidecar_path
 
     paths = [p.path for p in products] + [sidecar_path(products[0].path)] + extra
+    check_not_input(paths, [*inputs, cfg.model])
     for path in paths:
         check_output(path, cfg.overwrite)
 
@@ -274,7 +276,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
             probabilities=cfg.probabilities, prob_dtype=cfg.prob_dtype,
             uncertainty=cfg.uncertainty, disagreement=votes,
             tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task})
-        check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [])
+        check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [], inputs)
         if cfg.dry_run:
             results.append(dry_run_doc(inputs, output, scene, plan, predictor, products,
                                         mapping, cfg, devices, votes))

@@ -838,9 +838,10 @@ def tile(cfg: TileConfig) -> TileResult:
 
 
 def _tile(cfg: TileConfig) -> TileResult:
-    from geoexplora.io.outputs import atomic_output, check_output
+    from geoexplora.io.outputs import atomic_output, check_not_input, check_output
 
     start = time.perf_counter()
+    check_not_input([cfg.out], [*cfg.scenes, cfg.labels, cfg.label_raster, cfg.aoi])
     if cfg.append and cfg.overwrite:
         raise UserError("--append and --overwrite exclude each other: add to the dataset, or "
                         "replace it")

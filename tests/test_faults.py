@@ -1,0 +1,122 @@
+"""Faults and edge inputs (issue 20): every case exits with one error line naming what is wrong
+(2 for bad input, 1 for a runtime failure), writes nothing, and leaves its inputs byte-identical."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_models_helpers import TINY
+
+from geoexplora import sample
+
+
+def digest(*paths: Path) -> dict:
+    """sha256 of every file under ``paths`` (files or folders)."""
+    out = {}
+    for root in paths:
+        files = [root] if Path(root).is_file() else sorted(Path(root).rglob("*"))
+        for f in files:
+            if f.is_file():
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def error_line(err: str) -> str:
+    """The one line a failing command writes on stderr."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from test_predict import make_model
+
+    return make_model(tmp_path_factory.mktemp("model") / "seg.pt")
+
+
+@pytest.fixture
+def scene(tmp_path) -> Path:
+    """A private copy of a real 12-band Sentinel-2 crop, so a test can see it stay unchanged."""
+    path = tmp_path / "in.tif"
+    shutil.copyfile(sample.s2_tile_crop(), path)
+    return path
+
+
+# --- case 2: an output that is an input -----------------------------------------------------
+
+def test_predict_over_its_input_is_refused_with_overwrite(model, scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(scene), "--overwrite")
+    assert code == 2
+    line = error_line(err)
+    assert f"-o {scene} is the input {scene}" in line
+    assert digest(tmp_path) == before
+
+
+def test_predict_through_a_link_or_hard_link_to_its_input_is_refused(model, scene, tmp_path):
+    link, hard = tmp_path / "link.tif", tmp_path / "hard.tif"
+    link.symlink_to(scene)
+    os.link(scene, hard)
+    before = digest(scene)
+    for out in (link, hard):
+        code, _, err = run_cli("predict", str(model), str(scene), "-o", str(out), "--overwrite")
+        assert code == 2 and f"-o {out} is the input {scene}" in error_line(err)
+    assert digest(scene) == before and link.is_symlink()
+
+
+def test_predict_over_the_model_file_is_refused(model, scene):
+    before = digest(model)
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(model), "--overwrite")
+    assert code == 2 and f"is the input {model}" in error_line(err)
+    assert digest(model) == before
+
+
+def test_embed_over_its_input_is_refused(model, scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("embed", str(model), str(scene), "-o", str(scene), "--overwrite")
+    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_over_its_input_is_refused(scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(scene), "--overwrite", "--init", TINY,
+                           "--init-weights", "random", "--bands", "B2,B3,B4,B8")
+    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_whose_checkpoint_would_be_an_input_is_refused(tmp_path):
+    """``-o m.pt`` writes ``m.ckpt`` beside it: an input of that name is refused too."""
+    inp = tmp_path / "m.ckpt"
+    shutil.copyfile(sample.s2_tile_crop(), inp)
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(inp), "-o", str(tmp_path / "m.pt"), "--overwrite",
+                           "--init", TINY, "--init-weights", "random", "--bands", "B2,B3,B4,B8")
+    assert code == 2 and f"-o {inp} is the input {inp}" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+def test_tile_over_its_input_is_refused_and_leaves_no_partial_folder(scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(scene), "--overwrite", "--size", "32")
+    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+def test_tile_into_a_folder_holding_its_input_is_refused(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    scene = folder / "in.tif"
+    shutil.copyfile(sample.s2_tile_crop(), scene)
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(folder), "--overwrite", "--size", "32")
+    assert code == 2 and f"-o {folder} holds the input {scene}" in error_line(err)
+    assert digest(tmp_path) == before
