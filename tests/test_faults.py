@@ -120,3 +120,37 @@ def test_tile_into_a_folder_holding_its_input_is_refused(tmp_path):
     code, _, err = run_cli("tile", str(scene), "-o", str(folder), "--overwrite", "--size", "32")
     assert code == 2 and f"-o {folder} holds the input {scene}" in error_line(err)
     assert digest(tmp_path) == before
+
+
+# --- case 3: a band named twice -------------------------------------------------------------
+
+@pytest.mark.parametrize("bands, named", [
+    ("B2,B2,B4,B8", "--bands 'B2,B2,B4,B8' names B2 twice; give each band once"),
+    ("B2,B02,B4", "--bands 'B2,B02,B4' names B2 twice (as B02); give each band once"),
+    ("B2,blue,B4", "--bands names sentinel2:B2 twice (B2 and blue); give each band once"),
+])
+def test_tile_refuses_a_band_named_twice(scene, tmp_path, bands, named):
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32",
+                           "--bands", bands)
+    assert code == 2 and error_line(err).endswith(named)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_refuses_a_band_named_twice(scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init", TINY,
+                           "--init-weights", "random", "--bands", "B2,blue,B4")
+    assert code == 2 and "names sentinel2:B2 twice (B2 and blue)" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_on_chips_refuses_a_band_named_twice(tmp_path):
+    from chips_factory import make_chips_dataset
+
+    chips = make_chips_dataset(tmp_path / "chips", "unlabeled", size=56)
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(chips), "-o", str(tmp_path / "m.pt"), "--init", TINY,
+                           "--init-weights", "random", "--bands", "B4,red")
+    assert code == 2 and "names sentinel2:B4 twice (B4 and red)" in error_line(err)
+    assert digest(tmp_path) == before

@@ -616,6 +616,7 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
             nodata = opts.nodata if opts.nodata is not None else rf.nodata
             frame.append(SourceBand(rf.path, idx, band, date, scale, add, nodata))
         sources.append(frame)
+    B.check_distinct(wanted_tokens, [s.band for s in sources[0]])
 
     involved = {s.path for frame in sources for s in frame}
     first_files = [rf for rf in groups[dates[0]] if rf.path in involved]

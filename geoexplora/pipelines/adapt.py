@@ -100,6 +100,7 @@ def _chip_band_indices(chips, wanted: list[str] | None) -> list[int]:
             raise UserError(f"--bands {token}: not in the chips dataset {chips.root} "
                             f"(has: {have})")
         out.append(match[0])
+    B.check_distinct(wanted, [chips.bands[i] for i in out])
     return out
 
 
