@@ -154,3 +154,53 @@ def test_adapt_on_chips_refuses_a_band_named_twice(tmp_path):
                            "--init-weights", "random", "--bands", "B4,red")
     assert code == 2 and "names sentinel2:B4 twice (B4 and red)" in error_line(err)
     assert digest(tmp_path) == before
+
+
+# --- case 5: zeros and negatives are refused, never replaced by a default -------------------
+
+@pytest.mark.parametrize("option, value, line", [
+    ("--steps", "0", "--steps must be at least 1, not 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, not 0"),
+    ("--knn-k", "0", "--knn-k must be at least 1, not 0"),
+])
+def test_probe_refuses_zero(model, tmp_path, option, value, line):
+    chips = tmp_path / "chips"
+    chips.mkdir()
+    code, _, err = run_cli("probe", str(model), str(chips), option, value)
+    assert code == 2 and error_line(err).endswith(line)
+    assert list(chips.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["predict", "embed"])
+@pytest.mark.parametrize("window", ["0", "-1", "7"])
+def test_predict_and_embed_refuse_a_window_below_the_patch_size(model, scene, tmp_path, verb,
+                                                               window):
+    before = digest(tmp_path)
+    code, _, err = run_cli(verb, str(model), str(scene), "-o", str(tmp_path / "o.tif"),
+                           "--window", window)
+    assert code == 2
+    assert error_line(err).endswith(f"--window must be at least 14, not {window}")
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--frames", "0"], "--frames must be at least 1, not 0"),
+    (["--lr", "-1"], "--lr must be positive, not -1.0"),
+    (["--lr", "0"], "--lr must be positive, not 0.0"),
+])
+def test_adapt_refuses_zero_and_negative_values(scene, tmp_path, args, line):
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init", TINY,
+                           "--init-weights", "random", "--bands", "B2,B3,B4,B8", *args)
+    assert code == 2 and error_line(err).endswith(line)
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("resolution", ["0", "-10"])
+def test_tile_refuses_a_resolution_that_is_not_positive(scene, tmp_path, resolution):
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32",
+                           "--resolution", resolution)
+    assert code == 2
+    assert error_line(err).endswith(f"--resolution must be positive, not {float(resolution)}")
+    assert digest(tmp_path) == before

@@ -635,6 +635,9 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
 def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodata=None,
                   dates=None, s2_offset="auto", crs=None) -> SceneOptions:
     """SceneOptions from the CLI's string options."""
+    from geoexplora.validate import require_positive
+
+    require_positive("--resolution", resolution)
     bm = None
     if band_map:
         bm = {}

@@ -25,6 +25,7 @@ from geoexplora import bands as B
 from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA, MAE, dino_head_size
 from geoexplora.errors import UserError
 from geoexplora.log import logger
+from geoexplora.validate import given_or, require_at_least, require_positive
 
 OBJECTIVES = ("dinov2", "mae")
 
@@ -172,7 +173,7 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
             split = None  # a dataset without that split: all its chips
         chips = ChipsDataset(inputs[0], split=split)
         indices = _chip_band_indices(chips, cfg.bands)
-        frames = cfg.frames or chips.num_frames
+        frames = given_or(cfg.frames, chips.num_frames)
         if frames != chips.num_frames:
             raise UserError(f"--frames {frames}: the chips dataset {inputs[0]} has "
                             f"{chips.num_frames} date(s) per chip")
@@ -195,7 +196,7 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
             names = ", ".join(p.name for p in scene.paths)
             raise UserError(f"{names}: bands {[b.key for b in scene.bands]} differ from the "
                             f"first scene's {keys}; pass --bands")
-    frames = cfg.frames or 1
+    frames = given_or(cfg.frames, 1)
     if frames > 1:
         undated = [p.name for s in scenes if None in s.dates for p in s.paths]
         if undated:
@@ -387,6 +388,8 @@ def _validate(cfg: AdaptConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
                             f"{getattr(cfg, name)}")
     E.check_duration(cfg.steps, cfg.epochs)
+    require_at_least("--frames", cfg.frames)
+    require_positive("--lr", cfg.lr)
     if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank must be 0 or more, not {cfg.lora_rank}")
     if cfg.local_crops < 0:

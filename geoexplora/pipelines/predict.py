@@ -112,8 +112,10 @@ def _default_overlap(window: int, multiple: int, dense_classification: bool, gri
 
 def make_plan(scene, predictor, window: int | None, overlap: int | None, dense: bool):
     from geoexplora.inference.windows import WindowPlan
+    from geoexplora.validate import given_or, require_at_least
 
-    window = window or predictor.window
+    window = given_or(window, predictor.window)
+    require_at_least("--window", window, predictor.patch_size)
     if window % predictor.patch_size:
         raise UserError(f"--window {window} must be a multiple of the model's patch size "
                         f"({predictor.patch_size})")
