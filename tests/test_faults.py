@@ -204,3 +204,72 @@ def test_tile_refuses_a_resolution_that_is_not_positive(scene, tmp_path, resolut
     assert code == 2
     assert error_line(err).endswith(f"--resolution must be positive, not {float(resolution)}")
     assert digest(tmp_path) == before
+
+
+# --- case 6: a file that would run code when unpickled --------------------------------------
+
+class _Payload:
+    """Unpickling this calls ``os.getpid`` (harmless, but code all the same)."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+class _Args:
+    """A plain object, as training scripts store their arguments."""
+
+
+@pytest.fixture(params=["blocked_module", "class"])
+def hostile(request, tmp_path) -> Path:
+    """A real torch.save archive holding tensors and a Python object: one calling a blocked
+    module's function (torch: "unsupported GLOBAL posix.getpid whose module posix is blocked"),
+    one of a class torch does not know ("Unsupported global: GLOBAL ...")."""
+    import torch
+
+    obj = _Payload() if request.param == "blocked_module" else _Args()
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": obj}, path)
+    return path
+
+
+def _assert_refused_safely(code: int, err: str, path: Path) -> None:
+    line = error_line(err)
+    assert code == 2
+    assert line.endswith(f"{path}: not a geoexplora model file: it holds Python objects besides "
+                         "tensors, which are never loaded: unpickling them can run any code; use "
+                         "a file of tensors only (a state dict, or .safetensors) from a source "
+                         "you trust") or line.endswith(
+        f"{path}: holds Python objects besides tensors, which are never loaded: unpickling them "
+        "can run any code; use a file of tensors only (a state dict, or .safetensors) from a "
+        "source you trust")
+    assert "weights_only" not in line and "False" not in line
+
+
+def test_the_torch_message_for_a_hostile_file_is_recognised(hostile):
+    import pickle
+
+    import torch
+
+    from geoexplora.models.checkpoints import is_weights_only_refusal
+
+    with pytest.raises(pickle.UnpicklingError) as info:
+        torch.load(hostile, weights_only=True)
+    assert is_weights_only_refusal(info.value)
+
+
+def test_info_and_predict_refuse_a_hostile_model_file_without_unsafe_advice(hostile, scene,
+                                                                            tmp_path):
+    before = digest(tmp_path)
+    _assert_refused_safely(*run_cli("info", str(hostile))[::2], hostile)
+    code, _, err = run_cli("predict", str(hostile), str(scene), "-o", str(tmp_path / "o.tif"))
+    _assert_refused_safely(code, err, hostile)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_refuses_hostile_init_weights_without_unsafe_advice(hostile, scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init", TINY,
+                           "--init-weights", str(hostile), "--bands", "B2,B3,B4,B8",
+                           "--steps", "1")
+    _assert_refused_safely(code, err, hostile)
+    assert digest(tmp_path) == before

@@ -27,7 +27,12 @@ from torch import nn
 from geoexplora.bands import Band, band_from_key
 from geoexplora.errors import UserError
 from geoexplora.io.outputs import atomic_output, check_output
-from geoexplora.models.checkpoints import is_weights_only_refusal, sha256_file
+from geoexplora.models.checkpoints import (
+    HOLDS_OBJECTS,
+    is_weights_only_refusal,
+    sha256_file,
+    unpickling_reason,
+)
 from geoexplora.models.geovit import GeoViT, geovit_from_config
 from geoexplora.models.heads import TaskModel, build_head
 from geoexplora.models.temporal import days_since_epoch
@@ -98,10 +103,9 @@ def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if is_weights_only_refusal(exc):
-            raise UserError(f"{path}: not a geoexplora model file (it holds Python objects, not "
-                            "just tensors)") from exc
+            raise UserError(f"{path}: not a geoexplora model file: it {HOLDS_OBJECTS}") from exc
         raise UserError(f"{path}: not a readable model file (corrupt or not written by "
-                        f"torch.save: {exc})") from exc
+                        f"torch.save: {unpickling_reason(exc)})") from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError,
             zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable model file (corrupt, truncated or not written "
