@@ -273,3 +273,46 @@ def test_adapt_refuses_hostile_init_weights_without_unsafe_advice(hostile, scene
                            "--steps", "1")
     _assert_refused_safely(code, err, hostile)
     assert digest(tmp_path) == before
+
+
+# --- case 7 (and 4: metadata without bands): every version field, every field readers need --
+
+def _rewrite_meta(model: Path, dest: Path, change) -> Path:
+    """A copy of ``model`` whose metadata ``change(meta)`` edited (the archive left as is)."""
+    import json
+
+    import torch
+
+    payload = torch.load(model, weights_only=True)
+    meta = json.loads(payload["meta_json"])
+    change(meta)
+    payload["meta_json"] = json.dumps(meta)
+    torch.save(payload, dest)
+    return dest
+
+
+def test_a_newer_metadata_format_is_refused_by_info_predict_and_adapt_init(model, scene,
+                                                                           tmp_path):
+    newer = _rewrite_meta(model, tmp_path / "newer.pt",
+                          lambda m: m.update(format_version=2))
+    before = digest(tmp_path)
+    line = f"{newer}: model metadata format 2 is newer than this geoexplora reads (up to 1); " \
+           "upgrade geoexplora"
+    code, _, err = run_cli("info", str(newer))
+    assert code == 2 and error_line(err).endswith(line)
+    code, _, err = run_cli("predict", str(newer), str(scene), "-o", str(tmp_path / "o.tif"))
+    assert code == 2 and error_line(err).endswith(line)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init",
+                           str(newer), "--steps", "1")
+    assert code == 2 and error_line(err).endswith(line)
+    assert digest(tmp_path) == before  # adapt --init did not re-save it as version 1
+
+
+def test_info_on_a_model_whose_metadata_lacks_bands_says_so(model, tmp_path):
+    broken = _rewrite_meta(model, tmp_path / "nobands.pt", lambda m: m["backbone"].pop("bands"))
+    before = digest(tmp_path)
+    code, _, err = run_cli("info", str(broken))
+    assert code == 2
+    assert error_line(err).endswith(
+        f"{broken}: corrupt model file (metadata lacks the backbone's bands)")
+    assert digest(tmp_path) == before
