@@ -56,8 +56,17 @@ for _name in COMMANDS:
         importlib.import_module(f"geoexplora.commands.{_name}").register(app)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: it unwinds like Ctrl-C (temporary outputs removed,
+    what is resumable kept) and exits 130 with one line."""
+
+
+_SIGNALLED: list[str] = []  # the signal that ended this run, for its one line
+
+
 def _terminate(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
+    _SIGNALLED.append(signal.Signals(signum).name)
+    raise Terminated(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from geoexplora.errors import RuntimeFailure, UserError
     from geoexplora.log import verbosity
 
+    _SIGNALLED.clear()
     try:
         result = app(args=argv, prog_name="geoexplora", standalone_mode=False)
     except SystemExit as exc:
@@ -95,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         sys.stderr.write(f"geoexplora: error: {message}\n")
         return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("geoexplora: interrupted\n")
-        return 130
+    if result == 130:  # typer turns KeyboardInterrupt (Ctrl-C, or SIGTERM above) into 130
+        how = f" ({_SIGNALLED.pop()})" if _SIGNALLED else ""
+        sys.stderr.write(f"geoexplora: interrupted{how}\n")
     return result if isinstance(result, int) else 0
 
 

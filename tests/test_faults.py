@@ -316,3 +316,86 @@ def test_info_on_a_model_whose_metadata_lacks_bands_says_so(model, tmp_path):
     assert error_line(err).endswith(
         f"{broken}: corrupt model file (metadata lacks the backbone's bands)")
     assert digest(tmp_path) == before
+
+
+# --- case 8: leftovers, interruptions, concurrent writers -----------------------------------
+
+def test_a_failed_embed_pca_leaves_nothing_and_a_plain_rerun_works(model, scene, tmp_path,
+                                                                   monkeypatch):
+    from geoexplora.pipelines import embed as embed_module
+
+    def fail(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "e.tif"
+    monkeypatch.setattr(embed_module, "fit_pca", fail)
+    before = digest(tmp_path)
+    code, _, err = run_cli("embed", str(model), str(scene), "-o", str(out), "--pca", "3")
+    assert code == 130 and error_line(err) == "geoexplora: interrupted"
+    assert digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+    monkeypatch.undo()
+    code, _, err = run_cli("embed", str(model), str(scene), "-o", str(out), "--pca", "3")
+    assert code == 0, err
+    assert out.is_file() and not (tmp_path / ".e.tif.parts").exists()
+
+
+def _sigterm_after_first_strip(monkeypatch):
+    import signal
+
+    from geoexplora.io.writers import StripStore
+
+    original = StripStore._write_strip
+
+    def write_then_term(self, i, data):
+        original(self, i, data)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(StripStore, "_write_strip", write_then_term)
+
+
+def test_predict_on_sigterm_exits_130_with_a_line_and_resumes(model, scene, tmp_path,
+                                                            monkeypatch):
+    out = tmp_path / "p.tif"
+    _sigterm_after_first_strip(monkeypatch)
+    before = digest(scene)
+    code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(out))
+    assert code == 130 and error_line(err) == "geoexplora: interrupted (SIGTERM)"
+    assert not out.exists() and (tmp_path / ".p.tif.parts").is_dir()
+    monkeypatch.undo()
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(out), "--resume")
+    assert code == 0, err
+    assert out.is_file() and digest(scene) == before
+
+
+def test_a_second_predict_on_an_output_being_written_names_the_other_run(model, scene, tmp_path,
+                                                                        monkeypatch):
+    """The other run is another process holding the work folder's lock (as a running predict
+    does); the second run is refused, whatever its options, and the first one's work is kept."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.tif"
+    _sigterm_after_first_strip(monkeypatch)
+    assert run_cli("-q", "predict", str(model), str(scene), "-o", str(out))[0] == 130
+    monkeypatch.undo()
+    work = tmp_path / ".p.tif.parts"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(work)!r}, os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+         f"open({str(work / 'writer.pid')!r}, 'w').write(str(os.getpid()))\n"
+         "print('locked', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        parts = digest(work)
+        for flag in ("--resume", "--overwrite"):
+            code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(out), flag)
+            assert code == 2
+            assert error_line(err).endswith(
+                f"another run (pid {holder.pid}) is writing {out} (work folder {work}); wait "
+                "for it to finish")
+            assert digest(work) == parts and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(out), "--resume")
+    assert code == 0, err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def embed(cfg: EmbedConfig) -> list[dict]:
     """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
     from geoexplora.inference.model import predictor_from_model
     from geoexplora.inference.products import EMBED_DTYPES, embedding_product
-    from geoexplora.inference.runner import prepare_work
+    from geoexplora.inference.runner import prepare_work, release_work, work_folder
 
     if cfg.dtype not in EMBED_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EMBED_DTYPES)}")
@@ -146,11 +147,20 @@ def embed(cfg: EmbedConfig) -> list[dict]:
         if cfg.pca and cfg.pca > dim:
             raise UserError(f"--pca {cfg.pca}: the model's embeddings have {dim} dimensions")
         settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
+        fresh = not work_folder(output).exists()
         work = prepare_work(output, job_fingerprint(model_sha, inputs, plan, settings), run_opts)
         pca_doc = None
         predictor = raw
         if cfg.pca:
-            mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
+            try:
+                mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
+            except BaseException:
+                # Nothing resumable yet: a work folder this run made would only block a rerun
+                # (one another shard may already share is left to it).
+                release_work(work)
+                if fresh and not run_opts.shard:
+                    shutil.rmtree(work)
+                raise
             predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
             pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
                        "mean": mean.tolist(), "components": comps.tolist()}
