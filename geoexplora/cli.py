@@ -78,12 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
 
-    from geoexplora.errors import RuntimeFailure, UserError
+    from geoexplora.errors import RuntimeFailure, UserError, raise_storage_failure
     from geoexplora.log import verbosity
 
     _SIGNALLED.clear()
     try:
-        result = app(args=argv, prog_name="geoexplora", standalone_mode=False)
+        try:
+            result = app(args=argv, prog_name="geoexplora", standalone_mode=False)
+        except OSError as exc:
+            raise_storage_failure(exc)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except TyperException as exc:

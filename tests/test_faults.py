@@ -399,3 +399,67 @@ def test_a_second_predict_on_an_output_being_written_names_the_other_run(model, 
         holder.wait()
     code, _, err = run_cli("predict", str(model), str(scene), "-o", str(out), "--resume")
     assert code == 0, err
+
+
+# --- case 4: a full disk ---------------------------------------------------------------------
+
+def _disk_full_after(monkeypatch, owner, name: str, calls: int = 1) -> None:
+    """``owner.name`` writes its file, then the disk is full (ENOSPC) on call ``calls``."""
+    import errno
+
+    real = getattr(owner, name)
+    count = []
+
+    def write(*args, **kwargs):
+        count.append(1)
+        if len(count) >= calls:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/full/disk/file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, write)
+
+
+FULL = ("/full/disk/file: no space left on device; free some space and run again (--resume "
+        "continues an interrupted predict, embed, adapt or finetune)")
+
+
+def test_tile_on_a_full_disk_fails_with_one_line_and_leaves_nothing(scene, tmp_path,
+                                                                   monkeypatch):
+    from geoexplora.io import chips
+
+    _disk_full_after(monkeypatch, chips, "write_chip", calls=3)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32")
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+def test_predict_on_a_full_disk_fails_with_one_line_and_resumes(model, scene, tmp_path,
+                                                               monkeypatch):
+    from geoexplora.io.writers import StripStore
+
+    out = tmp_path / "p.tif"
+    _disk_full_after(monkeypatch, StripStore, "_write_strip")
+    before = digest(scene)
+    code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(out))
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert not out.exists() and digest(scene) == before
+    monkeypatch.undo()
+    code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(out), "--resume")
+    assert code == 0, err
+
+
+def test_adapt_on_a_full_disk_fails_with_one_line_and_leaves_no_temporary_file(scene, tmp_path,
+                                                                              monkeypatch):
+    import torch
+
+    _disk_full_after(monkeypatch, torch, "save")
+    before = digest(scene)
+    code, _, err = run_cli("-q", "adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init",
+                           TINY, "--init-weights", "random", "--bands", "B2,B3,B4,B8",
+                           "--steps", "1", "--batch-size", "2", "--crop-size", "56",
+                           "--num-workers", "0")
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert digest(scene) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert not (tmp_path / "m.pt").exists()
