@@ -463,3 +463,40 @@ def test_adapt_on_a_full_disk_fails_with_one_line_and_leaves_no_temporary_file(s
     assert digest(scene) == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_tile_refuses_a_crs_proj_does_not_know(scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32",
+                           "--crs", "EPSG:99999")
+    assert code == 2 and error_line(err).endswith(
+        "--crs EPSG:99999: not a coordinate reference system PROJ knows (e.g. EPSG:32633)")
+    assert digest(tmp_path) == before
+
+
+@pytest.fixture
+def chips_missing_one(tmp_path) -> tuple[Path, str]:
+    """A labelled chips dataset one of whose chip files was deleted after tiling."""
+    import pandas as pd
+    from chips_factory import make_chips_dataset
+
+    from geoexplora.io.chips import INDEX_NAME
+
+    root = make_chips_dataset(tmp_path, "classification", size=28, split_block=14)
+    rel = pd.read_parquet(root / INDEX_NAME)["path"].iloc[-1]
+    (root / rel).unlink()
+    return root, rel
+
+
+@pytest.mark.parametrize("verb", ["finetune", "probe"])
+def test_a_deleted_chip_is_found_before_training(model, chips_missing_one, tmp_path, verb):
+    from geoexplora.io.chips import INDEX_NAME
+
+    root, rel = chips_missing_one
+    before = digest(tmp_path)
+    args = (["finetune", str(model), str(root), "-o", str(tmp_path / "f.pt")] if verb ==
+            "finetune" else ["probe", str(model), str(root), "--no-cache"])
+    code, _, err = run_cli(*args)
+    assert code == 2 and error_line(err).endswith(
+        f"{root / INDEX_NAME} names {rel}, missing from the dataset folder; tile it again")
+    assert digest(tmp_path) == before

@@ -638,6 +638,14 @@ def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodat
     from geoexplora.validate import require_positive
 
     require_positive("--resolution", resolution)
+    if crs:
+        from rasterio.errors import CRSError
+
+        try:
+            CRS.from_user_input(crs)
+        except CRSError as exc:
+            raise UserError(f"--crs {crs}: not a coordinate reference system PROJ knows "
+                            "(e.g. EPSG:32633)") from exc
     bm = None
     if band_map:
         bm = {}
