@@ -21,9 +21,6 @@ from torch import nn
 from geoexplora.errors import UserError
 
 MAE_DECODER_PREFIX = "decoder_"
-HOLDS_OBJECTS = ("holds Python objects besides tensors, which are never loaded: unpickling them "
-                 "can run any code; use a file of tensors only (a state dict, or .safetensors) "
-                 "from a source you trust")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -41,6 +38,14 @@ def is_weights_only_refusal(exc: pickle.UnpicklingError) -> bool:
     whose module x is blocked" for a blocked module (torch 2.6 to 2.14), so the match ignores
     case."""
     return re.search(r"unsupported\s+global", str(exc), re.IGNORECASE) is not None
+
+
+def refuse_python_objects(path, exc: pickle.UnpicklingError, what: str = "") -> None:
+    """The one message for a file that torch refused to unpickle: never advice to load it
+    with ``weights_only=False``, which would run whatever code the file carries."""
+    raise UserError(f"{path}: {what}holds Python objects besides tensors, which are never "
+                    "loaded: unpickling them can run any code; use a file of tensors only (a "
+                    "state dict, or .safetensors) from a source you trust") from exc
 
 
 def unpickling_reason(exc: pickle.UnpicklingError) -> str:
@@ -68,7 +73,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         if not is_weights_only_refusal(exc):
             raise UserError(f"{path}: not a readable PyTorch checkpoint "
                             f"({unpickling_reason(exc)})") from exc
-        raise UserError(f"{path}: {HOLDS_OBJECTS}") from exc
+        refuse_python_objects(path, exc)
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
     return unwrap_state_dict(obj, path)

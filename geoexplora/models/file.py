@@ -28,8 +28,8 @@ from geoexplora.bands import Band, band_from_key
 from geoexplora.errors import UserError
 from geoexplora.io.outputs import atomic_output, check_output
 from geoexplora.models.checkpoints import (
-    HOLDS_OBJECTS,
     is_weights_only_refusal,
+    refuse_python_objects,
     sha256_file,
     unpickling_reason,
 )
@@ -103,7 +103,7 @@ def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if is_weights_only_refusal(exc):
-            raise UserError(f"{path}: not a geoexplora model file: it {HOLDS_OBJECTS}") from exc
+            refuse_python_objects(path, exc, "not a geoexplora model file: it ")
         raise UserError(f"{path}: not a readable model file (corrupt or not written by "
                         f"torch.save: {unpickling_reason(exc)})") from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError,
