@@ -500,3 +500,31 @@ def test_a_deleted_chip_is_found_before_training(model, chips_missing_one, tmp_p
     assert code == 2 and error_line(err).endswith(
         f"{root / INDEX_NAME} names {rel}, missing from the dataset folder; tile it again")
     assert digest(tmp_path) == before
+
+
+# --- case 9: messages that misled -----------------------------------------------------------
+
+def test_demo_can_start_from_a_model_file(model, tmp_path):
+    """``demo --init MODEL.pt`` used to be told "--init-weights cannot be used with it" though
+    it was not given: the model file is the source, with its own weights."""
+    import torch
+    from chips_factory import make_chips_dataset
+
+    from geoexplora.models.file import load_model
+    from geoexplora.pipelines.demo import DemoConfig, _source, _write_source_model
+
+    init, weights, note = _source(DemoConfig(out=tmp_path / "d", init=str(model)))
+    assert (init, weights, note) == (str(model), None, f"source: the model file {model}")
+    chips = make_chips_dataset(tmp_path, "unlabeled", size=28, bands=["B2", "B3", "B4", "B8"])
+    source = load_model(_write_source_model(tmp_path / "source.pt", init, weights, chips))
+    original = load_model(model).backbone
+    block = "vit.blocks.0.attn.qkv.weight"
+    assert torch.equal(source.state_dict()[block], original.state_dict()[block])
+
+
+def test_demo_refuses_init_weights_with_a_model_file(model, tmp_path):
+    code, _, err = run_cli("demo", "--out", str(tmp_path / "d"), "--init", str(model),
+                           "--init-weights", "random")
+    assert code == 2 and error_line(err).endswith(
+        f"--init {model} is a model file; it carries its own weights, so drop --init-weights")
+    assert not (tmp_path / "d").exists()
