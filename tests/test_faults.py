@@ -528,3 +528,35 @@ def test_demo_refuses_init_weights_with_a_model_file(model, tmp_path):
     assert code == 2 and error_line(err).endswith(
         f"--init {model} is a model file; it carries its own weights, so drop --init-weights")
     assert not (tmp_path / "d").exists()
+
+
+# --- case 10: library warnings go through the logger ----------------------------------------
+
+def test_library_warnings_stay_off_stderr_unless_verbose(tmp_path):
+    """rasterio's NotGeoreferencedWarning on a raster without a geotransform: without -v the
+    error is the only line; with -v the warning is logged (a separate process: pytest keeps
+    warnings to itself)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import rasterio
+    from conftest import ROOT
+
+    path = tmp_path / "nogeo.tif"
+    with pytest.warns(rasterio.errors.NotGeoreferencedWarning):
+        with rasterio.open(path, "w", driver="GTiff", width=32, height=32, count=3,
+                           dtype="uint16") as dst:
+            dst.write(np.ones((3, 32, 32), dtype="uint16"))
+    before = digest(tmp_path)
+    cmd = [sys.executable, "-m", "geoexplora.cli", "tile", str(path), "-o",
+           str(tmp_path / "c"), "--size", "16", "--sensor", "rgb"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 2
+    assert error_line(quiet.stderr) == (f"geoexplora: error: {path}: has no CRS; assign one "
+                                        "first (gdal_edit.py -a_srs)")
+    verbose = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert verbose.returncode == 2 and "NotGeoreferencedWarning" in verbose.stderr
+    assert digest(tmp_path) == before
