@@ -560,3 +560,34 @@ def test_library_warnings_stay_off_stderr_unless_verbose(tmp_path):
                              env=env, timeout=120)
     assert verbose.returncode == 2 and "NotGeoreferencedWarning" in verbose.stderr
     assert digest(tmp_path) == before
+
+
+# --- case 1: the memory guard ---------------------------------------------------------------
+
+@pytest.mark.parametrize("verb", ["predict", "embed"])
+def test_a_plan_that_cannot_fit_in_memory_is_refused_before_allocating(model, scene, tmp_path,
+                                                                       monkeypatch, verb):
+    """A machine with 8 GiB available: --window 14000 (about 190 GiB of windows in flight) is
+    refused at once with its estimate; the default window runs; --dry-run still shows the plan."""
+    import json
+
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 2**30)
+    out = tmp_path / "o.tif"
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", verb, str(model), str(scene), "-o", str(out), "--window",
+                           "14000")
+    line = error_line(err)
+    assert code == 2 and f"{out} (--window 14000, --batch-size 8) needs about " in line
+    assert line.endswith("of memory; this machine has 8.0 GiB available; use a smaller --window "
+                         "or --batch-size (--dry-run shows the estimate)")
+    needs = float(line.split("needs about ")[1].split(" GiB")[0])
+    assert needs > 0.8 * 8
+    assert digest(tmp_path) == before
+    code, doc, err = run_cli("-q", verb, str(model), str(scene), "-o", str(out), "--window",
+                             "14000", "--dry-run", "--json")
+    assert code == 0, err
+    total = json.loads(doc)["results"][0]["memory"]["total_bytes"]
+    assert round(total / 2**30, 1) == needs and digest(tmp_path) == before
+    assert run_cli("-q", verb, str(model), str(scene), "-o", str(out))[0] == 0

@@ -16,6 +16,7 @@ from geoexplora.pipelines.predict import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BLEND,
     DEFAULT_PREFETCH,
+    check_memory,
     check_outputs,
     dry_run_doc,
     finish_result,
@@ -146,6 +147,7 @@ def embed(cfg: EmbedConfig) -> list[dict]:
             continue
         if cfg.pca and cfg.pca > dim:
             raise UserError(f"--pca {cfg.pca}: the model's embeddings have {dim} dimensions")
+        check_memory(scene, plan, raw, [product], cfg, devices, False, output)
         settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
         fresh = not work_folder(output).exists()
         work = prepare_work(output, job_fingerprint(model_sha, inputs, plan, settings), run_opts)

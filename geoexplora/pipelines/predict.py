@@ -234,6 +234,19 @@ def dry_run_doc(inputs, output, scene, plan, predictor, products, mapping, cfg, 
                                       cfg.prefetch, len(devices), votes)}
 
 
+def check_memory(scene, plan, predictor, products, cfg, devices, votes: bool,
+                 output: Path) -> None:
+    """Refuse a plan whose estimate (``--dry-run``'s ``memory``) cannot fit in the memory the
+    machine has available, before any of it is allocated."""
+    from geoexplora.memory import check_fits
+
+    estimate = memory_estimate(scene, plan, predictor, products, cfg.batch_size, cfg.prefetch,
+                               len(devices), votes)
+    check_fits(estimate["total_bytes"],
+               f"{output} (--window {plan.window}, --batch-size {cfg.batch_size})",
+               "use a smaller --window or --batch-size (--dry-run shows the estimate)")
+
+
 def finish_result(result: dict, output: Path) -> dict:
     if result.get("status") == "complete" and result.get("valid_pixels") == 0:
         logger.warning("%s: the input has no valid pixel; the output is all nodata", output)
@@ -283,6 +296,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
             results.append(dry_run_doc(inputs, output, scene, plan, predictor, products,
                                         mapping, cfg, devices, votes))
             continue
+        check_memory(scene, plan, predictor, products, cfg, devices, votes, output)
         settings = {"task": predictor.task, "blend": cfg.blend, "probabilities": cfg.probabilities,
                     "prob_dtype": cfg.prob_dtype, "uncertainty": cfg.uncertainty,
                     "dense": cfg.dense}
