@@ -591,3 +591,34 @@ def test_a_plan_that_cannot_fit_in_memory_is_refused_before_allocating(model, sc
     total = json.loads(doc)["results"][0]["memory"]["total_bytes"]
     assert round(total / 2**30, 1) == needs and digest(tmp_path) == before
     assert run_cli("-q", verb, str(model), str(scene), "-o", str(out))[0] == 0
+
+
+def test_tile_dry_run_with_a_plan_that_cannot_fit_is_refused_before_listing_it(tmp_path,
+                                                                             monkeypatch):
+    """The issue's case: 0.001 m pixels make 1.3e9 candidate chips (OOM-killed at 24 GB, in a
+    dry run); now refused at once (a machine with 64 GiB available; the estimate is 719 GiB)."""
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2**30)
+    scene = sample.slovenia_scenes()[0]
+    code, _, err = run_cli("tile", str(scene), "--bands", "B2,B3", "--resolution", "0.001",
+                           "--size", "28", "-o", str(tmp_path / "t"), "--dry-run")
+    line = error_line(err)
+    assert code == 2 and "listing 1,287,233,090 candidate chips of 28 px (stride 28) needs " \
+                         "about 719.3 GiB of memory; this machine has 64.0 GiB " in line
+    assert line.endswith("available; use a larger --resolution (coarser pixels), --size or "
+                         "--stride, or an --aoi")
+    assert not (tmp_path / "t").exists()
+
+
+def test_finetune_refuses_a_batch_larger_than_the_train_split(model, tmp_path):
+    from chips_factory import make_chips_dataset
+
+    chips = make_chips_dataset(tmp_path, "classification", size=28, split_block=14)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "finetune", str(model), str(chips), "-o",
+                           str(tmp_path / "f.pt"), "--batch-size", "100000")
+    line = error_line(err)
+    assert code == 2 and "--batch-size 100000 x 1 device(s) is larger than the train split (" \
+        in line and line.endswith(" labelled chips)")
+    assert digest(tmp_path) == before
