@@ -622,3 +622,25 @@ def test_finetune_refuses_a_batch_larger_than_the_train_split(model, tmp_path):
     assert code == 2 and "--batch-size 100000 x 1 device(s) is larger than the train split (" \
         in line and line.endswith(" labelled chips)")
     assert digest(tmp_path) == before
+
+
+def test_a_sensor_preset_of_another_band_count_says_so_and_how_to_name_the_bands(tmp_path):
+    """A 3-band Landsat-8 export with --sensor landsat8 was told to "pass --sensor"."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    path = tmp_path / "l8_rgb.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint16",
+                       crs="EPSG:32633", transform=Affine(30, 0, 500000, 0, -30, 5100000)) as dst:
+        dst.write(np.full((3, 64, 64), 9000, dtype="uint16"))
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(path), "--sensor", "landsat8", "-o", str(tmp_path / "c"),
+                           "--size", "28")
+    assert code == 2 and error_line(err).endswith(
+        "--sensor landsat8: the preset describes a 7-band stack, l8_rgb.tif has 3 band(s) "
+        "without descriptions; name them with --band-map 1=B2,2=B3,3=B4")
+    assert digest(tmp_path) == before
+    code, _, err = run_cli("-q", "tile", str(path), "--sensor", "landsat8", "--band-map",
+                           "1=B2,2=B3,3=B4", "-o", str(tmp_path / "c"), "--size", "28")
+    assert code == 0, err

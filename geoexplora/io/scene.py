@@ -254,6 +254,8 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
         tokens = list(SENSOR_LAYOUTS[(sensor, info["count"])])
 
     known = [t for t in tokens if t]
+    if opts.sensor and not known and info["count"] > 0:
+        _refuse_preset_mismatch(path, sensor, info["count"])
     if sensor is None and known:
         sensor = guess_sensor(known)
     if sensor is None and explicit:
@@ -282,6 +284,21 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
                 break
     date = date or parse_date(path.name) or parse_date(path.parent.name)
     return RasterFile(path=path, date=date, sensor=sensor, bands=identified, tokens=tokens, **info)
+
+
+def _refuse_preset_mismatch(path: Path, sensor: str, count: int) -> None:
+    """``--sensor`` names a file's bands only for a stack of the preset's size: say what the
+    preset describes and how to name the bands of this file instead."""
+    sizes = sorted(c for s, c in SENSOR_LAYOUTS if s == sensor)
+    common = [B.find_band(sensor, name) for name in ("blue", "green", "red", "nir")]
+    if count <= len(common) and all(common[:count]):
+        example = ",".join(f"{i}={b.name}" for i, b in enumerate(common[:count], start=1))
+    else:
+        example = "1=B1,2=B2,..."
+    stacks = " or ".join(f"{n}-band" for n in sizes) or "no"
+    raise UserError(f"--sensor {sensor}: the preset describes a {stacks} stack, {path.name} "
+                    f"has {count} band(s) without descriptions; name them with --band-map "
+                    f"{example}")
 
 
 def _s2_offset(rf: RasterFile, opts: SceneOptions) -> float:
