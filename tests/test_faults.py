@@ -644,3 +644,45 @@ def test_a_sensor_preset_of_another_band_count_says_so_and_how_to_name_the_bands
     code, _, err = run_cli("-q", "tile", str(path), "--sensor", "landsat8", "--band-map",
                            "1=B2,2=B3,3=B4", "-o", str(tmp_path / "c"), "--size", "28")
     assert code == 0, err
+
+
+def _labels_over(scene: Path, path: Path, classes: list, crs_member: bool = True) -> Path:
+    """Vertical stripes over ``scene`` as GeoJSON, one per class value (None: a null value)."""
+    import json
+
+    import rasterio
+
+    with rasterio.open(scene) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs.to_string()
+    width = (right - left) / len(classes)
+    features = [{"type": "Feature", "properties": {"cls": name},
+                 "geometry": {"type": "Polygon", "coordinates": [[
+                     [left + i * width, bottom], [left + (i + 1) * width, bottom],
+                     [left + (i + 1) * width, top], [left + i * width, top],
+                     [left + i * width, bottom]]]}} for i, name in enumerate(classes)]
+    doc = {"type": "FeatureCollection", "features": features}
+    if crs_member:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_labels_without_a_class_value_are_counted_in_a_warning(scene, tmp_path):
+    labels = _labels_over(scene, tmp_path / "lab.geojson", ["water", None, "crop", None])
+    code, _, err = run_cli("tile", str(scene), "--labels", str(labels), "--label-field", "cls",
+                           "--size", "32", "-o", str(tmp_path / "c"))
+    assert code == 0, err
+    assert "labels lab.geojson: 2 of 4 features have no 'cls' value and are left out" in \
+        " ".join(err.split())
+
+
+def test_projected_coordinates_in_a_geojson_without_crs_are_named(scene, tmp_path):
+    labels = _labels_over(scene, tmp_path / "lab.geojson", ["water", "crop"], crs_member=False)
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "--labels", str(labels), "--label-field", "cls",
+                           "--size", "32", "-o", str(tmp_path / "c"))
+    assert code == 2 and error_line(err).endswith(
+        f"--labels {labels}: its coordinates do not fit its CRS EPSG:4326 (GeoJSON without a "
+        "'crs' member is lon/lat WGS 84); give the file its real CRS")
+    assert digest(tmp_path) == before

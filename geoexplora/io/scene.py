@@ -254,8 +254,6 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
         tokens = list(SENSOR_LAYOUTS[(sensor, info["count"])])
 
     known = [t for t in tokens if t]
-    if opts.sensor and not known and info["count"] > 0:
-        _refuse_preset_mismatch(path, sensor, info["count"])
     if sensor is None and known:
         sensor = guess_sensor(known)
     if sensor is None and explicit:
@@ -601,6 +599,10 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
             raise UserError(
                 f"{named[0].path.name}: band names {', '.join(named[0].tokens)} fit several sensors "
                 "(Sentinel-2 and Landsat number bands differently); pass --sensor")
+        blank = [rf for rf in first if not any(rf.tokens)]
+        if opts.sensor and blank:  # the preset did not fit the file's band count
+            _refuse_preset_mismatch(blank[0].path, B.canonical_sensor(opts.sensor),
+                                    blank[0].count)
         if unknown:
             raise UserError(
                 f"cannot tell which bands {', '.join(unknown)} hold(s) (no band descriptions, no "
