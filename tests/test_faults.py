@@ -233,15 +233,14 @@ def hostile(request, tmp_path) -> Path:
 
 
 def _assert_refused_safely(code: int, err: str, path: Path) -> None:
+    """Exit 2, one line naming the file, and no advice to disable weights_only."""
     line = error_line(err)
+    refusal = ("holds Python objects besides tensors, which are never loaded: unpickling them "
+               "can run any code; use a file of tensors only (a state dict, or .safetensors) "
+               "from a source you trust")
     assert code == 2
-    assert line.endswith(f"{path}: not a geoexplora model file: it holds Python objects besides "
-                         "tensors, which are never loaded: unpickling them can run any code; use "
-                         "a file of tensors only (a state dict, or .safetensors) from a source "
-                         "you trust") or line.endswith(
-        f"{path}: holds Python objects besides tensors, which are never loaded: unpickling them "
-        "can run any code; use a file of tensors only (a state dict, or .safetensors) from a "
-        "source you trust")
+    assert line.endswith((f"{path}: not a geoexplora model file: it {refusal}",
+                          f"{path}: {refusal}"))
     assert "weights_only" not in line and "False" not in line
 
 
@@ -380,10 +379,13 @@ def test_a_second_predict_on_an_output_being_written_names_the_other_run(model, 
     monkeypatch.undo()
     work = tmp_path / ".p.tif.parts"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(work)!r}, os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
-         f"open({str(work / 'writer.pid')!r}, 'w').write(str(os.getpid()))\n"
-         "print('locked', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", ("import fcntl, os, sys, time\n"
+                                f"fd = os.open({str(work)!r}, os.O_RDONLY)\n"
+                                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                                f"open({str(work / 'writer.pid')!r}, 'w')"
+                                ".write(str(os.getpid()))\n"
+                                "print('locked', flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         parts = digest(work)
@@ -544,20 +546,20 @@ def test_library_warnings_stay_off_stderr_unless_verbose(tmp_path):
     from conftest import ROOT
 
     path = tmp_path / "nogeo.tif"
-    with pytest.warns(rasterio.errors.NotGeoreferencedWarning):
-        with rasterio.open(path, "w", driver="GTiff", width=32, height=32, count=3,
-                           dtype="uint16") as dst:
-            dst.write(np.ones((3, 32, 32), dtype="uint16"))
+    with pytest.warns(rasterio.errors.NotGeoreferencedWarning), rasterio.open(
+            path, "w", driver="GTiff", width=32, height=32, count=3, dtype="uint16") as dst:
+        dst.write(np.ones((3, 32, 32), dtype="uint16"))
     before = digest(tmp_path)
     cmd = [sys.executable, "-m", "geoexplora.cli", "tile", str(path), "-o",
            str(tmp_path / "c"), "--size", "16", "--sensor", "rgb"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120,
+                           check=False)
     assert quiet.returncode == 2
     assert error_line(quiet.stderr) == (f"geoexplora: error: {path}: has no CRS; assign one "
                                         "first (gdal_edit.py -a_srs)")
     verbose = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], capture_output=True, text=True,
-                             env=env, timeout=120)
+                             env=env, timeout=120, check=False)
     assert verbose.returncode == 2 and "NotGeoreferencedWarning" in verbose.stderr
     assert digest(tmp_path) == before
 
@@ -609,19 +611,6 @@ def test_tile_dry_run_with_a_plan_that_cannot_fit_is_refused_before_listing_it(t
     assert line.endswith("available; use a larger --resolution (coarser pixels), --size or "
                          "--stride, or an --aoi")
     assert not (tmp_path / "t").exists()
-
-
-def test_finetune_refuses_a_batch_larger_than_the_train_split(model, tmp_path):
-    from chips_factory import make_chips_dataset
-
-    chips = make_chips_dataset(tmp_path, "classification", size=28, split_block=14)
-    before = digest(tmp_path)
-    code, _, err = run_cli("-q", "finetune", str(model), str(chips), "-o",
-                           str(tmp_path / "f.pt"), "--batch-size", "100000")
-    line = error_line(err)
-    assert code == 2 and "--batch-size 100000 x 1 device(s) is larger than the train split (" \
-        in line and line.endswith(" labelled chips)")
-    assert digest(tmp_path) == before
 
 
 def test_a_sensor_preset_of_another_band_count_says_so_and_how_to_name_the_bands(tmp_path):

@@ -518,9 +518,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict | None:
     world = fabric.world_size
     global_batch = cfg.batch_size * cfg.accumulate * world
     n_train = len(indices["train"])
-    if cfg.batch_size * world > n_train:  # a sampler would repeat chips to fill each batch
-        raise UserError(f"--batch-size {cfg.batch_size} x {world} device(s) is larger than the "
-                        f"train split ({n_train} labelled chips)")
     steps_per_epoch = max(1, math.ceil(n_train / global_batch))
     steps = cfg.steps or max(1, round((cfg.epochs or FINETUNE.epochs) * steps_per_epoch))
     epochs = steps / steps_per_epoch
