@@ -206,7 +206,26 @@ def parse_band_list(text: str | None) -> list[str] | None:
     items = [t.strip() for t in text.split(",")]
     if any(not t for t in items):
         raise UserError(f"--bands '{text}' has an empty entry")
+    seen: dict[str, str] = {}
+    for t in items:
+        canonical = _canonical_band_name(t)
+        if canonical in seen:
+            raise UserError(f"--bands '{text}' names {seen[canonical]} twice"
+                            + ("" if t == seen[canonical] else f" (as {t})")
+                            + "; give each band once")
+        seen[canonical] = t
     return items
+
+
+def check_distinct(tokens: list[str], bands: list[Band], option: str = "--bands") -> None:
+    """Refuse a band list that names one band twice, also through an alias (``B2,blue``): a
+    model or dataset with a repeated band is never what was meant."""
+    first: dict[str, str] = {}
+    for token, band in zip(tokens, bands):
+        if band.key in first:
+            raise UserError(f"{option} names {band.key} twice ({first[band.key]} and {token}); "
+                            "give each band once")
+        first[band.key] = token
 
 
 def interpolation_weights(wavelength_nm: float,

@@ -56,8 +56,17 @@ for _name in COMMANDS:
         importlib.import_module(f"geoexplora.commands.{_name}").register(app)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: it unwinds like Ctrl-C (temporary outputs removed,
+    what is resumable kept) and exits 130 with one line."""
+
+
+_SIGNALLED: list[str] = []  # the signal that ended this run, for its one line
+
+
 def _terminate(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
+    _SIGNALLED.append(signal.Signals(signum).name)
+    raise Terminated(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
 
-    from geoexplora.errors import RuntimeFailure, UserError
+    from geoexplora.errors import RuntimeFailure, UserError, raise_storage_failure
     from geoexplora.log import verbosity
 
+    _SIGNALLED.clear()
     try:
-        result = app(args=argv, prog_name="geoexplora", standalone_mode=False)
+        try:
+            result = app(args=argv, prog_name="geoexplora", standalone_mode=False)
+        except OSError as exc:
+            raise_storage_failure(exc)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except TyperException as exc:
@@ -98,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         message = text.splitlines()[0] if text else type(exc).__name__
         sys.stderr.write(f"geoexplora: error: {message}\n")
         return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("geoexplora: interrupted\n")
-        return 130
+    if result == 130:  # typer turns KeyboardInterrupt (Ctrl-C, or SIGTERM above) into 130
+        how = f" ({_SIGNALLED.pop()})" if _SIGNALLED else ""
+        sys.stderr.write(f"geoexplora: interrupted{how}\n")
     return result if isinstance(result, int) else 0
 
 

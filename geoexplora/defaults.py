@@ -288,3 +288,18 @@ class DemoDefaults:
 
 
 DEMO = DemoDefaults()
+
+# --------------------------------------------------------------------------------------------
+# MEMORY: geoexplora/memory.py (the guard every verb runs on its plan before allocating it)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryDefaults:
+    # ours: a plan may take this share of the memory the machine has available when it starts
+    # (the rest for the Python process itself, the OS page cache and estimate error); above it
+    # the run is refused with the estimate instead of being killed by the OOM killer or swapping.
+    usable_fraction: float = 0.8
+
+
+MEMORY = MemoryDefaults()

@@ -34,6 +34,14 @@ def set_verbosity(verbosity: int) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level)
+    # Python warnings of the libraries (rasterio's NotGeoreferencedWarning, torch's pickle
+    # notes...) go through the same handler and only with -v: without it, an error stays the
+    # one line on stderr. The project's own warnings are logger.warning calls, shown as usual.
+    logging.captureWarnings(True)
+    library = logging.getLogger("py.warnings")
+    library.handlers = list(logger.handlers)
+    library.propagate = False
+    library.setLevel(logging.WARNING if verbosity > 0 else logging.CRITICAL + 1)
 
 
 def verbosity() -> int:

@@ -52,6 +52,7 @@ def probe(
     from geoexplora.errors import UserError
     from geoexplora.pipelines.probe import ProbeConfig
     from geoexplora.pipelines.probe import probe as run_probe
+    from geoexplora.validate import given_or
 
     items = O.expand_paths(paths)
     if len(items) < 2:
@@ -61,8 +62,8 @@ def probe(
         models=items[:-1], chips=items[-1],
         features=_names(features, "--features") or PROBE.features,
         learning_rates=_floats(learning_rates) or PROBE.learning_rates,
-        steps=steps or PROBE.steps, batch_size=batch_size or PROBE.batch_size,
-        knn_k=knn_k or PROBE.knn_k,
+        steps=given_or(steps, PROBE.steps), batch_size=given_or(batch_size, PROBE.batch_size),
+        knn_k=given_or(knn_k, PROBE.knn_k),
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         plots_dir=plots, save_head=save_head, overwrite=overwrite, device=device,
         num_workers=num_workers, seed=seed)

@@ -80,15 +80,61 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+# Work folders this process is writing: their open descriptors hold the flock that tells a
+# second run that the folder is in use (exclusive for a whole run, shared by shards).
+_CLAIMS: dict[Path, int] = {}
+WRITER_PID = "writer.pid"
+
+
+def _claim(work: Path, output: Path, shared: bool) -> None:
+    """Lock ``work`` for this run; UserError naming the other run (and its pid) when one is
+    writing it. The lock goes with the process, so a killed run never leaves it behind."""
+    import fcntl
+
+    release_work(work)
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid_file = work / WRITER_PID
+        pid = pid_file.read_text().strip() if pid_file.is_file() else ""
+        who = f"another run (pid {pid})" if pid.isdigit() else "another run"
+        raise UserError(f"{who} is writing {output} (work folder {work}); wait for it to "
+                        "finish") from None
+    _CLAIMS[work] = fd
+    tmp = work / f".{WRITER_PID}.{os.getpid()}"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, work / WRITER_PID)
+
+
+def release_work(work: Path) -> None:
+    """Give up this process's claim on ``work`` (no-op without one)."""
+    fd = _CLAIMS.pop(work, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def prepare_work(output: Path, fingerprint: dict, opts: RunOptions) -> Path:
     """The work folder of ``output``, checked against ``fingerprint`` (a folder left by another
-    run is reused only with --resume or --shard and the same settings)."""
+    run is reused only with --resume or --shard and the same settings) and claimed for this run
+    until ``run_to_files`` (or ``release_work``) ends."""
     work = work_folder(output)
+    try:
+        _prepare(work, output, fingerprint, opts)
+    except BaseException:
+        release_work(work)
+        raise
+    return work
+
+
+def _prepare(work: Path, output: Path, fingerprint: dict, opts: RunOptions) -> None:
     run_json = work / "run.json"
     if work.exists():
+        _claim(work, output, shared=bool(opts.shard))
         previous = json.loads(run_json.read_text()) if run_json.exists() else None
         if previous == fingerprint and (opts.resume or opts.shard):
-            return work
+            return
         if opts.shard and previous is not None and previous != fingerprint:
             raise UserError(f"{work} holds a run with other settings (model, inputs or options); "
                             "every shard must be started with the same ones, or remove it")
@@ -97,21 +143,30 @@ def prepare_work(output: Path, fingerprint: dict, opts: RunOptions) -> Path:
             raise UserError(f"an interrupted or sharded run {what}left {work}; pass --resume to "
                             "continue it or --overwrite to start over")
         if not opts.shard:
+            release_work(work)
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    if work not in _CLAIMS:
+        _claim(work, output, shared=bool(opts.shard))
     tmp = work / f".run.json.{os.getpid()}"
     tmp.write_text(json.dumps(fingerprint, indent=2))
     os.replace(tmp, run_json)
-    return work
 
 
 def run_to_files(scene, plan: WindowPlan, forwards, channels: int, products: list[Product],
                  opts: RunOptions, provenance: dict, votes: bool = False) -> dict:
     """Compute (this shard's part of) the outputs; assemble them when every strip exists.
-    The work folder must have been prepared (``prepare_work``).
+    The work folder must have been prepared (``prepare_work``); its claim ends here.
 
     Returns ``{"status": "complete" | "partial", "outputs", "stats", "timings", ...}``.
     """
+    try:
+        return _run_to_files(scene, plan, forwards, channels, products, opts, provenance, votes)
+    finally:
+        release_work(work_folder(products[0].path))
+
+
+def _run_to_files(scene, plan, forwards, channels, products, opts, provenance, votes) -> dict:
     main = products[0].path
     work = work_folder(main)
     stores = [StripStore(work / p.key, p.spec, opts.strip_rows) for p in products]

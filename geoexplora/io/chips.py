@@ -271,12 +271,21 @@ def read_index(root: str | os.PathLike):
 
 def _check_inside(root: Path, relative_paths) -> None:
     """The index may only name files inside the dataset folder (a crafted index must not make
-    us read elsewhere)."""
+    us read elsewhere), and every one must be there: a deleted chip is found before training,
+    not at the step that first draws it."""
     base = root.resolve()
+    missing = []
     for rel in relative_paths:
-        if Path(rel).is_absolute() or not (base / rel).resolve().is_relative_to(base):
+        path = (base / rel).resolve()
+        if Path(rel).is_absolute() or not path.is_relative_to(base):
             raise UserError(f"{root / INDEX_NAME} names {rel}, outside the dataset folder; "
                             "refusing to read it")
+        if not path.is_file():
+            missing.append(rel)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"{root / INDEX_NAME} names {missing[0]}{more}, missing from the "
+                        "dataset folder; tile it again")
 
 
 class ChipsDataset:

@@ -66,14 +66,24 @@ class VectorLabels:
                             f"are: {', '.join(fields)}")
         if gdf.crs is None:
             raise UserError(f"--labels {self.path}: has no CRS")
-        gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty & gdf[field].notna()]
+        shaped = gdf.geometry.notna() & ~gdf.geometry.is_empty
+        unnamed = int((shaped & gdf[field].isna()).sum())
+        if unnamed:
+            log.warning("labels %s: %d of %d features have no '%s' value and are left out",
+                        self.path.name, unnamed, int(shaped.sum()), field)
+        gdf = gdf[shaped & gdf[field].notna()]
         if gdf.empty:
             raise UserError(f"--labels {self.path}: no features with a geometry and a "
                             f"'{field}' value")
         if not _same_crs(gdf.crs, crs):
-            log.warning("labels %s: reprojected from %s to %s", self.path.name,
-                        gdf.crs.to_string(), crs.to_string())
+            source_crs = gdf.crs.to_string()
             gdf = gdf.to_crs(crs.to_wkt())
+            if not np.isfinite(gdf.total_bounds).all():
+                raise UserError(f"--labels {self.path}: its coordinates do not fit its CRS "
+                                f"{source_crs} (GeoJSON without a 'crs' member is lon/lat "
+                                "WGS 84); give the file its real CRS")
+            log.warning("labels %s: reprojected from %s to %s", self.path.name, source_crs,
+                        crs.to_string())
         else:
             gdf = gdf.set_crs(crs.to_wkt(), allow_override=True)
         names = gdf[field].map(_class_name)

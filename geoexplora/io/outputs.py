@@ -27,6 +27,28 @@ def check_output(path: str | os.PathLike, overwrite: bool, option: str = "-o") -
     return path
 
 
+def check_not_input(outputs, inputs, option: str = "-o") -> None:
+    """Refuse a run whose output (or a file it writes beside it: sidecar, checkpoint, log...)
+    is one of its inputs, or a folder holding one: the atomic replace would destroy the input
+    once the run completes. Paths are compared resolved (links followed) and, where both exist,
+    by device and inode (hard links)."""
+    ins = [(Path(p), Path(p).resolve()) for p in inputs if p is not None and str(p)]
+    for out in outputs:
+        if out is None:
+            continue
+        out = Path(out)
+        target = out.resolve()
+        for given, resolved in ins:
+            same = target == resolved or (target.exists() and resolved.exists()
+                                          and os.path.samefile(target, resolved))
+            if same:
+                raise UserError(f"{option} {out} is the input {given}; writing it would destroy "
+                                "the input: choose another output path")
+            if resolved.is_relative_to(target):
+                raise UserError(f"{option} {out} holds the input {given}; replacing it would "
+                                "destroy the input: choose another output path")
+
+
 def temporary_sibling(path: Path) -> Path:
     """A hidden name next to ``path`` (same filesystem, so the final rename is atomic)."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")

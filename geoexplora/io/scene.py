@@ -285,6 +285,21 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
     return RasterFile(path=path, date=date, sensor=sensor, bands=identified, tokens=tokens, **info)
 
 
+def _refuse_preset_mismatch(path: Path, sensor: str, count: int) -> None:
+    """``--sensor`` names a file's bands only for a stack of the preset's size: say what the
+    preset describes and how to name the bands of this file instead."""
+    sizes = sorted(c for s, c in SENSOR_LAYOUTS if s == sensor)
+    common = [B.find_band(sensor, name) for name in ("blue", "green", "red", "nir")]
+    if count <= len(common) and all(common[:count]):
+        example = ",".join(f"{i}={b.name}" for i, b in enumerate(common[:count], start=1))
+    else:
+        example = "1=B1,2=B2,..."
+    stacks = " or ".join(f"{n}-band" for n in sizes) or "no"
+    raise UserError(f"--sensor {sensor}: the preset describes a {stacks} stack, {path.name} "
+                    f"has {count} band(s) without descriptions; name them with --band-map "
+                    f"{example}")
+
+
 def _s2_offset(rf: RasterFile, opts: SceneOptions) -> float:
     if opts.s2_offset in ("0", "1000"):
         return float(opts.s2_offset)
@@ -591,6 +606,10 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
             raise UserError(
                 f"{named[0].path.name}: band names {', '.join(named[0].tokens)} fit several sensors "
                 "(Sentinel-2 and Landsat number bands differently); pass --sensor")
+        blank = [rf for rf in first if not any(rf.tokens)]
+        if opts.sensor and blank:  # the preset did not fit the file's band count
+            _refuse_preset_mismatch(blank[0].path, B.canonical_sensor(opts.sensor),
+                                    blank[0].count)
         if unknown:
             raise UserError(
                 f"cannot tell which bands {', '.join(unknown)} hold(s) (no band descriptions, no "
@@ -623,6 +642,7 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
             nodata = opts.nodata if opts.nodata is not None else rf.nodata
             frame.append(SourceBand(rf.path, idx, band, date, scale, add, nodata))
         sources.append(frame)
+    B.check_distinct(wanted_tokens, [s.band for s in sources[0]])
 
     involved = {s.path for frame in sources for s in frame}
     first_files = [rf for rf in groups[dates[0]] if rf.path in involved]
@@ -641,6 +661,17 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
 def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodata=None,
                   dates=None, s2_offset="auto", crs=None) -> SceneOptions:
     """SceneOptions from the CLI's string options."""
+    from geoexplora.validate import require_positive
+
+    require_positive("--resolution", resolution)
+    if crs:
+        from rasterio.errors import CRSError
+
+        try:
+            CRS.from_user_input(crs)
+        except CRSError as exc:
+            raise UserError(f"--crs {crs}: not a coordinate reference system PROJ knows "
+                            "(e.g. EPSG:32633)") from exc
     bm = None
     if band_map:
         bm = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -31,8 +32,28 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def is_weights_only_refusal(exc: pickle.UnpicklingError) -> bool:
-    """torch.load(weights_only=True) met a Python object (rather than a damaged file)."""
-    return "Unsupported global" in str(exc)
+    """torch.load(weights_only=True) met a Python object (rather than a damaged file).
+
+    torch words it "Unsupported global: GLOBAL x.y" for a class and "unsupported GLOBAL x.y
+    whose module x is blocked" for a blocked module (torch 2.6 to 2.14), so the match ignores
+    case."""
+    return re.search(r"unsupported\s+global", str(exc), re.IGNORECASE) is not None
+
+
+def refuse_python_objects(path, exc: pickle.UnpicklingError, what: str = "") -> None:
+    """The one message for a file that torch refused to unpickle: never advice to load it
+    with ``weights_only=False``, which would run whatever code the file carries."""
+    raise UserError(f"{path}: {what}holds Python objects besides tensors, which are never "
+                    "loaded: unpickling them can run any code; use a file of tensors only (a "
+                    "state dict, or .safetensors) from a source you trust") from exc
+
+
+def unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    """torch's own reason on one line, without its advice to load with ``weights_only=False``
+    (which would run whatever code the file carries)."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", str(exc)) if p.strip()]
+    kept = [p for p in paragraphs if "weights_only" not in p and "weights only" not in p.lower()]
+    return "; ".join(kept) or "unreadable pickle"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -50,11 +71,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not is_weights_only_refusal(exc):
-            raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
-        raise UserError(
-            f"{path}: holds Python objects besides tensors (e.g. training arguments), which are "
-            "not loaded for safety; re-save just its weights: torch.save(torch.load(p, "
-            "weights_only=False)['model'], 'weights.pth')") from exc
+            raise UserError(f"{path}: not a readable PyTorch checkpoint "
+                            f"({unpickling_reason(exc)})") from exc
+        refuse_python_objects(path, exc)
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
     return unwrap_state_dict(obj, path)

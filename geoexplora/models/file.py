@@ -27,7 +27,12 @@ from torch import nn
 from geoexplora.bands import Band, band_from_key
 from geoexplora.errors import UserError
 from geoexplora.io.outputs import atomic_output, check_output
-from geoexplora.models.checkpoints import is_weights_only_refusal, sha256_file
+from geoexplora.models.checkpoints import (
+    is_weights_only_refusal,
+    refuse_python_objects,
+    sha256_file,
+    unpickling_reason,
+)
 from geoexplora.models.geovit import GeoViT, geovit_from_config
 from geoexplora.models.heads import TaskModel, build_head
 from geoexplora.models.temporal import days_since_epoch
@@ -98,10 +103,9 @@ def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if is_weights_only_refusal(exc):
-            raise UserError(f"{path}: not a geoexplora model file (it holds Python objects, not "
-                            "just tensors)") from exc
+            refuse_python_objects(path, exc, "not a geoexplora model file: it ")
         raise UserError(f"{path}: not a readable model file (corrupt or not written by "
-                        f"torch.save: {exc})") from exc
+                        f"torch.save: {unpickling_reason(exc)})") from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError,
             zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable model file (corrupt, truncated or not written "
@@ -120,7 +124,29 @@ def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
         state = obj["state_dict"]
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: corrupt model file (metadata unreadable: {exc})") from exc
+    _check_meta(path, meta)
     return meta, state
+
+
+def _check_meta(path: Path, meta) -> None:
+    """The metadata every reader relies on: its own format version (the archive's says how the
+    file is packed, this one what the metadata means; both are checked, so a newer file is never
+    read, or re-saved, as an older one) and the backbone's architecture and bands."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: corrupt model file (metadata is not a JSON object)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise UserError(f"{path}: corrupt model file (metadata format version {version!r})")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: model metadata format {version} is newer than this geoexplora "
+                        f"reads (up to {FORMAT_VERSION}); upgrade geoexplora")
+    backbone = meta.get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("architecture"), dict):
+        raise UserError(f"{path}: corrupt model file (metadata lacks the backbone's architecture)")
+    bands = backbone.get("bands")
+    if (not isinstance(bands, list) or not bands
+            or not all(isinstance(b, dict) and isinstance(b.get("key"), str) for b in bands)):
+        raise UserError(f"{path}: corrupt model file (metadata lacks the backbone's bands)")
 
 
 def read_model_meta(path: str | Path) -> dict:

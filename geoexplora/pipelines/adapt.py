@@ -28,6 +28,7 @@ from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA, MAE, dino_head_si
 from geoexplora.errors import UserError
 from geoexplora.log import Progress, logger, reports_progress
 from geoexplora.results import AdaptResult
+from geoexplora.validate import given_or, require_at_least, require_positive
 
 OBJECTIVES = ("dinov2", "mae")
 
@@ -113,6 +114,7 @@ def _chip_band_indices(chips, wanted: list[str] | None) -> list[int]:
             raise UserError(f"--bands {token}: not in the chips dataset {chips.root} "
                             f"(has: {have})")
         out.append(match[0])
+    B.check_distinct(wanted, [chips.bands[i] for i in out])
     return out
 
 
@@ -184,7 +186,7 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
             split = None  # a dataset without that split: all its chips
         chips = ChipsDataset(inputs[0], split=split)
         indices = _chip_band_indices(chips, cfg.bands)
-        frames = cfg.frames or chips.num_frames
+        frames = given_or(cfg.frames, chips.num_frames)
         if frames != chips.num_frames:
             raise UserError(f"--frames {frames}: the chips dataset {inputs[0]} has "
                             f"{chips.num_frames} date(s) per chip")
@@ -207,7 +209,7 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
             names = ", ".join(p.name for p in scene.paths)
             raise UserError(f"{names}: bands {[b.key for b in scene.bands]} differ from the "
                             f"first scene's {keys}; pass --bands")
-    frames = cfg.frames or 1
+    frames = given_or(cfg.frames, 1)
     if frames > 1:
         undated = [p.name for s in scenes if None in s.dates for p in s.paths]
         if undated:
@@ -399,6 +401,8 @@ def _validate(cfg: AdaptConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
                             f"{getattr(cfg, name)}")
     E.check_duration(cfg.steps, cfg.epochs)
+    require_at_least("--frames", cfg.frames)
+    require_positive("--lr", cfg.lr)
     if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank must be 0 or more, not {cfg.lora_rank}")
     if cfg.local_crops < 0:
@@ -411,14 +415,18 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     on the ranks other than 0 of a multi-process run (rank 0 reports)."""
     import torch
 
-    from geoexplora.io.outputs import check_output
+    from geoexplora.io.outputs import check_not_input, check_output
     from geoexplora.train import engine as E
 
     _validate(cfg)
     output = Path(cfg.output)
+    files = E.RunFiles(output)
+    check_not_input([output, files.checkpoint, files.log, files.plot],
+                    [*cfg.inputs, *(p for p in (cfg.init, cfg.init_weights)
+                                    if p is not None and Path(p).exists())])
     if not cfg.dry_run:
         check_output(output, cfg.overwrite)
-        E.RunFiles(output).check(cfg.overwrite, cfg.resume)
+        files.check(cfg.overwrite, cfg.resume)
     fabric = None
     if not cfg.dry_run:  # first: extra processes start now, and import in parallel with us
         fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,

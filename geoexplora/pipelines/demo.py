@@ -51,6 +51,11 @@ class DemoConfig:
 
 def _source(cfg: DemoConfig) -> tuple[str, str, str]:
     """(init, init_weights, sentence saying which weights and why)."""
+    if cfg.init and Path(cfg.init).expanduser().is_file():  # a model file carries its weights
+        if cfg.init_weights:
+            raise UserError(f"--init {cfg.init} is a model file; it carries its own weights, so "
+                            "drop --init-weights")
+        return cfg.init, None, f"source: the model file {cfg.init}"
     weights = cfg.init_weights
     if weights and weights != "random":
         init = cfg.init or PRETRAINED_SOURCE
@@ -109,7 +114,7 @@ def _timed(timings: dict, name: str):
     return _Timer()
 
 
-def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str,
+def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
               timings: dict) -> dict:
     from geoexplora.pipelines.adapt import AdaptConfig, adapt
     from geoexplora.pipelines.finetune import FinetuneConfig, finetune
@@ -177,7 +182,7 @@ def _accelerator(device: str | None) -> str:
     return "cuda" if device.startswith("cuda") else device
 
 
-def _write_source_model(path: Path, init: str, init_weights: str, chips: Path) -> Path:
+def _write_source_model(path: Path, init: str, init_weights: str | None, chips: Path) -> Path:
     """The source model as a model file on the demo's bands, with the chips' statistics, so that
     probe can compare it with the adapted one and adapt can start from it."""
     from geoexplora.io.chips import load_dataset_meta

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from geoexplora.inference.windows import Blend
 from geoexplora.log import Progress, reports_progress
 from geoexplora.pipelines.predict import (
     check_common,
+    check_memory,
     check_outputs,
     dry_run_doc,
     finish_result,
@@ -132,7 +134,7 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
     """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
     from geoexplora.inference.model import predictor_from_model
     from geoexplora.inference.products import embedding_product
-    from geoexplora.inference.runner import prepare_work
+    from geoexplora.inference.runner import prepare_work, release_work, work_folder
 
     if cfg.pca is not None and cfg.pca < 1:
         raise UserError("--pca must be at least 1")
@@ -149,7 +151,7 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
                  else [f"dim{i}" for i in range(channels)])
         product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags,
                                     names)
-        check_outputs([product], cfg, [])
+        check_outputs([product], cfg, [], inputs)
         if cfg.dry_run:
             doc = dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
                                devices, False)
@@ -158,12 +160,22 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
             continue
         if cfg.pca and cfg.pca > dim:
             raise UserError(f"--pca {cfg.pca}: the model's embeddings have {dim} dimensions")
+        check_memory(scene, plan, raw, [product], cfg, devices, False, output)
         settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
+        fresh = not work_folder(output).exists()
         work = prepare_work(output, job_fingerprint(model_sha, inputs, plan, settings), run_opts)
         pca_doc = None
         predictor = raw
         if cfg.pca:
-            mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
+            try:
+                mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
+            except BaseException:
+                # Nothing resumable yet: a work folder this run made would only block a rerun
+                # (one another shard may already share is left to it).
+                release_work(work)
+                if fresh and not run_opts.shard:
+                    shutil.rmtree(work)
+                raise
             predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
             pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
                        "mean": mean.tolist(), "components": comps.tolist()}

@@ -464,7 +464,7 @@ def finetune(cfg: FinetuneConfig) -> dict | None:
     """Fine-tune ``cfg.model`` on ``cfg.chips``, write ``cfg.output``; the result document
     (None on the other ranks of a multi-device run)."""
     from geoexplora.io.chips import load_dataset_meta
-    from geoexplora.io.outputs import atomic_output, check_output
+    from geoexplora.io.outputs import atomic_output, check_not_input, check_output
     from geoexplora.models.file import save_model
     from geoexplora.train import engine as E
     from geoexplora.train.features import (
@@ -476,6 +476,9 @@ def finetune(cfg: FinetuneConfig) -> dict | None:
 
     _check_config(cfg)
     model_path = check_model_file(Path(cfg.model))
+    files = E.RunFiles(Path(cfg.output))
+    check_not_input([cfg.output, files.checkpoint, files.log, files.plot,
+                     _best_path(Path(cfg.output))], [cfg.model, cfg.chips])
     output = check_output(cfg.output, cfg.overwrite)
     E.RunFiles(output).check(cfg.overwrite, cfg.resume, extra=(_best_path(output),))
     meta = load_dataset_meta(cfg.chips)

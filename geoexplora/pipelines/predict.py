@@ -31,7 +31,7 @@ from geoexplora.defaults import PREDICT
 from geoexplora.errors import UserError
 from geoexplora.inference.products import ProbDtype
 from geoexplora.inference.windows import Blend
-from geoexplora.io.outputs import check_output
+from geoexplora.io.outputs import check_not_input, check_output
 from geoexplora.log import Progress, logger, reports_progress
 from geoexplora.results import RasterResult
 
@@ -145,8 +145,10 @@ def _default_overlap(window: int, multiple: int, dense_classification: bool, gri
 
 def make_plan(scene, predictor, window: int | None, overlap: int | None, dense: bool):
     from geoexplora.inference.windows import WindowPlan
+    from geoexplora.validate import given_or, require_at_least
 
-    window = window or predictor.window
+    window = given_or(window, predictor.window)
+    require_at_least("--window", window, predictor.patch_size)
     if window % predictor.patch_size:
         raise UserError(f"--window {window} must be a multiple of the model's patch size "
                         f"({predictor.patch_size})")
@@ -239,10 +241,12 @@ def _run_options(cfg, shard):
                       creation_options=dict(cfg.creation_options))
 
 
-def check_outputs(products, cfg, extra: list[Path]) -> None:
+def check_outputs(products, cfg, extra: list[Path], inputs: list[Path]) -> None:
+    """Every file the job writes is new (or ``--overwrite``) and none is one it reads."""
     from geoexplora.inference.runner import sidecar_path
 
     paths = [p.path for p in products] + [sidecar_path(products[0].path)] + extra
+    check_not_input(paths, [*inputs, cfg.model])
     for path in paths:
         check_output(path, cfg.overwrite)
 
@@ -261,6 +265,19 @@ def dry_run_doc(inputs, output, scene, plan, predictor, products, mapping, cfg, 
             "band_mapping": mapping, "dates": scene.dates,
             "memory": memory_estimate(scene, plan, predictor, products, cfg.batch_size,
                                       cfg.prefetch, len(devices), votes)}
+
+
+def check_memory(scene, plan, predictor, products, cfg, devices, votes: bool,
+                 output: Path) -> None:
+    """Refuse a plan whose estimate (``--dry-run``'s ``memory``) cannot fit in the memory the
+    machine has available, before any of it is allocated."""
+    from geoexplora.memory import check_fits
+
+    estimate = memory_estimate(scene, plan, predictor, products, cfg.batch_size, cfg.prefetch,
+                               len(devices), votes)
+    check_fits(estimate["total_bytes"],
+               f"{output} (--window {plan.window}, --batch-size {cfg.batch_size})",
+               "use a smaller --window or --batch-size (--dry-run shows the estimate)")
 
 
 def finish_result(result: dict, output: Path) -> dict:
@@ -335,12 +352,13 @@ def predict(cfg: PredictConfig) -> list[RasterResult]:
             probabilities=cfg.probabilities, prob_dtype=cfg.prob_dtype,
             uncertainty=cfg.uncertainty, disagreement=votes,
             tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task})
-        check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [])
+        check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [], inputs)
         if cfg.dry_run:
             results.append(RasterResult.from_report(dry_run_doc(
                 inputs, output, scene, plan, predictor, products, mapping, cfg, devices, votes),
                 dry_run=True))
             continue
+        check_memory(scene, plan, predictor, products, cfg, devices, votes, output)
         settings = {"task": predictor.task, "blend": cfg.blend, "probabilities": cfg.probabilities,
                     "prob_dtype": cfg.prob_dtype, "uncertainty": cfg.uncertainty,
                     "dense": cfg.dense}

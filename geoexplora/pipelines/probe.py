@@ -353,7 +353,7 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     """
     from geoexplora.errors import UserError
     from geoexplora.io.chips import ChipsDataset, load_dataset_meta
-    from geoexplora.io.outputs import check_output
+    from geoexplora.io.outputs import check_not_input, check_output
     from geoexplora.log import logger
     from geoexplora.train.features import cached_features, check_model_file
 
@@ -367,12 +367,14 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
                         f"classes (task '{meta['task']}', {len(classes)} classes); tile with "
                         "--labels")
     if cfg.save_head is not None:
+        check_not_input([cfg.save_head], [*cfg.models, cfg.chips], "--save-head")
         check_output(cfg.save_head, cfg.overwrite, "--save-head")
     plot_paths = {}
     if cfg.plots_dir is not None:
         plot_paths = {m: Path(cfg.plots_dir) / f"{_model_label(m, models)}.confusion.png"
                       for m in models}
         if not multilabel:
+            check_not_input(plot_paths.values(), [*cfg.models, cfg.chips], "--plots")
             for path in plot_paths.values():
                 check_output(path, cfg.overwrite, "--plots")
     device = _device(cfg.device)

@@ -1,0 +1,677 @@
+"""Faults and edge inputs (issue 20): every case exits with one error line naming what is wrong
+(2 for bad input, 1 for a runtime failure), writes nothing, and leaves its inputs byte-identical."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_models_helpers import TINY
+
+from geoexplora import sample
+
+
+def digest(*paths: Path) -> dict:
+    """sha256 of every file under ``paths`` (files or folders)."""
+    out = {}
+    for root in paths:
+        files = [root] if Path(root).is_file() else sorted(Path(root).rglob("*"))
+        for f in files:
+            if f.is_file():
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def error_line(err: str) -> str:
+    """The one line a failing command writes on stderr."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from test_predict import make_model
+
+    return make_model(tmp_path_factory.mktemp("model") / "seg.pt")
+
+
+@pytest.fixture
+def scene(tmp_path) -> Path:
+    """A private copy of a real 12-band Sentinel-2 crop, so a test can see it stay unchanged."""
+    path = tmp_path / "in.tif"
+    shutil.copyfile(sample.s2_tile_crop(), path)
+    return path
+
+
+# --- case 2: an output that is an input -----------------------------------------------------
+
+def test_predict_over_its_input_is_refused_with_overwrite(model, scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(scene), "--overwrite")
+    assert code == 2
+    line = error_line(err)
+    assert f"-o {scene} is the input {scene}" in line
+    assert digest(tmp_path) == before
+
+
+def test_predict_through_a_link_or_hard_link_to_its_input_is_refused(model, scene, tmp_path):
+    link, hard = tmp_path / "link.tif", tmp_path / "hard.tif"
+    link.symlink_to(scene)
+    os.link(scene, hard)
+    before = digest(scene)
+    for out in (link, hard):
+        code, _, err = run_cli("predict", str(model), str(scene), "-o", str(out), "--overwrite")
+        assert code == 2 and f"-o {out} is the input {scene}" in error_line(err)
+    assert digest(scene) == before and link.is_symlink()
+
+
+def test_predict_over_the_model_file_is_refused(model, scene):
+    before = digest(model)
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(model), "--overwrite")
+    assert code == 2 and f"is the input {model}" in error_line(err)
+    assert digest(model) == before
+
+
+def test_embed_over_its_input_is_refused(model, scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("embed", str(model), str(scene), "-o", str(scene), "--overwrite")
+    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_over_its_input_is_refused(scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(scene), "--overwrite", "--init", TINY,
+                           "--init-weights", "random", "--bands", "B2,B3,B4,B8")
+    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_whose_checkpoint_would_be_an_input_is_refused(tmp_path):
+    """``-o m.pt`` writes ``m.ckpt`` beside it: an input of that name is refused too."""
+    inp = tmp_path / "m.ckpt"
+    shutil.copyfile(sample.s2_tile_crop(), inp)
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(inp), "-o", str(tmp_path / "m.pt"), "--overwrite",
+                           "--init", TINY, "--init-weights", "random", "--bands", "B2,B3,B4,B8")
+    assert code == 2 and f"-o {inp} is the input {inp}" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+def test_tile_over_its_input_is_refused_and_leaves_no_partial_folder(scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(scene), "--overwrite", "--size", "32")
+    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+def test_tile_into_a_folder_holding_its_input_is_refused(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    scene = folder / "in.tif"
+    shutil.copyfile(sample.s2_tile_crop(), scene)
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(folder), "--overwrite", "--size", "32")
+    assert code == 2 and f"-o {folder} holds the input {scene}" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+# --- case 3: a band named twice -------------------------------------------------------------
+
+@pytest.mark.parametrize("bands, named", [
+    ("B2,B2,B4,B8", "--bands 'B2,B2,B4,B8' names B2 twice; give each band once"),
+    ("B2,B02,B4", "--bands 'B2,B02,B4' names B2 twice (as B02); give each band once"),
+    ("B2,blue,B4", "--bands names sentinel2:B2 twice (B2 and blue); give each band once"),
+])
+def test_tile_refuses_a_band_named_twice(scene, tmp_path, bands, named):
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32",
+                           "--bands", bands)
+    assert code == 2 and error_line(err).endswith(named)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_refuses_a_band_named_twice(scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init", TINY,
+                           "--init-weights", "random", "--bands", "B2,blue,B4")
+    assert code == 2 and "names sentinel2:B2 twice (B2 and blue)" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_on_chips_refuses_a_band_named_twice(tmp_path):
+    from chips_factory import make_chips_dataset
+
+    chips = make_chips_dataset(tmp_path / "chips", "unlabeled", size=56)
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(chips), "-o", str(tmp_path / "m.pt"), "--init", TINY,
+                           "--init-weights", "random", "--bands", "B4,red")
+    assert code == 2 and "names sentinel2:B4 twice (B4 and red)" in error_line(err)
+    assert digest(tmp_path) == before
+
+
+# --- case 5: zeros and negatives are refused, never replaced by a default -------------------
+
+@pytest.mark.parametrize("option, value, line", [
+    ("--steps", "0", "--steps must be at least 1, not 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, not 0"),
+    ("--knn-k", "0", "--knn-k must be at least 1, not 0"),
+])
+def test_probe_refuses_zero(model, tmp_path, option, value, line):
+    chips = tmp_path / "chips"
+    chips.mkdir()
+    code, _, err = run_cli("probe", str(model), str(chips), option, value)
+    assert code == 2 and error_line(err).endswith(line)
+    assert list(chips.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["predict", "embed"])
+@pytest.mark.parametrize("window", ["0", "-1", "7"])
+def test_predict_and_embed_refuse_a_window_below_the_patch_size(model, scene, tmp_path, verb,
+                                                               window):
+    before = digest(tmp_path)
+    code, _, err = run_cli(verb, str(model), str(scene), "-o", str(tmp_path / "o.tif"),
+                           "--window", window)
+    assert code == 2
+    assert error_line(err).endswith(f"--window must be at least 14, not {window}")
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--frames", "0"], "--frames must be at least 1, not 0"),
+    (["--lr", "-1"], "--lr must be positive, not -1.0"),
+    (["--lr", "0"], "--lr must be positive, not 0.0"),
+])
+def test_adapt_refuses_zero_and_negative_values(scene, tmp_path, args, line):
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init", TINY,
+                           "--init-weights", "random", "--bands", "B2,B3,B4,B8", *args)
+    assert code == 2 and error_line(err).endswith(line)
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("resolution", ["0", "-10"])
+def test_tile_refuses_a_resolution_that_is_not_positive(scene, tmp_path, resolution):
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32",
+                           "--resolution", resolution)
+    assert code == 2
+    assert error_line(err).endswith(f"--resolution must be positive, not {float(resolution)}")
+    assert digest(tmp_path) == before
+
+
+# --- case 6: a file that would run code when unpickled --------------------------------------
+
+class _Payload:
+    """Unpickling this calls ``os.getpid`` (harmless, but code all the same)."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+class _Args:
+    """A plain object, as training scripts store their arguments."""
+
+
+@pytest.fixture(params=["blocked_module", "class"])
+def hostile(request, tmp_path) -> Path:
+    """A real torch.save archive holding tensors and a Python object: one calling a blocked
+    module's function (torch: "unsupported GLOBAL posix.getpid whose module posix is blocked"),
+    one of a class torch does not know ("Unsupported global: GLOBAL ...")."""
+    import torch
+
+    obj = _Payload() if request.param == "blocked_module" else _Args()
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": obj}, path)
+    return path
+
+
+def _assert_refused_safely(code: int, err: str, path: Path) -> None:
+    """Exit 2, one line naming the file, and no advice to disable weights_only."""
+    line = error_line(err)
+    refusal = ("holds Python objects besides tensors, which are never loaded: unpickling them "
+               "can run any code; use a file of tensors only (a state dict, or .safetensors) "
+               "from a source you trust")
+    assert code == 2
+    assert line.endswith((f"{path}: not a geoexplora model file: it {refusal}",
+                          f"{path}: {refusal}"))
+    assert "weights_only" not in line and "False" not in line
+
+
+def test_the_torch_message_for_a_hostile_file_is_recognised(hostile):
+    import pickle
+
+    import torch
+
+    from geoexplora.models.checkpoints import is_weights_only_refusal
+
+    with pytest.raises(pickle.UnpicklingError) as info:
+        torch.load(hostile, weights_only=True)
+    assert is_weights_only_refusal(info.value)
+
+
+def test_info_and_predict_refuse_a_hostile_model_file_without_unsafe_advice(hostile, scene,
+                                                                            tmp_path):
+    before = digest(tmp_path)
+    _assert_refused_safely(*run_cli("info", str(hostile))[::2], hostile)
+    code, _, err = run_cli("predict", str(hostile), str(scene), "-o", str(tmp_path / "o.tif"))
+    _assert_refused_safely(code, err, hostile)
+    assert digest(tmp_path) == before
+
+
+def test_adapt_refuses_hostile_init_weights_without_unsafe_advice(hostile, scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init", TINY,
+                           "--init-weights", str(hostile), "--bands", "B2,B3,B4,B8",
+                           "--steps", "1")
+    _assert_refused_safely(code, err, hostile)
+    assert digest(tmp_path) == before
+
+
+# --- case 7 (and 4: metadata without bands): every version field, every field readers need --
+
+def _rewrite_meta(model: Path, dest: Path, change) -> Path:
+    """A copy of ``model`` whose metadata ``change(meta)`` edited (the archive left as is)."""
+    import json
+
+    import torch
+
+    payload = torch.load(model, weights_only=True)
+    meta = json.loads(payload["meta_json"])
+    change(meta)
+    payload["meta_json"] = json.dumps(meta)
+    torch.save(payload, dest)
+    return dest
+
+
+def test_a_newer_metadata_format_is_refused_by_info_predict_and_adapt_init(model, scene,
+                                                                           tmp_path):
+    newer = _rewrite_meta(model, tmp_path / "newer.pt",
+                          lambda m: m.update(format_version=2))
+    before = digest(tmp_path)
+    line = f"{newer}: model metadata format 2 is newer than this geoexplora reads (up to 1); " \
+           "upgrade geoexplora"
+    code, _, err = run_cli("info", str(newer))
+    assert code == 2 and error_line(err).endswith(line)
+    code, _, err = run_cli("predict", str(newer), str(scene), "-o", str(tmp_path / "o.tif"))
+    assert code == 2 and error_line(err).endswith(line)
+    code, _, err = run_cli("adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init",
+                           str(newer), "--steps", "1")
+    assert code == 2 and error_line(err).endswith(line)
+    assert digest(tmp_path) == before  # adapt --init did not re-save it as version 1
+
+
+def test_info_on_a_model_whose_metadata_lacks_bands_says_so(model, tmp_path):
+    broken = _rewrite_meta(model, tmp_path / "nobands.pt", lambda m: m["backbone"].pop("bands"))
+    before = digest(tmp_path)
+    code, _, err = run_cli("info", str(broken))
+    assert code == 2
+    assert error_line(err).endswith(
+        f"{broken}: corrupt model file (metadata lacks the backbone's bands)")
+    assert digest(tmp_path) == before
+
+
+# --- case 8: leftovers, interruptions, concurrent writers -----------------------------------
+
+def test_a_failed_embed_pca_leaves_nothing_and_a_plain_rerun_works(model, scene, tmp_path,
+                                                                   monkeypatch):
+    from geoexplora.pipelines import embed as embed_module
+
+    def fail(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "e.tif"
+    monkeypatch.setattr(embed_module, "fit_pca", fail)
+    before = digest(tmp_path)
+    code, _, err = run_cli("embed", str(model), str(scene), "-o", str(out), "--pca", "3")
+    assert code == 130 and error_line(err) == "geoexplora: interrupted"
+    assert digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+    monkeypatch.undo()
+    code, _, err = run_cli("embed", str(model), str(scene), "-o", str(out), "--pca", "3")
+    assert code == 0, err
+    assert out.is_file() and not (tmp_path / ".e.tif.parts").exists()
+
+
+def _sigterm_after_first_strip(monkeypatch):
+    import signal
+
+    from geoexplora.io.writers import StripStore
+
+    original = StripStore._write_strip
+
+    def write_then_term(self, i, data):
+        original(self, i, data)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(StripStore, "_write_strip", write_then_term)
+
+
+def test_predict_on_sigterm_exits_130_with_a_line_and_resumes(model, scene, tmp_path,
+                                                            monkeypatch):
+    out = tmp_path / "p.tif"
+    _sigterm_after_first_strip(monkeypatch)
+    before = digest(scene)
+    code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(out))
+    assert code == 130 and error_line(err) == "geoexplora: interrupted (SIGTERM)"
+    assert not out.exists() and (tmp_path / ".p.tif.parts").is_dir()
+    monkeypatch.undo()
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(out), "--resume")
+    assert code == 0, err
+    assert out.is_file() and digest(scene) == before
+
+
+def test_a_second_predict_on_an_output_being_written_names_the_other_run(model, scene, tmp_path,
+                                                                        monkeypatch):
+    """The other run is another process holding the work folder's lock (as a running predict
+    does); the second run is refused, whatever its options, and the first one's work is kept."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.tif"
+    _sigterm_after_first_strip(monkeypatch)
+    assert run_cli("-q", "predict", str(model), str(scene), "-o", str(out))[0] == 130
+    monkeypatch.undo()
+    work = tmp_path / ".p.tif.parts"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ("import fcntl, os, sys, time\n"
+                                f"fd = os.open({str(work)!r}, os.O_RDONLY)\n"
+                                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                                f"open({str(work / 'writer.pid')!r}, 'w')"
+                                ".write(str(os.getpid()))\n"
+                                "print('locked', flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        parts = digest(work)
+        for flag in ("--resume", "--overwrite"):
+            code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(out), flag)
+            assert code == 2
+            assert error_line(err).endswith(
+                f"another run (pid {holder.pid}) is writing {out} (work folder {work}); wait "
+                "for it to finish")
+            assert digest(work) == parts and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(out), "--resume")
+    assert code == 0, err
+
+
+# --- case 4: a full disk ---------------------------------------------------------------------
+
+def _disk_full_after(monkeypatch, owner, name: str, calls: int = 1) -> None:
+    """``owner.name`` writes its file, then the disk is full (ENOSPC) on call ``calls``."""
+    import errno
+
+    real = getattr(owner, name)
+    count = []
+
+    def write(*args, **kwargs):
+        count.append(1)
+        if len(count) >= calls:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/full/disk/file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, write)
+
+
+FULL = ("/full/disk/file: no space left on device; free some space and run again (--resume "
+        "continues an interrupted predict, embed, adapt or finetune)")
+
+
+def test_tile_on_a_full_disk_fails_with_one_line_and_leaves_nothing(scene, tmp_path,
+                                                                   monkeypatch):
+    from geoexplora.io import chips
+
+    _disk_full_after(monkeypatch, chips, "write_chip", calls=3)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32")
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+def test_predict_on_a_full_disk_fails_with_one_line_and_resumes(model, scene, tmp_path,
+                                                               monkeypatch):
+    from geoexplora.io.writers import StripStore
+
+    out = tmp_path / "p.tif"
+    _disk_full_after(monkeypatch, StripStore, "_write_strip")
+    before = digest(scene)
+    code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(out))
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert not out.exists() and digest(scene) == before
+    monkeypatch.undo()
+    code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(out), "--resume")
+    assert code == 0, err
+
+
+def test_adapt_on_a_full_disk_fails_with_one_line_and_leaves_no_temporary_file(scene, tmp_path,
+                                                                              monkeypatch):
+    import torch
+
+    _disk_full_after(monkeypatch, torch, "save")
+    before = digest(scene)
+    code, _, err = run_cli("-q", "adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init",
+                           TINY, "--init-weights", "random", "--bands", "B2,B3,B4,B8",
+                           "--steps", "1", "--batch-size", "2", "--crop-size", "56",
+                           "--num-workers", "0")
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert digest(scene) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_tile_refuses_a_crs_proj_does_not_know(scene, tmp_path):
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32",
+                           "--crs", "EPSG:99999")
+    assert code == 2 and error_line(err).endswith(
+        "--crs EPSG:99999: not a coordinate reference system PROJ knows (e.g. EPSG:32633)")
+    assert digest(tmp_path) == before
+
+
+@pytest.fixture
+def chips_missing_one(tmp_path) -> tuple[Path, str]:
+    """A labelled chips dataset one of whose chip files was deleted after tiling."""
+    import pandas as pd
+    from chips_factory import make_chips_dataset
+
+    from geoexplora.io.chips import INDEX_NAME
+
+    root = make_chips_dataset(tmp_path, "classification", size=28, split_block=14)
+    rel = pd.read_parquet(root / INDEX_NAME)["path"].iloc[-1]
+    (root / rel).unlink()
+    return root, rel
+
+
+@pytest.mark.parametrize("verb", ["finetune", "probe"])
+def test_a_deleted_chip_is_found_before_training(model, chips_missing_one, tmp_path, verb):
+    from geoexplora.io.chips import INDEX_NAME
+
+    root, rel = chips_missing_one
+    before = digest(tmp_path)
+    args = (["finetune", str(model), str(root), "-o", str(tmp_path / "f.pt")] if verb ==
+            "finetune" else ["probe", str(model), str(root), "--no-cache"])
+    code, _, err = run_cli(*args)
+    assert code == 2 and error_line(err).endswith(
+        f"{root / INDEX_NAME} names {rel}, missing from the dataset folder; tile it again")
+    assert digest(tmp_path) == before
+
+
+# --- case 9: messages that misled -----------------------------------------------------------
+
+def test_demo_can_start_from_a_model_file(model, tmp_path):
+    """``demo --init MODEL.pt`` used to be told "--init-weights cannot be used with it" though
+    it was not given: the model file is the source, with its own weights."""
+    import torch
+    from chips_factory import make_chips_dataset
+
+    from geoexplora.models.file import load_model
+    from geoexplora.pipelines.demo import DemoConfig, _source, _write_source_model
+
+    init, weights, note = _source(DemoConfig(out=tmp_path / "d", init=str(model)))
+    assert (init, weights, note) == (str(model), None, f"source: the model file {model}")
+    chips = make_chips_dataset(tmp_path, "unlabeled", size=28, bands=["B2", "B3", "B4", "B8"])
+    source = load_model(_write_source_model(tmp_path / "source.pt", init, weights, chips))
+    original = load_model(model).backbone
+    block = "vit.blocks.0.attn.qkv.weight"
+    assert torch.equal(source.state_dict()[block], original.state_dict()[block])
+
+
+def test_demo_refuses_init_weights_with_a_model_file(model, tmp_path):
+    code, _, err = run_cli("demo", "--out", str(tmp_path / "d"), "--init", str(model),
+                           "--init-weights", "random")
+    assert code == 2 and error_line(err).endswith(
+        f"--init {model} is a model file; it carries its own weights, so drop --init-weights")
+    assert not (tmp_path / "d").exists()
+
+
+# --- case 10: library warnings go through the logger ----------------------------------------
+
+def test_library_warnings_stay_off_stderr_unless_verbose(tmp_path):
+    """rasterio's NotGeoreferencedWarning on a raster without a geotransform: without -v the
+    error is the only line; with -v the warning is logged (a separate process: pytest keeps
+    warnings to itself)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import rasterio
+    from conftest import ROOT
+
+    path = tmp_path / "nogeo.tif"
+    with pytest.warns(rasterio.errors.NotGeoreferencedWarning), rasterio.open(
+            path, "w", driver="GTiff", width=32, height=32, count=3, dtype="uint16") as dst:
+        dst.write(np.ones((3, 32, 32), dtype="uint16"))
+    before = digest(tmp_path)
+    cmd = [sys.executable, "-m", "geoexplora.cli", "tile", str(path), "-o",
+           str(tmp_path / "c"), "--size", "16", "--sensor", "rgb"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120,
+                           check=False)
+    assert quiet.returncode == 2
+    assert error_line(quiet.stderr) == (f"geoexplora: error: {path}: has no CRS; assign one "
+                                        "first (gdal_edit.py -a_srs)")
+    verbose = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], capture_output=True, text=True,
+                             env=env, timeout=120, check=False)
+    assert verbose.returncode == 2 and "NotGeoreferencedWarning" in verbose.stderr
+    assert digest(tmp_path) == before
+
+
+# --- case 1: the memory guard ---------------------------------------------------------------
+
+@pytest.mark.parametrize("verb", ["predict", "embed"])
+def test_a_plan_that_cannot_fit_in_memory_is_refused_before_allocating(model, scene, tmp_path,
+                                                                       monkeypatch, verb):
+    """A machine with 8 GiB available: --window 14000 (about 190 GiB of windows in flight) is
+    refused at once with its estimate; the default window runs; --dry-run still shows the plan."""
+    import json
+
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 2**30)
+    out = tmp_path / "o.tif"
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", verb, str(model), str(scene), "-o", str(out), "--window",
+                           "14000")
+    line = error_line(err)
+    assert code == 2 and f"{out} (--window 14000, --batch-size 8) needs about " in line
+    assert line.endswith("of memory; this machine has 8.0 GiB available; use a smaller --window "
+                         "or --batch-size (--dry-run shows the estimate)")
+    needs = float(line.split("needs about ")[1].split(" GiB")[0])
+    assert needs > 0.8 * 8
+    assert digest(tmp_path) == before
+    code, doc, err = run_cli("-q", verb, str(model), str(scene), "-o", str(out), "--window",
+                             "14000", "--dry-run", "--json")
+    assert code == 0, err
+    total = json.loads(doc)["results"][0]["memory"]["total_bytes"]
+    assert round(total / 2**30, 1) == needs and digest(tmp_path) == before
+    assert run_cli("-q", verb, str(model), str(scene), "-o", str(out))[0] == 0
+
+
+def test_tile_dry_run_with_a_plan_that_cannot_fit_is_refused_before_listing_it(tmp_path,
+                                                                             monkeypatch):
+    """The issue's case: 0.001 m pixels make 1.3e9 candidate chips (OOM-killed at 24 GB, in a
+    dry run); now refused at once (a machine with 64 GiB available; the estimate is 719 GiB)."""
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2**30)
+    scene = sample.slovenia_scenes()[0]
+    code, _, err = run_cli("tile", str(scene), "--bands", "B2,B3", "--resolution", "0.001",
+                           "--size", "28", "-o", str(tmp_path / "t"), "--dry-run")
+    line = error_line(err)
+    assert code == 2 and "listing 1,287,233,090 candidate chips of 28 px (stride 28) needs " \
+                         "about 719.3 GiB of memory; this machine has 64.0 GiB " in line
+    assert line.endswith("available; use a larger --resolution (coarser pixels), --size or "
+                         "--stride, or an --aoi")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_sensor_preset_of_another_band_count_says_so_and_how_to_name_the_bands(tmp_path):
+    """A 3-band Landsat-8 export with --sensor landsat8 was told to "pass --sensor"."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    path = tmp_path / "l8_rgb.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint16",
+                       crs="EPSG:32633", transform=Affine(30, 0, 500000, 0, -30, 5100000)) as dst:
+        dst.write(np.full((3, 64, 64), 9000, dtype="uint16"))
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(path), "--sensor", "landsat8", "-o", str(tmp_path / "c"),
+                           "--size", "28")
+    assert code == 2 and error_line(err).endswith(
+        "--sensor landsat8: the preset describes a 7-band stack, l8_rgb.tif has 3 band(s) "
+        "without descriptions; name them with --band-map 1=B2,2=B3,3=B4")
+    assert digest(tmp_path) == before
+    code, _, err = run_cli("-q", "tile", str(path), "--sensor", "landsat8", "--band-map",
+                           "1=B2,2=B3,3=B4", "-o", str(tmp_path / "c"), "--size", "28")
+    assert code == 0, err
+
+
+def _labels_over(scene: Path, path: Path, classes: list, crs_member: bool = True) -> Path:
+    """Vertical stripes over ``scene`` as GeoJSON, one per class value (None: a null value)."""
+    import json
+
+    import rasterio
+
+    with rasterio.open(scene) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs.to_string()
+    width = (right - left) / len(classes)
+    features = [{"type": "Feature", "properties": {"cls": name},
+                 "geometry": {"type": "Polygon", "coordinates": [[
+                     [left + i * width, bottom], [left + (i + 1) * width, bottom],
+                     [left + (i + 1) * width, top], [left + i * width, top],
+                     [left + i * width, bottom]]]}} for i, name in enumerate(classes)]
+    doc = {"type": "FeatureCollection", "features": features}
+    if crs_member:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_labels_without_a_class_value_are_counted_in_a_warning(scene, tmp_path):
+    labels = _labels_over(scene, tmp_path / "lab.geojson", ["water", None, "crop", None])
+    code, _, err = run_cli("tile", str(scene), "--labels", str(labels), "--label-field", "cls",
+                           "--size", "32", "-o", str(tmp_path / "c"))
+    assert code == 0, err
+    assert "labels lab.geojson: 2 of 4 features have no 'cls' value and are left out" in \
+        " ".join(err.split())
+
+
+def test_projected_coordinates_in_a_geojson_without_crs_are_named(scene, tmp_path):
+    labels = _labels_over(scene, tmp_path / "lab.geojson", ["water", "crop"], crs_member=False)
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "--labels", str(labels), "--label-field", "cls",
+                           "--size", "32", "-o", str(tmp_path / "c"))
+    assert code == 2 and error_line(err).endswith(
+        f"--labels {labels}: its coordinates do not fit its CRS EPSG:4326 (GeoJSON without a "
+        "'crs' member is lon/lat WGS 84); give the file its real CRS")
+    assert digest(tmp_path) == before
