@@ -79,3 +79,43 @@ def scene_opts(**kwargs):
     from geoexplora.io.scene import scene_options
 
     return scene_options(**kwargs)
+
+
+VERBOSE_HELP = "More logging (-v), tracebacks on errors."
+QUIET_HELP = "Errors only; no progress."
+
+
+def _add_verbose(count: int) -> None:
+    """-v after the verb adds to any -v given before it (the group's callback has already run)."""
+    if count:
+        from geoexplora.log import set_verbosity, verbosity
+
+        set_verbosity(max(verbosity(), 0) + count)
+
+
+def _set_quiet(quiet: bool) -> None:
+    if quiet:
+        from geoexplora.log import set_verbosity
+
+        set_verbosity(-1)
+
+
+def verbosity_options() -> list:
+    """-v/-q as options of a verb, so `geoexplora predict ... -q` works as `geoexplora -q
+    predict ...` does. Built by Typer from a signature (so they parse and render like every other
+    option) and not passed to the verb's function: their callbacks set the logging state."""
+    app = typer.Typer()
+
+    @app.command()
+    def verbosity(
+        verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, callback=_add_verbose,
+                                             help=VERBOSE_HELP)] = 0,
+        quiet: Annotated[bool, typer.Option("-q", "--quiet", callback=_set_quiet,
+                                            help=QUIET_HELP)] = False,
+    ) -> None:
+        """Never run: only its parameters are used."""
+
+    params = typer.main.get_command(app).params
+    for param in params:
+        param.expose_value = False
+    return params
