@@ -20,14 +20,23 @@ from geoexplora.commands._options import QUIET_HELP, VERBOSE_HELP
 
 
 class _Group(TyperGroup):
-    """The verbs also accept -v/-q after their name (users type both orders)."""
+    """Options every verb has, added here once: -v/-q after the verb's name too (users type both
+    orders), --config FILE.yaml and --print-config."""
 
     def get_command(self, ctx, cmd_name):
         command = super().get_command(ctx, cmd_name)
         if command is not None and not any(p.name == "quiet" for p in command.params):
-            from geoexplora.commands._options import verbosity_options
+            from functools import partial
 
+            from geoexplora.commands._options import (
+                config_options,
+                run_or_print_config,
+                verbosity_options,
+            )
+
+            command.params[:0] = config_options()  # first, so --config is read before the rest
             command.params.extend(verbosity_options())
+            command.invoke = partial(run_or_print_config, command.invoke)
         return command
 
 

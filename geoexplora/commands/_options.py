@@ -119,3 +119,94 @@ def verbosity_options() -> list:
     for param in params:
         param.expose_value = False
     return params
+
+
+def _config_keys(command) -> dict:
+    """The keys a verb's config file may hold: the verb's own parameters (one schema source)."""
+    return {p.name: p for p in command.params
+            if p.expose_value and p.name not in ("help", "config", "print_config")}
+
+
+def _load_config(ctx: typer.Context, path: Path | None) -> None:
+    """--config FILE.yaml: the file's values become the verb's defaults (click's default_map),
+    so flags given on the command line override them; each value is checked by the option's own
+    type."""
+    if path is None:
+        return
+    import yaml
+
+    from geoexplora.errors import UserError
+
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise UserError(f"--config {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(doc, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    keys = _config_keys(ctx.command)
+    for key, value in doc.items():
+        param = keys.get(str(key).replace("-", "_"))
+        if param is None:
+            raise UserError(f"{path}: unknown key '{key}' for '{ctx.command_path}' "
+                            f"(see --print-config)")
+        if value is None:
+            continue
+        try:  # the conversion click applies to the option's own values
+            param.get_runtime_param().coerce(value, param=param, ctx=ctx)
+        except typer.BadParameter as exc:
+            raise UserError(f"{path}: key '{key}': {exc.message}") from exc
+    ctx.default_map = {str(k).replace("-", "_"): v for k, v in doc.items()}
+
+
+def _plain(value):
+    """A resolved parameter value as YAML-safe data (paths and enums as strings)."""
+    from enum import Enum
+
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolved_config(ctx) -> dict:
+    """Every parameter of the verb as resolved (file, flags and defaults), as --config reads it."""
+    keys = _config_keys(ctx.command)
+    return {name: _plain(ctx.params[name]) for name in keys if name in ctx.params}
+
+
+def config_options() -> list:
+    """--config and --print-config for every verb (added by the CLI group, like -v/-q)."""
+    app = typer.Typer()
+
+    @app.command()
+    def config(
+        config: Annotated[Path | None, typer.Option(
+            "--config", callback=_load_config, is_eager=True, metavar="FILE.yaml",
+            help="Read option values from a YAML file (keys as in --print-config); flags given "
+                 "on the command line override it.")] = None,
+        print_config: Annotated[bool, typer.Option(
+            "--print-config", help="Print the fully resolved options as YAML (readable by "
+                                   "--config) and exit without running.")] = False,
+    ) -> None:
+        """Never run: only its parameters are used."""
+
+    params = typer.main.get_command(app).params
+    for param in params:
+        param.expose_value = False
+    params[1].expose_value = True  # read by the group's wrapper around the verb
+    return params
+
+
+def run_or_print_config(invoke, ctx):
+    """The verb's invoke, unless --print-config was given: then the resolved config as YAML."""
+    if not ctx.params.pop("print_config", False):
+        return invoke(ctx)
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(resolved_config(ctx), sort_keys=False))
+    return 0
