@@ -76,3 +76,28 @@ def test_bad_config_is_one_line_naming_the_key_and_the_file(tmp_path, text, mess
 def test_missing_config_file_is_named(tmp_path):
     code, _, err = run_cli("info", "--config", str(tmp_path / "none.yaml"))
     assert code == 2 and f"--config {tmp_path / 'none.yaml'}:" in err
+
+
+def test_a_run_keeps_its_resolved_config_next_to_its_output_and_reruns_from_it(tmp_path):
+    from geoexplora import sample
+
+    out = tmp_path / "chips"
+    code, _, err = run_cli("tile", str(sample.slovenia_scenes()[0]), "-o", str(out), "--size", "32")
+    assert code == 0, err
+    sidecar = tmp_path / "chips.config.yaml"
+    kept = yaml.safe_load(sidecar.read_text())
+    assert kept["out"] == str(out) and kept["size"] == 32 and "print_config" not in kept
+    assert sidecar.read_text().startswith("# geoexplora tile (geoexplora ")
+    code, printed, err = run_cli("tile", "--config", str(sidecar), "--print-config")
+    assert code == 0, err
+    assert yaml.safe_load(printed) == kept
+    code, _, err = run_cli("tile", "--config", str(sidecar), "-o", str(tmp_path / "again"))
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "again.config.yaml").read_text())["out"] == str(
+        tmp_path / "again")
+
+
+def test_a_failed_run_writes_no_config(tmp_path):
+    code, _, _ = run_cli("tile", str(tmp_path / "none.tif"), "-o", str(tmp_path / "chips"))
+    assert code == 2
+    assert list(tmp_path.iterdir()) == []

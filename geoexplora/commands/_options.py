@@ -202,11 +202,36 @@ def config_options() -> list:
     return params
 
 
-def run_or_print_config(invoke, ctx):
-    """The verb's invoke, unless --print-config was given: then the resolved config as YAML."""
-    if not ctx.params.pop("print_config", False):
-        return invoke(ctx)
+OUTPUT_PARAMS = ("output", "out")  # the verbs' -o: a file, or a folder (tile, demo)
+
+
+def config_sidecar(output: Path) -> Path:
+    """Where a run's resolved config is kept: OUT-stem.config.yaml next to the output."""
+    return output.with_name(f"{output.stem}.config.yaml")
+
+
+def _config_yaml(ctx) -> str:
     import yaml
 
-    sys.stdout.write(yaml.safe_dump(resolved_config(ctx), sort_keys=False))
-    return 0
+    from geoexplora import __version__
+
+    header = (f"# {ctx.command_path} (geoexplora {__version__}): resolved options; rerun with "
+              f"{ctx.command_path} --config THIS_FILE\n")
+    return header + yaml.safe_dump(resolved_config(ctx), sort_keys=False)
+
+
+def run_or_print_config(invoke, ctx):
+    """The verb's invoke, then its resolved config next to its output; with --print-config only
+    the config, as YAML on stdout. Written after the run succeeded, so a failed run leaves none."""
+    if ctx.params.pop("print_config", False):
+        sys.stdout.write(_config_yaml(ctx))
+        return 0
+    text = _config_yaml(ctx)  # before the verb runs: what was asked for, not what it changed
+    result = invoke(ctx)
+    output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
+    if output is not None and Path(output).exists() and not ctx.params.get("dry_run"):
+        from geoexplora.io.outputs import atomic_output
+
+        with atomic_output(config_sidecar(Path(output)), overwrite=True) as tmp:
+            tmp.write_text(text)
+    return result
