@@ -101,3 +101,24 @@ def test_a_failed_run_writes_no_config(tmp_path):
     code, _, _ = run_cli("tile", str(tmp_path / "none.tif"), "-o", str(tmp_path / "chips"))
     assert code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapted_model_file_carries_the_resolved_config_in_its_provenance(tmp_path):
+    import torch
+    from test_models_helpers import TINY, timm_model
+
+    from geoexplora import sample
+    from geoexplora.models.file import read_model_meta
+
+    weights = tmp_path / "tiny.pth"
+    torch.save(timm_model(TINY, img_size=56).state_dict(), weights)
+    out = tmp_path / "adapted.pt"
+    code, _, err = run_cli("adapt", str(sample.slovenia_scenes()[0]), "-o", str(out), "--init",
+                           TINY, "--init-weights", str(weights), "--steps", "1", "--batch-size",
+                           "2", "--crop-size", "56", "--num-workers", "0", "--bands",
+                           "B2,B3,B4,B8", "-q")
+    assert code == 0, err
+    config = read_model_meta(out)["provenance"]["config"]
+    assert config["command"] == "adapt"
+    assert config["options"] == yaml.safe_load((tmp_path / "adapted.config.yaml").read_text())
+    assert config["options"]["steps"] == 1 and config["options"]["crop_size"] == 56

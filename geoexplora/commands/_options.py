@@ -226,8 +226,11 @@ def run_or_print_config(invoke, ctx):
     if ctx.params.pop("print_config", False):
         sys.stdout.write(_config_yaml(ctx))
         return 0
+    from geoexplora.runconfig import running_with
+
     text = _config_yaml(ctx)  # before the verb runs: what was asked for, not what it changed
-    result = invoke(ctx)
+    with running_with({"command": ctx.info_name, "options": resolved_config(ctx)}):
+        result = invoke(ctx)
     output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
     if output is not None and Path(output).exists() and not ctx.params.get("dry_run"):
         from geoexplora.io.outputs import atomic_output
