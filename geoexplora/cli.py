@@ -21,7 +21,7 @@ from geoexplora.commands._options import QUIET_HELP, VERBOSE_HELP
 
 class _Group(TyperGroup):
     """Options every verb has, added here once: -v/-q after the verb's name too (users type both
-    orders), --config FILE.yaml and --print-config."""
+    orders), --config FILE.yaml and --print-config; the experiment trackers for training verbs."""
 
     def get_command(self, ctx, cmd_name):
         command = super().get_command(ctx, cmd_name)
@@ -29,12 +29,16 @@ class _Group(TyperGroup):
             from functools import partial
 
             from geoexplora.commands._options import (
+                TRACKED_VERBS,
                 config_options,
                 run_or_print_config,
+                tracker_options,
                 verbosity_options,
             )
 
             command.params[:0] = config_options()  # first, so --config is read before the rest
+            if cmd_name in TRACKED_VERBS:
+                command.params.extend(tracker_options())
             command.params.extend(verbosity_options())
             command.invoke = partial(run_or_print_config, command.invoke)
         return command

@@ -262,3 +262,8 @@ class TileDefaults:
 
 
 TILE = TileDefaults()
+
+
+# Experiment trackers (--logger): where their files go, and the MLflow/W&B project name.
+TRACKER_LOG_DIR = "geoexplora-runs"
+TRACKER_PROJECT = "geoexplora"

@@ -202,6 +202,43 @@ def config_options() -> list:
     return params
 
 
+TRACKED_VERBS = ("adapt", "finetune")  # the verbs that train, whose loop logs records
+TRACKER_PARAMS = ("logger", "run_name", "log_dir")
+
+
+def tracker_options() -> list:
+    """--logger/--run-name/--log-dir for the training verbs (added by the CLI group)."""
+    from geoexplora import defaults
+
+    app = typer.Typer()
+
+    @app.command()
+    def trackers(
+        logger: Annotated[list[str] | None, typer.Option(
+            "--logger", help="Also log the run to an experiment tracker: csv, tensorboard, "
+                             "mlflow or wandb (repeatable; all but csv are extras, e.g. pip "
+                             "install 'geoexplora[tensorboard]').")] = None,
+        run_name: Annotated[str | None, typer.Option(
+            "--run-name", help="The run's name in the trackers (default: the output's "
+                               "stem).")] = None,
+        log_dir: Annotated[Path, typer.Option(
+            "--log-dir", help="Folder for the trackers' files.")] = Path(defaults.TRACKER_LOG_DIR),
+    ) -> None:
+        """Never run: only its parameters are used."""
+
+    return typer.main.get_command(app).params
+
+
+def _tracking(ctx, config: dict):
+    """The trackers asked for, popped from the verb's parameters (the verb does not take them)."""
+    from geoexplora.train.tracking import tracking
+
+    names, run_name, log_dir = (ctx.params.pop(name, None) for name in TRACKER_PARAMS)
+    output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
+    run_name = run_name or (Path(output).stem if output else ctx.info_name)
+    return tracking(list(names or []), run_name, Path(log_dir or "."), config)
+
+
 OUTPUT_PARAMS = ("output", "out")  # the verbs' -o: a file, or a folder (tile, demo)
 
 
@@ -229,7 +266,8 @@ def run_or_print_config(invoke, ctx):
     from geoexplora.runconfig import running_with
 
     text = _config_yaml(ctx)  # before the verb runs: what was asked for, not what it changed
-    with running_with({"command": ctx.info_name, "options": resolved_config(ctx)}):
+    config = resolved_config(ctx)
+    with _tracking(ctx, config), running_with({"command": ctx.info_name, "options": config}):
         result = invoke(ctx)
     output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
     if output is not None and Path(output).exists() and not ctx.params.get("dry_run"):
