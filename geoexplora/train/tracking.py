@@ -21,7 +21,7 @@ from geoexplora.errors import UserError
 TRACKERS = {"csv": (None, None), "tensorboard": ("tensorboard", "tensorboard"),
             "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 
-_active: ContextVar[list] = ContextVar("geoexplora_trackers", default=[])
+_active: ContextVar[tuple] = ContextVar("geoexplora_trackers", default=())
 
 
 def _open(name: str, run_name: str, log_dir: Path):
@@ -68,7 +68,7 @@ def tracking(names: list[str], run_name: str, log_dir: Path, config: dict):
     loggers = open_loggers(names, run_name, log_dir) if names else []
     for tracker in loggers:
         tracker.log_hyperparams(_hyperparameters(config))
-    token = _active.set(loggers)
+    token = _active.set(tuple(loggers))
     status = "failed"
     try:
         yield loggers
