@@ -46,6 +46,10 @@ def test_tensorboard_and_csv_get_every_logged_value_and_the_options(tmp_path):
     (point,) = [e for e in events.Scalars("loss") if e.step == last["step"]]
     assert point.value == pytest.approx(last["loss"], rel=1e-6)
 
+    assert events.Tags()["images"] == ["adapted.loss.png"]  # the loss curves, as an image
+    (image,) = events.Images("adapted.loss.png")
+    assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > 100
+
     (metrics,) = (tmp_path / "runs" / "csv" / "trial").rglob("metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
     assert float(rows[-1]["loss"]) == pytest.approx(last["loss"], rel=1e-6)

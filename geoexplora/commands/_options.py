@@ -267,9 +267,14 @@ def run_or_print_config(invoke, ctx):
 
     text = _config_yaml(ctx)  # before the verb runs: what was asked for, not what it changed
     config = resolved_config(ctx)
+    output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
     with _tracking(ctx, config), running_with({"command": ctx.info_name, "options": config}):
         result = invoke(ctx)
-    output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
+        if output is not None and ctx.info_name in TRACKED_VERBS:
+            from geoexplora.train.tracking import log_images
+
+            output = Path(output)
+            log_images(sorted(output.parent.glob(f"{output.stem}.*.png")))
     if output is not None and Path(output).exists() and not ctx.params.get("dry_run"):
         from geoexplora.io.outputs import atomic_output
 

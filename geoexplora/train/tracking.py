@@ -79,6 +79,27 @@ def tracking(names: list[str], run_name: str, log_dir: Path, config: dict):
             tracker.finalize(status)
 
 
+def log_images(paths: list[Path], step: int = 0) -> None:
+    """The run's PNGs (loss curves, confusion matrix) as images, named by their file names."""
+    loggers = _active.get()
+    if not loggers or not paths:
+        return
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    for tracker in loggers:
+        for path in paths:
+            if isinstance(tracker, TensorBoardLogger):
+                import matplotlib.image
+
+                pixels = matplotlib.image.imread(path)[..., :3]  # RGB floats in 0-1
+                tracker.experiment.add_image(path.name, pixels, step, dataformats="HWC")
+            elif isinstance(tracker, MLFlowLogger):
+                tracker.experiment.log_artifact(tracker.run_id, str(path), "images")
+            elif isinstance(tracker, WandbLogger):
+                tracker.log_image(key=path.name, images=[str(path)], step=step)
+            # csv: the PNGs already lie next to the output
+
+
 def log_record(record: dict) -> None:
     """One training-log record (``step`` and numbers) to the active trackers."""
     loggers = _active.get()
