@@ -68,3 +68,24 @@ def test_an_unknown_or_missing_tracker_is_one_line_before_any_work(tmp_path, mon
     code, _, err = _adapt(tmp_path, "--logger", "mlflow")
     assert code == 2 and "pip install 'geoexplora[mlflow]'" in err and err.count("\n") == 1
     assert not (tmp_path / "adapted.pt").exists()
+
+
+def test_finetune_logs_validation_metrics_and_its_pngs_to_tensorboard(shared_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_probe_support import nc_landsat7_chips, tiny_model_file
+
+    chips = nc_landsat7_chips(tmp_path / "datasets", shared_data)
+    model = tiny_model_file(tmp_path / "tiny.pt", chips)
+    code, _, err = run_cli("finetune", str(model), str(chips), "-o", str(tmp_path / "model.pt"),
+                           "--steps", "4", "--eval-every", "2", "--batch-size", "8",
+                           "--num-workers", "0", "--accelerator", "cpu", "-q", "--logger",
+                           "tensorboard", "--log-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    (events_dir,) = {p.parent for p in (tmp_path / "runs" / "tensorboard" / "model").rglob(
+        "events.out.*")}
+    events = EventAccumulator(str(events_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_macro_f1")] == [2, 4]
+    assert {"loss", "lr"} <= set(events.Tags()["scalars"])
+    assert "model.loss.png" in events.Tags()["images"]
