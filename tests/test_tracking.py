@@ -89,3 +89,22 @@ def test_finetune_logs_validation_metrics_and_its_pngs_to_tensorboard(shared_dat
     assert [e.step for e in events.Scalars("val_macro_f1")] == [2, 4]
     assert {"loss", "lr"} <= set(events.Tags()["scalars"])
     assert "model.loss.png" in events.Tags()["images"]
+
+
+def test_mlflow_local_store_gets_metrics_options_and_pngs(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    code, _, err = _adapt(tmp_path, "--logger", "mlflow", "--run-name", "trial")
+    assert code == 0, err
+    last = _jsonl(tmp_path)[-1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("geoexplora")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["mlflow.runName"] == "trial" and run.info.status == "FINISHED"
+    assert run.data.params["lora_rank"] == "64" and run.data.params["steps"] == "2"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history][-1] == last["step"]
+    assert history[-1].value == pytest.approx(last["loss"], rel=1e-6)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "images")] == [
+        "images/adapted.loss.png"]

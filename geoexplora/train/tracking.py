@@ -38,8 +38,11 @@ def _open(name: str, run_name: str, log_dir: Path):
     if name == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
 
+        # MLflow 3 refuses its plain-file store; a SQLite file is its local, offline backend
+        log_dir.mkdir(parents=True, exist_ok=True)
         return MLFlowLogger(experiment_name=defaults.TRACKER_PROJECT, run_name=run_name,
-                            tracking_uri=(log_dir / "mlruns").resolve().as_uri())
+                            tracking_uri=f"sqlite:///{(log_dir / 'mlflow.db').resolve()}",
+                            artifact_location=(log_dir / "mlartifacts").resolve().as_uri())
     from lightning.pytorch.loggers import WandbLogger
 
     return WandbLogger(name=run_name, save_dir=str(log_dir), project=defaults.TRACKER_PROJECT)
