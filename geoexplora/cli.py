@@ -13,10 +13,39 @@ import threading
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from geoexplora import __version__
+from geoexplora.commands._options import QUIET_HELP, VERBOSE_HELP
+
+
+class _Group(TyperGroup):
+    """Options every verb has, added here once: -v/-q after the verb's name too (users type both
+    orders), --config FILE.yaml and --print-config; the experiment trackers for training verbs."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not any(p.name == "quiet" for p in command.params):
+            from functools import partial
+
+            from geoexplora.commands._options import (
+                TRACKED_VERBS,
+                config_options,
+                run_or_print_config,
+                tracker_options,
+                verbosity_options,
+            )
+
+            command.params[:0] = config_options()  # first, so --config is read before the rest
+            if cmd_name in TRACKED_VERBS:
+                command.params.extend(tracker_options())
+            command.params.extend(verbosity_options())
+            command.invoke = partial(run_or_print_config, command.invoke)
+        return command
+
 
 app = typer.Typer(
+    cls=_Group,
     name="geoexplora",
     help="ExPLoRA for satellite imagery: adapt a natural-image ViT to your scenes, then probe, "
          "fine-tune and predict georeferenced rasters.\n\n"
@@ -41,8 +70,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
-                                         help="More logging (-v), tracebacks on errors.")] = 0,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Errors only; no progress.")] = False,
+                                         help=VERBOSE_HELP)] = 0,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help=QUIET_HELP)] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:

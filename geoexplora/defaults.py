@@ -303,3 +303,7 @@ class MemoryDefaults:
 
 
 MEMORY = MemoryDefaults()
+
+# Experiment trackers (--logger): where their files go, and the MLflow/W&B project name.
+TRACKER_LOG_DIR = "geoexplora-runs"
+TRACKER_PROJECT = "geoexplora"

@@ -33,7 +33,7 @@ def render() -> str:
              "Generated from the Typer app by `scripts/gen_cli_reference.py` (`make docs`); do not",
              "edit by hand.", "", "```", "geoexplora [-v|-q] [--version] COMMAND ...", "```", ""]
     for name in app_command_order(group):
-        command = group.commands[name]
+        command = group.get_command(None, name)  # with the options the group adds to every verb
         lines += [f"## geoexplora {name}", "", (command.help or "").strip(), "",
                   "| name | kind | help |", "|---|---|---|", *_option_rows(command), ""]
     return "\n".join(lines)

@@ -157,3 +157,28 @@ def test_info_on_a_chips_dataset_summarises_it(sample_data, tmp_path):
     assert doc["classes"][1]["chips"] == 9 and doc["crs"] == "EPSG:32633"
     code, out, _ = run_cli("info", out_dir)
     assert code == 0 and "9 of 32 px" in out and "forest" in out
+
+
+def test_quiet_and_verbose_are_accepted_after_the_verb(tmp_path):
+    from geoexplora.log import set_verbosity, verbosity
+
+    missing = str(tmp_path / "missing.tif")
+    try:
+        code, _, err = run_cli("info", missing, "-q")
+        assert code == 2 and "missing.tif: no such file" in err
+        assert verbosity() == -1
+        code, _, err = run_cli("-v", "info", missing, "-v")
+        assert code == 2 and verbosity() == 2
+        assert "Traceback" in err  # -v shows tracebacks, wherever it is typed
+    finally:
+        set_verbosity(0)
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "geoexplora", "--version"], check=False,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"geoexplora {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "geoexplora", "info", "/no/such.tif", "-q"],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "geoexplora: error: /no/such.tif: no such file"

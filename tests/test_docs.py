@@ -114,7 +114,7 @@ def unknown_names(args: list[str], group) -> list[str]:
     name, *rest = rest
     if name not in group.commands:
         return [f"command '{name}'"]
-    command = group.commands[name]
+    command = group.get_command(None, name)  # with the options the CLI group adds to every verb
     known = {opt for param in command.params for opt in param.opts + param.secondary_opts}
     known |= {"-h", "--help"}
     options = [t.split("=", 1)[0] for t in rest

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_models_helpers import TINY
+from factories import TINY
 
 from geoexplora import sample
 
@@ -35,7 +35,7 @@ def error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from test_predict import make_model
+    from factories import make_model
 
     return make_model(tmp_path_factory.mktemp("model") / "seg.pt")
 
@@ -146,7 +146,7 @@ def test_adapt_refuses_a_band_named_twice(scene, tmp_path):
 
 
 def test_adapt_on_chips_refuses_a_band_named_twice(tmp_path):
-    from chips_factory import make_chips_dataset
+    from factories import make_chips_dataset
 
     chips = make_chips_dataset(tmp_path / "chips", "unlabeled", size=56)
     before = digest(tmp_path)
@@ -480,7 +480,7 @@ def test_tile_refuses_a_crs_proj_does_not_know(scene, tmp_path):
 def chips_missing_one(tmp_path) -> tuple[Path, str]:
     """A labelled chips dataset one of whose chip files was deleted after tiling."""
     import pandas as pd
-    from chips_factory import make_chips_dataset
+    from factories import make_chips_dataset
 
     from geoexplora.io.chips import INDEX_NAME
 
@@ -510,7 +510,7 @@ def test_demo_can_start_from_a_model_file(model, tmp_path):
     """``demo --init MODEL.pt`` used to be told "--init-weights cannot be used with it" though
     it was not given: the model file is the source, with its own weights."""
     import torch
-    from chips_factory import make_chips_dataset
+    from factories import make_chips_dataset
 
     from geoexplora.models.file import load_model
     from geoexplora.pipelines.demo import DemoConfig, _source, _write_source_model

@@ -79,3 +79,205 @@ def scene_opts(**kwargs):
     from geoexplora.io.scene import scene_options
 
     return scene_options(**kwargs)
+
+
+VERBOSE_HELP = "More logging (-v), tracebacks on errors."
+QUIET_HELP = "Errors only; no progress."
+
+
+def _add_verbose(count: int) -> None:
+    """-v after the verb adds to any -v given before it (the group's callback has already run)."""
+    if count:
+        from geoexplora.log import set_verbosity, verbosity
+
+        set_verbosity(max(verbosity(), 0) + count)
+
+
+def _set_quiet(quiet: bool) -> None:
+    if quiet:
+        from geoexplora.log import set_verbosity
+
+        set_verbosity(-1)
+
+
+def verbosity_options() -> list:
+    """-v/-q as options of a verb, so `geoexplora predict ... -q` works as `geoexplora -q
+    predict ...` does. Built by Typer from a signature (so they parse and render like every other
+    option) and not passed to the verb's function: their callbacks set the logging state."""
+    app = typer.Typer()
+
+    @app.command()
+    def verbosity(
+        verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, callback=_add_verbose,
+                                             help=VERBOSE_HELP)] = 0,
+        quiet: Annotated[bool, typer.Option("-q", "--quiet", callback=_set_quiet,
+                                            help=QUIET_HELP)] = False,
+    ) -> None:
+        """Never run: only its parameters are used."""
+
+    params = typer.main.get_command(app).params
+    for param in params:
+        param.expose_value = False
+    return params
+
+
+def _config_keys(command) -> dict:
+    """The keys a verb's config file may hold: the verb's own parameters (one schema source)."""
+    return {p.name: p for p in command.params
+            if p.expose_value and p.name not in ("help", "config", "print_config")}
+
+
+def _load_config(ctx: typer.Context, path: Path | None) -> None:
+    """--config FILE.yaml: the file's values become the verb's defaults (click's default_map),
+    so flags given on the command line override them; each value is checked by the option's own
+    type."""
+    if path is None:
+        return
+    import yaml
+
+    from geoexplora.errors import UserError
+
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise UserError(f"--config {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(doc, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    keys = _config_keys(ctx.command)
+    for key, value in doc.items():
+        param = keys.get(str(key).replace("-", "_"))
+        if param is None:
+            raise UserError(f"{path}: unknown key '{key}' for '{ctx.command_path}' "
+                            f"(see --print-config)")
+        if value is None:
+            continue
+        try:  # the conversion click applies to the option's own values
+            param.get_runtime_param().coerce(value, param=param, ctx=ctx)
+        except typer.BadParameter as exc:
+            raise UserError(f"{path}: key '{key}': {exc.message}") from exc
+    ctx.default_map = {str(k).replace("-", "_"): v for k, v in doc.items()}
+
+
+def _plain(value):
+    """A resolved parameter value as YAML-safe data (paths and enums as strings)."""
+    from enum import Enum
+
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolved_config(ctx) -> dict:
+    """Every parameter of the verb as resolved (file, flags and defaults), as --config reads it."""
+    keys = _config_keys(ctx.command)
+    return {name: _plain(ctx.params[name]) for name in keys if name in ctx.params}
+
+
+def config_options() -> list:
+    """--config and --print-config for every verb (added by the CLI group, like -v/-q)."""
+    app = typer.Typer()
+
+    @app.command()
+    def config(
+        config: Annotated[Path | None, typer.Option(
+            "--config", callback=_load_config, is_eager=True, metavar="FILE.yaml",
+            help="Read option values from a YAML file (keys as in --print-config); flags given "
+                 "on the command line override it.")] = None,
+        print_config: Annotated[bool, typer.Option(
+            "--print-config", help="Print the fully resolved options as YAML (readable by "
+                                   "--config) and exit without running.")] = False,
+    ) -> None:
+        """Never run: only its parameters are used."""
+
+    params = typer.main.get_command(app).params
+    for param in params:
+        param.expose_value = False
+    params[1].expose_value = True  # read by the group's wrapper around the verb
+    return params
+
+
+TRACKED_VERBS = ("adapt", "finetune")  # the verbs that train, whose loop logs records
+TRACKER_PARAMS = ("logger", "run_name", "log_dir")
+
+
+def tracker_options() -> list:
+    """--logger/--run-name/--log-dir for the training verbs (added by the CLI group)."""
+    from geoexplora import defaults
+
+    app = typer.Typer()
+
+    @app.command()
+    def trackers(
+        logger: Annotated[list[str] | None, typer.Option(
+            "--logger", help="Also log the run to an experiment tracker: csv, tensorboard, "
+                             "mlflow or wandb (repeatable; all but csv are extras, e.g. pip "
+                             "install 'geoexplora[tensorboard]').")] = None,
+        run_name: Annotated[str | None, typer.Option(
+            "--run-name", help="The run's name in the trackers (default: the output's "
+                               "stem).")] = None,
+        log_dir: Annotated[Path, typer.Option(
+            "--log-dir", help="Folder for the trackers' files.")] = Path(defaults.TRACKER_LOG_DIR),
+    ) -> None:
+        """Never run: only its parameters are used."""
+
+    return typer.main.get_command(app).params
+
+
+def _tracking(ctx, config: dict):
+    """The trackers asked for, popped from the verb's parameters (the verb does not take them)."""
+    from geoexplora.train.tracking import tracking
+
+    names, run_name, log_dir = (ctx.params.pop(name, None) for name in TRACKER_PARAMS)
+    output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
+    run_name = run_name or (Path(output).stem if output else ctx.info_name)
+    return tracking(list(names or []), run_name, Path(log_dir or "."), config)
+
+
+OUTPUT_PARAMS = ("output", "out")  # the verbs' -o: a file, or a folder (tile, demo)
+
+
+def config_sidecar(output: Path) -> Path:
+    """Where a run's resolved config is kept: OUT-stem.config.yaml next to the output."""
+    return output.with_name(f"{output.stem}.config.yaml")
+
+
+def _config_yaml(ctx) -> str:
+    import yaml
+
+    from geoexplora import __version__
+
+    header = (f"# {ctx.command_path} (geoexplora {__version__}): resolved options; rerun with "
+              f"{ctx.command_path} --config THIS_FILE\n")
+    return header + yaml.safe_dump(resolved_config(ctx), sort_keys=False)
+
+
+def run_or_print_config(invoke, ctx):
+    """The verb's invoke, then its resolved config next to its output; with --print-config only
+    the config, as YAML on stdout. Written after the run succeeded, so a failed run leaves none."""
+    if ctx.params.pop("print_config", False):
+        sys.stdout.write(_config_yaml(ctx))
+        return 0
+    from geoexplora.runconfig import running_with
+
+    text = _config_yaml(ctx)  # before the verb runs: what was asked for, not what it changed
+    config = resolved_config(ctx)
+    output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
+    with _tracking(ctx, config), running_with({"command": ctx.info_name, "options": config}):
+        result = invoke(ctx)
+        if output is not None and ctx.info_name in TRACKED_VERBS:
+            from geoexplora.train.tracking import log_images
+
+            output = Path(output)
+            log_images(sorted(output.parent.glob(f"{output.stem}.*.png")))
+    if output is not None and Path(output).exists() and not ctx.params.get("dry_run"):
+        from geoexplora.io.outputs import atomic_output
+
+        with atomic_output(config_sidecar(Path(output)), overwrite=True) as tmp:
+            tmp.write_text(text)
+    return result

@@ -6,8 +6,8 @@ strings and ints is ever unpickled. It holds the backbone's config (architecture
 size, bands with wavelengths, normalisation statistics, temporal layout, spectral-token mode,
 ExPLoRA settings and parameter report, source weights and their sha256), the task (head, classes,
 colours) when there is one, and provenance (package versions, creation time, and whatever the
-writing command adds: data, training settings). Models are always stored merged (no LoRA), so
-loading needs neither peft nor the adapter code.
+writing command adds: data, training settings, the CLI's resolved options). Models are always
+stored merged (no LoRA), so loading needs neither peft nor the adapter code.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from geoexplora.models.checkpoints import (
 from geoexplora.models.geovit import GeoViT, geovit_from_config
 from geoexplora.models.heads import TaskModel, build_head
 from geoexplora.models.temporal import days_since_epoch
+from geoexplora.runconfig import current as current_run_config
 
 FORMAT_NAME = "geoexplora-model"
 FORMAT_VERSION = 1
@@ -69,6 +70,8 @@ def save_model(path: str | Path, module: nn.Module, meta: dict | None = None,
     extra = dict(meta or {})
     provenance = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                   "versions": _versions(), **extra.pop("provenance", {})}
+    if (run_config := current_run_config()) is not None:
+        provenance["config"] = run_config
     state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
     full_meta = {
         **extra,

@@ -41,6 +41,7 @@ from geoexplora.io.chips import IGNORE_INDEX, ChipsDataset
 from geoexplora.log import logger
 from geoexplora.train import metrics as M
 from geoexplora.train.features import ModelInputs, valid_frames
+from geoexplora.train.tracking import log_record
 
 TASKS = ("classification", "multilabel", "segmentation")
 MODES = ("lora", "linear", "full", "explora")
@@ -563,6 +564,8 @@ def finetune(cfg: FinetuneConfig) -> dict | None:
         score = scores[monitor]
         improved = math.isfinite(score) and score > float(objective.best_score)
         history.append({"step": step, f"val_{monitor}": score})
+        if fabric.is_global_zero:
+            log_record({"step": step, **{f"val_{k}": v for k, v in scores.items()}})  # trackers
         if improved:
             objective.best_score.fill_(score)
             objective.best_step.fill_(step)

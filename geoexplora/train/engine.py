@@ -67,6 +67,7 @@ from torch.utils.data import DataLoader, Sampler
 from geoexplora.defaults import ENGINE
 from geoexplora.errors import RuntimeFailure, UserError
 from geoexplora.log import logger, make_progress
+from geoexplora.train.tracking import log_record
 
 CHECKPOINT_FORMAT = "geoexplora-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -704,6 +705,7 @@ class TrainLoop:
                         if log_file is not None:
                             log_file.write(json.dumps(record) + "\n")
                             log_file.flush()
+                            log_record(record)  # to the --logger trackers too
                         if progress is not None:
                             progress.update(task, completed=self.step,
                                             info=progress_info(record, lr, progress.console.width))
