@@ -73,3 +73,25 @@ def test_stall_rule_waits_for_enough_records():
     flat = [{"step": i, "loss": 1.0} for i in range(1, 6)]
     assert stall_reason(flat) is None
     assert stall_reason(flat * 2) is not None
+
+
+def test_stop_if_stalled_ends_a_run_at_lr_zero_with_exit_1_and_keeps_the_checkpoint(tmp_path):
+    from conftest import run_cli
+    from test_adapt import TINY
+    from test_models_helpers import timm_model
+
+    from geoexplora import sample
+
+    weights = tmp_path / "tiny.pth"
+    torch.save(timm_model(TINY, img_size=56).state_dict(), weights)
+    out = tmp_path / "stalled.pt"
+    code, _, stderr = run_cli(
+        "adapt", "--bands", "B2,B3,B4,B8", str(sample.slovenia_scenes()[0]), "-o", str(out),
+        "--init", TINY, "--init-weights", str(weights), "--steps", "30", "--batch-size", "2",
+        "--crop-size", "56", "--local-crops", "0", "--num-workers", "0", "--lr", "0",
+        "--stop-if-stalled")
+    assert code == 1, stderr
+    assert "not learning: kl_dino" in stderr and "--stop-if-stalled" in stderr
+    assert (tmp_path / "stalled.ckpt").is_file() and not out.exists()
+    ckpt = torch.load(tmp_path / "stalled.ckpt", weights_only=True)
+    assert ckpt["step"] < 30
