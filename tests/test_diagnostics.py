@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from test_adapt_ssl import _batch, _distinct_images, _tiny_scratch_objective
 
 from geoexplora.ssl import dinov2 as D
 from geoexplora.ssl import mae as M
 from geoexplora.train.diagnostics import stall_reason
-from test_adapt_ssl import _batch, _distinct_images, _tiny_scratch_objective
 
 
 def test_uniform_student_has_entropy_ln_k_and_a_copied_teacher_has_kl_zero():
