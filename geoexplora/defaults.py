@@ -63,6 +63,19 @@ DATA = DataDefaults()
 
 
 @dataclass(frozen=True)
+class StallDefaults:
+    """The "not learning" rule of geoexplora/train/diagnostics.py (all "ours": the recipe has
+    none; a 150k-step run that learns nothing should say so in its first minutes)."""
+
+    window: int = 5  # logged records averaged at the start and at the end of the run so far
+    min_records: int = 10  # records needed before the rule may fire (2 windows at least)
+    min_drop: float = 0.02  # the learning signal must fall by 2 % (relative) to count as learning
+
+
+STALL = StallDefaults()
+
+
+@dataclass(frozen=True)
 class AugmentDefaults:
     """Multispectral-safe augmentation (ours, derived from DINOv2's): no hue, saturation,
     grey-scale or solarisation, which only make sense for RGB. Geometric ops are exact for any

@@ -47,7 +47,7 @@ def _comment(lines: list[str], node: ast.AST) -> str:
     """The ``# ...`` comments on a field's lines (and full-line comments continuing it)."""
     parts = []
     for i in range(node.lineno - 1, node.end_lineno):
-        code, sep, comment = lines[i].partition("  # ")
+        _code, sep, comment = lines[i].partition("  # ")
         if sep:
             parts.append(comment.strip())
     j = node.end_lineno

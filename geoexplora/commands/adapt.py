@@ -88,6 +88,10 @@ def adapt(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (parameter report, steps, memory per device) and "
                           "stop.")] = False,
+    stop_if_stalled: Annotated[bool, typer.Option(
+        "--stop-if-stalled", help="End the run (exit 1, checkpoint kept) once it is not "
+                                  "learning: its KL to the teacher (DINOv2) or its error vs "
+                                  "the mean-patch guess (MAE) stops falling.")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from OUT-stem.ckpt exactly where it stopped.")] = False,
     overwrite: O.Overwrite = False,
@@ -124,7 +128,7 @@ def adapt(
         local_crop_size=local_crop_size, local_crops=local_crops,
         head_prototypes=head_prototypes, lr=lr, warmup_steps=warmup_steps,
         checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed, dry_run=dry_run,
-        resume=resume, overwrite=overwrite)
+        stop_if_stalled=stop_if_stalled, resume=resume, overwrite=overwrite)
     result = run_adapt(cfg)
     if result is None:  # another rank of a multi-device run: rank 0 reports
         return
@@ -152,6 +156,7 @@ def _render(summary: dict) -> None:
         rows.append(("memory per device", f"~{mem['total_gib']} GiB"))
     else:
         rows += [("loss", f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"),
+                 ("learning", summary["stalled"] or "yes (the not-learning rule did not fire)"),
                  ("speed", (f"{summary['images_per_s']:.1f} images/s, "
                             f"{100 * summary['data_wait_fraction']:.0f} % waiting for data")),
                  ("output", summary["output"])]

@@ -82,6 +82,7 @@ class AdaptConfig:
     num_workers: int | None = None
     seed: int = 0
     dry_run: bool = False
+    stop_if_stalled: bool = False
     resume: bool = False
     overwrite: bool = False
     settings_overrides: dict = field(default_factory=dict)  # DinoV2/Mae defaults fields
@@ -492,6 +493,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
                                       accumulate=cfg.accumulate, clip_grad=settings.clip_grad,
                                       checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
                                       num_workers=cfg.num_workers,
+                                      stop_if_stalled=cfg.stop_if_stalled,
                                       description=f"adapt ({objective})"),
                        schedules, fingerprint=_fingerprint(cfg, objective, world, steps))
     summary = loop.run(resume=cfg.resume)

@@ -105,6 +105,28 @@ def cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return -(teacher_probs * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(-1)
 
 
+@torch.no_grad()
+def dino_diagnostics(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                     student_temp: float, n_global: int) -> dict[str, torch.Tensor]:
+    """What the DINO loss is made of, to tell learning from stalling.
+
+    The cross-entropy ``H(t, s)`` splits into the teacher's entropy ``H(t)`` (what no student
+    can beat) and ``KL(t || s)`` (what the student can still learn): ``kl_dino`` is
+    ``loss_dino - teacher_entropy`` as every teacher crop is used equally often. A teacher
+    entropy near ``ln K`` means uniform (collapsed) targets; ``view_agreement`` is the fraction
+    of images whose two first global crops get the same teacher prototype (1.0 when both
+    crops are one image, near ``1/K`` for random targets).
+    """
+    s_probs = F.softmax(student_logits.float() / student_temp, dim=-1)
+    teacher_entropy = -(teacher_probs * teacher_probs.clamp(min=1e-12).log()).sum(-1).mean()
+    student_entropy = -(s_probs * s_probs.clamp(min=1e-12).log()).sum(-1).mean()
+    out = {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy}
+    if n_global >= 2:
+        first, second = teacher_probs.argmax(-1).chunk(n_global)[:2]
+        out["view_agreement"] = (first == second).float().mean()
+    return out
+
+
 def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """KoLeo regulariser (DINOv2): ``-mean log`` distance to the nearest neighbour of each row of
     the L2-normalised batch; pushes features apart (uniform spread)."""
@@ -333,8 +355,10 @@ class DinoV2Objective(nn.Module):
 
         loss_koleo = torch.stack([koleo(c) for c in s_global_cls.chunk(n_global)]).sum()
         loss = s.dino_weight * loss_dino + s.ibot_weight * loss_ibot + s.koleo_weight * loss_koleo
+        diagnostics = dino_diagnostics(s_logits, t_cls, s.student_temp, n_global)
+        diagnostics["kl_dino"] = loss_dino.detach() - diagnostics["teacher_entropy"]
         return {"loss": loss, "loss_dino": loss_dino, "loss_ibot": loss_ibot,
-                "loss_koleo": loss_koleo,
+                "loss_koleo": loss_koleo, **diagnostics,
                 "teacher_temp": torch.tensor(temp), "momentum": torch.tensor(self.momentum(step))}
 
     # -- engine hooks ------------------------------------------------------------------------

@@ -45,6 +45,18 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
     return torch.cat([encode(xs), encode(ys)], dim=1).float()
 
 
+@torch.no_grad()
+def mean_patch_baseline(target: torch.Tensor, valid: torch.Tensor,
+                        masked: torch.Tensor) -> torch.Tensor:
+    """The reconstruction error of predicting, for every masked patch, the mean masked patch of
+    its image (the best constant guess): a decoder that has learnt nothing about the visible
+    patches scores about this, so ``loss_mae / mae_baseline`` below 1 shows real learning."""
+    weight = (masked.unsqueeze(-1) * valid).float()
+    mean = (target * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
+    err = ((target - mean) ** 2 * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+    return (err * masked).sum() / masked.sum().clamp(min=1)
+
+
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     """``(B, C, H, W)`` -> ``(B, N, p*p*C)``, MAE's order (channel fastest)."""
     b, c, h, w = x.shape
@@ -244,4 +256,6 @@ class MaeObjective(nn.Module):
         masked[:, :keep] = 0
         masked = torch.gather(masked, 1, ids_restore) * valid.any(-1)
         loss = (err * masked).sum() / masked.sum().clamp(min=1)
-        return {"loss": loss, "loss_mae": loss}
+        baseline = mean_patch_baseline(target, valid, masked)
+        return {"loss": loss, "loss_mae": loss, "mae_baseline": baseline,
+                "mae_vs_baseline": loss.detach() / baseline.clamp(min=1e-12)}

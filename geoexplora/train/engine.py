@@ -67,6 +67,7 @@ from torch.utils.data import DataLoader, Sampler
 from geoexplora.defaults import ENGINE
 from geoexplora.errors import RuntimeFailure, UserError
 from geoexplora.log import logger, make_progress
+from geoexplora.train.diagnostics import learning_signal, stall_reason
 from geoexplora.train.tracking import log_record
 
 CHECKPOINT_FORMAT = "geoexplora-train-checkpoint"
@@ -380,6 +381,9 @@ def progress_info(record: dict, lr: float, width: int) -> str:
     """The progress line's text: the total loss, lr and rate; every loss term too when the
     terminal is wide enough (the JSONL log always has them all)."""
     rate = f"lr {lr:.2e} {record['images_per_s']:.1f} img/s"
+    signal = learning_signal(record)
+    if signal != "loss":  # what the "not learning" rule watches (train/diagnostics.py)
+        rate = f"{signal} {record[signal]:.3g} {rate}"
     terms = [k for k in record if is_loss_key(k) and k != "loss"]
     if terms and width >= 120:
         detail = " ".join(f"{k.removeprefix('loss_')} {record[k]:.3g}" for k in terms)
@@ -447,6 +451,7 @@ class LoopSettings:
     seed: int = 0
     num_workers: int | None = None
     description: str = "train"
+    stop_if_stalled: bool = False  # end (exit 1, checkpoint kept) once the run is not learning
 
 
 class _StopFlag:
@@ -593,6 +598,17 @@ class TrainLoop:
         local = torch.tensor(0.0 if flag.signum is None else 1.0, device=self.fabric.device)
         return bool(self.fabric.all_reduce(local, reduce_op="sum").item() > 0)
 
+    def _check_stall(self, history: list[dict]) -> str | None:
+        """The "not learning" rule (train/diagnostics.py) on rank 0's records, agreed by all
+        ranks; warns once when it fires."""
+        reason = stall_reason(history) if self.fabric.is_global_zero else None
+        if self.fabric.world_size > 1:
+            reason = self.fabric.broadcast(reason, src=0)
+        if reason is not None and self.fabric.is_global_zero:
+            logger.warning("%s%s", reason, "" if self.settings.stop_if_stalled else
+                           "; --stop-if-stalled would end such a run here")
+        return reason
+
     def _log_every(self) -> int:
         if self.settings.log_every:
             return self.settings.log_every
@@ -649,6 +665,9 @@ class TrainLoop:
                 self.files.plot.unlink()
         start_step = self.step
         stopped_early_at = None
+        history: list[dict] = list(kept)
+        stalled: str | None = None
+        halt = False
         self.objective.train()  # load_model returns eval-mode modules: drop-path must be on
         log_every = self._log_every()
         images_per_step = s.batch_size * s.accumulate * fabric.world_size
@@ -702,6 +721,11 @@ class TrainLoop:
                                 "learning rate or check the input data")
                         first = first or record
                         last = record
+                        history.append(record)
+                        if stalled is None:
+                            stalled = self._check_stall(history)
+                            halt = stalled is not None and s.stop_if_stalled
+                            checkpoint = checkpoint or halt
                         if log_file is not None:
                             log_file.write(json.dumps(record) + "\n")
                             log_file.flush()
@@ -715,12 +739,16 @@ class TrainLoop:
                         now = time.perf_counter()
                         self.elapsed += now - mark
                         mark = now
-                        if self.save_checkpoint() and not stop:
+                        if self.save_checkpoint() and not stop and not halt:
                             stopped_early_at = self.step
                             break
                     if stop:
                         raise Interrupted(f"interrupted at step {self.step}/{s.steps}: checkpoint "
                                           f"{self.files.checkpoint}; continue with --resume")
+                    if halt:
+                        raise RuntimeFailure(f"{stalled}; stopped at step {self.step}/{s.steps} "
+                                             f"(--stop-if-stalled), checkpoint "
+                                             f"{self.files.checkpoint}")
         finally:
             if progress is not None:
                 progress.stop()
@@ -738,6 +766,7 @@ class TrainLoop:
             "steps": s.steps,
             "steps_this_run": run_steps,
             "stopped_early_at": stopped_early_at,
+            "stalled": stalled,
             "resumed_from_step": start_step if resume else None,
             "batch_size_per_device": s.batch_size,
             "accumulate": s.accumulate,
