@@ -289,8 +289,8 @@ def make_model(path: Path, task: str = "segmentation", bands=("sentinel2:B2", "s
     import torch
 
     from geoexplora.bands import band_from_key
+    from geoexplora.models.builder import build_backbone
     from geoexplora.models.file import save_model
-    from geoexplora.models.geovit import build_backbone
     from geoexplora.models.heads import TaskModel, build_head
 
     torch.manual_seed(seed)

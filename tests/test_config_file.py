@@ -105,7 +105,7 @@ def test_a_failed_run_writes_no_config(tmp_path):
 
 def test_an_adapted_model_file_carries_the_resolved_config_in_its_provenance(tmp_path):
     import torch
-    from test_models_helpers import TINY, timm_model
+    from factories import TINY, timm_model
 
     from geoexplora import sample
     from geoexplora.models.file import read_model_meta

@@ -75,10 +75,10 @@ def test_stall_rule_waits_for_enough_records():
     assert stall_reason(flat * 2) is not None
 
 
-def test_stop_if_stalled_ends_a_run_at_lr_zero_with_exit_1_and_keeps_the_checkpoint(tmp_path):
+def test_stop_if_stalled_ends_a_run_at_a_vanishing_lr_with_exit_1_and_keeps_the_checkpoint(tmp_path):
     from conftest import run_cli
+    from factories import timm_model
     from test_adapt import TINY
-    from test_models_helpers import timm_model
 
     from geoexplora import sample
 
@@ -88,7 +88,7 @@ def test_stop_if_stalled_ends_a_run_at_lr_zero_with_exit_1_and_keeps_the_checkpo
     code, _, stderr = run_cli(
         "adapt", "--bands", "B2,B3,B4,B8", str(sample.slovenia_scenes()[0]), "-o", str(out),
         "--init", TINY, "--init-weights", str(weights), "--steps", "30", "--batch-size", "2",
-        "--crop-size", "56", "--local-crops", "0", "--num-workers", "0", "--lr", "0",
+        "--crop-size", "56", "--local-crops", "0", "--num-workers", "0", "--lr", "1e-12",
         "--stop-if-stalled")
     assert code == 1, stderr
     assert "not learning: kl_dino" in stderr and "--stop-if-stalled" in stderr

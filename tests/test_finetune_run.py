@@ -172,7 +172,7 @@ def test_bad_inputs_exit_2_and_write_nothing(nc, tmp_path, sample_data):
     out = str(tmp_path / "out.pt")
     cases = [
         ((str(model), str(chips), "-o", out, "--steps", "2", "--epochs", "1"), "not both"),
-        ((str(model), str(chips), "-o", out, "--mode", "half"), "--mode half"),
+        ((str(model), str(chips), "-o", out, "--mode", "half"), "--mode: must be one of"),
         ((str(model), str(chips), "-o", out, "--task", "segmentation"), "no masks"),
         ((str(model), str(unlabelled), "-o", out), "unlabelled"),
         ((str(model), str(chips), "-o", str(existing)), "--overwrite"),

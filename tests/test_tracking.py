@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 from conftest import run_cli
-from test_models_helpers import TINY, timm_model
+from factories import TINY, timm_model
 
 from geoexplora import sample
 
@@ -72,8 +72,8 @@ def test_an_unknown_or_missing_tracker_is_one_line_before_any_work(tmp_path, mon
 
 def test_finetune_logs_validation_metrics_and_its_pngs_to_tensorboard(shared_data, tmp_path):
     pytest.importorskip("tensorboard")
+    from factories import nc_landsat7_chips, tiny_model_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from test_probe_support import nc_landsat7_chips, tiny_model_file
 
     chips = nc_landsat7_chips(tmp_path / "datasets", shared_data)
     model = tiny_model_file(tmp_path / "tiny.pt", chips)

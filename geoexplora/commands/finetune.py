@@ -94,9 +94,10 @@ def finetune(
         patience=patience, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
         strategy=strategy, precision=precision, num_workers=num_workers, seed=seed,
         resume=resume, overwrite=overwrite)
-    doc = run_finetune(cfg)
-    if doc is None:  # another rank of a multi-device run: rank 0 reports
+    result = run_finetune(cfg)
+    if result is None:  # another rank of a multi-device run: rank 0 reports
         return
+    doc = result.to_dict()
     if json_out:
         O.print_json(doc)
     else:

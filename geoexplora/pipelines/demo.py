@@ -146,7 +146,7 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
         finetune_doc = finetune(FinetuneConfig(
             model=adapted, chips=chips, output=model, task="segmentation", mode="lora",
             steps=cfg.finetune_steps, batch_size=cfg.batch_size, seed=cfg.seed,
-            accelerator=_accelerator(cfg.device)))
+            accelerator=_accelerator(cfg.device))).report
     prediction = work / "prediction.tif"
     with _timed(timings, "predict"):
         predict_doc = predict(PredictConfig(model=model, inputs=[labelled], output=prediction,

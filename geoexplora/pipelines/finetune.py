@@ -30,21 +30,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geoexplora.config_checks import one_of
 from geoexplora.defaults import FINETUNE, PROBE
 from geoexplora.errors import RuntimeFailure, UserError
 from geoexplora.io.chips import IGNORE_INDEX, ChipsDataset
-from geoexplora.log import logger
+from geoexplora.log import Progress, logger, reports_progress
+from geoexplora.results import FinetuneResult
 from geoexplora.train import metrics as M
 from geoexplora.train.features import ModelInputs, valid_frames
 from geoexplora.train.tracking import log_record
 
-TASKS = ("classification", "multilabel", "segmentation")
-MODES = ("lora", "linear", "full", "explora")
+Task = Literal["classification", "multilabel", "segmentation"]
+Mode = Literal["lora", "linear", "full", "explora"]
+TASKS: tuple[str, ...] = get_args(Task)
+MODES: tuple[str, ...] = get_args(Mode)
 CLASS_WEIGHTINGS = ("inverse_sqrt", "inverse", "none")
 # The validation metric that decides the best checkpoint and early stopping, per task.
 MONITOR = {"classification": "macro_f1", "multilabel": "map", "segmentation": "miou"}
@@ -57,8 +62,8 @@ class FinetuneConfig:
     model: Path
     chips: Path
     output: Path
-    task: str | None = None  # None: the dataset's task
-    mode: str = FINETUNE.mode
+    task: Task | None = None  # None: the dataset's task
+    mode: Mode = FINETUNE.mode  # type: ignore[assignment]
     steps: int | None = None  # at most one of steps / epochs; neither: FINETUNE.epochs
     epochs: float | None = None
     batch_size: int = FINETUNE.batch_size  # per device
@@ -87,6 +92,11 @@ class FinetuneConfig:
     resume: bool = False
     overwrite: bool = False
     fingerprint_extra: dict = field(default_factory=dict)
+    progress: Progress = True  # False, or a callback (see geoexplora.log)
+
+    def __post_init__(self):
+        one_of("task", self.task, Task, optional=True)
+        one_of("mode", self.mode, Mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +471,8 @@ def summarise_metrics(metrics: dict | None, task: str, classes: list[dict]) -> d
     return out
 
 
-def finetune(cfg: FinetuneConfig) -> dict | None:
+@reports_progress
+def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     """Fine-tune ``cfg.model`` on ``cfg.chips``, write ``cfg.output``; the result document
     (None on the other ranks of a multi-device run)."""
     from geoexplora.io.chips import load_dataset_meta
@@ -632,10 +643,10 @@ def finetune(cfg: FinetuneConfig) -> dict | None:
     fabric.barrier()
     if not fabric.is_global_zero:
         return None  # rank 0 reports
-    return {"output": str(output), "model": str(model_path), "chips": str(cfg.chips),
-            "task": task, "mode": cfg.mode, "classes": [c["name"] for c in classes],
-            "training": training, "metrics": metrics, "evaluations": history,
-            "train": _jsonable(summary)}
+    return FinetuneResult.from_report({
+        "output": str(output), "model": str(model_path), "chips": str(cfg.chips), "task": task,
+        "mode": cfg.mode, "classes": [c["name"] for c in classes], "training": training,
+        "metrics": metrics, "evaluations": history, "train": _jsonable(summary)})
 
 
 def _jsonable(obj):

@@ -246,7 +246,8 @@ def check_outputs(products, cfg, extra: list[Path], inputs: list[Path]) -> None:
     from geoexplora.inference.runner import sidecar_path
 
     paths = [p.path for p in products] + [sidecar_path(products[0].path)] + extra
-    check_not_input(paths, [*inputs, cfg.model])
+    model_file = [cfg.model] if isinstance(cfg.model, (str, os.PathLike)) else []
+    check_not_input(paths, [*input_files(inputs), *model_file])
     for path in paths:
         check_output(path, cfg.overwrite)
 
