@@ -28,7 +28,7 @@ and the training data's provenance.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,7 +85,6 @@ class FinetuneConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
-    fingerprint_extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,8 +544,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict | None:
                    "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
                    "class_weighting": cfg.class_weighting, "augment": cfg.augment,
                    "eval_every": eval_every, "seed": cfg.seed,
-                   "val_from_train": cfg.val_fraction if val_from_train else None,
-                   **cfg.fingerprint_extra}
+                   "val_from_train": cfg.val_fraction if val_from_train else None}
     best_path = _best_path(output)
     if not cfg.resume and fabric.is_global_zero and best_path.exists():
         best_path.unlink()  # a previous run's: this run starts afresh
