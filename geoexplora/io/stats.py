@@ -14,8 +14,6 @@ import numpy as np
 
 from geoexplora.errors import UserError
 
-STAT_KEYS = ("mean", "std", "p2", "p98")
-
 
 class BandStatsAccumulator:
     """Streaming per-band statistics: feed ``(N, C)`` arrays, read ``result()``.

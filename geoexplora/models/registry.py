@@ -17,8 +17,6 @@ from geoexplora.errors import UserError
 # The paper's source model (the adapt command may choose its own default).
 DEFAULT_INIT = "vit_large_patch14_dinov2.lvd142m"
 
-# Families decide the default adapt objective: "dinov2" -> DINO+iBOT+KoLeo, "mae" -> MAE.
-FAMILIES = ("dinov2", "mae", "supervised", "unknown")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ and the training data's provenance.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -91,7 +91,6 @@ class FinetuneConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
-    fingerprint_extra: dict = field(default_factory=dict)
     progress: Progress = True  # False, or a callback (see geoexplora.log)
 
     def __post_init__(self):
@@ -560,8 +559,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
                    "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
                    "class_weighting": cfg.class_weighting, "augment": cfg.augment,
                    "eval_every": eval_every, "seed": cfg.seed,
-                   "val_from_train": cfg.val_fraction if val_from_train else None,
-                   **cfg.fingerprint_extra}
+                   "val_from_train": cfg.val_fraction if val_from_train else None}
     best_path = _best_path(output)
     if not cfg.resume and fabric.is_global_zero and best_path.exists():
         best_path.unlink()  # a previous run's: this run starts afresh
