@@ -22,7 +22,7 @@ def _option_rows(command) -> list[str]:
         names = ", ".join(f"`{o}`" for o in param.opts + param.secondary_opts)
         default = "" if param.default in (None, False, ()) or param.is_flag and not param.default \
             else f" (default: {param.default})"
-        help_text = (param.help or "").replace("|", "/").replace("\n", " ")
+        help_text = (param.help or "").replace("|", "/").replace("\\[", "[").replace("\n", " ")
         rows.append(f"| {names} | option | {help_text}{default} |")
     return rows
 

@@ -108,3 +108,95 @@ def test_mlflow_local_store_gets_metrics_options_and_pngs(tmp_path):
     assert history[-1].value == pytest.approx(last["loss"], rel=1e-6)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "images")] == [
         "images/adapted.loss.png"]
+
+
+def test_probe_logs_its_scores_table_and_confusion_pngs(shared_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from factories import nc_landsat7_chips, tiny_model_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    chips = nc_landsat7_chips(tmp_path / "datasets", shared_data)
+    model = tiny_model_file(tmp_path / "tiny.pt", chips)
+    code, out, err = run_cli("probe", str(model), str(chips), "--steps", "20", "--no-cache",
+                             "--device", "cpu", "--json", "-q", "--plots", str(tmp_path / "plots"),
+                             "--logger", "tensorboard", "--logger", "csv", "--log-dir",
+                             str(tmp_path / "runs"))
+    assert code == 0, err
+    import json
+
+    (scores,) = json.loads(out)["models"]
+    (events_dir,) = {p.parent for p in (tmp_path / "runs" / "tensorboard" / "probe").rglob(
+        "events.out.*")}
+    events = EventAccumulator(str(events_dir))
+    events.Reload()
+    for key in ("top1", "macro_f1", "knn_top1", "knn_macro_f1"):
+        (point,) = events.Scalars(f"probe/tiny/{key}")
+        assert point.value == pytest.approx(scores[key], rel=1e-6)
+    assert events.Tags()["images"] == ["tiny.confusion.png"]
+    (metrics,) = (tmp_path / "runs" / "csv" / "probe").rglob("metrics.csv")
+    (row,) = list(csv.DictReader(metrics.open()))
+    assert float(row["probe/tiny/top1"]) == pytest.approx(scores["top1"], rel=1e-6)
+
+
+def _wandb_records(run_file) -> list:
+    """The records of a W&B offline run file: a LevelDB-style log (7-byte header, 32 KiB blocks,
+    chunks of crc32/length/type) of protobuf ``Record``s, read back as ``wandb sync`` would."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw, block, pos = run_file.read_bytes(), 32768, 7
+    chunks, records = b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if length == kind == 0:
+            pos += block - pos % block
+            continue
+        chunks += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: one whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+    return records
+
+
+def test_wandb_offline_run_gets_every_logged_value_and_the_options(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import json
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    code, _, err = _adapt(tmp_path, "--logger", "wandb", "--run-name", "trial")
+    assert code == 0, err
+    last = _jsonl(tmp_path)[-1]
+    (run_file,) = (tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = _wandb_records(run_file)
+    config = {item.key: json.loads(item.value_json) for r in records
+              if r.WhichOneof("record_type") == "config" for item in r.config.update}
+    assert config["lora_rank"] == 64 and config["steps"] == 2
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    losses = [h for h in history if "loss" in h]
+    assert losses[-1]["loss"] == pytest.approx(last["loss"], rel=1e-6)
+    assert losses[-1]["trainer/global_step"] == last["step"]
+    assert {k for k in last if k != "step"} <= set().union(*history)
+    (image,) = [h for h in history if "adapted.loss.png/_type" in h]
+    assert image["adapted.loss.png/format"] == "png" and image["adapted.loss.png/width"] > 100
+
+
+def test_tracked_verbs_show_the_tracker_options_in_their_own_help_panel():
+    for verb in ("adapt", "finetune", "probe"):
+        code, out, _ = run_cli(verb, "--help")
+        assert code == 0
+        panel = out[out.index("Experiment tracking"):]
+        assert "--logger" in panel and "--run-name" in panel and "--log-dir" in panel
+        assert "geoexplora[tensorboard]" in panel  # rich markup did not eat the extra's name
+        assert "Run configuration" in out and out.count("--install-completion") == 0
+    code, out, _ = run_cli("predict", "--help")
+    assert code == 0 and "Experiment tracking" not in out and "--print-config" in out

@@ -104,21 +104,32 @@ def verbosity_options() -> list:
     """-v/-q as options of a verb, so `geoexplora predict ... -q` works as `geoexplora -q
     predict ...` does. Built by Typer from a signature (so they parse and render like every other
     option) and not passed to the verb's function: their callbacks set the logging state."""
-    app = typer.Typer()
-
-    @app.command()
     def verbosity(
         verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, callback=_add_verbose,
-                                             help=VERBOSE_HELP)] = 0,
+                                             help=VERBOSE_HELP, rich_help_panel=LOGGING_PANEL)] = 0,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", callback=_set_quiet,
-                                            help=QUIET_HELP)] = False,
+                                            help=QUIET_HELP, rich_help_panel=LOGGING_PANEL)] = False,
     ) -> None:
         """Never run: only its parameters are used."""
 
-    params = typer.main.get_command(app).params
+    params = _params_of(verbosity)
     for param in params:
         param.expose_value = False
     return params
+
+
+# The help panels of the options the CLI group adds to the verbs.
+CONFIG_PANEL = "Run configuration"
+TRACKING_PANEL = "Experiment tracking"
+LOGGING_PANEL = "Logging"
+
+
+def _params_of(signature) -> list:
+    """The click parameters Typer builds from a function's signature (the function never runs):
+    how the group's shared options parse and render like every verb's own."""
+    app = typer.Typer(add_completion=False)
+    app.command()(signature)
+    return typer.main.get_command(app).params
 
 
 def _config_keys(command) -> dict:
@@ -181,52 +192,52 @@ def resolved_config(ctx) -> dict:
 
 def config_options() -> list:
     """--config and --print-config for every verb (added by the CLI group, like -v/-q)."""
-    app = typer.Typer()
-
-    @app.command()
     def config(
         config: Annotated[Path | None, typer.Option(
             "--config", callback=_load_config, is_eager=True, metavar="FILE.yaml",
+            rich_help_panel=CONFIG_PANEL,
             help="Read option values from a YAML file (keys as in --print-config); flags given "
                  "on the command line override it.")] = None,
         print_config: Annotated[bool, typer.Option(
-            "--print-config", help="Print the fully resolved options as YAML (readable by "
-                                   "--config) and exit without running.")] = False,
+            "--print-config", rich_help_panel=CONFIG_PANEL,
+            help="Print the fully resolved options as YAML (readable by --config) and exit "
+                 "without running.")] = False,
     ) -> None:
         """Never run: only its parameters are used."""
 
-    params = typer.main.get_command(app).params
+    params = _params_of(config)
     for param in params:
         param.expose_value = False
     params[1].expose_value = True  # read by the group's wrapper around the verb
     return params
 
 
-TRACKED_VERBS = ("adapt", "finetune")  # the verbs that train, whose loop logs records
+TRACKED_VERBS = ("adapt", "finetune", "probe")  # verbs whose records or scores trackers get
+LOOP_VERBS = ("adapt", "finetune")  # their training loop's PNGs lie next to the output
 TRACKER_PARAMS = ("logger", "run_name", "log_dir")
 
 
 def tracker_options() -> list:
-    """--logger/--run-name/--log-dir for the training verbs (added by the CLI group)."""
+    """--logger/--run-name/--log-dir for the tracked verbs (added by the CLI group)."""
     from geoexplora import defaults
 
-    app = typer.Typer()
-
-    @app.command()
     def trackers(
         logger: Annotated[list[str] | None, typer.Option(
-            "--logger", help="Also log the run to an experiment tracker: csv, tensorboard, "
-                             "mlflow or wandb (repeatable; all but csv are extras, e.g. pip "
-                             "install 'geoexplora[tensorboard]').")] = None,
+            "--logger", rich_help_panel=TRACKING_PANEL,
+            help="Also log the run to an experiment tracker: csv, tensorboard, mlflow or wandb "
+                 "(repeatable; all but csv are extras, e.g. pip install "
+                 "'geoexplora\\[tensorboard]').")] = None,
         run_name: Annotated[str | None, typer.Option(
-            "--run-name", help="The run's name in the trackers (default: the output's "
-                               "stem).")] = None,
+            "--run-name", rich_help_panel=TRACKING_PANEL,
+            help="The run's name in the trackers (default: the output's stem, or the verb's "
+                 "name).")] = None,
         log_dir: Annotated[Path, typer.Option(
-            "--log-dir", help="Folder for the trackers' files.")] = Path(defaults.TRACKER_LOG_DIR),
+            "--log-dir", rich_help_panel=TRACKING_PANEL,
+            help="Folder for the trackers' files.")] = Path(defaults.TRACKER_LOG_DIR),
     ) -> None:
         """Never run: only its parameters are used."""
 
-    return typer.main.get_command(app).params
+    return _params_of(trackers)
 
 
 def _tracking(ctx, config: dict):
@@ -270,7 +281,7 @@ def run_or_print_config(invoke, ctx):
     output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
     with _tracking(ctx, config), running_with({"command": ctx.info_name, "options": config}):
         result = invoke(ctx)
-        if output is not None and ctx.info_name in TRACKED_VERBS:
+        if output is not None and ctx.info_name in LOOP_VERBS:
             from geoexplora.train.tracking import log_images
 
             output = Path(output)

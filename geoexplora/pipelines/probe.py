@@ -436,6 +436,7 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
                      "(optimistic)")
     for note in notes:
         logger.warning(note)
+    _track(results)
     return ProbeResult.from_report({
         "chips": str(cfg.chips),
         "task": "multilabel" if multilabel else "classification",
@@ -454,6 +455,20 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         },
         "models": results,
     })
+
+
+# The scores a tracker gets of each probed model (``--logger``): probe's table.
+TRACKED_SCORES = ("top1", "balanced_accuracy", "macro_f1", "map", "knn_top1",
+                  "knn_balanced_accuracy", "knn_macro_f1", "knn_map")
+
+
+def _track(results: list[dict]) -> None:
+    """The scores table and the confusion PNGs to the experiment trackers open around the run."""
+    from geoexplora.train.tracking import log_images, log_table
+
+    log_table("probe", [{"model": r["name"], **{k: r[k] for k in TRACKED_SCORES if k in r}}
+                        for r in results])
+    log_images([Path(r["plot"]) for r in results if "plot" in r])
 
 
 def _model_label(path: Path, models: list[Path]) -> str:

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from geoexplora import defaults
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 
 # tracker -> (module it needs, the extra that installs it)
 TRACKERS = {"csv": (None, None), "tensorboard": ("tensorboard", "tensorboard"),
@@ -52,10 +52,10 @@ def open_loggers(names: list[str], run_name: str, log_dir: Path) -> list:
     """Lightning loggers for ``names``; every name is checked before any is opened."""
     for name in names:
         if name not in TRACKERS:
-            raise UserError(f"--logger {name}: not one of {', '.join(TRACKERS)}")
+            raise UserError(f"{opt('logger')} {name}: not one of {', '.join(TRACKERS)}")
         module, extra = TRACKERS[name]
         if module is not None and importlib.util.find_spec(module) is None:
-            raise UserError(f"--logger {name} needs the {module} package: "
+            raise UserError(f"{opt('logger')} {name} needs the {module} package: "
                             f"pip install 'geoexplora[{extra}]'")
     return [_open(name, run_name, Path(log_dir)) for name in dict.fromkeys(names)]
 
@@ -80,6 +80,8 @@ def tracking(names: list[str], run_name: str, log_dir: Path, config: dict):
         _active.reset(token)
         for tracker in loggers:
             tracker.finalize(status)
+            if type(tracker).__name__ == "WandbLogger":  # its finalize leaves the run open
+                tracker.experiment.finish(exit_code=0 if status == "success" else 1)
 
 
 def log_images(paths: list[Path], step: int = 0) -> None:
@@ -101,6 +103,34 @@ def log_images(paths: list[Path], step: int = 0) -> None:
             elif isinstance(tracker, WandbLogger):
                 tracker.log_image(key=path.name, images=[str(path)], step=step)
             # csv: the PNGs already lie next to the output
+
+
+def log_table(key: str, rows: list[dict], step: int = 0) -> None:
+    """A result table (probe's scores, one row a model) to the active trackers: each number as a
+    metric ``KEY/ROW/COLUMN`` (rows named by their first column), and the whole table where the
+    tracker shows tables (TensorBoard: markdown text; MLflow: a JSON artifact; W&B: a table)."""
+    loggers = _active.get()
+    if not loggers or not rows:
+        return
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    columns = list(rows[0])
+    label = columns[0]
+    metrics = {f"{key}/{row[label]}/{column}": float(value) for row in rows
+               for column, value in row.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    for tracker in loggers:
+        tracker.log_metrics(metrics, step=step)
+        if isinstance(tracker, TensorBoardLogger):
+            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+            tracker.experiment.add_text(key, "\n".join(lines), step)
+        elif isinstance(tracker, MLFlowLogger):
+            tracker.experiment.log_dict(tracker.run_id, {"columns": columns, "rows": rows},
+                                        f"{key}.json")
+        elif isinstance(tracker, WandbLogger):
+            tracker.log_table(key=key, columns=columns,
+                              data=[[row[c] for c in columns] for row in rows], step=step)
 
 
 def log_record(record: dict) -> None:
