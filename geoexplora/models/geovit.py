@@ -12,6 +12,8 @@ this is exactly the source ViT's sequence, and the outputs equal the source mode
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -21,13 +23,22 @@ from geoexplora.errors import UserError
 from geoexplora.models.spectral import SpectralProjection, band_wavelength, mixing_matrix
 from geoexplora.models.temporal import DateEncoding
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
 SPECTRAL_TOKEN_MODES = ("bank", "groups")
 
 
 class GeoViT(nn.Module):
     """Backbone. ``config`` (JSON-able) describes it fully, for the model file."""
 
-    def __init__(self, vit: nn.Module, bands: list[Band], mean: list[float], std: list[float],
+    vit: VisionTransformer
+    band_mean: torch.Tensor
+    band_std: torch.Tensor
+    group_embed: nn.Parameter | None
+    date_encoding: DateEncoding | None
+
+    def __init__(self, vit: VisionTransformer, bands: list[Band], mean: list[float], std: list[float],
                  source_wavelengths: list[float], groups: list[list[int]], num_frames: int = 1,
                  spectral_tokens: str = "bank", mask_token: torch.Tensor | None = None,
                  config: dict | None = None):
