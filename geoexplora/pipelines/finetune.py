@@ -476,6 +476,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     (None on the other ranks of a multi-device run)."""
     from geoexplora.io.chips import load_dataset_meta
     from geoexplora.io.outputs import atomic_output, check_not_input, check_output
+    from geoexplora.memory import check_training_memory
     from geoexplora.models.file import save_model
     from geoexplora.train import engine as E
     from geoexplora.train.features import (
@@ -525,6 +526,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     else:
         weights = class_weights(counts, cfg.class_weighting)
     objective = FinetuneObjective(model, task, weights, cfg.label_smoothing)
+    check_training_memory(objective, backbone, ModelInputs(splits["train"], band_index)[
+        indices["train"][0]], splits["train"].chip_size, cfg.batch_size, fabric, cfg.num_workers)
 
     world = fabric.world_size
     global_batch = cfg.batch_size * cfg.accumulate * world

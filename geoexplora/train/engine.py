@@ -310,11 +310,17 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def resolve_num_workers(num_workers: int | None) -> int:
+    """DataLoader workers: as given, else ``ENGINE.num_workers`` capped by the CPU count."""
+    if num_workers is None:
+        return min(ENGINE.num_workers, max(0, (os.cpu_count() or 1) - 1))
+    return num_workers
+
+
 def make_loader(dataset, sampler: StepSampler, collate_fn=None, num_workers: int | None = None,
                 pin_memory: bool = True, prefetch_factor: int = ENGINE.prefetch_factor):
     """A DataLoader over ``sampler`` with workers, pinned memory and prefetch."""
-    if num_workers is None:
-        num_workers = min(ENGINE.num_workers, max(0, (os.cpu_count() or 1) - 1))
+    num_workers = resolve_num_workers(num_workers)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init,

@@ -167,10 +167,15 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
     """Run the frozen ``backbone`` (a GeoViT) over ``dataset``; memory bounded by the batch."""
     from torch.utils.data import DataLoader
 
+    from geoexplora.memory import check_extraction_memory
+
+    inputs = ModelInputs(dataset, band_index)
+    if len(inputs):
+        check_extraction_memory(backbone, inputs[0], dataset.chip_size, batch_size,
+                                torch.device(device), num_workers)
     backbone.eval().to(device)
     n_blocks = min(CLS_BLOCKS, backbone.depth)
-    loader = DataLoader(ModelInputs(dataset, band_index), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+    loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     cls_parts, mean_parts, label_parts, labels_parts, ids = [], [], [], [], []
     with make_progress(transient=True) as progress:
         task = progress.add_task(description, total=len(dataset), info="")
