@@ -675,3 +675,85 @@ def test_projected_coordinates_in_a_geojson_without_crs_are_named(scene, tmp_pat
         f"--labels {labels}: its coordinates do not fit its CRS EPSG:4326 (GeoJSON without a "
         "'crs' member is lon/lat WGS 84); give the file its real CRS")
     assert digest(tmp_path) == before
+
+
+@pytest.fixture
+def labelled_chips(tmp_path) -> Path:
+    from factories import make_chips_dataset
+
+    return make_chips_dataset(tmp_path / "data", "classification", size=28, split_block=14)
+
+
+def test_finetune_with_a_batch_that_cannot_fit_is_refused_before_its_first_step(
+        model, labelled_chips, tmp_path, monkeypatch):
+    """The issue's ``finetune A C --batch-size 100000`` hung at 3 GB (ignoring SIGTERM, deep in
+    collating one step's batch): now refused at once on a machine with 8 GiB available."""
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 2**30)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "finetune", str(model), str(labelled_chips), "-o",
+                           str(tmp_path / "f.pt"), "--batch-size", "100000", "--num-workers", "1")
+    line = error_line(err)
+    assert code == 2 and "training 28 px chips with --batch-size 100000 needs about " in line
+    assert line.endswith("of memory; this machine has 8.0 GiB available; use a smaller "
+                         "--batch-size (--accumulate keeps the global batch)")
+    assert float(line.split("needs about ")[1].split(" GiB")[0]) > 0.8 * 8
+    assert digest(tmp_path) == before
+
+
+def test_training_estimate_counts_activations_only_where_gradients_flow(model, labelled_chips):
+    """A frozen backbone (linear probing) keeps one block's activations, LoRA all of them."""
+    from geoexplora import memory
+    from geoexplora.io.chips import ChipsDataset
+    from geoexplora.pipelines.finetune import build_task_model, parameterise
+    from geoexplora.train.features import ModelInputs, backbone_for_dataset
+
+    chips = ChipsDataset(labelled_chips, split="train")
+    estimates = {}
+    for mode in ("linear", "lora"):
+        backbone, band_index = backbone_for_dataset(model, chips)
+        task_model = build_task_model(backbone, "classification", [{"name": "a"}, {"name": "b"}])
+        parameterise(task_model, mode, 4, 4.0)
+        sample = ModelInputs(chips, band_index)[0]
+        estimates[mode] = memory.training_estimate(
+            task_model, backbone, 10, memory.sample_bytes(sample), memory.vit_tokens(backbone, 28),
+            "32-true", 1)
+    tokens = 1 + (28 // 14) ** 2
+    one_block = 10 * tokens * 34 * backbone.embed_dim * 4 // 2
+    assert estimates["linear"]["activations_bytes"] == one_block
+    assert estimates["lora"]["activations_bytes"] == one_block * backbone.depth
+    assert estimates["linear"]["input_batches_bytes"] == 10 * memory.sample_bytes(sample)
+    assert 0 < estimates["linear"]["gradients_bytes"] < estimates["lora"]["gradients_bytes"]
+
+
+def test_probe_extraction_that_cannot_fit_is_refused_before_extracting(model, labelled_chips,
+                                                                       tmp_path, monkeypatch):
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**19)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "probe", str(model), str(labelled_chips), "--no-cache",
+                           "--extract-batch-size", "16")
+    line = error_line(err)
+    assert code == 2 and "extracting features of 28 px chips with --extract-batch-size 16 " \
+                         "needs about " in line
+    assert line.endswith("this machine has 0.0 GiB available; use a smaller "
+                         "--extract-batch-size")
+    assert digest(tmp_path) == before
+
+
+def test_adapt_with_a_batch_that_cannot_fit_is_refused_before_its_first_step(scene, tmp_path,
+                                                                            monkeypatch):
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 2**30)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init",
+                           TINY, "--init-weights", "random", "--bands", "B2,B3,B4,B8",
+                           "--batch-size", "100000", "--crop-size", "56", "--num-workers", "0")
+    line = error_line(err)
+    assert code == 2 and "adapting 56 px crops with --batch-size 100000 needs about " in line
+    assert line.endswith("this machine has 8.0 GiB available; use a smaller --batch-size "
+                         "(--accumulate keeps the global batch) or --crop-size")
+    assert digest(tmp_path) == before

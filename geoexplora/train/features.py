@@ -171,8 +171,8 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
 
     inputs = ModelInputs(dataset, band_index)
     if len(inputs):
-        check_extraction_memory(backbone, inputs[0], dataset.chip_size, batch_size,
-                                torch.device(device), num_workers)
+        check_extraction_memory(backbone, inputs[0], dataset.chip_size,
+                                min(batch_size, len(inputs)), torch.device(device), num_workers)
     backbone.eval().to(device)
     n_blocks = min(CLS_BLOCKS, backbone.depth)
     loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers)
