@@ -757,3 +757,45 @@ def test_adapt_with_a_batch_that_cannot_fit_is_refused_before_its_first_step(sce
     assert line.endswith("this machine has 8.0 GiB available; use a smaller --batch-size "
                          "(--accumulate keeps the global batch) or --crop-size")
     assert digest(tmp_path) == before
+
+
+# --- case 9: creation options checked against the GDAL driver -------------------------------
+
+def test_tile_refuses_a_compression_its_driver_does_not_have(scene, tmp_path):
+    """``--co COMPRESS=BOGUS`` was silently ignored (GDAL warns, then writes uncompressed)."""
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32",
+                           "--co", "COMPRESS=BOGUS")
+    line = error_line(err)
+    assert code == 2 and line.startswith("geoexplora: error: --co: COMPRESS=BOGUS: GDAL's "
+                                         "GTiff driver takes COMPRESS one of ")
+    assert "DEFLATE" in line and "ZSTD" in line
+    assert digest(tmp_path) == before and not (tmp_path / "c").exists()
+
+
+def test_tile_writes_the_compression_it_is_given(scene, tmp_path):
+    import rasterio
+
+    out = tmp_path / "c"
+    code, _, err = run_cli("-q", "tile", str(scene), "-o", str(out), "--size", "32", "--co",
+                           "compress=zstd")
+    assert code == 0, err
+    chip = next(out.rglob("*.tif"))
+    with rasterio.open(chip) as src:
+        assert src.compression.name.upper() == "ZSTD"
+
+
+@pytest.mark.parametrize("co, line", [
+    ("BOGUS=1", "--co: BOGUS=1: GDAL's COG driver has no creation option BOGUS (see gdalinfo "
+                "--format COG)"),
+    ("TILED=YES", "--co: TILED=YES: GDAL's COG driver has no creation option TILED (see "
+                  "gdalinfo --format COG)"),
+    ("LEVEL=high", "--co: LEVEL=high: LEVEL takes an integer"),
+])
+def test_predict_refuses_a_creation_option_the_cog_driver_does_not_take(model, scene, tmp_path,
+                                                                       co, line):
+    before = digest(tmp_path)
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(tmp_path / "p.tif"),
+                           "--co", co)
+    assert code == 2 and error_line(err) == f"geoexplora: error: {line}"
+    assert digest(tmp_path) == before

@@ -87,6 +87,9 @@ def check_common(cfg) -> None:
                         option="inputs")
     one_of("blend", cfg.blend, Blend)
     cfg.scene = scene_options("scene", cfg.scene)
+    from geoexplora.io.creation_options import check_creation_options
+
+    check_creation_options(cfg.creation_options, "COG")  # the outputs are COGs (io/writers.py)
 
 
 # --- jobs: which inputs go to which output --------------------------------------------------
