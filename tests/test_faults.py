@@ -799,3 +799,39 @@ def test_predict_refuses_a_creation_option_the_cog_driver_does_not_take(model, s
                            "--co", co)
     assert code == 2 and error_line(err) == f"geoexplora: error: {line}"
     assert digest(tmp_path) == before
+
+
+def _byte_scene(path: Path, bands: list[str]) -> Path:
+    """An 8-bit Sentinel-2 export (values 0..255) whose bands are named by description."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    rng = np.random.default_rng(0)
+    with rasterio.open(path, "w", driver="GTiff", width=56, height=56, count=len(bands),
+                       dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 5100000)) as dst:
+        dst.write(rng.integers(0, 256, (len(bands), 56, 56), dtype="uint8"))
+        dst.descriptions = tuple(bands)
+    return path
+
+
+def test_an_8_bit_input_meeting_a_model_of_another_scale_is_warned_about_once(model, tmp_path):
+    """Reflectance x 255 in a uint8 file was read as DN with no hint."""
+    scene = _byte_scene(tmp_path / "rgb8.tif", ["B2", "B3", "B4", "B8"])
+    before = digest(scene)
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(tmp_path / "p.tif"),
+                           "--sensor", "sentinel2")
+    assert code == 0, err
+    text = " ".join(err.split())
+    assert text.count("8-bit band(s) read as they are") == 1
+    assert f"rgb8.tif: 8-bit band(s) read as they are, but {model} was trained on means above " \
+           "255 (B2 " in text
+    assert "if the file holds reflectance x 255, rescale it to the model's units first" in text
+    assert digest(scene) == before
+
+
+def test_a_16_bit_input_is_not_warned_about(model, scene, tmp_path):
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(tmp_path / "p.tif"))
+    assert code == 0, err
+    assert "8-bit" not in err
