@@ -835,3 +835,26 @@ def test_a_16_bit_input_is_not_warned_about(model, scene, tmp_path):
     code, _, err = run_cli("predict", str(model), str(scene), "-o", str(tmp_path / "p.tif"))
     assert code == 0, err
     assert "8-bit" not in err
+
+
+def test_a_band_described_twice_is_not_told_to_pass_the_sensor_it_was_given(tmp_path):
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    path = tmp_path / "dup.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 5100000)) as dst:
+        dst.write(np.full((4, 64, 64), 900, dtype="uint16"))
+        dst.descriptions = ("B2", "B2", "B4", "B8")
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(path), "--sensor", "sentinel2", "-o", str(tmp_path / "c"),
+                           "--size", "28")
+    assert code == 2 and error_line(err) == (
+        "geoexplora: error: band B2 appears 2 times: dup.tif#1 (sentinel2:B2), dup.tif#2 "
+        "(sentinel2:B2); say which band each one is with --band-map (e.g. --band-map "
+        "1=B2,2=B3,...)")
+    assert digest(tmp_path) == before
+    code, _, err = run_cli("-q", "tile", str(path), "--sensor", "sentinel2", "--band-map",
+                           "1=B2,2=B3,3=B4,4=B8", "-o", str(tmp_path / "c"), "--size", "28")
+    assert code == 0, err
