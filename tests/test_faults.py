@@ -858,3 +858,28 @@ def test_a_band_described_twice_is_not_told_to_pass_the_sensor_it_was_given(tmp_
     code, _, err = run_cli("-q", "tile", str(path), "--sensor", "sentinel2", "--band-map",
                            "1=B2,2=B3,3=B4,4=B8", "-o", str(tmp_path / "c"), "--size", "28")
     assert code == 0, err
+
+
+def test_proj_messages_stay_off_stderr_unless_verbose(scene, tmp_path):
+    """``tile --crs EPSG:99999`` printed GDAL's raw ``ERROR 1: PROJ: ... crs not found`` before
+    the error line (a separate process: GDAL writes to the process's own stderr)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    before = digest(tmp_path)
+    cmd = [sys.executable, "-m", "geoexplora.cli", "tile", str(scene), "-o",
+           str(tmp_path / "c"), "--size", "32", "--crs", "EPSG:99999"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120,
+                           check=False)
+    assert quiet.returncode == 2 and error_line(quiet.stderr) == (
+        "geoexplora: error: --crs EPSG:99999: not a coordinate reference system PROJ knows "
+        "(e.g. EPSG:32633)")
+    verbose = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], capture_output=True, text=True,
+                             env=env, timeout=120, check=False)
+    assert verbose.returncode == 2
+    assert "PROJ: internal_proj_create_from_database: crs not found: EPSG:99999" in verbose.stderr
+    assert "ERROR 1:" not in verbose.stderr
+    assert digest(tmp_path) == before
