@@ -883,3 +883,73 @@ def test_proj_messages_stay_off_stderr_unless_verbose(scene, tmp_path):
     assert "PROJ: internal_proj_create_from_database: crs not found: EPSG:99999" in verbose.stderr
     assert "ERROR 1:" not in verbose.stderr
     assert digest(tmp_path) == before
+
+
+# --- Also: SIGTERM / SIGINT at a random step, then --resume, bit-exact ------------------------
+
+def _signal_after_step(monkeypatch, signum: int, step: int) -> None:
+    """The training loop receives ``signum`` once its step ``step`` has run."""
+    import signal as _signal  # noqa: F401 - signum is one of its values
+
+    from geoexplora.train import engine as E
+
+    original = E.TrainLoop._train_step
+    done = []
+
+    def step_then_signal(self, loader_iter):
+        out = original(self, loader_iter)
+        done.append(1)
+        if len(done) == step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(E.TrainLoop, "_train_step", step_then_signal)
+
+
+def _weights(path: Path) -> dict:
+    from geoexplora.models.file import load_model
+
+    return load_model(path).state_dict()
+
+
+TRAIN_STEPS = 6
+
+
+def _train_args(verb: str, model: Path, scene: Path, chips: Path, out: Path) -> list[str]:
+    if verb == "adapt":
+        return ["-q", "adapt", str(scene), "-o", str(out), "--init", TINY, "--init-weights",
+                "random", "--bands", "B2,B3,B4,B8", "--steps", str(TRAIN_STEPS), "--batch-size",
+                "2", "--crop-size", "56", "--num-workers", "0", "--seed", "3"]
+    return ["-q", "finetune", str(model), str(chips), "-o", str(out), "--steps",
+            str(TRAIN_STEPS), "--batch-size", "4", "--num-workers", "0", "--seed", "3"]
+
+
+@pytest.mark.parametrize("verb, signame", [("adapt", "SIGTERM"), ("adapt", "SIGINT"),
+                                           ("finetune", "SIGTERM"), ("finetune", "SIGINT")])
+def test_a_signal_at_a_random_step_then_resume_equals_the_uninterrupted_run(
+        model, scene, labelled_chips, tmp_path, monkeypatch, verb, signame):
+    """The step is drawn (seeded, so a failure replays) from 1..steps-1."""
+    import random
+    import signal
+
+    import torch
+
+    step = random.Random(f"{verb}-{signame}").randrange(1, TRAIN_STEPS)
+    reference, out = tmp_path / "reference.pt", tmp_path / "resumed.pt"
+    code, _, err = run_cli(*_train_args(verb, model, scene, labelled_chips, reference))
+    assert code == 0, err
+    inputs = digest(scene, labelled_chips, model)
+    _signal_after_step(monkeypatch, getattr(signal, signame), step)
+    code, _, err = run_cli(*_train_args(verb, model, scene, labelled_chips, out))
+    assert code == 130 and error_line(err) == (
+        f"geoexplora: error: interrupted at step {step}/{TRAIN_STEPS}: checkpoint "
+        f"{out.with_suffix('.ckpt')}; continue with --resume")
+    assert not out.exists()
+    monkeypatch.undo()
+    code, _, err = run_cli(*_train_args(verb, model, scene, labelled_chips, out), "--resume")
+    assert code == 0, err
+    want, got = _weights(reference), _weights(out)
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert torch.equal(tensor, got[name]), name
+    assert digest(scene, labelled_chips, model) == inputs
