@@ -989,3 +989,80 @@ def test_predict_shards_merged_are_byte_identical_to_one_run(model, tmp_path):
         a, b = (tmp_path / name.format(k) for k in ("single", "sharded"))
         assert hashlib.md5(a.read_bytes()).hexdigest() == hashlib.md5(b.read_bytes()).hexdigest()
     assert not (tmp_path / ".sharded.tif.parts").exists() and digest(scene) == before
+
+
+# --- Also: a full disk (ENOSPC) in the verbs not covered above --------------------------------
+
+def test_finetune_on_a_full_disk_fails_with_one_line_and_resumes(model, labelled_chips, tmp_path,
+                                                                monkeypatch):
+    """The disk fills while the final model file is written (the 2nd torch.save, after the
+    checkpoint): one line, no model file and no temporary one; the checkpoint is kept, so
+    --resume finishes once there is space."""
+    import torch
+
+    out = tmp_path / "f.pt"
+    args = _train_args("finetune", model, None, labelled_chips, out)
+    inputs = digest(labelled_chips, model)
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (saves.append(1), real_save(*a, **k)))
+    assert run_cli(*args)[0] == 0
+    monkeypatch.undo()
+    out.unlink()
+    _disk_full_after(monkeypatch, torch, "save", calls=len(saves))
+    code, _, err = run_cli(*args, "--overwrite")
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert not out.exists() and out.with_suffix(".ckpt").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name or ".tmp" in p.name]
+    monkeypatch.undo()
+    code, _, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    assert out.is_file() and digest(labelled_chips, model) == inputs
+
+
+def test_embed_on_a_full_disk_fails_with_one_line_and_resumes(model, scene, tmp_path,
+                                                             monkeypatch):
+    from geoexplora.io.writers import StripStore
+
+    out = tmp_path / "e.tif"
+    _disk_full_after(monkeypatch, StripStore, "_write_strip")
+    before = digest(scene)
+    code, _, err = run_cli("-q", "embed", str(model), str(scene), "-o", str(out))
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert not out.exists() and (tmp_path / ".e.tif.parts").is_dir()  # kept: resumable
+    monkeypatch.undo()
+    code, _, err = run_cli("-q", "embed", str(model), str(scene), "-o", str(out), "--resume")
+    assert code == 0, err
+    assert out.is_file() and not (tmp_path / ".e.tif.parts").exists()
+    assert digest(scene) == before
+
+
+def test_probe_save_head_on_a_full_disk_fails_with_one_line_and_writes_nothing(
+        model, labelled_chips, tmp_path, monkeypatch):
+    import torch
+
+    head = tmp_path / "head.pt"
+    inputs = digest(labelled_chips, model)
+    _disk_full_after(monkeypatch, torch, "save")
+    code, _, err = run_cli("-q", "probe", str(model), str(labelled_chips), "--no-cache",
+                           "--features", "cls,cls+mean", "--save-head", str(head))
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert not head.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert digest(labelled_chips, model) == inputs
+
+
+def test_tile_append_on_a_full_disk_fails_with_one_line_and_keeps_the_dataset(scene, tmp_path,
+                                                                              monkeypatch):
+    from geoexplora.io import chips
+
+    out = tmp_path / "c"
+    assert run_cli("-q", "tile", str(scene), "-o", str(out), "--size", "32")[0] == 0
+    other = tmp_path / "other.tif"
+    shutil.copyfile(scene, other)
+    before = digest(tmp_path)
+    _disk_full_after(monkeypatch, chips, "write_chip", calls=2)
+    code, _, err = run_cli("-q", "tile", str(other), "-o", str(out), "--size", "32", "--append")
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "c.config.yaml", "in.tif",
+                                                         "other.tif"]

@@ -687,7 +687,7 @@ class TrainLoop:
         interval_start, interval_wait = run_start, 0.0
         # A resumed run reports the same first loss as an uninterrupted one (from the log).
         first: dict | None = kept[0] if kept else None
-        last: dict | None = None
+        last: dict | None = kept[-1] if kept else None  # a resume with no step left: the log's
         progress = make_progress() if fabric.is_global_zero else None
         log_file = (open(self.files.log, "a")  # noqa: SIM115 - closed in the finally below
                     if fabric.is_global_zero else None)
