@@ -1066,3 +1066,63 @@ def test_tile_append_on_a_full_disk_fails_with_one_line_and_keeps_the_dataset(sc
     assert digest(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "c.config.yaml", "in.tif",
                                                          "other.tif"]
+
+
+# --- Also: a real full disk (a 256 KiB tmpfs, mounted when the tests run as root) ------------
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs: room for a few chips, not for a model file or a scene's strips."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the injected ENOSPC tests above cover this")
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("verb", ["tile", "predict", "adapt", "finetune"])
+def test_a_real_full_disk_gives_one_line_and_no_traceback(model, scene, labelled_chips,
+                                                          full_disk, tmp_path, verb):
+    """In a separate process, so GDAL's and libtiff's own writes to stderr are seen too."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = {"tile": ["tile", str(scene), "-o", str(full_disk / "c"), "--size", "32"],
+            "predict": ["predict", str(model), str(scene), "-o", str(full_disk / "p.tif"),
+                        "--probabilities"],
+            "adapt": _train_args("adapt", model, scene, labelled_chips, full_disk / "a.pt")[1:],
+            "finetune": _train_args("finetune", model, scene, labelled_chips,
+                                    full_disk / "f.pt")[1:]}[verb]
+    inputs = digest(scene, labelled_chips, model)
+
+    def run():
+        done = subprocess.run([sys.executable, "-m", "geoexplora.cli", "-q", *args],
+                              capture_output=True, text=True, timeout=300, check=False,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+        lines = done.stderr.splitlines()
+        if verb == "predict":  # libtiff's own default handler writes this line itself (GDAL's
+            # handler, which rasterio routes to the logger, never sees it): known, left alone
+            assert lines[0] == "_tiffWriteProc: No space left on device.", done.stderr
+            lines = lines[1:]
+        assert done.returncode == 1 and len(lines) == 1, done.stderr
+        assert lines[0].startswith("geoexplora: error: ") and lines[0].endswith(
+            "no space left on device; free some space and run again (--resume continues an "
+            "interrupted predict, embed, adapt or finetune)")
+
+    run()
+    left = sorted(p.name for p in full_disk.iterdir())
+    logs = {"adapt": ["a.log.jsonl"], "finetune": ["f.log.jsonl"]}
+    assert left == {"tile": [], "predict": [".p.tif.parts"], **logs}[verb], left
+    assert not [p for p in full_disk.rglob("*") if p.name.endswith(".partial")]
+    if verb in logs:  # a log without a checkpoint does not block a plain rerun
+        run()
+    assert digest(scene, labelled_chips, model) == inputs

@@ -475,7 +475,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     """Fine-tune ``cfg.model`` on ``cfg.chips``, write ``cfg.output``; the result document
     (None on the other ranks of a multi-device run)."""
     from geoexplora.io.chips import load_dataset_meta
-    from geoexplora.io.outputs import atomic_output, check_not_input, check_output
+    from geoexplora.io.outputs import atomic_output, check_not_input, check_output, torch_save
     from geoexplora.memory import check_training_memory
     from geoexplora.models.file import save_model
     from geoexplora.train import engine as E
@@ -584,7 +584,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
             objective.evals_since_best.zero_()
             if fabric.is_global_zero:
                 with atomic_output(best_path, overwrite=True) as tmp:
-                    torch.save({"step": step, "score": score, "metrics": _jsonable(scores),
+                    torch_save({"step": step, "score": score, "metrics": _jsonable(scores),
                                 "state": _trainable_state(objective.model)}, tmp)
         else:
             objective.evals_since_best += 1

@@ -366,8 +366,13 @@ class RunFiles:
             if not self.checkpoint.exists():
                 raise UserError(f"--resume: no checkpoint {self.checkpoint}")
             return
+        # A log or plot with neither a checkpoint nor an output beside it is what a run that
+        # failed before its first checkpoint (a full disk, say) left: nothing to continue.
+        unfinished = not self.checkpoint.exists() and not self.output.exists()
         for path in (self.checkpoint, self.log, self.plot, *extra):
-            if path.exists() and not overwrite:
+            if path.exists() and not overwrite and unfinished and path in (self.log, self.plot):
+                logger.warning("%s: left by a run that wrote no checkpoint; replacing it", path)
+            elif path.exists() and not overwrite:
                 raise UserError(f"{path} exists (an earlier run's; --resume continues it); pass "
                                 "--overwrite to start afresh")
             check_output(path, True)
@@ -549,7 +554,7 @@ class TrainLoop:
         """Rank 0 writes module + optimiser + step atomically; all ranks wait for it. Returns
         whether ``on_checkpoint`` asks to stop early."""
         if self.fabric.is_global_zero:
-            from geoexplora.io.outputs import atomic_output
+            from geoexplora.io.outputs import atomic_output, torch_save
 
             state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                      "step": self.step, "elapsed": self.elapsed,
@@ -557,7 +562,7 @@ class TrainLoop:
                      "module": self.objective.state_dict(),
                      "optimizer": self.optimizer.state_dict()}
             with atomic_output(self.files.checkpoint, overwrite=True) as tmp:
-                torch.save(state, tmp)
+                torch_save(state, tmp)
             records = read_log(self.files.log)
             if records:
                 write_loss_plot(records, self.files.plot, self.settings.description)

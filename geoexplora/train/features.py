@@ -21,7 +21,7 @@ import torch
 
 from geoexplora.errors import UserError
 from geoexplora.io.chips import INDEX_NAME, META_NAME, ChipsDataset
-from geoexplora.io.outputs import atomic_output
+from geoexplora.io.outputs import atomic_output, torch_save
 from geoexplora.log import logger, make_progress
 from geoexplora.models.heads import CLS_BLOCKS
 
@@ -235,7 +235,7 @@ def cached_features(model_path: Path, splits: dict[str, ChipsDataset], cache_dir
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(path, overwrite=True) as tmp:
-                torch.save(out[name].to_dict(), tmp)
+                torch_save(out[name].to_dict(), tmp)
     return out, loaded is None
 
 
