@@ -786,10 +786,10 @@ def test_tile_writes_the_compression_it_is_given(scene, tmp_path):
 
 
 @pytest.mark.parametrize("co, line", [
-    ("BOGUS=1", "--co: BOGUS=1: GDAL's COG driver has no creation option BOGUS (see gdalinfo "
-                "--format COG)"),
-    ("TILED=YES", "--co: TILED=YES: GDAL's COG driver has no creation option TILED (see "
-                  "gdalinfo --format COG)"),
+    ("BOGUS=1", ("--co: BOGUS=1: GDAL's COG driver has no creation option BOGUS (see "
+                 "gdalinfo --format COG)")),
+    ("TILED=YES", ("--co: TILED=YES: GDAL's COG driver has no creation option TILED (see "
+                   "gdalinfo --format COG)")),
     ("LEVEL=high", "--co: LEVEL=high: LEVEL takes an integer"),
 ])
 def test_predict_refuses_a_creation_option_the_cog_driver_does_not_take(model, scene, tmp_path,
