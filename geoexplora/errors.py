@@ -25,9 +25,13 @@ def opt(name: str) -> str:
     return f"\u2039{name}\u203a"
 
 
+# Configuration fields whose CLI flag is not their name with dashes.
+SHORT_FLAGS = {"creation_options": "--co"}
+
+
 def cli_flag(name: str) -> str:
     """The CLI flag of a configuration field: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
+    return SHORT_FLAGS.get(name) or "--" + name.replace("_", "-")
 
 
 def _render(template: str, option: str | None, name: Callable[[str], str]) -> str:

@@ -8,6 +8,7 @@ rich bar on stderr (unless ``-q``); ``False``, nothing; a callable, called as
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import logging
@@ -37,11 +38,30 @@ def set_verbosity(verbosity: int) -> None:
     # Python warnings of the libraries (rasterio's NotGeoreferencedWarning, torch's pickle
     # notes...) go through the same handler and only with -v: without it, an error stays the
     # one line on stderr. The project's own warnings are logger.warning calls, shown as usual.
+    # GDAL's and PROJ's own messages (rasterio and pyproj log them) likewise: without a handler
+    # Python's last-resort one would print them raw next to the error line.
     logging.captureWarnings(True)
-    library = logging.getLogger("py.warnings")
-    library.handlers = list(logger.handlers)
-    library.propagate = False
-    library.setLevel(logging.WARNING if verbosity > 0 else logging.CRITICAL + 1)
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers = list(logger.handlers)
+        library.propagate = False
+        library.setLevel(logging.WARNING if verbosity > 0 else logging.CRITICAL + 1)
+
+
+# Python warnings, GDAL's messages (through rasterio's CPLError handler), PROJ's (pyproj).
+LIBRARY_LOGGERS = ("py.warnings", "rasterio", "pyproj")
+
+
+@contextlib.contextmanager
+def library_messages_logged():
+    """Run a verb inside one ``rasterio.Env``: GDAL's error handler is then rasterio's, which
+    logs GDAL and PROJ messages (``ERROR 1: PROJ: ... crs not found``) to the ``rasterio``
+    logger. Outside an Env (a CRS parsed before any file is opened) GDAL's default handler
+    writes them raw to stderr."""
+    import rasterio
+
+    with rasterio.Env():
+        yield
 
 
 def verbosity() -> int:

@@ -20,9 +20,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "geoexplora"
 BASE_ERRORS = {"UserError": 2, "RuntimeFailure": 1}  # geoexplora/errors.py: what the CLI catches
 
 
+SHORT_FLAGS = {"creation_options": "--co"}  # as geoexplora.errors.SHORT_FLAGS
+
+
 def cli_flag(name: str) -> str:
     """As ``geoexplora.errors.cli_flag`` (this script reads the source; it imports nothing)."""
-    return "--" + name.replace("_", "-")
+    return SHORT_FLAGS.get(name) or "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)

@@ -675,3 +675,454 @@ def test_projected_coordinates_in_a_geojson_without_crs_are_named(scene, tmp_pat
         f"--labels {labels}: its coordinates do not fit its CRS EPSG:4326 (GeoJSON without a "
         "'crs' member is lon/lat WGS 84); give the file its real CRS")
     assert digest(tmp_path) == before
+
+
+@pytest.fixture
+def labelled_chips(tmp_path) -> Path:
+    from factories import make_chips_dataset
+
+    return make_chips_dataset(tmp_path / "data", "classification", size=28, split_block=14)
+
+
+def test_finetune_with_a_batch_that_cannot_fit_is_refused_before_its_first_step(
+        model, labelled_chips, tmp_path, monkeypatch):
+    """The issue's ``finetune A C --batch-size 100000`` hung at 3 GB (ignoring SIGTERM, deep in
+    collating one step's batch): now refused at once on a machine with 8 GiB available."""
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 2**30)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "finetune", str(model), str(labelled_chips), "-o",
+                           str(tmp_path / "f.pt"), "--batch-size", "100000", "--num-workers", "1")
+    line = error_line(err)
+    assert code == 2 and "training 28 px chips with --batch-size 100000 needs about " in line
+    assert line.endswith("of memory; this machine has 8.0 GiB available; use a smaller "
+                         "--batch-size (--accumulate keeps the global batch)")
+    assert float(line.split("needs about ")[1].split(" GiB")[0]) > 0.8 * 8
+    assert digest(tmp_path) == before
+
+
+def test_training_estimate_counts_activations_only_where_gradients_flow(model, labelled_chips):
+    """A frozen backbone (linear probing) keeps one block's activations, LoRA all of them."""
+    from geoexplora import memory
+    from geoexplora.io.chips import ChipsDataset
+    from geoexplora.pipelines.finetune import build_task_model, parameterise
+    from geoexplora.train.features import ModelInputs, backbone_for_dataset
+
+    chips = ChipsDataset(labelled_chips, split="train")
+    estimates = {}
+    for mode in ("linear", "lora"):
+        backbone, band_index = backbone_for_dataset(model, chips)
+        task_model = build_task_model(backbone, "classification", [{"name": "a"}, {"name": "b"}])
+        parameterise(task_model, mode, 4, 4.0)
+        sample = ModelInputs(chips, band_index)[0]
+        estimates[mode] = memory.training_estimate(
+            task_model, backbone, 10, memory.sample_bytes(sample), memory.vit_tokens(backbone, 28),
+            "32-true", 1)
+    tokens = 1 + (28 // 14) ** 2
+    one_block = 10 * tokens * 34 * backbone.embed_dim * 4 // 2
+    assert estimates["linear"]["activations_bytes"] == one_block
+    assert estimates["lora"]["activations_bytes"] == one_block * backbone.depth
+    assert estimates["linear"]["input_batches_bytes"] == 10 * memory.sample_bytes(sample)
+    assert 0 < estimates["linear"]["gradients_bytes"] < estimates["lora"]["gradients_bytes"]
+
+
+def test_probe_extraction_that_cannot_fit_is_refused_before_extracting(model, labelled_chips,
+                                                                       tmp_path, monkeypatch):
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**19)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "probe", str(model), str(labelled_chips), "--no-cache",
+                           "--extract-batch-size", "16")
+    line = error_line(err)
+    assert code == 2 and "extracting features of 28 px chips with --extract-batch-size 16 " \
+                         "needs about " in line
+    assert line.endswith("this machine has 0.0 GiB available; use a smaller "
+                         "--extract-batch-size")
+    assert digest(tmp_path) == before
+
+
+def test_adapt_with_a_batch_that_cannot_fit_is_refused_before_its_first_step(scene, tmp_path,
+                                                                            monkeypatch):
+    from geoexplora import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 2**30)
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "adapt", str(scene), "-o", str(tmp_path / "m.pt"), "--init",
+                           TINY, "--init-weights", "random", "--bands", "B2,B3,B4,B8",
+                           "--batch-size", "100000", "--crop-size", "56", "--num-workers", "0")
+    line = error_line(err)
+    assert code == 2 and "adapting 56 px crops with --batch-size 100000 needs about " in line
+    assert line.endswith("this machine has 8.0 GiB available; use a smaller --batch-size "
+                         "(--accumulate keeps the global batch) or --crop-size")
+    assert digest(tmp_path) == before
+
+
+# --- case 9: creation options checked against the GDAL driver -------------------------------
+
+def test_tile_refuses_a_compression_its_driver_does_not_have(scene, tmp_path):
+    """``--co COMPRESS=BOGUS`` was silently ignored (GDAL warns, then writes uncompressed)."""
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(scene), "-o", str(tmp_path / "c"), "--size", "32",
+                           "--co", "COMPRESS=BOGUS")
+    line = error_line(err)
+    assert code == 2 and line.startswith("geoexplora: error: --co: COMPRESS=BOGUS: GDAL's "
+                                         "GTiff driver takes COMPRESS one of ")
+    assert "DEFLATE" in line and "ZSTD" in line
+    assert digest(tmp_path) == before and not (tmp_path / "c").exists()
+
+
+def test_tile_writes_the_compression_it_is_given(scene, tmp_path):
+    import rasterio
+
+    out = tmp_path / "c"
+    code, _, err = run_cli("-q", "tile", str(scene), "-o", str(out), "--size", "32", "--co",
+                           "compress=zstd")
+    assert code == 0, err
+    chip = next(out.rglob("*.tif"))
+    with rasterio.open(chip) as src:
+        assert src.compression.name.upper() == "ZSTD"
+
+
+@pytest.mark.parametrize("co, line", [
+    ("BOGUS=1", ("--co: BOGUS=1: GDAL's COG driver has no creation option BOGUS (see "
+                 "gdalinfo --format COG)")),
+    ("TILED=YES", ("--co: TILED=YES: GDAL's COG driver has no creation option TILED (see "
+                   "gdalinfo --format COG)")),
+    ("LEVEL=high", "--co: LEVEL=high: LEVEL takes an integer"),
+])
+def test_predict_refuses_a_creation_option_the_cog_driver_does_not_take(model, scene, tmp_path,
+                                                                       co, line):
+    before = digest(tmp_path)
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(tmp_path / "p.tif"),
+                           "--co", co)
+    assert code == 2 and error_line(err) == f"geoexplora: error: {line}"
+    assert digest(tmp_path) == before
+
+
+def _byte_scene(path: Path, bands: list[str]) -> Path:
+    """An 8-bit Sentinel-2 export (values 0..255) whose bands are named by description."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    rng = np.random.default_rng(0)
+    with rasterio.open(path, "w", driver="GTiff", width=56, height=56, count=len(bands),
+                       dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 5100000)) as dst:
+        dst.write(rng.integers(0, 256, (len(bands), 56, 56), dtype="uint8"))
+        dst.descriptions = tuple(bands)
+    return path
+
+
+def test_an_8_bit_input_meeting_a_model_of_another_scale_is_warned_about_once(model, tmp_path):
+    """Reflectance x 255 in a uint8 file was read as DN with no hint."""
+    scene = _byte_scene(tmp_path / "rgb8.tif", ["B2", "B3", "B4", "B8"])
+    before = digest(scene)
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(tmp_path / "p.tif"),
+                           "--sensor", "sentinel2")
+    assert code == 0, err
+    text = " ".join(err.split())
+    assert text.count("8-bit band(s) read as they are") == 1
+    assert f"rgb8.tif: 8-bit band(s) read as they are, but {model} was trained on means above " \
+           "255 (B2 " in text
+    assert "if the file holds reflectance x 255, rescale it to the model's units first" in text
+    assert digest(scene) == before
+
+
+def test_a_16_bit_input_is_not_warned_about(model, scene, tmp_path):
+    code, _, err = run_cli("predict", str(model), str(scene), "-o", str(tmp_path / "p.tif"))
+    assert code == 0, err
+    assert "8-bit" not in err
+
+
+def test_a_band_described_twice_is_not_told_to_pass_the_sensor_it_was_given(tmp_path):
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    path = tmp_path / "dup.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 5100000)) as dst:
+        dst.write(np.full((4, 64, 64), 900, dtype="uint16"))
+        dst.descriptions = ("B2", "B2", "B4", "B8")
+    before = digest(tmp_path)
+    code, _, err = run_cli("tile", str(path), "--sensor", "sentinel2", "-o", str(tmp_path / "c"),
+                           "--size", "28")
+    assert code == 2 and error_line(err) == (
+        "geoexplora: error: band B2 appears 2 times: dup.tif#1 (sentinel2:B2), dup.tif#2 "
+        "(sentinel2:B2); say which band each one is with --band-map (e.g. --band-map "
+        "1=B2,2=B3,...)")
+    assert digest(tmp_path) == before
+    code, _, err = run_cli("-q", "tile", str(path), "--sensor", "sentinel2", "--band-map",
+                           "1=B2,2=B3,3=B4,4=B8", "-o", str(tmp_path / "c"), "--size", "28")
+    assert code == 0, err
+
+
+def test_proj_messages_stay_off_stderr_unless_verbose(scene, tmp_path):
+    """``tile --crs EPSG:99999`` printed GDAL's raw ``ERROR 1: PROJ: ... crs not found`` before
+    the error line (a separate process: GDAL writes to the process's own stderr)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    before = digest(tmp_path)
+    cmd = [sys.executable, "-m", "geoexplora.cli", "tile", str(scene), "-o",
+           str(tmp_path / "c"), "--size", "32", "--crs", "EPSG:99999"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120,
+                           check=False)
+    assert quiet.returncode == 2 and error_line(quiet.stderr) == (
+        "geoexplora: error: --crs EPSG:99999: not a coordinate reference system PROJ knows "
+        "(e.g. EPSG:32633)")
+    verbose = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], capture_output=True, text=True,
+                             env=env, timeout=120, check=False)
+    assert verbose.returncode == 2
+    assert "PROJ: internal_proj_create_from_database: crs not found: EPSG:99999" in verbose.stderr
+    assert "ERROR 1:" not in verbose.stderr
+    assert digest(tmp_path) == before
+
+
+# --- Also: SIGTERM / SIGINT at a random step, then --resume, bit-exact ------------------------
+
+def _signal_after_step(monkeypatch, signum: int, step: int) -> None:
+    """The training loop receives ``signum`` once its step ``step`` has run."""
+    import signal as _signal  # noqa: F401 - signum is one of its values
+
+    from geoexplora.train import engine as E
+
+    original = E.TrainLoop._train_step
+    done = []
+
+    def step_then_signal(self, loader_iter):
+        out = original(self, loader_iter)
+        done.append(1)
+        if len(done) == step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(E.TrainLoop, "_train_step", step_then_signal)
+
+
+def _weights(path: Path) -> dict:
+    from geoexplora.models.file import load_model
+
+    return load_model(path).state_dict()
+
+
+TRAIN_STEPS = 6
+
+
+def _train_args(verb: str, model: Path, scene: Path, chips: Path, out: Path) -> list[str]:
+    if verb == "adapt":
+        return ["-q", "adapt", str(scene), "-o", str(out), "--init", TINY, "--init-weights",
+                "random", "--bands", "B2,B3,B4,B8", "--steps", str(TRAIN_STEPS), "--batch-size",
+                "2", "--crop-size", "56", "--num-workers", "0", "--seed", "3"]
+    return ["-q", "finetune", str(model), str(chips), "-o", str(out), "--steps",
+            str(TRAIN_STEPS), "--batch-size", "4", "--num-workers", "0", "--seed", "3"]
+
+
+@pytest.mark.parametrize("verb, signame", [("adapt", "SIGTERM"), ("adapt", "SIGINT"),
+                                           ("finetune", "SIGTERM"), ("finetune", "SIGINT")])
+def test_a_signal_at_a_random_step_then_resume_equals_the_uninterrupted_run(
+        model, scene, labelled_chips, tmp_path, monkeypatch, verb, signame):
+    """The step is drawn (seeded, so a failure replays) from 1..steps-1."""
+    import random
+    import signal
+
+    import torch
+
+    step = random.Random(f"{verb}-{signame}").randrange(1, TRAIN_STEPS)
+    reference, out = tmp_path / "reference.pt", tmp_path / "resumed.pt"
+    code, _, err = run_cli(*_train_args(verb, model, scene, labelled_chips, reference))
+    assert code == 0, err
+    inputs = digest(scene, labelled_chips, model)
+    _signal_after_step(monkeypatch, getattr(signal, signame), step)
+    code, _, err = run_cli(*_train_args(verb, model, scene, labelled_chips, out))
+    assert code == 130 and error_line(err) == (
+        f"geoexplora: error: interrupted at step {step}/{TRAIN_STEPS}: checkpoint "
+        f"{out.with_suffix('.ckpt')}; continue with --resume")
+    assert not out.exists()
+    monkeypatch.undo()
+    code, _, err = run_cli(*_train_args(verb, model, scene, labelled_chips, out), "--resume")
+    assert code == 0, err
+    want, got = _weights(reference), _weights(out)
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert torch.equal(tensor, got[name]), name
+    assert digest(scene, labelled_chips, model) == inputs
+
+
+# --- Also: --shard 1/2 + 2/2 merged vs one run ------------------------------------------------
+
+def test_predict_shards_merged_are_byte_identical_to_one_run(model, tmp_path):
+    """A 600-row scene is 3 strips: shard 2/2 writes its strips and leaves the output partial,
+    shard 1/2 completes it; the files equal a single run's, byte for byte."""
+    import json
+
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    scene = tmp_path / "tall.tif"
+    rng = np.random.default_rng(1)
+    with rasterio.open(scene, "w", driver="GTiff", width=70, height=600, count=4,
+                       dtype="uint16", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 5100000)) as dst:
+        dst.write(rng.integers(200, 4000, (4, 600, 70), dtype="uint16"))
+        dst.descriptions = ("B2", "B3", "B4", "B8")
+    before = digest(scene)
+    single, sharded = tmp_path / "single.tif", tmp_path / "sharded.tif"
+    common = ["--probabilities", "--sensor", "sentinel2", "--json"]
+    code, _, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(single), *common)
+    assert code == 0, err
+    code, out, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(sharded),
+                             "--shard", "2/2", *common)
+    assert code == 0 and json.loads(out)["results"][0]["status"] == "partial", err
+    assert not sharded.exists()
+    code, out, err = run_cli("-q", "predict", str(model), str(scene), "-o", str(sharded),
+                             "--shard", "1/2", *common)
+    assert code == 0 and json.loads(out)["results"][0]["status"] == "complete", err
+    for name in ("{}.tif", "{}_probabilities.tif"):
+        a, b = (tmp_path / name.format(k) for k in ("single", "sharded"))
+        assert hashlib.md5(a.read_bytes()).hexdigest() == hashlib.md5(b.read_bytes()).hexdigest()
+    assert not (tmp_path / ".sharded.tif.parts").exists() and digest(scene) == before
+
+
+# --- Also: a full disk (ENOSPC) in the verbs not covered above --------------------------------
+
+def test_finetune_on_a_full_disk_fails_with_one_line_and_resumes(model, labelled_chips, tmp_path,
+                                                                monkeypatch):
+    """The disk fills while the final model file is written (the 2nd torch.save, after the
+    checkpoint): one line, no model file and no temporary one; the checkpoint is kept, so
+    --resume finishes once there is space."""
+    import torch
+
+    out = tmp_path / "f.pt"
+    args = _train_args("finetune", model, None, labelled_chips, out)
+    inputs = digest(labelled_chips, model)
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (saves.append(1), real_save(*a, **k)))
+    assert run_cli(*args)[0] == 0
+    monkeypatch.undo()
+    out.unlink()
+    _disk_full_after(monkeypatch, torch, "save", calls=len(saves))
+    code, _, err = run_cli(*args, "--overwrite")
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert not out.exists() and out.with_suffix(".ckpt").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name or ".tmp" in p.name]
+    monkeypatch.undo()
+    code, _, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    assert out.is_file() and digest(labelled_chips, model) == inputs
+
+
+def test_embed_on_a_full_disk_fails_with_one_line_and_resumes(model, scene, tmp_path,
+                                                             monkeypatch):
+    from geoexplora.io.writers import StripStore
+
+    out = tmp_path / "e.tif"
+    _disk_full_after(monkeypatch, StripStore, "_write_strip")
+    before = digest(scene)
+    code, _, err = run_cli("-q", "embed", str(model), str(scene), "-o", str(out))
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert not out.exists() and (tmp_path / ".e.tif.parts").is_dir()  # kept: resumable
+    monkeypatch.undo()
+    code, _, err = run_cli("-q", "embed", str(model), str(scene), "-o", str(out), "--resume")
+    assert code == 0, err
+    assert out.is_file() and not (tmp_path / ".e.tif.parts").exists()
+    assert digest(scene) == before
+
+
+def test_probe_save_head_on_a_full_disk_fails_with_one_line_and_writes_nothing(
+        model, labelled_chips, tmp_path, monkeypatch):
+    import torch
+
+    head = tmp_path / "head.pt"
+    inputs = digest(labelled_chips, model)
+    _disk_full_after(monkeypatch, torch, "save")
+    code, _, err = run_cli("-q", "probe", str(model), str(labelled_chips), "--no-cache",
+                           "--features", "cls,cls+mean", "--save-head", str(head))
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert not head.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert digest(labelled_chips, model) == inputs
+
+
+def test_tile_append_on_a_full_disk_fails_with_one_line_and_keeps_the_dataset(scene, tmp_path,
+                                                                              monkeypatch):
+    from geoexplora.io import chips
+
+    out = tmp_path / "c"
+    assert run_cli("-q", "tile", str(scene), "-o", str(out), "--size", "32")[0] == 0
+    other = tmp_path / "other.tif"
+    shutil.copyfile(scene, other)
+    before = digest(tmp_path)
+    _disk_full_after(monkeypatch, chips, "write_chip", calls=2)
+    code, _, err = run_cli("-q", "tile", str(other), "-o", str(out), "--size", "32", "--append")
+    assert code == 1 and error_line(err) == f"geoexplora: error: {FULL}"
+    assert digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "c.config.yaml", "in.tif",
+                                                         "other.tif"]
+
+
+# --- Also: a real full disk (a 256 KiB tmpfs, mounted when the tests run as root) ------------
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs: room for a few chips, not for a model file or a scene's strips."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the injected ENOSPC tests above cover this")
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("verb", ["tile", "predict", "adapt", "finetune"])
+def test_a_real_full_disk_gives_one_line_and_no_traceback(model, scene, labelled_chips,
+                                                          full_disk, tmp_path, verb):
+    """In a separate process, so GDAL's and libtiff's own writes to stderr are seen too."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = {"tile": ["tile", str(scene), "-o", str(full_disk / "c"), "--size", "32"],
+            "predict": ["predict", str(model), str(scene), "-o", str(full_disk / "p.tif"),
+                        "--probabilities"],
+            "adapt": _train_args("adapt", model, scene, labelled_chips, full_disk / "a.pt")[1:],
+            "finetune": _train_args("finetune", model, scene, labelled_chips,
+                                    full_disk / "f.pt")[1:]}[verb]
+    inputs = digest(scene, labelled_chips, model)
+
+    def run():
+        done = subprocess.run([sys.executable, "-m", "geoexplora.cli", "-q", *args],
+                              capture_output=True, text=True, timeout=300, check=False,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+        lines = done.stderr.splitlines()
+        if verb == "predict":  # libtiff's own default handler writes this line itself (GDAL's
+            # handler, which rasterio routes to the logger, never sees it): known, left alone
+            assert lines[0] == "_tiffWriteProc: No space left on device.", done.stderr
+            lines = lines[1:]
+        assert done.returncode == 1 and len(lines) == 1, done.stderr
+        assert lines[0].startswith("geoexplora: error: ") and lines[0].endswith(
+            "no space left on device; free some space and run again (--resume continues an "
+            "interrupted predict, embed, adapt or finetune)")
+
+    run()
+    left = sorted(p.name for p in full_disk.iterdir())
+    logs = {"adapt": ["a.log.jsonl"], "finetune": ["f.log.jsonl"]}
+    assert left == {"tile": [], "predict": [".p.tif.parts"], **logs}[verb], left
+    assert not [p for p in full_disk.rglob("*") if p.name.endswith(".partial")]
+    if verb in logs:  # a log without a checkpoint does not block a plain rerun
+        run()
+    assert digest(scene, labelled_chips, model) == inputs

@@ -140,7 +140,8 @@ def test_ambiguous_band_in_two_files_of_one_date(shared_data, tmp_path):
     src = shared_data / "s2-l2a-29RKH-2020-02-19" / "original" / "B02.tif"
     shutil.copy(src, tmp_path / "a_B02.tif")
     shutil.copy(src, tmp_path / "b_B02.tif")
-    with pytest.raises(UserError, match="band B2 is ambiguous"):
+    with pytest.raises(UserError, match="band B2 appears 2 times: a_B02.tif#1 .*, b_B02.tif#1 "
+                                        r".*; give one file per band and date"):
         open_scene([tmp_path / "a_B02.tif", tmp_path / "b_B02.tif"],
                    SceneOptions(sensor="sentinel2", bands=["B2"]))
 

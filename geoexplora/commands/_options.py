@@ -274,12 +274,14 @@ def run_or_print_config(invoke, ctx):
     if ctx.params.pop("print_config", False):
         sys.stdout.write(_config_yaml(ctx))
         return 0
+    from geoexplora.log import library_messages_logged
     from geoexplora.runconfig import running_with
 
     text = _config_yaml(ctx)  # before the verb runs: what was asked for, not what it changed
     config = resolved_config(ctx)
     output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
-    with _tracking(ctx, config), running_with({"command": ctx.info_name, "options": config}):
+    with library_messages_logged(), _tracking(ctx, config), running_with(
+            {"command": ctx.info_name, "options": config}):
         result = invoke(ctx)
         if output is not None and ctx.info_name in LOOP_VERBS:
             from geoexplora.train.tracking import log_images

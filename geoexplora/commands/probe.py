@@ -32,6 +32,9 @@ def probe(
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Batch size of the head grid.")] = None,
     knn_k: Annotated[int | None, typer.Option("--knn-k", help="Neighbours of the k-NN.")] = None,
+    extract_batch_size: Annotated[int | None, typer.Option(
+        "--extract-batch-size", help="Chips per forward pass of the frozen backbone while "
+                                     "extracting features (memory bound).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(
         "--cache-dir", help="Feature cache folder (default: $GEOEXPLORA_CACHE_DIR or "
                             "~/.cache/geoexplora/features).")] = None,
@@ -64,6 +67,7 @@ def probe(
         learning_rates=_floats(learning_rates) or PROBE.learning_rates,
         steps=given_or(steps, PROBE.steps), batch_size=given_or(batch_size, PROBE.batch_size),
         knn_k=given_or(knn_k, PROBE.knn_k),
+        extract_batch_size=given_or(extract_batch_size, PROBE.extract_batch_size),
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         plots_dir=plots, save_head=save_head, overwrite=overwrite, device=device,
         num_workers=num_workers, seed=seed)

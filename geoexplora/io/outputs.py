@@ -116,3 +116,50 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=False)
     elif p.exists() or p.is_symlink():
         p.unlink()
+
+
+@contextlib.contextmanager
+def disk_full_as_oserror(path: Path, needed_bytes: int):
+    """GDAL reports a write that failed for want of space as a ``RasterioIOError`` without an
+    errno (libtiff's "No space left on device" is only a log line). When the file system of
+    ``path`` has less than ``needed_bytes`` free after such a failure, it is re-raised as
+    ``OSError(ENOSPC)`` naming ``path``, which the CLI reports as one line; any other failure
+    propagates as it is."""
+    import errno
+
+    from rasterio.errors import RasterioIOError
+
+    try:
+        yield
+    except RasterioIOError as exc:
+        if shutil.disk_usage(Path(path).parent).free >= needed_bytes:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors inside ``obj`` (nested dicts, lists and tuples)."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.element_size() * obj.numel()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def torch_save(obj, path: Path) -> None:
+    """``torch.save``, with a full disk reported as ``OSError(ENOSPC)`` naming ``path``: torch's
+    writer raises a bare RuntimeError ("basic_ios::clear: iostream error", "unexpected pos")
+    when the disk fills. It counts as a full disk when the file system has less room left than
+    the tensors being written."""
+    import errno
+
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if shutil.disk_usage(Path(path).parent).free >= max(_tensor_bytes(obj), 1):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc

@@ -636,6 +636,13 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
                                 f" (has: {_describe_bands(group)}){hint}")
             if len({m[2].key for m in matches}) > 1 or len(matches) > 1:
                 where = ", ".join(f"{m[0].path.name}#{m[1]} ({m[2].key})" for m in matches)
+                if len({m[2].key for m in matches}) == 1:  # one band twice: --sensor cannot help
+                    if len({m[0].path for m in matches}) > 1:
+                        raise UserError(f"band {token} appears {len(matches)} times: {where}; "
+                                        "give one file per band and date")
+                    raise UserError(f"band {token} appears {len(matches)} times: {where}; say "
+                                    "which band each one is with --band-map (e.g. --band-map "
+                                    "1=B2,2=B3,...)")
                 raise UserError(f"band {token} is ambiguous: {where}; pass --sensor or --band-map")
             rf, idx, band = matches[0]
             scale, add = conversion_for(rf, idx, opts)

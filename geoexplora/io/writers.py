@@ -22,6 +22,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from geoexplora.errors import UserError
+from geoexplora.io.outputs import disk_full_as_oserror
 
 STRIP_ROWS = 256
 COG_DEFAULTS = {"COMPRESS": "DEFLATE", "BLOCKSIZE": "512", "BIGTIFF": "IF_SAFER",
@@ -150,9 +151,13 @@ class StripStore:
                    "compress": "zstd", "zstd_level": 1}
         if s.width >= 256 and b - a >= 256:
             profile.update(tiled=True, blockxsize=256, blockysize=256)
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(data)
-            dst.update_tags(**strip_stats(data, s))
+        try:
+            with disk_full_as_oserror(tmp, data.nbytes), rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(data)
+                dst.update_tags(**strip_stats(data, s))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, final)
 
     def stats(self) -> dict:
@@ -236,7 +241,9 @@ class StripStore:
         if self.spec.dtype == "float16":  # half floats: Float32 stored with 16 bits
             options.update(PREDICTOR="NO", NBITS="16")
         options.update(creation_options or {})
-        with rasterio.Env(GDAL_CACHEMAX=256, GDAL_PAM_ENABLED="NO"), rasterio.open(vrt) as src:
+        strips = sum(self.strip_path(i).stat().st_size for i in range(self.strip_count))
+        with (disk_full_as_oserror(target, strips),
+              rasterio.Env(GDAL_CACHEMAX=256, GDAL_PAM_ENABLED="NO"), rasterio.open(vrt) as src):
             rasterio.shutil.copy(src, target, driver="COG", **options)
 
 

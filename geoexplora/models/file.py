@@ -26,7 +26,7 @@ from torch import nn
 
 from geoexplora.bands import Band, band_from_key
 from geoexplora.errors import UserError
-from geoexplora.io.outputs import atomic_output, check_output
+from geoexplora.io.outputs import atomic_output, check_output, torch_save
 from geoexplora.models.checkpoints import (
     is_weights_only_refusal,
     refuse_python_objects,
@@ -84,7 +84,7 @@ def save_model(path: str | Path, module: nn.Module, meta: dict | None = None,
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                "meta_json": json.dumps(full_meta), "state_dict": state}
     with atomic_output(path, overwrite=overwrite) as tmp:
-        torch.save(payload, tmp)
+        torch_save(payload, tmp)
     return Path(path)
 
 

@@ -25,7 +25,7 @@ from typing import Literal
 from geoexplora import bands as B
 from geoexplora.config_checks import one_of, path_list
 from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA, MAE, dino_head_size
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.log import Progress, logger, reports_progress
 from geoexplora.results import AdaptResult
 from geoexplora.validate import given_or, require_at_least, require_positive
@@ -417,6 +417,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     import torch
 
     from geoexplora.io.outputs import check_not_input, check_output
+    from geoexplora.memory import check_fits
     from geoexplora.train import engine as E
 
     _validate(cfg)
@@ -478,6 +479,10 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
                                                     precision)
         plan["dry_run"] = True
         return AdaptResult.from_report(plan)
+    check_fits(estimate_memory(backbone, objective_module, objective, cfg, precision)["total"],
+               f"adapting {cfg.crop_size} px crops with {opt('batch_size')} {cfg.batch_size}",
+               f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the global batch) "
+               f"or {opt('crop_size')}", fabric.device)
 
     groups = E.param_groups(objective_module, num_blocks=backbone.depth,
                             layer_decay=settings.layer_decay,

@@ -475,7 +475,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     """Fine-tune ``cfg.model`` on ``cfg.chips``, write ``cfg.output``; the result document
     (None on the other ranks of a multi-device run)."""
     from geoexplora.io.chips import load_dataset_meta
-    from geoexplora.io.outputs import atomic_output, check_not_input, check_output
+    from geoexplora.io.outputs import atomic_output, check_not_input, check_output, torch_save
+    from geoexplora.memory import check_training_memory
     from geoexplora.models.file import save_model
     from geoexplora.train import engine as E
     from geoexplora.train.features import (
@@ -525,6 +526,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     else:
         weights = class_weights(counts, cfg.class_weighting)
     objective = FinetuneObjective(model, task, weights, cfg.label_smoothing)
+    check_training_memory(objective, backbone, ModelInputs(splits["train"], band_index)[
+        indices["train"][0]], splits["train"].chip_size, cfg.batch_size, fabric, cfg.num_workers)
 
     world = fabric.world_size
     global_batch = cfg.batch_size * cfg.accumulate * world
@@ -581,7 +584,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
             objective.evals_since_best.zero_()
             if fabric.is_global_zero:
                 with atomic_output(best_path, overwrite=True) as tmp:
-                    torch.save({"step": step, "score": score, "metrics": _jsonable(scores),
+                    torch_save({"step": step, "score": score, "metrics": _jsonable(scores),
                                 "state": _trainable_state(objective.model)}, tmp)
         else:
             objective.evals_since_best += 1

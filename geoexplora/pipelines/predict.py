@@ -87,6 +87,9 @@ def check_common(cfg) -> None:
                         option="inputs")
     one_of("blend", cfg.blend, Blend)
     cfg.scene = scene_options("scene", cfg.scene)
+    from geoexplora.io.creation_options import check_creation_options
+
+    check_creation_options(cfg.creation_options, "COG")  # the outputs are COGs (io/writers.py)
 
 
 # --- jobs: which inputs go to which output --------------------------------------------------
@@ -128,10 +131,33 @@ def open_model_scene(paths: list[Path], scene_opts, meta: dict, model_name: str)
         scene = open_scene(paths, scene_opts or SceneOptions())
     read = check_scene_against_model(meta, scene, model_name)
     sources = [[frame[i] for i in read.band_indices] for frame in scene.sources]
+    warn_byte_scale(sources[0], meta["backbone"]["stats"]["mean"], model_name)
     mapping = [{"model_band": b.key, "file": str(s.path), "file_band": s.index,
                 "date": s.date, "scale": s.scale, "add": s.add}
                for frame in sources for b, s in zip(read.bands, frame)]
     return Scene(sources, scene.grid, scene.dates), read, mapping
+
+
+def warn_byte_scale(sources, model_mean: list[float], model_name: str) -> None:
+    """Warn (once per scene) when 8-bit bands, read as they are, meet a model whose training
+    mean for them is above 255: values no 8-bit band holds, so the file is most likely on
+    another scale (reflectance x 255 from an RGB export, say) and the output nonsense."""
+    import rasterio
+
+    dtypes: dict = {}
+    off = []
+    for source, mean in zip(sources, model_mean):
+        if source.path not in dtypes:
+            with rasterio.open(source.path) as src:
+                dtypes[source.path] = src.dtypes
+        if (dtypes[source.path][source.index - 1] == "uint8" and source.scale == 1
+                and source.add == 0 and mean > 255):
+            off.append(f"{source.band.name} {mean:.0f}")
+    if off:
+        logger.warning("%s: 8-bit band(s) read as they are, but %s was trained on means above "
+                       "255 (%s); if the file holds reflectance x 255, rescale it to the "
+                       "model's units first (e.g. gdal_translate -ot UInt16 -scale 0 255 0 "
+                       "10000)", sources[0].path.name, model_name, ", ".join(off))
 
 
 # --- the plan ---------------------------------------------------------------------------------

@@ -841,6 +841,9 @@ def _zero_chips_message(dropped: Counter, n_candidates: int) -> str:
 def tile(cfg: TileConfig) -> TileResult:
     """Tile scenes (or import class folders) into a chips dataset at ``cfg.out`` (or, with
     ``cfg.append`` and an existing dataset there, add to it: see ``geoexplora.pipelines.append``)."""
+    from geoexplora.io.creation_options import check_creation_options
+
+    check_creation_options(cfg.creation_options, "GTiff")  # chips are written as GeoTIFFs
     if cfg.append and not cfg.dry_run:
         from geoexplora.io.outputs import exclusive
 

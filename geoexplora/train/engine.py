@@ -310,11 +310,17 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def resolve_num_workers(num_workers: int | None) -> int:
+    """DataLoader workers: as given, else ``ENGINE.num_workers`` capped by the CPU count."""
+    if num_workers is None:
+        return min(ENGINE.num_workers, max(0, (os.cpu_count() or 1) - 1))
+    return num_workers
+
+
 def make_loader(dataset, sampler: StepSampler, collate_fn=None, num_workers: int | None = None,
                 pin_memory: bool = True, prefetch_factor: int = ENGINE.prefetch_factor):
     """A DataLoader over ``sampler`` with workers, pinned memory and prefetch."""
-    if num_workers is None:
-        num_workers = min(ENGINE.num_workers, max(0, (os.cpu_count() or 1) - 1))
+    num_workers = resolve_num_workers(num_workers)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init,
@@ -360,8 +366,13 @@ class RunFiles:
             if not self.checkpoint.exists():
                 raise UserError(f"--resume: no checkpoint {self.checkpoint}")
             return
+        # A log or plot with neither a checkpoint nor an output beside it is what a run that
+        # failed before its first checkpoint (a full disk, say) left: nothing to continue.
+        unfinished = not self.checkpoint.exists() and not self.output.exists()
         for path in (self.checkpoint, self.log, self.plot, *extra):
-            if path.exists() and not overwrite:
+            if path.exists() and not overwrite and unfinished and path in (self.log, self.plot):
+                logger.warning("%s: left by a run that wrote no checkpoint; replacing it", path)
+            elif path.exists() and not overwrite:
                 raise UserError(f"{path} exists (an earlier run's; --resume continues it); pass "
                                 "--overwrite to start afresh")
             check_output(path, True)
@@ -543,7 +554,7 @@ class TrainLoop:
         """Rank 0 writes module + optimiser + step atomically; all ranks wait for it. Returns
         whether ``on_checkpoint`` asks to stop early."""
         if self.fabric.is_global_zero:
-            from geoexplora.io.outputs import atomic_output
+            from geoexplora.io.outputs import atomic_output, torch_save
 
             state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                      "step": self.step, "elapsed": self.elapsed,
@@ -551,7 +562,7 @@ class TrainLoop:
                      "module": self.objective.state_dict(),
                      "optimizer": self.optimizer.state_dict()}
             with atomic_output(self.files.checkpoint, overwrite=True) as tmp:
-                torch.save(state, tmp)
+                torch_save(state, tmp)
             records = read_log(self.files.log)
             if records:
                 write_loss_plot(records, self.files.plot, self.settings.description)
@@ -681,7 +692,7 @@ class TrainLoop:
         interval_start, interval_wait = run_start, 0.0
         # A resumed run reports the same first loss as an uninterrupted one (from the log).
         first: dict | None = kept[0] if kept else None
-        last: dict | None = None
+        last: dict | None = kept[-1] if kept else None  # a resume with no step left: the log's
         progress = make_progress() if fabric.is_global_zero else None
         log_file = (open(self.files.log, "a")  # noqa: SIM115 - closed in the finally below
                     if fabric.is_global_zero else None)

@@ -21,7 +21,7 @@ import torch
 
 from geoexplora.errors import UserError
 from geoexplora.io.chips import INDEX_NAME, META_NAME, ChipsDataset
-from geoexplora.io.outputs import atomic_output
+from geoexplora.io.outputs import atomic_output, torch_save
 from geoexplora.log import logger, make_progress
 from geoexplora.models.heads import CLS_BLOCKS
 
@@ -167,10 +167,15 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
     """Run the frozen ``backbone`` (a GeoViT) over ``dataset``; memory bounded by the batch."""
     from torch.utils.data import DataLoader
 
+    from geoexplora.memory import check_extraction_memory
+
+    inputs = ModelInputs(dataset, band_index)
+    if len(inputs):
+        check_extraction_memory(backbone, inputs[0], dataset.chip_size,
+                                min(batch_size, len(inputs)), torch.device(device), num_workers)
     backbone.eval().to(device)
     n_blocks = min(CLS_BLOCKS, backbone.depth)
-    loader = DataLoader(ModelInputs(dataset, band_index), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+    loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     cls_parts, mean_parts, label_parts, labels_parts, ids = [], [], [], [], []
     with make_progress(transient=True) as progress:
         task = progress.add_task(description, total=len(dataset), info="")
@@ -230,7 +235,7 @@ def cached_features(model_path: Path, splits: dict[str, ChipsDataset], cache_dir
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(path, overwrite=True) as tmp:
-                torch.save(out[name].to_dict(), tmp)
+                torch_save(out[name].to_dict(), tmp)
     return out, loaded is None
 
 
