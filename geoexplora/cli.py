@@ -58,7 +58,7 @@ app = typer.Typer(
 )
 
 # One module per command, in pipeline order; each module has ``register(app)``.
-COMMANDS = ("info", "tile", "adapt", "probe", "finetune", "predict", "embed", "demo")
+COMMANDS = ("info", "tile", "adapt", "probe", "finetune", "predict", "embed", "demo", "models")
 
 
 def _version(value: bool) -> None:

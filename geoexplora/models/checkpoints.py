@@ -3,7 +3,8 @@
 Layouts handled: timm (``.safetensors`` / ``.pth``), Meta's original DINOv2 ``.pth`` (with or
 without registers; its ``mask_token`` is kept for iBOT), MAE checkpoints (``{"model": ...}``, with
 or without the decoder, whose weights are returned separately for the MAE objective), DINOv2
-training checkpoints (``teacher.backbone.*``) and DDP ``module.`` prefixes. timm's own
+training checkpoints (``teacher.backbone.*``), DDP ``module.`` prefixes and Lightning
+``{"state_dict": {"model.*": ...}}`` checkpoints. timm's own
 ``checkpoint_filter_fn`` does the Meta -> timm key conversion and resamples the position
 embedding and patch kernel to the model's grid.
 """
@@ -90,8 +91,10 @@ def unwrap_state_dict(obj, path: str | Path = "checkpoint") -> dict[str, torch.T
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise UserError(f"{path}: holds no tensors")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    # DDP's ``module.`` and a LightningModule's ``self.model``, in either nesting.
+    while prefix := next((p for p in ("module.", "model.") if all(k.startswith(p) for k in sd)),
+                         None):
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
     if any(k.startswith("backbone.") for k in sd):  # DINOv2 training checkpoint: drop the heads
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
