@@ -21,6 +21,7 @@ def _args(tmp_path) -> dict[str, list[str]]:
         "predict": [str(model), str(raster), "-o", out],
         "embed": [str(model), str(raster), "-o", out],
         "demo": [],
+        "models": [],
     }
 
 
