@@ -354,12 +354,24 @@ def test_predict_refuses_an_existing_secondary_output(option, sibling, work, tmp
     assert tree(tmp_path) == before
 
 
-def test_training_refuses_an_earlier_runs_log_without_overwrite(work, tmp_path):
+def test_training_refuses_an_earlier_runs_log_beside_its_output_without_overwrite(work, tmp_path):
     (tmp_path / "out.log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "out.pt").write_bytes(b"an earlier run's model")
     before = tree(tmp_path)
     code, stdout, stderr = run_cli(*invocation("finetune", work, tmp_path / "out.pt"))
     assert_one_line_error(code, stdout, stderr)
     assert tree(tmp_path) == before
+
+
+def test_training_replaces_the_log_of_a_run_that_wrote_no_checkpoint(work, tmp_path):
+    """A log with neither a checkpoint nor an output beside it is a failed run's leftover (issue
+    20: a full disk before the first checkpoint); it must not block a plain rerun."""
+    (tmp_path / "out.log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    code, _, stderr = run_cli(*invocation("finetune", work, tmp_path / "out.pt"))
+    assert code == 0, stderr
+    assert "left by a run that wrote no checkpoint; replacing it" in " ".join(stderr.split())
+    assert (tmp_path / "out.pt").exists()
+    assert '"loss": 1.0}' not in (tmp_path / "out.log.jsonl").read_text()
 
 
 # --- a real terminal and a pipe ---------------------------------------------------------------
