@@ -135,9 +135,9 @@ def probe_chips(out: Path, budget: Budget):
     """The labelled Landsat-7 chips (tile library): majority point label per chip."""
     from geoexplora.pipelines.tile import TileConfig, tile
 
-    return tile(TileConfig(scenes=[L7_SCENE], out=out, size=budget.chip, **L7_OPTS,
+    return tile(TileConfig(inputs=[L7_SCENE], output=out, size=budget.chip, **L7_OPTS,
                            labels=L7_POINTS, label_field="label", task="classification",
-                           val_fraction=0.2, test_fraction=0.3, seed=0, show_progress=False))
+                           val_fraction=0.2, test_fraction=0.3, seed=0, progress=False))
 
 
 # ---------------------------------------------------------------------------------- arms

@@ -97,8 +97,8 @@ def naive(scene: Path, size: int, out: Path, nodata: float | None) -> tuple[int,
 
 def run_tile(scene: Path, size: int, out: Path, workers: int, opts: dict) -> tuple[int, float]:
     start = time.perf_counter()
-    result = tile(TileConfig(scenes=[scene], out=out, size=size, max_nodata=1.0, val_fraction=0,
-                             workers=workers, show_progress=False, **opts))
+    result = tile(TileConfig(inputs=[scene], output=out, size=size, max_nodata=1.0, val_fraction=0,
+                             workers=workers, progress=False, **opts))
     return result.chips, time.perf_counter() - start
 
 
@@ -144,8 +144,8 @@ def measure_append(mosaic: Path, scene: Path, opts: dict, args, tmp: Path) -> No
     def run(scenes, out, **kw):
         os.sync()
         start = time.perf_counter()
-        result = tile(TileConfig(scenes=scenes, out=out, size=args.size, max_nodata=1.0,
-                                 show_progress=False, **opts, **kw))
+        result = tile(TileConfig(inputs=scenes, output=out, size=args.size, max_nodata=1.0,
+                                 progress=False, **opts, **kw))
         return result, time.perf_counter() - start
 
     best: dict[str, float] = {}

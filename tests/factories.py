@@ -47,22 +47,22 @@ KINDS = ("classification", "segmentation", "temporal_segmentation", "multilabel"
 def kind_config(out: Path, kind: str, size: int = 32) -> TileConfig:
     single_date = sample.slovenia_scenes()[:1]
     # Half-overlapping chips; seed 1 gives train and val chips with two majority classes.
-    common = {"out": out, "size": size, "stride": size // 2, "split_block": size,
-              "val_fraction": 0.4, "seed": 1, "show_progress": False, "overwrite": True}
+    common = {"output": out, "size": size, "stride": size // 2, "split_block": size,
+              "val_fraction": 0.4, "seed": 1, "progress": False, "overwrite": True}
     if kind == "classification":
-        return TileConfig(scenes=single_date, label_raster=sample.slovenia_labels(),
+        return TileConfig(inputs=single_date, label_raster=sample.slovenia_labels(),
                           task="classification", **common)
     if kind == "segmentation":
-        return TileConfig(scenes=single_date, label_raster=sample.slovenia_labels(),
+        return TileConfig(inputs=single_date, label_raster=sample.slovenia_labels(),
                           task="segmentation", **common)
     if kind == "temporal_segmentation":
-        return TileConfig(scenes=sample.slovenia_scenes(), label_raster=sample.slovenia_labels(),
+        return TileConfig(inputs=sample.slovenia_scenes(), label_raster=sample.slovenia_labels(),
                           task="segmentation", **common)
     if kind == "multilabel":
-        return TileConfig(scenes=single_date, label_raster=sample.slovenia_labels(),
+        return TileConfig(inputs=single_date, label_raster=sample.slovenia_labels(),
                           task="multilabel", min_label_fraction=0.02, **common)
     if kind == "unlabeled":
-        return TileConfig(scenes=[sample.s2_tile_crop()], task="none",
+        return TileConfig(inputs=[sample.s2_tile_crop()], task="none",
                           **{**common, "stride": size, "split_block": 2 * size, "seed": 0})
     raise ValueError(f"unknown kind '{kind}'; one of {', '.join(KINDS)}")
 
@@ -74,7 +74,7 @@ def make_chips_dataset(out_dir, kind: str, size: int = 32, **overrides) -> Path:
         if not hasattr(cfg, name):
             raise TypeError(f"TileConfig has no field '{name}'")
         setattr(cfg, name, value)
-    return tile(cfg).out
+    return tile(cfg).output
 
 
 # --- models and checkpoints ---------------------------------------------------------------------
@@ -162,7 +162,7 @@ def tile_once(base: Path, name: str, **config) -> Path:
 
     out = Path(base) / name
     if not (out / "dataset.json").is_file():
-        tile(TileConfig(out=out, show_progress=False, overwrite=True, **config))
+        tile(TileConfig(output=out, progress=False, overwrite=True, **config))
     return out
 
 
@@ -172,7 +172,7 @@ def nc_landsat7_chips(base: Path, shared: Path, stride: int = 28, val_fraction: 
     (the chip's majority class), spatially blocked splits."""
     d = shared / "landsat7-nc-2000"
     return tile_once(base, f"nc_landsat7_{stride}_{val_fraction}_{test_fraction}",
-                     scenes=[d / "landsat_multiband.tif"], sensor="landsat7", band_map=NC_BANDS,
+                     inputs=[d / "landsat_multiband.tif"], sensor="landsat7", band_map=NC_BANDS,
                      label_raster=d / "landsat96_labelled_pixels.tif", task="classification",
                      size=28, stride=stride, val_fraction=val_fraction,
                      test_fraction=test_fraction)
@@ -182,7 +182,7 @@ def landsat8_polygon_chips(base: Path, shared: Path) -> Path:
     """Landsat-8 OLI (B2, B3, B4), 28 px chips labelled by the land-cover polygons."""
     d = shared / "landsat8-224078-2020-05-18"
     stem = "LC08_L1TP_224078_20200518_20200518_01_RT"
-    return tile_once(base, "landsat8_polygons", scenes=[d / f"{stem}.TIF"], sensor="landsat8",
+    return tile_once(base, "landsat8_polygons", inputs=[d / f"{stem}.TIF"], sensor="landsat8",
                      band_map={"1": "B2", "2": "B3", "3": "B4"},
                      labels=d / f"{stem}_polygons.gpkg", label_field="name",
                      task="classification", size=28, stride=28, val_fraction=0.2,

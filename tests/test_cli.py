@@ -113,10 +113,11 @@ def test_info_on_a_model_file_prints_its_card(tmp_path):
     assert [b["key"] for b in doc["backbone"]["bands"]][:1] == ["sentinel2:B4"]
 
 
-def test_a_file_that_is_not_a_model_is_a_one_line_error(tmp_path):
+def test_a_file_that_is_not_a_model_is_a_one_line_error(tmp_path, sample_data):
     fake = tmp_path / "x.pt"
     fake.write_text("hello")
-    for args in (("info", str(fake)), ("embed", str(fake), str(tmp_path / "s.tif"), "-o",
+    scene = next(sample_data.glob("slovenia/S2L1C_*.tif"))
+    for args in (("info", str(fake)), ("embed", str(fake), str(scene), "-o",
                                        str(tmp_path / "e.tif"))):
         code, _, err = run_cli(*args)
         assert code == 2, args

@@ -136,7 +136,7 @@ def test_temporal_segmentation_on_the_slovenia_series(sample_data, tmp_path):
 def test_segmentation_of_sentinel2_scl_classes(sample_data, tmp_path):
     from geoexplora import sample
 
-    chips = tile_once(tmp_path, "scl", scenes=[sample.s2_tile_crop()],
+    chips = tile_once(tmp_path, "scl", inputs=[sample.s2_tile_crop()],
                       label_raster=sample_data / "s2-29RKH" / "S2A_29RKH_20200219_SCL_crop.tif",
                       task="segmentation", size=32, stride=32, val_fraction=0.25)
     model = tiny_model_file(tmp_path / "tiny.pt", chips, arch="geo_vit_tiny_patch16")

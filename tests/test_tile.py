@@ -19,8 +19,8 @@ L8_BANDS = {"1": "B2", "2": "B3", "3": "B4"}
 
 
 def _config(scenes, out, **kw):
-    kw.setdefault("show_progress", False)
-    return TileConfig(scenes=[str(s) for s in scenes], out=out, **kw)
+    kw.setdefault("progress", False)
+    return TileConfig(inputs=[str(s) for s in scenes], output=out, **kw)
 
 
 def _l8(shared_data, out, **kw):
@@ -44,7 +44,7 @@ def test_landsat8_polygon_masks_match_the_polygons_rasterised_on_the_source_grid
                                                                                  tmp_path):
     polygons = shared_data / L8_DIR / f"{L8_NAME}_polygons.gpkg"
     result = tile(_l8(shared_data, tmp_path / "out", labels=polygons, label_field="name"))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert result.task == "segmentation"
     assert [c["name"] for c in ds.classes] == ["crop", "developed", "tree", "water"]
     gdf = gpd.read_file(polygons)
@@ -63,7 +63,7 @@ def test_landsat8_polygon_masks_match_the_polygons_rasterised_on_the_source_grid
                                                                          pixels))
             assert row.geometry.bounds == pytest.approx(
                 window_bounds(source_transform, row.col_off, row.row_off, 64, 64))
-            with rasterio.open(result.out / row.path) as chip:
+            with rasterio.open(result.output / row.path) as chip:
                 assert chip.transform.almost_equals(
                     window_transform(source_transform, row.col_off, row.row_off))
     assert len(ds) == 6
@@ -73,7 +73,7 @@ def test_landsat8_points_label_the_chip_they_fall_in(shared_data, tmp_path):
     points = shared_data / L8_DIR / f"{L8_NAME}_points.gpkg"
     result = tile(_l8(shared_data, tmp_path / "out", labels=points, label_field="name",
                       val_fraction=0))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert result.task == "classification"
     names = [c["name"] for c in ds.classes]
     gdf = gpd.read_file(points)
@@ -87,7 +87,7 @@ def test_landsat8_points_label_the_chip_they_fall_in(shared_data, tmp_path):
 def test_slovenia_series_and_lulc_raster_give_5_frame_chips_with_masks(tmp_path):
     result = tile(_config(sample.slovenia_scenes(), tmp_path / "out", size=32,
                           label_raster=sample.slovenia_labels(), val_fraction=0))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert (ds.num_frames, len(ds)) == (5, 9)
     assert ds[0]["image"].shape == (5, 13, 32, 32)
     assert [c["value"] for c in ds.meta["classes"]] == [1, 2, 3, 4, 8]
@@ -101,7 +101,7 @@ def test_classification_label_is_the_majority_class_with_enough_share(tmp_path):
     result = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "out", size=16,
                           label_raster=sample.slovenia_labels(), task="classification",
                           min_label_fraction=0.8, val_fraction=0))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert 0 < len(ds) < 36 and result.dropped["unlabelled"] == 36 - len(ds)
     for _, row in ds.index.iterrows():
         counts = np.bincount(_lulc_ids(Window(row.col_off, row.row_off, 16, 16)).ravel(),
@@ -116,7 +116,7 @@ def test_landsat7_labels_in_epsg3358_are_read_on_the_epsg32119_grid_unshifted(sh
     result = tile(_config([d / "landsat_multiband.tif", d / "lsat7_2000_70.tif"], tmp_path / "o",
                           sensor="landsat7", band_map=band_map, size=32, val_fraction=0,
                           label_raster=d / "landsat96_labelled_pixels.tif"))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert [b.name for b in ds.bands] == ["B1", "B2", "B3", "B4", "B5", "B7"]
     with rasterio.open(d / "landsat96_labelled_pixels.tif") as labels, \
             rasterio.open(d / "landsat_multiband.tif") as scene:
@@ -139,12 +139,12 @@ def test_sentinel2_band_files_at_three_resolutions_are_chipped_on_the_finest_gri
                                                                                   tmp_path):
     folder = shared_data / "s2-l2a-29RKH-2020-02-19" / "original"
     result = tile(_config([folder], tmp_path / "out", size=128, val_fraction=0))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert len(ds) == (1098 // 128) ** 2
     assert [b.name for b in ds.bands] == ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A",
                                           "B9", "B11", "B12"]
     with rasterio.open(folder / "B02.tif") as b02, \
-            rasterio.open(result.out / ds.index.path[9]) as chip:
+            rasterio.open(result.output / ds.index.path[9]) as chip:
         row = ds.index.iloc[9]
         assert chip.res == (100.0, 100.0) and chip.crs.to_epsg() == 32629
         np.testing.assert_array_equal(chip.read(2), b02.read(1, window=Window(
@@ -155,7 +155,7 @@ def test_sentinel2_band_files_at_three_resolutions_are_chipped_on_the_finest_gri
 def test_bigearthnet_band_files_make_one_10m_chip_per_patch(shared_data, tmp_path):
     patch = shared_data / "bigearthnet-s2-examples" / "S2A_MSIL2A_20170613T101031_87_48"
     result = tile(_config([patch], tmp_path / "out", size=120, val_fraction=0))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert len(ds) == 1 and ds[0]["image"].shape == (1, 12, 120, 120)
     with rasterio.open(next(patch.glob("*_B04.tif"))) as b04:
         np.testing.assert_array_equal(ds.read_image(0)[0, 3], b04.read(1).astype(np.float32))
@@ -168,7 +168,7 @@ def test_edge_pad_covers_the_scene_with_nan_beyond_it(tmp_path):
     drop = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "drop", size=32,
                         val_fraction=0))
     assert (pad.chips, drop.chips) == (16, 9)  # 100 x 101 px: 4 x 4 padded, 3 x 3 whole
-    ds = ChipsDataset(pad.out)
+    ds = ChipsDataset(pad.output)
     corner = ds.index.index[(ds.index.col_off == 96) & (ds.index.row_off == 96)][0]
     image = ds.read_image(corner)
     assert np.isfinite(image[0, :, :5, :4]).all() and np.isnan(image[0, :, :, 4:]).all()
@@ -187,9 +187,9 @@ def test_a_scene_smaller_than_one_chip_is_an_error_unless_padded(tmp_path):
 def test_target_crs_reprojects_the_scenes(tmp_path):
     result = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "out", size=32,
                           crs="EPSG:3857", val_fraction=0, max_nodata=1.0))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert ds.index.crs.to_epsg() == 3857 and (ds.index["crs"] == "EPSG:3857").all()
-    with rasterio.open(result.out / ds.index.path[0]) as chip:
+    with rasterio.open(result.output / ds.index.path[0]) as chip:
         assert chip.crs.to_epsg() == 3857
 
 
@@ -197,7 +197,7 @@ def test_target_crs_reprojects_the_scenes(tmp_path):
 
 def test_chips_over_max_nodata_are_dropped_and_fractions_recorded(shared_data, tmp_path):
     result = tile(_l8(shared_data, tmp_path / "out", size=128, max_nodata=0.3))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert result.dropped["nodata"] > 0
     assert result.chips + result.dropped["nodata"] + result.dropped.get("split_buffer", 0) == \
         (1860 // 128) * (2041 // 128)
@@ -210,7 +210,7 @@ def test_chips_over_max_nodata_are_dropped_and_fractions_recorded(shared_data, t
 def test_val_and_test_chips_never_overlap_train_chips(tmp_path):
     result = tile(_config([sample.s2_tile_crop()], tmp_path / "out", size=32, stride=16,
                           val_fraction=0.3, test_fraction=0.15, split_block=64))
-    index = ChipsDataset(result.out).index
+    index = ChipsDataset(result.output).index
     assert {"train", "val", "test"} <= set(index.split) and result.dropped["split_buffer"] > 0
     shrunk = {s: shapely.union_all(index[index.split == s].geometry.buffer(-0.01))
               for s in ("train", "val", "test")}
@@ -223,7 +223,7 @@ def test_splits_depend_on_the_seed_only(tmp_path):
     def splits(name, seed):
         r = tile(_config([sample.s2_tile_crop()], tmp_path / name, size=32, val_fraction=0.3,
                          split_block=64, seed=seed))
-        return ChipsDataset(r.out).index.set_index("chip_id")["split"].to_dict()
+        return ChipsDataset(r.output).index.set_index("chip_id")["split"].to_dict()
 
     assert splits("a", 1) == splits("b", 1)
     assert splits("a2", 1) != splits("c", 2)
@@ -236,7 +236,7 @@ def test_aoi_keeps_only_chips_touching_it(tmp_path):
     aoi.to_crs("EPSG:4326").to_file(tmp_path / "aoi.geojson")
     result = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "out", size=32,
                           aoi=tmp_path / "aoi.geojson", val_fraction=0))
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert result.dropped["outside_aoi"] == 3 and len(ds) == 6
     assert set(ds.index.col_off) == {0, 32}
 
@@ -245,7 +245,7 @@ def test_parallel_workers_write_the_same_dataset(tmp_path):
     cfg = {"size": 32, "val_fraction": 0.2, "split_block": 64}
     one = tile(_config([sample.s2_tile_crop()], tmp_path / "one", workers=1, **cfg))
     two = tile(_config([sample.s2_tile_crop()], tmp_path / "two", workers=2, **cfg))
-    a, b = ChipsDataset(one.out), ChipsDataset(two.out)
+    a, b = ChipsDataset(one.output), ChipsDataset(two.output)
     assert a.index.drop(columns="geometry").equals(b.index.drop(columns="geometry"))
     np.testing.assert_array_equal(a.read_image(5), b.read_image(5))
     assert one.stats == two.stats
@@ -264,4 +264,4 @@ def test_one_file_named_twice_is_one_input(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = tile(_config(["S2L1C_2015-07-11.tif", scene], tmp_path / "out", size=32,
                           val_fraction=0))
-    assert result.chips == 9 and ChipsDataset(result.out).index.source.nunique() == 1
+    assert result.chips == 9 and ChipsDataset(result.output).index.source.nunique() == 1

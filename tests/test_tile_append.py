@@ -43,7 +43,7 @@ def halves(tmp_path):
 
 def _tile(scenes, out, **kw):
     kw.setdefault("size", 32)
-    return tile(TileConfig(scenes=[str(s) for s in scenes], out=out, show_progress=False, **kw))
+    return tile(TileConfig(inputs=[str(s) for s in scenes], output=out, progress=False, **kw))
 
 
 def _snapshot(root):
@@ -70,16 +70,16 @@ def _polygons(path, scene, names):
 def test_append_adds_the_new_scenes_chips_and_leaves_the_old_ones_as_they_were(halves, tmp_path):
     west, east = halves
     first = _tile([west], tmp_path / "ds", **SPLITS)
-    before = ChipsDataset(first.out).index.drop(columns="geometry")
-    old_files = {k: v for k, v in _snapshot(first.out).items() if k.startswith("chips/")}
+    before = ChipsDataset(first.output).index.drop(columns="geometry")
+    old_files = {k: v for k, v in _snapshot(first.output).items() if k.startswith("chips/")}
 
     second = _tile([east], tmp_path / "ds", append=True, **SPLITS)
-    ds = ChipsDataset(second.out)
+    ds = ChipsDataset(second.output)
     assert second.appended and second.chips == 40 and second.dataset_chips == 40 + first.chips
     assert len(ds) == ds.meta["counts"]["chips"] == second.dataset_chips
     old = ds.index[ds.index.chip_id.isin(before.chip_id)].drop(columns="geometry")
     assert old.reset_index(drop=True).equals(before.reset_index(drop=True))
-    after = _snapshot(second.out)
+    after = _snapshot(second.output)
     assert all(after[k] == v for k, v in old_files.items())
     new = ds.index[~ds.index.chip_id.isin(before.chip_id)]
     assert new.source.str.endswith("east.tif").all() and new.chip_id.str.startswith("s001_").all()
@@ -91,7 +91,7 @@ def test_new_chips_are_cut_on_their_own_scene_grid_and_read_back_as_its_pixels(h
     west, east = halves
     _tile([west], tmp_path / "ds", val_fraction=0)
     result = _tile([east], tmp_path / "ds", append=True, val_fraction=0)
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     with rasterio.open(east) as src:
         for i in np.flatnonzero(ds.index.source.str.endswith("east.tif").to_numpy())[::7]:
             row = ds.index.iloc[i]
@@ -103,7 +103,7 @@ def test_new_chips_are_cut_on_their_own_scene_grid_and_read_back_as_its_pixels(h
 def test_old_chips_are_linked_into_the_new_dataset_not_copied(halves, tmp_path):
     west, east = halves
     first = _tile([west], tmp_path / "ds", val_fraction=0)
-    chip = first.out / ChipsDataset(first.out).index.path[0]
+    chip = first.output / ChipsDataset(first.output).index.path[0]
     inode = chip.stat().st_ino
     _tile([east], tmp_path / "ds", append=True, val_fraction=0)
     assert chip.stat().st_ino == inode
@@ -117,7 +117,7 @@ def test_statistics_after_append_match_one_run_over_both_scenes(halves, tmp_path
     assert appended.dataset_chips == together.chips
     for key in ("mean", "std", "p2", "p98"):
         np.testing.assert_allclose(appended.stats[key], together.stats[key], rtol=0.03)
-    stored = np.load(appended.out / STATS_SAMPLE_NAME)
+    stored = np.load(appended.output / STATS_SAMPLE_NAME)
     assert stored.shape[1] == 12 and 150_000 <= len(stored) <= 210_000
 
 
@@ -128,7 +128,7 @@ def test_new_chips_join_the_split_of_old_chips_in_their_block_and_never_overlap_
     west, east = halves
     _tile([west], tmp_path / "ds", stride=16, **SPLITS)
     result = _tile([east], tmp_path / "ds", stride=16, append=True, **SPLITS)
-    index = ChipsDataset(result.out).index
+    index = ChipsDataset(result.output).index
     old = index.source.str.endswith("west.tif")
     res = 200.0
     keys = [(int(np.floor(c.x / (64 * res))), int(np.floor(c.y / (64 * res))))
@@ -151,7 +151,7 @@ def test_classes_are_matched_by_name_and_new_ones_get_the_next_ids(halves, tmp_p
                   val_fraction=0)
     assert [(c["id"], c["name"]) for c in first.classes] == [(0, "forest"), (1, "water")]
     result = _tile([east], tmp_path / "ds", labels=new_labels, append=True, val_fraction=0)
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert [(c["id"], c["name"]) for c in ds.meta["classes"]] == \
         [(0, "forest"), (1, "water"), (2, "bare")]
     new = np.flatnonzero(ds.index.source.str.endswith("east.tif").to_numpy())
@@ -279,7 +279,7 @@ def test_class_folder_patches_append_with_known_classes_keeping_their_ids(tmp_pa
     _patches(root, [("water", "d"), ("grass", "e")])
     result = _tile([root], tmp_path / "ds", class_folders=True, size=None, val_fraction=0,
                    append=True)
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert result.chips == 2 and len(ds) == 5
     assert [(c["id"], c["name"]) for c in ds.meta["classes"]] == \
         [(0, "grass"), (1, "urban"), (2, "water")]
@@ -348,7 +348,7 @@ def test_a_new_date_of_a_known_place_in_a_batch_folder_is_appended(tmp_path):
     result = _tile([batch], tmp_path / "ds", append=True)
     assert result.chips == first.chips == 9
     assert result.already_in_dataset == [str(batch / sample.slovenia_scenes()[0].name)]
-    assert ChipsDataset(result.out).index.dates.value_counts().to_dict() == {
+    assert ChipsDataset(result.output).index.dates.value_counts().to_dict() == {
         "2015-07-11": 9, "2015-07-31": 9}
 
 
@@ -357,7 +357,7 @@ def test_reading_and_split_options_of_the_first_run_carry_over(halves, tmp_path)
     _tile([west], tmp_path / "ds", resolution=400, val_fraction=0.25, test_fraction=0.25,
           split_block=64, max_nodata=0.2)
     result = _tile([east], tmp_path / "ds", append=True, size=None)
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     new = ds.index[ds.index.source.str.endswith("east.tif")]
     assert {round(g.bounds[2] - g.bounds[0]) for g in new.geometry} == {32 * 400}
     assert {"val", "test"} <= set(new.split)
@@ -371,9 +371,9 @@ def test_reading_and_split_options_of_the_first_run_carry_over(halves, tmp_path)
 def test_a_dataset_tiled_without_splits_gets_real_blocks_on_append(halves, tmp_path):
     west, east = halves
     first = _tile([west], tmp_path / "ds", val_fraction=0)
-    assert ChipsDataset(first.out).meta["provenance"]["split_block_px"] is None
+    assert ChipsDataset(first.output).meta["provenance"]["split_block_px"] is None
     result = _tile([east], tmp_path / "ds", append=True, val_fraction=0.3, split_block=64)
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert ds.meta["provenance"]["split_block_px"] == 64
     val = ds.index[ds.index.split == "val"]
     assert len(val) > 0 and len(val) % 4 == 0  # whole 2 x 2 chip blocks (stride = size)
@@ -442,7 +442,7 @@ def test_several_new_dates_of_a_known_place_are_one_date_scenes_each(tmp_path):
     for scene in sample.slovenia_scenes()[1:3]:
         shutil.copy(scene, batch)
     result = _tile([batch], tmp_path / "ds", append=True)
-    ds = ChipsDataset(result.out)
+    ds = ChipsDataset(result.output)
     assert result.chips == 18 and ds.num_frames == 1
     assert sorted(ds.index.dates.unique()) == ["2015-07-11", "2015-07-31", "2015-08-20"]
 

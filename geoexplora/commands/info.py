@@ -20,19 +20,22 @@ def info(
 ) -> None:
     """Describe rasters (size, CRS, resolution, dtype, nodata, identified bands, dates), model
     files (the model card) or chips datasets (chips, splits, bands, statistics, classes). A
-    folder stands for the rasters in it (one file per band), unless it is a chips dataset.
+    folder stands for the rasters under it (as every verb finds them), unless it is a chips
+    dataset. Several rasters: also how they group into scenes (see docs/concepts.md).
 
     Example: geoexplora info scene.tif --json | jq .files[0].bands
     """
-    from geoexplora.pipelines.info import describe_path, raster_files
+    from geoexplora.pipelines.info import describe
 
     opts = O.scene_opts(sensor=sensor, band_map=band_map, s2_offset=s2_offset, nodata=nodata)
-    docs = [describe_path(p, opts) for p in raster_files(O.expand_paths(paths))]
+    doc = describe(O.expand_paths(paths), opts)
     if json_out:
-        O.print_json({"files": docs})
-    else:
-        for doc in docs:
-            render_description(doc)
+        O.print_json(doc)
+        return
+    for file_doc in doc["files"]:
+        render_description(file_doc)
+    if len(doc["files"]) > 1 and doc["scenes"]:
+        render_scenes(doc["scenes"])
 
 
 def render_description(doc: dict) -> None:
@@ -61,6 +64,16 @@ def render_description(doc: dict) -> None:
                       b.get("sensor", ""), f"{b['center_nm']:g}" if "center_nm" in b else "",
                       f"{b['gsd_m']:g}" if "gsd_m" in b else "")
     console.print(table)
+
+
+def render_scenes(scenes: list[list[str]]) -> None:
+    """How the rasters group into scenes (places), as tile, adapt, predict and embed see them."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]{len(scenes)} scene(s)[/] (files of one place are its bands or dates):")
+    for i, files in enumerate(scenes, start=1):
+        console.print(f"  {i}. " + ", ".join(files))
 
 
 def _render_dataset(console, doc: dict) -> None:

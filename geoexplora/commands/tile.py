@@ -102,7 +102,7 @@ def tile(
     opts = scene_options(bands=bands, sensor=sensor, band_map=band_map, resolution=resolution,
                          nodata=nodata, dates=dates, s2_offset=s2_offset, crs=crs)
     cfg = TileConfig(
-        scenes=[str(p) for p in O.expand_paths(scenes)], out=out, size=size, stride=stride,
+        inputs=[str(p) for p in O.expand_paths(scenes)], output=out, size=size, stride=stride,
         bands=opts.bands, sensor=opts.sensor, band_map=opts.band_map, nodata=opts.nodata,
         s2_offset=opts.s2_offset, resolution=opts.resolution, dates=opts.dates, crs=opts.crs,
         labels=labels, label_field=label_field, label_layer=label_layer,
@@ -124,15 +124,15 @@ def tile(
                  if "scenes" in plan else f"{plan['patches']} patch files")
         memory = (f", ~{_size(plan['memory_bytes'])} of pixels in memory"
                   if "memory_bytes" in plan else "")
-        typer.echo(f"{result.out}: would write at most {result.chips} chips ({splits}) of "
+        typer.echo(f"{result.output}: would write at most {result.chips} chips ({splits}) of "
                    f"{result.chip_size} px from {where}; dropped before reading: {dropped}; "
                    f"at most {_size(plan['disk_bytes_at_most'])} on disk{memory}")
         return
     if result.appended:
-        typer.echo(f"{result.out}: {result.chips} chips added, {result.dataset_chips} in all "
+        typer.echo(f"{result.output}: {result.chips} chips added, {result.dataset_chips} in all "
                    f"({splits}) of {result.chip_size} px, task {result.task}; dropped: {dropped}")
     else:
-        typer.echo(f"{result.out}: {result.chips} chips ({splits}) of {result.chip_size} px, "
+        typer.echo(f"{result.output}: {result.chips} chips ({splits}) of {result.chip_size} px, "
                    f"task {result.task}; dropped: {dropped}")
     for cl in result.classes:
         typer.echo(f"  {cl['id']:>3} {cl['name']}: {cl['chips']} chips")

@@ -32,35 +32,6 @@ class Predictor:
         return self.task in ("classification", "multilabel")
 
 
-def resolve_devices(device: str | None, devices: str | None) -> list:
-    """``--device`` / ``--devices`` -> torch devices. ``--devices`` is ``N`` (the first N GPUs)
-    or a list ``0,1`` / ``cuda:0,cuda:1``."""
-    import torch
-
-    if devices and device == "cpu":
-        raise UserError("--devices picks GPUs; leave it out with --device cpu")
-    if devices:
-        items = [d.strip() for d in devices.split(",") if d.strip()]
-        if len(items) == 1 and items[0].isdigit() and not device:
-            items = [f"cuda:{i}" for i in range(int(items[0]))]
-        names = [f"cuda:{d}" if d.isdigit() else d for d in items]
-    else:
-        names = [device or ("cuda" if torch.cuda.is_available() else "cpu")]
-    out = []
-    for name in names:
-        try:
-            dev = torch.device(name)
-        except RuntimeError as exc:
-            raise UserError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from exc
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UserError(f"--device {name}: CUDA is not available on this machine")
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s)")
-        out.append(dev)
-    return out
-
-
 def _frame_mask(x):
     import torch
 

@@ -11,7 +11,6 @@ descriptions, scales) and GDAL's COG driver copies it into the final file, build
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -261,14 +260,6 @@ def strip_stats(data: np.ndarray, spec: RasterSpec) -> dict:
         counts = np.bincount(band[valid].ravel().astype(np.int64))
         tags["CLASS_COUNTS"] = json.dumps({str(k): int(c) for k, c in enumerate(counts) if c})
     return tags
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_sidecar(path: Path, doc: dict) -> None:

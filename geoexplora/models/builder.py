@@ -58,8 +58,8 @@ def build_backbone(init: str | None = None, init_weights: str | None = None,
 
 def backbone_from_file(spec, bands, stats, num_frames, spectral_tokens, spectral_groups,
                         arch_overrides) -> GeoViT:
-    from geoexplora.models.checkpoints import sha256_file
     from geoexplora.models.file import load_model
+    from geoexplora.provenance import sha256_file
 
     if arch_overrides:
         raise UserError(f"--init {spec.init} is a model file; its architecture is fixed")

@@ -11,7 +11,6 @@ embedding and patch kernel to the model's grid.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from pathlib import Path
@@ -22,14 +21,6 @@ from torch import nn
 from geoexplora.errors import UserError
 
 MAE_DECODER_PREFIX = "decoder_"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_weights_only_refusal(exc: pickle.UnpicklingError) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import importlib.metadata
 import json
 import pickle
 import zipfile
@@ -30,26 +29,16 @@ from geoexplora.io.outputs import atomic_output, check_output, torch_save
 from geoexplora.models.checkpoints import (
     is_weights_only_refusal,
     refuse_python_objects,
-    sha256_file,
     unpickling_reason,
 )
 from geoexplora.models.geovit import GeoViT, geovit_from_config
 from geoexplora.models.heads import TaskModel, build_head
 from geoexplora.models.temporal import days_since_epoch
+from geoexplora.provenance import package_versions, sha256_file
 from geoexplora.runconfig import current as current_run_config
 
 FORMAT_NAME = "geoexplora-model"
 FORMAT_VERSION = 1
-
-
-def _versions() -> dict:
-    out = {}
-    for package in ("geoexplora", "torch", "timm", "peft", "torchgeo"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue  # not installed: nothing to record
-    return out
 
 
 def save_model(path: str | Path, module: nn.Module, meta: dict | None = None,
@@ -69,7 +58,7 @@ def save_model(path: str | Path, module: nn.Module, meta: dict | None = None,
     backbone = module.backbone if isinstance(module, TaskModel) else module
     extra = dict(meta or {})
     provenance = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                  "versions": _versions(), **extra.pop("provenance", {})}
+                  "versions": package_versions(), **extra.pop("provenance", {})}
     if (run_config := current_run_config()) is not None:
         provenance["config"] = run_config
     state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}

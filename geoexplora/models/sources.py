@@ -23,11 +23,11 @@ from geoexplora.models.checkpoints import (
     load_into_vit,
     meta_mask_token,
     read_checkpoint,
-    sha256_file,
     split_mae_decoder,
     to_timm_layout,
 )
 from geoexplora.models.registry import Architecture, InitSpec, get_architecture, source_family
+from geoexplora.provenance import sha256_file
 
 # torchgeo enum name prefix -> our sensor. Sentinel-1 (SAR) has no place on a wavelength axis.
 _TORCHGEO_SENSORS = (("SENTINEL2", "sentinel2"), ("LANDSAT_OLI", "landsat8"),

@@ -17,7 +17,6 @@ None elsewhere.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,9 +24,11 @@ from typing import Literal
 from geoexplora import bands as B
 from geoexplora.config_checks import one_of, path_list
 from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA, MAE, dino_head_size
+from geoexplora.devices import device_count, resolve_accelerator
 from geoexplora.errors import UserError, opt
 from geoexplora.log import Progress, logger, reports_progress
 from geoexplora.results import AdaptResult
+from geoexplora.train import recipe as R
 from geoexplora.validate import given_or, require_at_least, require_positive
 
 OBJECTIVES = ("dinov2", "mae")
@@ -59,7 +60,7 @@ class AdaptConfig:
     batch_size: int = DATA.batch_size
     accumulate: int = 1
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int | list[int] = 1  # how many, or which GPUs ([1]: the second)
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str | None = None
@@ -119,41 +120,13 @@ def _chip_band_indices(chips, wanted: list[str] | None) -> list[int]:
     return out
 
 
-def open_scenes(paths: list[Path], opts) -> list:
-    """Scenes from the inputs. A folder's sub-folders are one scene each (per-band files, or
-    dates of one place); raster files (given, or in a given folder) that share a footprint are
-    one scene (its dates or bands), other files are scenes of their own."""
-    import rasterio
+def open_scenes(inputs: list[Path], opts) -> list:
+    """The inputs' places (:mod:`geoexplora.io.inputs`), each opened as a scene."""
+    from geoexplora.io.inputs import check_same_bands, resolve_places
+    from geoexplora.io.scene import open_scene
 
-    from geoexplora.io.scene import RASTER_SUFFIXES, open_scene
-
-    scenes, files = [], []
-    for path in paths:
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = False
-            for entry in sorted(path.iterdir()):
-                if entry.is_file() and entry.suffix.lower() in RASTER_SUFFIXES:
-                    files.append(entry)
-                    found = True
-                elif entry.is_dir() and not entry.name.startswith(".") and any(
-                        f.suffix.lower() in RASTER_SUFFIXES for f in entry.iterdir()):
-                    scenes.append(open_scene([entry], opts))
-                    found = True
-            if not found:
-                raise UserError(f"{path}: holds no raster files or scene folders")
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    footprints: dict[tuple, list[Path]] = {}
-    for f in files:
-        try:
-            with rasterio.open(f) as src:
-                key = (str(src.crs), tuple(round(v) for v in src.bounds))
-        except rasterio.errors.RasterioIOError as exc:
-            raise UserError(f"{f}: not a readable raster ({str(exc).splitlines()[0]})") from exc
-        footprints.setdefault(key, []).append(f)
-    scenes += [open_scene(group, opts) for group in footprints.values()]
+    scenes = [open_scene(list(group), opts) for group in resolve_places(inputs).groups]
+    check_same_bands(scenes)
     return scenes
 
 
@@ -204,12 +177,6 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
     opts = SceneOptions(bands=cfg.bands, sensor=cfg.sensor, band_map=cfg.band_map,
                         nodata=cfg.nodata, s2_offset=cfg.s2_offset)
     scenes = open_scenes(inputs, opts)
-    keys = [b.key for b in scenes[0].bands]
-    for scene in scenes[1:]:
-        if [b.key for b in scene.bands] != keys:
-            names = ", ".join(p.name for p in scene.paths)
-            raise UserError(f"{names}: bands {[b.key for b in scene.bands]} differ from the "
-                            f"first scene's {keys}; pass --bands")
     frames = given_or(cfg.frames, 1)
     if frames > 1:
         undated = [p.name for s in scenes if None in s.dates for p in s.paths]
@@ -341,9 +308,8 @@ def make_prepare(cfg: AdaptConfig, objective: str, settings, patch: int, num_gro
 
 def base_lr(objective: str, settings, global_batch: int) -> float:
     """The recipe's scaling: DINOv2 sqrt(batch / 1024), MAE linear batch / 256."""
-    if objective == "dinov2":
-        return settings.base_lr * math.sqrt(global_batch / settings.base_batch)
-    return settings.base_lr * global_batch / settings.base_batch
+    return R.scaled_lr(settings.base_lr, settings.base_batch, global_batch,
+                       "sqrt" if objective == "dinov2" else "linear")
 
 
 def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig,
@@ -397,10 +363,12 @@ def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> di
 def _validate(cfg: AdaptConfig) -> None:
     from geoexplora.train import engine as E
 
-    for name in ("batch_size", "accumulate", "devices", "num_nodes", "crop_size"):
+    for name in ("batch_size", "accumulate", "num_nodes", "crop_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
                             f"{getattr(cfg, name)}")
+    if device_count(cfg.devices) < 1:
+        raise UserError(f"--devices must be at least 1, not {cfg.devices}")
     E.check_duration(cfg.steps, cfg.epochs)
     require_at_least("--frames", cfg.frames)
     require_positive("--lr", cfg.lr)
@@ -436,8 +404,8 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
         world = fabric.world_size
         precision = str(getattr(fabric.strategy.precision, "precision", cfg.precision))
     else:
-        world = cfg.devices * cfg.num_nodes
-        precision = cfg.precision or E.default_precision(E.resolve_accelerator(cfg.accelerator))
+        world = device_count(cfg.devices) * cfg.num_nodes
+        precision = cfg.precision or E.default_precision(resolve_accelerator(cfg.accelerator))
     objective = choose_objective(cfg)
     settings = run_settings(cfg, objective)
 
@@ -450,20 +418,14 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     data.dataset.prepare = make_prepare(cfg, objective, settings, backbone.patch_size,
                                         backbone.num_groups, data.frames)
 
-    global_batch = cfg.batch_size * cfg.accumulate * world
+    global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
     if data.description["kind"] == "chips" and cfg.batch_size * world > data.epoch_size:
         raise UserError(f"--batch-size {cfg.batch_size} x {world} device(s) is larger than the "
                         f"chips dataset ({data.epoch_size} chips)")
-    if cfg.steps is not None:
-        steps = cfg.steps
-    elif cfg.epochs is not None:
-        steps = max(1, math.ceil(cfg.epochs * data.epoch_size / global_batch))
-    else:
-        steps = DATA.steps
+    steps = R.steps_for_images(cfg.steps, cfg.epochs, data.epoch_size, global_batch, DATA.steps)
     objective_module = make_objective(cfg, objective, settings, backbone, steps)
     lr = cfg.lr if cfg.lr is not None else base_lr(objective, settings, global_batch)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(
-        settings.warmup_fraction * steps)
+    warmup = R.warmup_from_fraction(cfg.warmup_steps, settings.warmup_fraction, steps)
     head_params = sum(p.numel() for n, p in objective_module.named_parameters()
                       if p.requires_grad and not n.startswith(("student.backbone.", "backbone.")))
     plan = {"objective": objective, "init": backbone.config["source"], "output": str(output),

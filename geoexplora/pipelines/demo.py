@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geoexplora.defaults import DEMO
+from geoexplora.devices import fabric_target
 from geoexplora.errors import UserError
 from geoexplora.io.outputs import check_output
 from geoexplora.log import logger
@@ -122,13 +123,14 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
     from geoexplora.pipelines.probe import ProbeConfig, probe
     from geoexplora.pipelines.tile import TileConfig, tile
 
+    accelerator, devices = fabric_target(cfg.device)  # cuda:1 trains on GPU 1, as it predicts
     labelled = _labelled_scene()
     chips = work / "chips"
     with _timed(timings, "tile"):
-        tiled = tile(TileConfig(scenes=[labelled], out=chips, size=CHIP_SIZE,
+        tiled = tile(TileConfig(inputs=[labelled], output=chips, size=CHIP_SIZE,
                                 stride=CHIP_SIZE // 2, bands=BANDS, label_raster=slovenia_labels(),
                                 val_fraction=VAL_FRACTION, split_block=SPLIT_BLOCK,
-                                seed=cfg.seed, show_progress=False))
+                                seed=cfg.seed, progress=False))
     with _timed(timings, "source model"):
         source = _write_source_model(work / "source.pt", init, init_weights, chips)
     adapted = work / "adapted.pt"
@@ -136,7 +138,7 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
         adapt_doc = adapt(AdaptConfig(
             inputs=[*slovenia_scenes(), s2_tile_crop()], output=adapted, bands=BANDS,
             init=str(source), steps=cfg.adapt_steps, batch_size=cfg.batch_size,
-            crop_size=2 * CHIP_SIZE, seed=cfg.seed, accelerator=_accelerator(cfg.device))).report
+            crop_size=2 * CHIP_SIZE, seed=cfg.seed, accelerator=accelerator, devices=devices)).report
     with _timed(timings, "probe"):
         probe_doc = probe(ProbeConfig(models=[source, adapted], chips=chips,
                                           steps=cfg.probe_steps, device=cfg.device,
@@ -146,7 +148,7 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
         finetune_doc = finetune(FinetuneConfig(
             model=adapted, chips=chips, output=model, task="segmentation", mode="lora",
             steps=cfg.finetune_steps, batch_size=cfg.batch_size, seed=cfg.seed,
-            accelerator=_accelerator(cfg.device))).report
+            accelerator=accelerator, devices=devices)).report
     prediction = work / "prediction.tif"
     with _timed(timings, "predict"):
         predict_doc = predict(PredictConfig(model=model, inputs=[labelled], output=prediction,
@@ -174,12 +176,6 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
                     "valid_pixels": predict_doc.get("valid_pixels")},
         "quicklook": str(quicklook),
     }
-
-
-def _accelerator(device: str | None) -> str:
-    if device is None:
-        return "auto"
-    return "cuda" if device.startswith("cuda") else device
 
 
 def _write_source_model(path: Path, init: str, init_weights: str | None, chips: Path) -> Path:

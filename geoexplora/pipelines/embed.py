@@ -32,8 +32,8 @@ from geoexplora.pipelines.predict import (
     output_grid,
     predict_scene,
     prepare_jobs,
-    versions,
 )
+from geoexplora.provenance import package_versions
 from geoexplora.results import RasterResult
 
 
@@ -184,7 +184,7 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
                       "scene": scene.describe(),
                       "band_mapping": mapping, "task": "embedding", "embed_dim": dim,
                       "patch_size": raw.patch_size, "pca": pca_doc,
-                      "devices": [str(d) for d in devices], "versions": versions()}
+                      "devices": [str(d) for d in devices], "versions": package_versions()}
         result = predict_scene(scene, predictor, plan, [product], devices, run_opts, {},
                                provenance, prepared=True)
         results.append(RasterResult.from_report(finish_result(

@@ -43,6 +43,7 @@ from geoexplora.io.chips import IGNORE_INDEX, ChipsDataset
 from geoexplora.log import Progress, logger, reports_progress
 from geoexplora.results import FinetuneResult
 from geoexplora.train import metrics as M
+from geoexplora.train import recipe as R
 from geoexplora.train.features import ModelInputs, valid_frames
 from geoexplora.train.tracking import log_record
 
@@ -83,7 +84,7 @@ class FinetuneConfig:
     patience: int = FINETUNE.patience
     val_fraction: float = PROBE.val_fraction  # held out of train when there is no val split
     accelerator: str = "auto"
-    devices: int | str = 1
+    devices: int | str | list[int] = 1
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str | None = None
@@ -530,15 +531,14 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
         indices["train"][0]], splits["train"].chip_size, cfg.batch_size, fabric, cfg.num_workers)
 
     world = fabric.world_size
-    global_batch = cfg.batch_size * cfg.accumulate * world
-    n_train = len(indices["train"])
-    steps_per_epoch = max(1, math.ceil(n_train / global_batch))
-    steps = cfg.steps or max(1, round((cfg.epochs or FINETUNE.epochs) * steps_per_epoch))
+    global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
+    steps_per_epoch = R.steps_per_epoch(len(indices["train"]), global_batch)
+    steps = R.steps_for_epochs(cfg.steps, cfg.epochs, steps_per_epoch, FINETUNE.epochs)
     epochs = steps / steps_per_epoch
-    lr = cfg.lr or FINETUNE.base_lr * global_batch / FINETUNE.base_batch
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(
-        round(FINETUNE.warmup_epochs * steps_per_epoch),
-        int(FINETUNE.warmup_max_fraction * steps))
+    lr = cfg.lr if cfg.lr is not None else R.scaled_lr(FINETUNE.base_lr, FINETUNE.base_batch,
+                                                        global_batch, "linear")
+    warmup = R.warmup_from_epochs(cfg.warmup_steps, FINETUNE.warmup_epochs, steps_per_epoch,
+                                  FINETUNE.warmup_max_fraction, steps)
     eval_every = cfg.eval_every or max(1, round(FINETUNE.eval_every_epochs * steps_per_epoch))
 
     inputs = {name: ModelInputs(ds, band_index) for name, ds in splits.items()}

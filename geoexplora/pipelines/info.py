@@ -19,21 +19,35 @@ def is_chips_dataset(path: Path) -> bool:
 
 
 def raster_files(paths: list[Path]) -> list[Path]:
-    """Paths as given; a folder -> the raster files and model files in it, sorted (a chips
-    dataset's folder stands for the dataset)."""
+    """Paths as given; a folder -> the model files in it and its rasters as every verb finds
+    them (:func:`geoexplora.io.inputs.collect_inputs`: recursive, band files only where there
+    are some); a chips dataset's folder stands for the dataset."""
+    from geoexplora.io.inputs import collect_inputs
     from geoexplora.io.scene import RASTER_SUFFIXES
 
     out = []
     for path in paths:
         if path.is_dir() and not is_chips_dataset(path):
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in
-                           (*RASTER_SUFFIXES, ".pt", ".pth"))
-            if not found:
+            models = sorted(p for p in path.iterdir() if p.is_file() and is_model_file(p))
+            has_rasters = any(p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
+                              for p in path.rglob("*"))
+            if not models and not has_rasters:
                 raise UserError(f"{path}: folder holds no raster or model files")
-            out.extend(found)
+            out.extend(models + (collect_inputs([path]) if has_rasters else []))
         else:
             out.append(path)
     return out
+
+
+def describe(paths: list[Path], opts) -> dict:
+    """``files``: each raster, model file or chips dataset described; ``scenes``: the rasters'
+    places as the other verbs group them (one list of files per scene)."""
+    from geoexplora.io.inputs import group_by_place
+
+    docs = [describe_path(p, opts) for p in raster_files(paths)]
+    rasters = [Path(d["path"]) for d in docs if d["kind"] == "raster"]
+    places = group_by_place(rasters).groups if rasters else ()
+    return {"files": docs, "scenes": [[str(p) for p in group] for group in places]}
 
 
 def describe_raster(path: Path, opts) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from geoexplora.inference.products import ProbDtype
 from geoexplora.inference.windows import Blend
 from geoexplora.io.outputs import check_not_input, check_output
 from geoexplora.log import Progress, logger, reports_progress
+from geoexplora.provenance import package_versions
 from geoexplora.results import RasterResult
 
 # Defaults of predict/embed (kept here: this module owns them).
@@ -98,21 +98,31 @@ def output_is_folder(output: str | Path) -> bool:
     return str(output).endswith(("/", os.sep)) or Path(output).is_dir()
 
 
-def plan_jobs(rasters: list[Path], output: str | Path,
-              shard) -> list[tuple[list[Path], Path]]:
-    """``[(scene inputs, output path)]``; with several jobs a shard takes every n-th one.
-    ``output`` as given: a trailing ``/`` marks a folder that does not exist yet."""
+def plan_jobs(rasters: list, output: str | Path, shard) -> list[tuple[list, Path]]:
+    """``[(one scene's inputs, output path)]``: the inputs' places (:mod:`geoexplora.io.inputs`),
+    one output each in a folder ``output``, or the one place into the file ``output``. With
+    several jobs a shard takes every n-th one. ``output`` as given: a trailing ``/`` marks a
+    folder that does not exist yet."""
+    from geoexplora.io.inputs import place_name, resolve_places
+    from geoexplora.io.scene import Scene
+
     if not rasters:
         raise UserError("no input rasters given")
+    if len(rasters) == 1 and isinstance(rasters[0], Scene):
+        return [(list(rasters), Path(output))]
+    places = resolve_places(rasters)
     if not output_is_folder(output):
-        return [(list(rasters), Path(output))]  # one scene: files, or one open Scene
-    output = Path(output)
-    jobs = [([r], output / f"{Path(r).stem if Path(r).suffix else Path(r).name}.tif")
-            for r in rasters]
+        if len(places) > 1:
+            raise UserError(f"the inputs are {len(places)} places (footprints that do not "
+                            f"overlap: {', '.join(place_name(g) for g in places.groups)}); give "
+                            "a folder (ending in /) for one output per place", option="output")
+        return [(list(places.groups[0]), Path(output))]
+    folder = Path(output)
+    jobs = [(list(group), folder / f"{place_name(group)}.tif") for group in places.groups]
     names = [o for _, o in jobs]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise UserError(f"two inputs would both write {dup}; give them distinct names")
+        raise UserError(f"two places would both write {dup}; give them distinct names")
     if shard:
         i, n = shard
         jobs = jobs[i::n]
@@ -228,20 +238,6 @@ def job_fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) ->
     return {"model_sha256": model_sha, "inputs": files, "plan": plan.describe(), **settings}
 
 
-def versions() -> dict:
-    import importlib.metadata
-
-    import rasterio
-
-    out = {"python": platform.python_version(), "gdal": rasterio.__gdal_version__}
-    for package in ("geoexplora", "torch", "timm", "rasterio", "numpy"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue  # not installed (e.g. geoexplora run from a source tree): not recorded
-    return out
-
-
 def predict_scene(scene, predictor, plan, products, devices, run_opts, fingerprint: dict,
                   provenance: dict, votes: bool = False, prepared: bool = False) -> dict:
     """Run the engine over a scene into ``products`` (see ``inference.runner.run_to_files``)."""
@@ -316,16 +312,16 @@ def finish_result(result: dict, output: Path) -> dict:
 def prepare_jobs(cfg):
     """What predict and embed share before their jobs: (jobs, devices, model, model sha256,
     run options)."""
-    from geoexplora.inference.model import resolve_devices
+    from geoexplora.devices import resolve_devices
     from geoexplora.inference.runner import parse_shard
-    from geoexplora.io.writers import file_sha256
     from geoexplora.models.file import load_model
+    from geoexplora.provenance import sha256_file
 
     shard = parse_shard(cfg.shard)
     jobs = plan_jobs(cfg.inputs, cfg.output, shard)
     devices = resolve_devices(cfg.device, cfg.devices)
     if isinstance(cfg.model, (str, os.PathLike)):
-        model, model_sha = load_model(cfg.model), file_sha256(cfg.model)
+        model, model_sha = load_model(cfg.model), sha256_file(cfg.model)
     else:
         model, model_sha = cfg.model, module_sha256(cfg.model)
     # One output: the shard is a range of its strips; an output folder: every n-th input.
@@ -395,7 +391,7 @@ def predict(cfg: PredictConfig) -> list[RasterResult]:
                       "scene": scene.describe(),
                       "band_mapping": mapping, "task": predictor.task,
                       "classes": predictor.classes, "devices": [str(d) for d in devices],
-                      "versions": versions()}
+                      "versions": package_versions()}
         result = predict_scene(scene, predictor, plan, products, devices, run_opts,
                                job_fingerprint(model_sha, inputs, plan, settings), provenance,
                                votes=votes)

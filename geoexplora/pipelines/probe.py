@@ -21,6 +21,7 @@ from torch import nn
 
 from geoexplora.config_checks import path_list
 from geoexplora.defaults import PROBE
+from geoexplora.devices import resolve_device
 from geoexplora.log import Progress, reports_progress
 from geoexplora.results import ProbeResult
 from geoexplora.train import metrics as M
@@ -317,19 +318,6 @@ def stratified_holdout(targets: torch.Tensor, fraction: float, seed: int,
     return held
 
 
-def _device(name: str | None) -> torch.device:
-    from geoexplora.errors import UserError
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from exc
-
-
 def _evaluate(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
               multilabel: bool) -> dict:
     if multilabel:
@@ -377,7 +365,7 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
             check_not_input(plot_paths.values(), [*cfg.models, cfg.chips], "--plots")
             for path in plot_paths.values():
                 check_output(path, cfg.overwrite, "--plots")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     splits = {name: ChipsDataset(cfg.chips, split=name) for name in ("train", "val", "test")}
     splits = {name: ds for name, ds in splits.items() if len(ds)}
     if "train" not in splits:

@@ -17,7 +17,6 @@ How it works:
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -32,15 +31,17 @@ import numpy as np
 
 from geoexplora import __version__
 from geoexplora.bands import band_from_key
+from geoexplora.config_checks import path_list
 from geoexplora.defaults import TILE
 from geoexplora.errors import UserError
 from geoexplora.io import chips as C
+from geoexplora.io.inputs import check_same_bands, collect_inputs, group_by_place
 from geoexplora.io.stats import BandStatsAccumulator, pixel_sample
+from geoexplora.log import Progress, reports_progress
 
 log = logging.getLogger("geoexplora")
 
 BLOCK_BUDGET_BYTES = 64 * 2**20  # pixels held per read block (per worker)
-SAME_PLACE_IOU = 0.8  # footprints overlapping this much are one place (bands/dates of one scene)
 EDGES = ("drop", "pad")
 
 
@@ -48,8 +49,8 @@ EDGES = ("drop", "pad")
 class TileConfig:
     """What ``geoexplora tile`` does; every CLI option has a field here."""
 
-    scenes: list[str | os.PathLike]
-    out: str | os.PathLike
+    inputs: list[str | os.PathLike]  # files, folders, globs: see geoexplora.io.inputs
+    output: str | os.PathLike
     size: int | None = None  # default TILE.size (class folders: the patch size)
     stride: int | None = None  # default: size (no overlap)
     bands: list[str] | None = None
@@ -81,7 +82,10 @@ class TileConfig:
     skip_bad: bool = False
     creation_options: dict[str, str] | None = None
     stats_samples: int = 200_000
-    show_progress: bool = True
+    progress: Progress = True  # False, or a callback (see geoexplora.log)
+
+    def __post_init__(self):
+        self.inputs = path_list("inputs", self.inputs)
 
 
 @dataclass
@@ -89,7 +93,7 @@ class TileResult:
     """What a run did. ``chips`` and ``dropped`` are this run's; ``dataset_chips``, ``splits``,
     ``classes`` and ``stats`` describe the whole dataset (they differ with ``append``)."""
 
-    out: Path
+    output: Path
     task: str
     chips: int
     dataset_chips: int
@@ -110,107 +114,11 @@ class TileResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["out"] = str(self.out)
+        d["output"] = str(self.output)
         return d
 
 
 # ----------------------------------------------------------------------------- inputs and scenes
-
-def collect_inputs(items: list[str | os.PathLike]) -> list[Path]:
-    """Files as given; globs expanded; folders searched recursively for raster files.
-
-    In a folder that holds band files (``*_B04.tif``) only those are taken (the rest are
-    previews, masks and the like), as ``open_scene`` does for one folder.
-    """
-    from geoexplora.io.scene import expand_inputs
-
-    out: list[Path] = []
-    for raw in items:
-        text = str(raw)
-        path = Path(text)
-        if not path.exists() and glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
-            if not matches:
-                raise UserError(f"{text}: the pattern matches no file")
-            out.extend(collect_inputs(matches))
-        elif path.is_dir():
-            folders = [path] + sorted(p for p in path.rglob("*") if p.is_dir())
-            found = []
-            for folder in folders:
-                if any(f.is_file() and f.suffix.lower() in _raster_suffixes()
-                       for f in folder.iterdir()):
-                    found.extend(expand_inputs([folder]))
-            if not found:
-                raise UserError(f"{path}: folder holds no raster files")
-            out.extend(found)
-        elif path.exists():
-            out.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    if not out:
-        raise UserError("no input scenes given")
-    unique: dict[Path, Path] = {}
-    for p in out:  # one file named twice (relative and absolute, a link) is one input
-        unique.setdefault(p.resolve(), p)
-    return list(unique.values())
-
-
-def _raster_suffixes() -> tuple[str, ...]:
-    from geoexplora.io.scene import RASTER_SUFFIXES
-
-    return RASTER_SUFFIXES
-
-
-def _footprint(path: Path):
-    """The file's footprint as a lon/lat box, or UserError naming the file."""
-    import rasterio
-    from rasterio.warp import transform_bounds
-    from shapely import box
-
-    try:
-        with rasterio.open(path) as src:
-            if src.crs is None:
-                raise UserError(f"{path}: has no CRS; assign one first (gdal_edit.py -a_srs)")
-            return box(*transform_bounds(src.crs, "EPSG:4326", *src.bounds))
-    except rasterio.errors.RasterioIOError as exc:
-        raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
-
-
-def group_by_place(paths: list[Path], skip_bad: bool = False) -> tuple[list[list[Path]], list[str]]:
-    """Files -> groups of the same place (footprint IoU >= SAME_PLACE_IOU), in input order.
-
-    Returns the groups and the files skipped as unreadable (only with ``skip_bad``).
-    """
-    footprints, kept, skipped = [], [], []
-    for p in paths:
-        try:
-            footprints.append(_footprint(p))
-            kept.append(p)
-        except UserError as exc:
-            if not skip_bad:
-                raise
-            log.warning("skipped (--skip-bad): %s", exc)
-            skipped.append(str(p))
-    parent = list(range(len(kept)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(len(kept)):
-        for j in range(i):
-            a, b = footprints[i], footprints[j]
-            inter = a.intersection(b).area
-            union = a.union(b).area
-            if union > 0 and inter / union >= SAME_PLACE_IOU:
-                parent[find(i)] = find(j)
-    groups: dict[int, list[Path]] = {}
-    for i, p in enumerate(kept):
-        groups.setdefault(find(i), []).append(p)
-    return list(groups.values()), skipped
-
 
 def scene_options_from(cfg: TileConfig, crs: str | None = None):
     from geoexplora.io.scene import SceneOptions
@@ -231,7 +139,7 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
 
     from geoexplora.io.scene import open_scene
 
-    paths = collect_inputs(cfg.scenes)
+    paths = collect_inputs(cfg.inputs)
     already = []
     if existing is not None:
         known = existing.known_sources()
@@ -244,7 +152,8 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
             log.warning("%d file(s) already in %s, skipped: %s", len(already), existing.root,
                         ", ".join(p.name for p in already[:5]) + (", ..." if len(already) > 5
                                                                  else ""))
-    groups, skipped = group_by_place(paths, cfg.skip_bad)
+    places = group_by_place(paths, cfg.skip_bad)
+    groups, skipped = places.groups, list(places.skipped)
     if not groups:
         raise UserError("no readable input scenes")
     if cfg.dates and len(groups) > 1:
@@ -270,11 +179,9 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
         scenes.append(scene)
     if not scenes:
         raise UserError("no readable input scenes (all skipped)")
+    check_same_bands(scenes)
     first = scenes[0]
     for scene in scenes[1:]:
-        if [b.key for b in scene.bands] != [b.key for b in first.bands]:
-            raise UserError(f"{scene.paths[0]}: bands {_band_names(scene)} differ from "
-                            f"{first.paths[0]}'s {_band_names(first)}; pass --bands")
         if len(scene.dates) != len(first.dates):
             raise UserError(f"{scene.paths[0]}: {len(scene.dates)} date(s), "
                             f"{first.paths[0]} has {len(first.dates)}; tile them separately")
@@ -294,10 +201,6 @@ def _one_scene_per_date(scene, opts) -> list:
 
     scene.close()
     return [open_scene(sorted({sb.path for sb in frame}), opts) for frame in scene.sources]
-
-
-def _band_names(scene) -> str:
-    return ",".join(b.name for b in scene.bands)
 
 
 # ----------------------------------------------------------------------------- windows and splits
@@ -678,7 +581,7 @@ def _samples_per_chip(cfg: TileConfig, new_chips: int, existing) -> int:
 
 
 def run_tasks(fn, tasks: list, plan, workers: int, description: str, weights: list[int],
-              show_progress: bool = True, read_ahead=None):
+              read_ahead=None):
     """Run ``fn`` over ``tasks`` (inline, or in ``workers`` processes), yielding results in
     completion order, with a progress bar advanced by each task's weight.
 
@@ -686,16 +589,13 @@ def run_tasks(fn, tasks: list, plan, workers: int, description: str, weights: li
     result is passed as ``fn(task, prefetched)``: GDAL reads without the Python lock, so the next
     block is decoded while this one's chips are written.
     """
-    import contextlib
-
     from geoexplora.log import make_progress
 
-    with make_progress() if show_progress else contextlib.nullcontext() as progress:
-        bar = progress.add_task(description, total=sum(weights), info="") if progress else None
+    with make_progress() as progress:
+        bar = progress.add_task(description, total=sum(weights), info="")
 
         def advance(weight):
-            if progress is not None:
-                progress.advance(bar, weight)
+            progress.advance(bar, weight)
 
         if workers <= 1 or len(tasks) <= 1:
             _init_worker(plan)
@@ -784,7 +684,7 @@ def _write_meta(tmp: Path, *, task, bands, num_frames, size, stats, classes, cou
 
 def _provenance(cfg: TileConfig, sources: list[str], extra: dict | None = None) -> dict:
     config = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(cfg).items()
-              if k not in ("scenes", "out", "overwrite", "append", "dry_run", "show_progress",
+              if k not in ("inputs", "output", "overwrite", "append", "dry_run", "progress",
                            "workers")}
     return {"tool": "geoexplora tile", "version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -838,8 +738,9 @@ def _zero_chips_message(dropped: Counter, n_candidates: int) -> str:
     return f"zero chips written of {n_candidates} candidates ({why}); {hints.get(top, '')}".strip()
 
 
+@reports_progress
 def tile(cfg: TileConfig) -> TileResult:
-    """Tile scenes (or import class folders) into a chips dataset at ``cfg.out`` (or, with
+    """Tile scenes (or import class folders) into a chips dataset at ``cfg.output`` (or, with
     ``cfg.append`` and an existing dataset there, add to it: see ``geoexplora.pipelines.append``)."""
     from geoexplora.io.creation_options import check_creation_options
 
@@ -847,7 +748,7 @@ def tile(cfg: TileConfig) -> TileResult:
     if cfg.append and not cfg.dry_run:
         from geoexplora.io.outputs import exclusive
 
-        with exclusive(cfg.out):  # from reading the old dataset to swapping in the new one
+        with exclusive(cfg.output):  # from reading the old dataset to swapping in the new one
             return _tile(cfg)
     return _tile(cfg)
 
@@ -856,19 +757,19 @@ def _tile(cfg: TileConfig) -> TileResult:
     from geoexplora.io.outputs import atomic_output, check_not_input, check_output
 
     start = time.perf_counter()
-    check_not_input([cfg.out], [*cfg.scenes, cfg.labels, cfg.label_raster, cfg.aoi])
+    check_not_input([cfg.output], [*cfg.inputs, cfg.labels, cfg.label_raster, cfg.aoi])
     if cfg.append and cfg.overwrite:
         raise UserError("--append and --overwrite exclude each other: add to the dataset, or "
                         "replace it")
-    if Path(cfg.out).exists() and not (cfg.append or cfg.overwrite):
-        raise UserError(f"{cfg.out} exists; pass --append to add to it or --overwrite to "
+    if Path(cfg.output).exists() and not (cfg.append or cfg.overwrite):
+        raise UserError(f"{cfg.output} exists; pass --append to add to it or --overwrite to "
                         "replace it")
     existing = None
     given = cfg
-    if cfg.append and Path(cfg.out).exists():
+    if cfg.append and Path(cfg.output).exists():
         from geoexplora.pipelines.append import ExistingDataset
 
-        existing = ExistingDataset.load(Path(cfg.out))
+        existing = ExistingDataset.load(Path(cfg.output))
         cfg = existing.with_defaults(cfg)
     carried = [k for k in ("val_fraction", "test_fraction")
                if getattr(given, k) is None and getattr(cfg, k) is not None]
@@ -877,10 +778,10 @@ def _tile(cfg: TileConfig) -> TileResult:
                                       "test_fraction") if getattr(cfg, k) is None})
     if cfg.val_fraction < 0 or cfg.test_fraction < 0 or cfg.val_fraction + cfg.test_fraction >= 1:
         source = (f" ({' and '.join('--' + k.replace('_', '-') for k in carried)} from "
-                  f"{cfg.out}'s first run)" if carried else "")
+                  f"{cfg.output}'s first run)" if carried else "")
         raise UserError(f"--val-fraction {cfg.val_fraction:g} and --test-fraction "
                         f"{cfg.test_fraction:g} must be >= 0 and sum to less than 1{source}")
-    out = check_output(cfg.out, cfg.overwrite or existing is not None)
+    out = check_output(cfg.output, cfg.overwrite or existing is not None)
     if cfg.edge not in EDGES:
         raise UserError(f"--edge {cfg.edge}: must be drop or pad")
     if not 0.0 <= cfg.max_nodata <= 1.0:
@@ -987,7 +888,7 @@ def _tile(cfg: TileConfig) -> TileResult:
         records: list[dict] = []
         class_pixels = np.zeros(max(len(classes), 1), dtype=np.int64)
         for res in run_tasks(run_block, tasks, plan, cfg.workers, "tile",
-                             [len(t.chips) for t in tasks], cfg.show_progress, _read_block):
+                             [len(t.chips) for t in tasks], _read_block):
             records.extend(res.records)
             dropped.update(res.dropped)
             class_pixels += res.class_pixels
@@ -1011,7 +912,7 @@ def _tile(cfg: TileConfig) -> TileResult:
                             "fraction", name, block_px, name, fraction)
     for scene in scenes:
         scene.close()
-    return TileResult(out=out, task=task, chips=new_chips, dataset_chips=dataset["chips"],
+    return TileResult(output=out, task=task, chips=new_chips, dataset_chips=dataset["chips"],
                       dropped=dict(dropped), splits=dataset["splits"],
                       classes=dataset["classes"], stats=dataset["stats"],
                       bands=[b.key for b in first.bands], num_frames=len(first.dates),
@@ -1030,7 +931,7 @@ def _planned(out: Path, task: str, n_live: int, existing, cands: Candidates, dro
              plan_doc: dict) -> TileResult:
     """The dry run's result: what tile would write, from the candidates alone."""
     live = cands.drop == ""
-    return TileResult(out=out, task=task, chips=n_live,
+    return TileResult(output=out, task=task, chips=n_live,
                       dataset_chips=n_live + (len(existing.index) if existing is not None else 0),
                       dropped=dict(dropped), splits=dict(Counter(cands.split[live])),
                       classes=[c.to_dict() for c in classes], stats={},
@@ -1141,9 +1042,9 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
     from geoexplora.io.outputs import atomic_output
     from geoexplora.io.scene import RASTER_SUFFIXES, open_scene
 
-    if len(cfg.scenes) != 1:
+    if len(cfg.inputs) != 1:
         raise UserError(f"--class-folders takes one root folder (DIR/<class>/*.tif), "
-                        f"got {len(cfg.scenes)} inputs")
+                        f"got {len(cfg.inputs)} inputs")
     if cfg.labels or cfg.label_raster:
         raise UserError("--class-folders takes the classes from the folder names; drop "
                         "--labels/--label-raster")
@@ -1155,7 +1056,7 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
     if gridding:
         raise UserError(f"{', '.join(gridding)}: not for --class-folders (each file is one chip, "
                         "kept in its own CRS; splits are drawn per class)")
-    root = Path(cfg.scenes[0])
+    root = Path(cfg.inputs[0])
     if not root.is_dir():
         raise UserError(f"--class-folders {root}: not a folder")
     class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
@@ -1221,13 +1122,13 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
                      samples_per_chip=_samples_per_chip(cfg, len(patches), existing),
                      seed=cfg.seed, skip_bad=cfg.skip_bad)
     first.close()
-    out = Path(cfg.out)
+    out = Path(cfg.output)
     dropped: Counter = Counter()
     skipped: list[str] = []
     if cfg.dry_run:
         bands = len(plan.band_keys) * plan.num_frames
         return TileResult(
-            out=out, task="classification", chips=len(patches),
+            output=out, task="classification", chips=len(patches),
             dataset_chips=len(patches) + (len(existing.index) if existing is not None else 0),
             dropped={}, splits=dict(Counter(p[2] for p in patches)),
             classes=[c.to_dict() for c in classes], stats={}, bands=plan.band_keys,
@@ -1246,7 +1147,7 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
         samples: dict[str, np.ndarray] = {}
         records: list[dict] = []
         for res in run_tasks(run_patches, tasks, plan, cfg.workers, "import",
-                             [len(t.patches) for t in tasks], cfg.show_progress):
+                             [len(t.patches) for t in tasks]):
             records.extend(res.records)
             dropped.update(res.dropped)
             skipped.extend(res.skipped)
@@ -1260,7 +1161,7 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
                                  num_frames=plan.num_frames, size=size, classes=classes,
                                  class_pixels=None, dropped=dropped, sources=[os.path.abspath(root)],
                                  extra={"skipped": skipped})
-    return TileResult(out=out, task="classification", chips=new_chips,
+    return TileResult(output=out, task="classification", chips=new_chips,
                       dataset_chips=dataset["chips"], dropped=dict(dropped),
                       splits=dataset["splits"], classes=dataset["classes"],
                       stats=dataset["stats"], bands=plan.band_keys, num_frames=plan.num_frames,

@@ -88,22 +88,10 @@ class Interrupted(RuntimeFailure):
 @dataclass
 class FabricSettings:
     accelerator: str = "auto"  # auto, cpu, gpu/cuda
-    devices: int | str = 1
+    devices: int | str | list[int] = 1
     num_nodes: int = 1
     strategy: str = "auto"  # auto -> ENGINE.strategy_multi_device when >1 device or node
     precision: str | None = None  # None -> bf16-mixed on GPUs with bf16, 32-true on CPU
-
-
-def resolve_accelerator(accelerator: str) -> str:
-    if accelerator in ("auto", None):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--accelerator {accelerator}: no CUDA GPU is available")
-        return "cuda"
-    if accelerator == "cpu":
-        return "cpu"
-    raise UserError(f"--accelerator must be auto, cpu or gpu, not '{accelerator}'")
 
 
 def default_precision(accelerator: str) -> str:
@@ -119,6 +107,8 @@ def make_fabric(settings: FabricSettings, launch: bool = True):
     program whose ``sys.argv`` reproduces the run (the CLI does)."""
     from lightning.fabric import Fabric
 
+    from geoexplora.devices import device_count, resolve_accelerator
+
     accelerator = resolve_accelerator(settings.accelerator)
     devices = settings.devices
     if isinstance(devices, int) and devices < 1:
@@ -128,7 +118,7 @@ def make_fabric(settings: FabricSettings, launch: bool = True):
     if accelerator == "cuda" and isinstance(devices, int) and devices > torch.cuda.device_count():
         raise UserError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) here")
     strategy = settings.strategy
-    many = (isinstance(devices, int) and devices > 1) or settings.num_nodes > 1
+    many = device_count(devices) > 1 or settings.num_nodes > 1
     if strategy == "auto" and many:
         strategy = ENGINE.strategy_multi_device
     precision = settings.precision or default_precision(accelerator)

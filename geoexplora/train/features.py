@@ -24,25 +24,20 @@ from geoexplora.io.chips import INDEX_NAME, META_NAME, ChipsDataset
 from geoexplora.io.outputs import atomic_output, torch_save
 from geoexplora.log import logger, make_progress
 from geoexplora.models.heads import CLS_BLOCKS
+from geoexplora.provenance import sha256_file
 
 EXTRACTION_VERSION = 1
 
 
-def _sha256(path: Path) -> str:
-    from geoexplora.models.checkpoints import sha256_file
-
-    return sha256_file(path)
-
-
 def model_digest(model_path: Path) -> str:
-    return _sha256(model_path)
+    return sha256_file(model_path)
 
 
 def dataset_digest(root: Path) -> str:
     """Identity of a chips dataset: its metadata and index (``tile`` rewrites both)."""
     digest = hashlib.sha256()
     for name in (META_NAME, INDEX_NAME):
-        digest.update(_sha256(root / name).encode())
+        digest.update(sha256_file(root / name).encode())
     return digest.hexdigest()
 
 
