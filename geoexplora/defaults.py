@@ -257,7 +257,7 @@ class ProbeDefaults:
 PROBE = ProbeDefaults()
 
 # --------------------------------------------------------------------------------------------
-# TILE: geoexplora/pipelines/tile.py, geoexplora/commands/tile.py
+# TILE: geoexplora/pipelines/tile/, geoexplora/commands/tile.py
 # --------------------------------------------------------------------------------------------
 
 

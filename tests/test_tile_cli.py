@@ -1,6 +1,7 @@
 """`geoexplora tile` on the command line: options, summaries and bad input (exit 2, named)."""
 
 import json
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -176,6 +177,7 @@ def test_dry_run_text_names_chips_blocks_disk_and_memory(tmp_path):
     assert code == 0, err
     assert "would write at most 9 chips" in out and "read blocks" in out
     assert "at most 479.2 kB on disk" in out  # 9 chips x 13 bands x 4 bytes x 32 x 32
+    assert f"  scene 1: 100 x 101 px (2015-07-11): {Path(SLOVENIA_0).name}" in out
     assert not (tmp_path / "c").exists()
 
 

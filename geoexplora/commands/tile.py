@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -127,6 +128,10 @@ def tile(
         typer.echo(f"{result.output}: would write at most {result.chips} chips ({splits}) of "
                    f"{result.chip_size} px from {where}; dropped before reading: {dropped}; "
                    f"at most {_size(plan['disk_bytes_at_most'])} on disk{memory}")
+        for i, scene in enumerate(plan.get("scenes", []), start=1):
+            dates = ", ".join(d or "undated" for d in scene["dates"])
+            typer.echo(f"  scene {i}: {scene['width']} x {scene['height']} px ({dates}): "
+                       + ", ".join(Path(p).name for p in scene["paths"]))
         return
     if result.appended:
         typer.echo(f"{result.output}: {result.chips} chips added, {result.dataset_chips} in all "
