@@ -87,7 +87,7 @@ class VectorLabels:
         else:
             gdf = gdf.set_crs(crs.to_wkt(), allow_override=True)
         names = gdf[field].map(_class_name)
-        ordered = sorted(set(names), key=_natural_key)
+        ordered = sorted(set(names), key=natural_key)
         if len(ordered) > MAX_CLASSES:
             raise UserError(f"--label-field {field}: {len(ordered)} classes, at most {MAX_CLASSES}")
         self.classes = [LabelClass(i, n, class_color(i)) for i, n in enumerate(ordered)]
@@ -250,7 +250,7 @@ def _class_name(value) -> str:
     return str(value).strip()
 
 
-def _natural_key(name: str):
+def natural_key(name: str):
     """Sort '2' before '10' and numbers before words."""
     return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower())
             for t in re.split(r"(\d+)", name) if t]

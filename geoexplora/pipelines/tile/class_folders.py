@@ -66,10 +66,51 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
     Splits are drawn per class (stratified) with ``seed``. With ``existing`` (append), files
     already in it are skipped and class ids follow its classes.
     """
-    from geoexplora.io.labels import LabelClass, _natural_key
-    from geoexplora.io.outputs import atomic_output
-    from geoexplora.io.scene import RASTER_SUFFIXES, open_scene
+    from geoexplora.io.scene import open_scene
 
+    root = _check_options(cfg)
+    found = find_class_files(root, existing)
+    example = next(iter(found.files.values()))[0]
+    opts = scene_options_from(cfg)
+    first = open_scene([example], opts)
+    if existing is not None:
+        existing.check_matches([b.key for b in first.bands], len(first.dates), str(example))
+    size = cfg.size or (existing.meta["chip_size"] if existing is not None else first.width)
+    if cfg.size is None and existing is None and first.width != first.height:
+        raise UserError(f"{example}: {first.width} x {first.height} px patches are not "
+                        "square; pass --size to centre-crop/pad them")
+    patches = draw_splits(found, cfg.val_fraction, cfg.test_fraction, cfg.seed, root, existing)
+    plan = PatchPlan(bands=[b.name for b in first.bands], band_keys=[b.key for b in first.bands],
+                     num_frames=len(first.dates), size=size, size_given=cfg.size is not None,
+                     size_from=(f"{existing.root}'s chips are" if existing is not None
+                                else "the first patch is"),
+                     scene_options=opts, out=Path(),
+                     creation_options=dict(cfg.creation_options or {}),
+                     samples_per_chip=samples_per_chip(cfg, len(patches), existing),
+                     seed=cfg.seed, skip_bad=cfg.skip_bad)
+    first.close()
+    common = {"output": Path(cfg.output), "task": "classification", "bands": plan.band_keys,
+              "num_frames": plan.num_frames, "chip_size": size, "appended": existing is not None,
+              "already_in_dataset": found.already}
+    if cfg.dry_run:
+        bands = len(plan.band_keys) * plan.num_frames
+        return TileResult(
+            chips=len(patches),
+            dataset_chips=len(patches) + (len(existing.index) if existing is not None else 0),
+            dropped={}, splits=dict(Counter(p[2] for p in patches)),
+            classes=[c.to_dict() for c in found.classes], stats={},
+            seconds=round(time.perf_counter() - start, 3),
+            plan={"root": str(root), "patches": len(patches),
+                  "disk_bytes_at_most": len(patches) * 4 * bands * size * size}, **common)
+    records, dataset, dropped, skipped = _write(cfg, plan, patches, found.classes, root, existing)
+    return TileResult(chips=len(records), dataset_chips=dataset["chips"], dropped=dict(dropped),
+                      splits=dataset["splits"], classes=dataset["classes"],
+                      stats=dataset["stats"], seconds=round(time.perf_counter() - start, 3),
+                      skipped_files=skipped, **common)
+
+
+def _check_options(cfg: TileConfig) -> Path:
+    """The one root folder, with no option that only makes sense for scenes."""
     if len(cfg.inputs) != 1:
         raise UserError(f"--class-folders takes one root folder (DIR/<class>/*.tif), "
                         f"got {len(cfg.inputs)} inputs")
@@ -87,8 +128,27 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
     root = Path(cfg.inputs[0])
     if not root.is_dir():
         raise UserError(f"--class-folders {root}: not a folder")
+    return root
+
+
+@dataclass
+class ClassFiles:
+    """The class folders found: classes (the dataset's ids when appending), each class's
+    files (those not yet in the dataset), and the files skipped as already in it."""
+
+    classes: list
+    class_ids: np.ndarray  # folder order -> dataset class id
+    files: dict[int, list[Path]]  # folder order -> its raster files
+    already: list[str]
+
+
+def find_class_files(root: Path, existing=None) -> ClassFiles:
+    """Class folders in natural order (``class2`` before ``class10``), each with its rasters."""
+    from geoexplora.io.labels import LabelClass, natural_key
+    from geoexplora.io.scene import RASTER_SUFFIXES
+
     class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                        key=lambda d: _natural_key(d.name))
+                        key=lambda d: natural_key(d.name))
     if not class_dirs:
         raise UserError(f"{root}: holds no class folders (expected {root}/<class>/*.tif)")
     files: dict[int, list[Path]] = {}
@@ -111,22 +171,20 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
                             f"{existing.root}")
         if already:
             log.warning("%d patch file(s) already in %s, skipped", len(already), existing.root)
-    example = next(iter(files.values()))[0]
-    opts = scene_options_from(cfg)
-    first = open_scene([example], opts)
-    if existing is not None:
-        existing.check_matches([b.key for b in first.bands], len(first.dates), str(example))
-    size = cfg.size or (existing.meta["chip_size"] if existing is not None else first.width)
-    if cfg.size is None and existing is None and first.width != first.height:
-        raise UserError(f"{example}: {first.width} x {first.height} px patches are not "
-                        "square; pass --size to centre-crop/pad them")
-    rng = np.random.default_rng(cfg.seed)
+    return ClassFiles(classes, class_ids, files, already)
+
+
+def draw_splits(found: ClassFiles, val_fraction: float, test_fraction: float, seed: int,
+                root: Path, existing=None) -> list[tuple[str, int, str, str]]:
+    """``(path, class id, split, chip id)`` per patch, in chip-id order; splits drawn per class
+    (``round(fraction x files)`` of each), so every class is in every split it can be."""
+    rng = np.random.default_rng(seed)
     patches = []
-    for i, paths in files.items():
-        cid = int(class_ids[i])
+    for i, paths in found.files.items():
+        cid = int(found.class_ids[i])
         order = rng.permutation(len(paths))
-        n_test = round(cfg.test_fraction * len(paths))
-        n_val = round(cfg.val_fraction * len(paths))
+        n_test = round(test_fraction * len(paths))
+        n_val = round(val_fraction * len(paths))
         for rank, k in enumerate(order):
             split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
             patches.append((str(paths[k]), cid, split, f"c{cid:03d}_{_safe(paths[k].stem)}"))
@@ -139,32 +197,23 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
         if clash is not None:
             raise UserError(f"{clash[0]}: {existing.root} already has a chip {clash[3]} (another "
                             "file of that name in that class); rename the file")
-    batch = 64
-    tasks = [PatchTask(i // batch, patches[i:i + batch]) for i in range(0, len(patches), batch)]
-    plan = PatchPlan(bands=[b.name for b in first.bands], band_keys=[b.key for b in first.bands],
-                     num_frames=len(first.dates), size=size, size_given=cfg.size is not None,
-                     size_from=(f"{existing.root}'s chips are" if existing is not None
-                                else "the first patch is"),
-                     scene_options=opts, out=Path(),
-                     creation_options=dict(cfg.creation_options or {}),
-                     samples_per_chip=samples_per_chip(cfg, len(patches), existing),
-                     seed=cfg.seed, skip_bad=cfg.skip_bad)
-    first.close()
+    return patches
+
+
+PATCHES_PER_TASK = 64
+
+
+def _write(cfg: TileConfig, plan: PatchPlan, patches: list, classes: list, root: Path,
+           existing) -> tuple[list[dict], dict, Counter, list[str]]:
+    """Write the patches as chips (in a temporary folder renamed into place): the records, the
+    dataset document, the drops and the files skipped as unreadable."""
+    from geoexplora.io.outputs import atomic_output
+
     out = Path(cfg.output)
+    tasks = [PatchTask(i // PATCHES_PER_TASK, patches[i:i + PATCHES_PER_TASK])
+             for i in range(0, len(patches), PATCHES_PER_TASK)]
     dropped: Counter = Counter()
     skipped: list[str] = []
-    if cfg.dry_run:
-        bands = len(plan.band_keys) * plan.num_frames
-        return TileResult(
-            output=out, task="classification", chips=len(patches),
-            dataset_chips=len(patches) + (len(existing.index) if existing is not None else 0),
-            dropped={}, splits=dict(Counter(p[2] for p in patches)),
-            classes=[c.to_dict() for c in classes], stats={}, bands=plan.band_keys,
-            num_frames=plan.num_frames, chip_size=size,
-            seconds=round(time.perf_counter() - start, 3), appended=existing is not None,
-            already_in_dataset=already,
-            plan={"root": str(root), "patches": len(patches),
-                  "disk_bytes_at_most": len(patches) * 4 * bands * size * size})
     with atomic_output(out, cfg.overwrite or existing is not None, appeared_hint(cfg)) as tmp:
         if existing is not None:
             from geoexplora.pipelines.append import link_dataset
@@ -182,20 +231,13 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
             samples.update(res.samples)
         if not records:
             raise UserError(zero_chips_message(dropped, len(patches)))
-        new_chips = len(records)
         dataset = write_dataset(tmp, cfg, existing, records=records, index_crs="EPSG:4326",
-                                 samples=samples, task="classification",
-                                 bands=[band_from_key(k) for k in plan.band_keys],
-                                 num_frames=plan.num_frames, size=size, classes=classes,
-                                 class_pixels=None, dropped=dropped, sources=[os.path.abspath(root)],
-                                 extra={"skipped": skipped})
-    return TileResult(output=out, task="classification", chips=new_chips,
-                      dataset_chips=dataset["chips"], dropped=dict(dropped),
-                      splits=dataset["splits"], classes=dataset["classes"],
-                      stats=dataset["stats"], bands=plan.band_keys, num_frames=plan.num_frames,
-                      chip_size=size, seconds=round(time.perf_counter() - start, 3),
-                      skipped_files=skipped, appended=existing is not None,
-                      already_in_dataset=already)
+                                samples=samples, task="classification",
+                                bands=[band_from_key(k) for k in plan.band_keys],
+                                num_frames=plan.num_frames, size=plan.size, classes=classes,
+                                class_pixels=None, dropped=dropped,
+                                sources=[os.path.abspath(root)], extra={"skipped": skipped})
+    return records, dataset, dropped, skipped
 
 
 def _safe(stem: str) -> str:
