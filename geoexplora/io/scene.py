@@ -612,9 +612,9 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
         unknown = [rf.path.name for rf in first if any(b is None for b in rf.bands)]
         named = [rf for rf in first if rf.sensor is None and all(rf.tokens)]
         if named:
+            found = [t for t in named[0].tokens if t is not None]  # all of them (``all`` above)
             raise UserError(
-                f"{named[0].path.name}: band names {', '.join(t for t in named[0].tokens if t)} "
-                "fit several sensors "
+                f"{named[0].path.name}: band names {', '.join(found)} fit several sensors "
                 "(Sentinel-2 and Landsat number bands differently); pass --sensor")
         blank = [rf for rf in first if not any(rf.tokens)]
         if opts.sensor and blank:  # the preset did not fit the file's band count
