@@ -107,7 +107,7 @@ class _TemplateWriter:
     def write(self, path: Path, data: np.ndarray, transform) -> None:
         import struct
 
-        raw = memoryview(np.ascontiguousarray(data)).cast("B")
+        raw = np.ascontiguousarray(data).data.cast("B")  # the array's buffer, as bytes
         if self.span is not None:
             start, end = self.span
             head = bytearray(self.template[:start])

@@ -60,13 +60,14 @@ def driver_options(driver: str) -> dict[str, dict] | None:
         for value in node.iter("Value"):
             name = (value.text or "").strip().upper()
             values[name] = name
-            if value.get("alias"):
-                values[value.get("alias").upper()] = name
+            alias = value.get("alias")
+            if alias:
+                values[alias.upper()] = name
         spec = {"type": node.get("type", "string"), "values": values,
                 "min": node.get("min"), "max": node.get("max")}
-        for name in [node.get("name"), *(node.get("alias") or "").split(",")]:
-            if name:
-                out[name.strip().upper()] = spec
+        for option in [node.get("name"), *(node.get("alias") or "").split(",")]:
+            if option:
+                out[option.strip().upper()] = spec
     return out
 
 

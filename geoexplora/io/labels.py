@@ -13,12 +13,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rasterio.windows import Window
 
 from geoexplora.errors import UserError
 from geoexplora.io.chips import IGNORE_INDEX, class_color, window_bounds, window_transform
+
+if TYPE_CHECKING:
+    from shapely.strtree import STRtree
 
 log = logging.getLogger("geoexplora")
 
@@ -97,7 +101,7 @@ class VectorLabels:
         self.ids = names.map(ids).to_numpy(dtype=np.uint8)
         types = set(self.geometries.geom_type)
         self.kind = "points" if types <= {"Point", "MultiPoint"} else "polygons"
-        self._tree = None
+        self._tree: STRtree | None = None
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:

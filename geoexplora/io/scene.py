@@ -161,17 +161,24 @@ def guess_sensor(tokens: list[str]) -> str | None:
     families = {"sentinel2": "sentinel2", "landsat8": "landsat8", "landsat7": "landsat7"}
     fits = []
     for sensor in families:
-        found = [B.find_band(sensor, t) for t in tokens]
-        if all(found) and len({b.name for b in found}) == len(found):
+        found = _find_all(sensor, tokens)
+        if found is not None and len({b.name for b in found}) == len(found):
             fits.append(sensor)
     if len(fits) == 1:
         return fits[0]
     if not fits:
         for sensor in ("rgb", "rgbn"):
-            found = [B.find_band(sensor, t) for t in tokens]
-            if all(found) and len({b.name for b in found}) == len(found):
+            found = _find_all(sensor, tokens)
+            if found is not None and len({b.name for b in found}) == len(found):
                 return sensor
     return None
+
+
+def _find_all(sensor: str, tokens: list[str]) -> list[B.Band] | None:
+    """Each token's band of ``sensor``; None when a token names no band of it."""
+    found = [B.find_band(sensor, t) for t in tokens]
+    bands = [b for b in found if b is not None]
+    return bands if len(bands) == len(found) else None
 
 
 def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
@@ -289,9 +296,10 @@ def _refuse_preset_mismatch(path: Path, sensor: str, count: int) -> None:
     """``--sensor`` names a file's bands only for a stack of the preset's size: say what the
     preset describes and how to name the bands of this file instead."""
     sizes = sorted(c for s, c in SENSOR_LAYOUTS if s == sensor)
-    common = [B.find_band(sensor, name) for name in ("blue", "green", "red", "nir")]
-    if count <= len(common) and all(common[:count]):
-        example = ",".join(f"{i}={b.name}" for i, b in enumerate(common[:count], start=1))
+    common = ["blue", "green", "red", "nir"]
+    named = _find_all(sensor, common[:count]) if count <= len(common) else None
+    if named is not None:
+        example = ",".join(f"{i}={b.name}" for i, b in enumerate(named, start=1))
     else:
         example = "1=B1,2=B2,..."
     stacks = " or ".join(f"{n}-band" for n in sizes) or "no"
@@ -358,8 +366,9 @@ def _crs_equivalent(a: CRS, b: CRS) -> bool:
     ca, cb = pa.coordinate_operation, pb.coordinate_operation
     if ca is None or cb is None or ca.method_name != cb.method_name:
         return False
-    va = [round(p.value, 6) for p in ca.params]
-    vb = [round(p.value, 6) for p in cb.params]
+    # pyproj's stub types Param.value as str; numeric parameters are floats at run time.
+    va = [round(p.value, 6) for p in ca.params]  # type: ignore[call-overload]
+    vb = [round(p.value, 6) for p in cb.params]  # type: ignore[call-overload]
     return va == vb and pa.ellipsoid == pb.ellipsoid
 
 
@@ -603,8 +612,9 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
         unknown = [rf.path.name for rf in first if any(b is None for b in rf.bands)]
         named = [rf for rf in first if rf.sensor is None and all(rf.tokens)]
         if named:
+            found = [t for t in named[0].tokens if t is not None]  # all of them (``all`` above)
             raise UserError(
-                f"{named[0].path.name}: band names {', '.join(named[0].tokens)} fit several sensors "
+                f"{named[0].path.name}: band names {', '.join(found)} fit several sensors "
                 "(Sentinel-2 and Landsat number bands differently); pass --sensor")
         blank = [rf for rf in first if not any(rf.tokens)]
         if opts.sensor and blank:  # the preset did not fit the file's band count
@@ -614,9 +624,11 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
             raise UserError(
                 f"cannot tell which bands {', '.join(unknown)} hold(s) (no band descriptions, no "
                 "band token in the name); pass --sensor for a full stack, or --band-map 1=B2,...")
-        wanted_tokens = [b.name for rf in first for b in rf.bands]
+        # Every band of the first date is identified here (``unknown`` is empty).
+        identified = [b for rf in first for b in rf.bands if b is not None]
+        wanted_tokens = [b.name for b in identified]
         if len(first) > 1:  # one file per band: registry (wavelength-table) order, not file order
-            order = {b.name: i for i, b in enumerate(B.SENSORS[first[0].bands[0].sensor])}
+            order = {b.name: i for i, b in enumerate(B.SENSORS[identified[0].sensor])}
             wanted_tokens.sort(key=lambda name: order.get(name, len(order)))
     sources: list[list[SourceBand]] = []
     for date in dates:

@@ -79,6 +79,7 @@ class BandStatsAccumulator:
                             f"{', '.join(str(i + 1) for i in empty)}")
         n = self._count.astype(np.float64)
         mean_c = self._sum / n
+        assert self._shift is not None  # set by the first valid value; every band has one here
         var = np.maximum(self._sumsq / n - mean_c ** 2, 0.0)
         mean = mean_c + self._shift
         p2, p98 = zip(*(np.percentile(r, [2, 98]).tolist() for r in self._reservoirs))
@@ -97,10 +98,10 @@ def robust_band_stats(sample: np.ndarray | Iterable[np.ndarray], max_samples: in
     if isinstance(sample, np.ndarray):
         if sample.ndim != 2:
             raise ValueError(f"expected an (N, C) array, got shape {sample.shape}")
-        acc = BandStatsAccumulator(sample.shape[1], max_samples, seed)
-        acc.update(sample)
-        return acc.result()
-    acc = None
+        whole = BandStatsAccumulator(sample.shape[1], max_samples, seed)
+        whole.update(sample)
+        return whole.result()
+    acc: BandStatsAccumulator | None = None
     for part in sample:
         part = np.asarray(part)
         if acc is None:

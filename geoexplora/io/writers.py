@@ -16,12 +16,17 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 import numpy as np
 
 from geoexplora.errors import UserError
 from geoexplora.io.outputs import disk_full_as_oserror
+
+if TYPE_CHECKING:
+    from affine import Affine
+    from rasterio.crs import CRS
 
 STRIP_ROWS = 256
 COG_DEFAULTS = {"COMPRESS": "DEFLATE", "BLOCKSIZE": "512", "BIGTIFF": "IF_SAFER",
@@ -49,8 +54,8 @@ def hex_to_rgba(color: str) -> tuple[int, int, int, int]:
     c = color.lstrip("#")
     if len(c) not in (6, 8) or any(ch not in "0123456789abcdefABCDEF" for ch in c):
         raise UserError(f"class colour '{color}' is not #rrggbb")
-    rgba = tuple(int(c[i:i + 2], 16) for i in range(0, len(c), 2))
-    return rgba if len(rgba) == 4 else rgba + (255,)
+    ch = [int(c[i:i + 2], 16) for i in range(0, len(c), 2)]
+    return ch[0], ch[1], ch[2], ch[3] if len(ch) == 4 else 255
 
 
 def class_colormap(classes: list[dict]) -> dict[int, tuple[int, int, int, int]]:
@@ -65,8 +70,8 @@ def class_colormap(classes: list[dict]) -> dict[int, tuple[int, int, int, int]]:
 class RasterSpec:
     """What one output raster is: grid, bands, dtype, nodata and the metadata it carries."""
 
-    crs: object
-    transform: object
+    crs: CRS
+    transform: Affine
     width: int
     height: int
     count: int
@@ -163,7 +168,8 @@ class StripStore:
         """Valid pixels (and, for class maps, pixels per class) summed over the strips written."""
         import rasterio
 
-        valid, counts = 0, {}
+        valid = 0
+        counts: dict[str, int] = {}
         for i in sorted(self.done()):
             with rasterio.open(self.strip_path(i)) as src:
                 tags = src.tags()

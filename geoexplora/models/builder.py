@@ -59,12 +59,13 @@ def build_backbone(init: str | None = None, init_weights: str | None = None,
 def backbone_from_file(spec, bands, stats, num_frames, spectral_tokens, spectral_groups,
                         arch_overrides) -> GeoViT:
     from geoexplora.models.file import load_model
+    from geoexplora.models.heads import TaskModel
     from geoexplora.provenance import sha256_file
 
     if arch_overrides:
         raise UserError(f"--init {spec.init} is a model file; its architecture is fixed")
     model = load_model(spec.model_path)
-    vit = getattr(model, "backbone", model)
+    vit = model.backbone if isinstance(model, TaskModel) else model
     if spectral_tokens != vit.spectral_tokens:
         raise UserError(f"--init {spec.init} uses {vit.spectral_tokens} spectral tokens; keep "
                         "the same spectral-token mode to continue adapting it")

@@ -14,11 +14,15 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from geoexplora.errors import UserError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 MAE_DECODER_PREFIX = "decoder_"
 
@@ -117,7 +121,8 @@ def meta_mask_token(sd: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return None
 
 
-def to_timm_layout(sd: dict[str, torch.Tensor], vit: nn.Module) -> dict[str, torch.Tensor]:
+def to_timm_layout(sd: dict[str, torch.Tensor],
+                   vit: VisionTransformer) -> dict[str, torch.Tensor]:
     """timm's conversion: Meta DINOv2 keys, position-embedding and patch-kernel resampling."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 

@@ -12,12 +12,16 @@ in and fuses ``qkv`` again, leaving a plain timm ViT. The same function serves f
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from geoexplora.errors import UserError
 from geoexplora.models.geovit import GeoViT
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block
 
 # lora_targets name -> module path inside a timm block.
 LORA_TARGET_MODULES = {"q": "attn.qkv.q", "k": "attn.qkv.k", "v": "attn.qkv.v",
@@ -27,6 +31,10 @@ REPORT_GROUPS = ("embedding", "lora", "unfrozen_blocks", "norms", "tokens", "hea
 
 class SplitQKV(nn.Module):
     """timm's fused ``qkv`` linear as three linears (same output), so LoRA can target each."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
 
     def __init__(self, qkv: nn.Linear):
         super().__init__()
@@ -96,12 +104,13 @@ def apply_explora(model: nn.Module, unfreeze_blocks=(-1,), lora_rank: int = 64,
 
         targets = []
         for i in lora_blocks:
-            block = vit.vit.blocks[i]
+            block = cast("Block", vit.vit.blocks[i])
             if {"q", "k", "v"} & set(lora_targets) and isinstance(block.attn.qkv, nn.Linear):
                 block.attn.qkv = SplitQKV(block.attn.qkv)
             targets += [f"{prefix}vit.blocks.{i}.{LORA_TARGET_MODULES[t]}" for t in lora_targets]
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            target_modules=targets, bias="none")
+        # peft annotates lora_alpha as int; a float works (scaling = lora_alpha / r).
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha,  # type: ignore[arg-type]
+                            lora_dropout=lora_dropout, target_modules=targets, bias="none")
         inject_adapter_in_model(config, model)
 
     if train_embedding is None:

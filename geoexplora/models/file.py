@@ -146,7 +146,7 @@ def read_model_meta(path: str | Path) -> dict:
     return _read(path, mmap=True)[0]
 
 
-def load_model(path: str | Path) -> nn.Module:
+def load_model(path: str | Path) -> GeoViT | TaskModel:
     """A GeoViT or TaskModel in eval mode, with ``.meta`` (the file's metadata)."""
     meta, state = _read(path, mmap=False)
     try:
@@ -154,7 +154,7 @@ def load_model(path: str | Path) -> nn.Module:
         # file's tensors are assigned and the band-derived buffers recomputed.
         with torch.device("meta"):
             backbone = geovit_from_config(meta["backbone"])
-            model: nn.Module = backbone
+            model: GeoViT | TaskModel = backbone
             if meta.get("task"):
                 task = meta["task"]
                 head = build_head(task["task"], backbone.embed_dim, **task["head"])

@@ -12,7 +12,7 @@ this is exactly the source ViT's sequence, and the outputs equal the source mode
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from geoexplora.models.spectral import SpectralProjection, band_wavelength, mixi
 from geoexplora.models.temporal import DateEncoding
 
 if TYPE_CHECKING:
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import Block, VisionTransformer
 
 SPECTRAL_TOKEN_MODES = ("bank", "groups")
 
@@ -37,6 +37,7 @@ class GeoViT(nn.Module):
     band_std: torch.Tensor
     group_embed: nn.Parameter | None
     date_encoding: DateEncoding | None
+    meta: dict  # the model file's metadata, set by ``load_model``
 
     def __init__(self, vit: VisionTransformer, bands: list[Band], mean: list[float], std: list[float],
                  source_wavelengths: list[float], groups: list[list[int]], num_frames: int = 1,
@@ -165,10 +166,11 @@ class GeoViT(nn.Module):
             feat = feat + self.group_embed.view(1, 1, g, 1, d)
         if self.date_encoding is not None and dates is not None:
             feat = feat + self.date_encoding(dates.to(feat.device)).view(b, t, 1, 1, d)
-        prefix = [vit.cls_token.expand(b, -1, -1)]
+        assert vit.cls_token is not None  # create_timm_vit refuses ViTs without a class token
+        prefix_tokens = [vit.cls_token.expand(b, -1, -1)]
         if vit.reg_token is not None:
-            prefix.append(vit.reg_token.expand(b, -1, -1))
-        prefix = torch.cat(prefix, dim=1)
+            prefix_tokens.append(vit.reg_token.expand(b, -1, -1))
+        prefix = torch.cat(prefix_tokens, dim=1)
         if pos_prefix is not None:
             prefix = prefix + pos_prefix
         tokens = torch.cat([prefix, feat.reshape(b, t * g * h * w, d)], dim=1)
@@ -280,7 +282,10 @@ def resolve_stats(bands: list[Band], stats: dict | None,
         if lacking:
             raise UserError(f"no statistics for bands {', '.join(lacking)}: compute them from "
                             "your data (geoexplora tile writes them to dataset.json)")
-        mean, std, origin = [b.mean for b in bands], [b.std for b in bands], "fallback"
+        # Every band has both here (``lacking`` is empty).
+        mean = [b.mean for b in bands if b.mean is not None]
+        std = [b.std for b in bands if b.std is not None]
+        origin = "fallback"
     bad = [b.key for b, s in zip(bands, std) if not s > 0]
     if bad:
         raise UserError(f"band statistics: std must be positive; check {', '.join(bad)} "
@@ -288,7 +293,7 @@ def resolve_stats(bands: list[Band], stats: dict | None,
     return mean, std, origin
 
 
-def backbone_config(vit: nn.Module, arch, img_size, bands, mean, std, stats_origin,
+def backbone_config(vit: VisionTransformer, arch, img_size, bands, mean, std, stats_origin,
                     num_frames, spectral_tokens, groups, source_wavelengths, family,
                     provenance) -> dict:
     size = vit.patch_embed.img_size
@@ -297,7 +302,7 @@ def backbone_config(vit: nn.Module, arch, img_size, bands, mean, std, stats_orig
             "name": arch.name, "timm_name": arch.timm_name, "overrides": dict(arch.overrides),
             "img_size": list(size), "patch_size": vit.patch_embed.patch_size[0],
             "embed_dim": vit.embed_dim, "depth": len(vit.blocks),
-            "num_heads": vit.blocks[0].attn.num_heads, "num_prefix_tokens": vit.num_prefix_tokens,
+            "num_heads": cast("Block", vit.blocks[0]).attn.num_heads, "num_prefix_tokens": vit.num_prefix_tokens,
             "reg_tokens": vit.num_reg_tokens,
         },
         "family": family,

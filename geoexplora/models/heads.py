@@ -46,7 +46,8 @@ class LinearHead(nn.Module):
         self.fc = nn.Linear(in_dim, num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=init_std)
         nn.init.zeros_(self.fc.bias)
-        self.config = {"type": "linear", "pooling": pooling, "num_classes": num_classes}
+        self.config: dict[str, str | int] = {"type": "linear", "pooling": pooling,
+                                             "num_classes": num_classes}
         if self.cls_blocks:
             self.config["cls_blocks"] = self.cls_blocks
 
@@ -72,7 +73,8 @@ class SegmentationHead(nn.Module):
                                               padding_mode="replicate"),
                                     nn.GroupNorm(8 if hidden % 8 == 0 else 1, hidden), nn.GELU())
         self.classify = nn.Conv2d(hidden, num_classes, kernel_size=1)
-        self.config = {"type": "segmentation", "hidden": hidden, "num_classes": num_classes}
+        self.config: dict[str, str | int] = {"type": "segmentation", "hidden": hidden,
+                                             "num_classes": num_classes}
 
     def forward(self, features: dict, frame_mask: torch.Tensor | None,
                 size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -84,7 +86,8 @@ class SegmentationHead(nn.Module):
         return self.classify(self.refine(x))
 
 
-def build_head(task: str, embed_dim: int, num_classes: int, **config) -> nn.Module:
+def build_head(task: str, embed_dim: int, num_classes: int,
+               **config) -> LinearHead | SegmentationHead:
     """A head for ``task``; ``config`` as stored in a model file (``type`` is implied)."""
     config = {k: v for k, v in config.items() if k not in ("type", "num_classes")}
     if task in ("classification", "multilabel"):
@@ -97,7 +100,10 @@ def build_head(task: str, embed_dim: int, num_classes: int, **config) -> nn.Modu
 class TaskModel(nn.Module):
     """A backbone with a task head. ``classes``: ``[{"id", "name", "color"}]``."""
 
-    def __init__(self, backbone: GeoViT, head: nn.Module, task: str, classes: list[dict]):
+    meta: dict  # the model file's metadata, set by ``load_model``
+
+    def __init__(self, backbone: GeoViT, head: LinearHead | SegmentationHead, task: str,
+                 classes: list[dict]):
         super().__init__()
         if task not in TASKS:
             raise UserError(f"task {task!r}: use one of {', '.join(TASKS)}")

@@ -140,9 +140,9 @@ def resolve_init(init: str | None, init_weights: str | None = None) -> InitSpec:
                             "--init-weights cannot be used with it")
         return InitSpec("model_file", init, weights=path, model_path=path)
 
-    arch_name, _, tag = init.partition(".")
+    arch_name, _, tag_text = init.partition(".")
     arch = get_architecture(arch_name)
-    tag = tag or None
+    tag = tag_text or None
     if weights == "pretrained" and tag is None and arch.default_tag is None:
         raise UserError(f"--init {init}: this architecture has no published weights here; pass "
                         "--init-weights PATH (a checkpoint) or --init-weights random")

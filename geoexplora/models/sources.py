@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
@@ -29,6 +30,9 @@ from geoexplora.models.checkpoints import (
 from geoexplora.models.registry import Architecture, InitSpec, get_architecture, source_family
 from geoexplora.provenance import sha256_file
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
 # torchgeo enum name prefix -> our sensor. Sentinel-1 (SAR) has no place on a wavelength axis.
 _TORCHGEO_SENSORS = (("SENTINEL2", "sentinel2"), ("LANDSAT_OLI", "landsat8"),
                      ("LANDSAT_ETM", "landsat7"), ("LANDSAT_TM", "landsat5"))
@@ -38,7 +42,7 @@ _TORCHGEO_SENSORS = (("SENTINEL2", "sentinel2"), ("LANDSAT_OLI", "landsat8"),
 class Source:
     """A loaded source model and what we know about its input."""
 
-    vit: nn.Module
+    vit: VisionTransformer
     arch: Architecture
     family: str
     wavelengths: list[float]                 # one per input channel of the source patch conv
@@ -50,7 +54,8 @@ class Source:
 
 
 def create_timm_vit(arch: Architecture, img_size: int | tuple[int, int], in_chans: int = 3,
-                    drop_path_rate: float = 0.0, pretrained_tag: str | None = None) -> nn.Module:
+                    drop_path_rate: float = 0.0,
+                    pretrained_tag: str | None = None) -> VisionTransformer:
     """A headless timm ViT with dynamic image size; ``pretrained_tag`` loads published weights."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
@@ -71,6 +76,7 @@ def load_source(spec: InitSpec, img_size, arch_overrides: dict | None = None,
         return _load_torchgeo(spec, img_size, arch_overrides, drop_path_rate)
     if spec.kind != "timm":
         raise ValueError(f"load_source handles timm and torchgeo specs, not {spec.kind}")
+    assert spec.arch_name is not None  # resolve_init sets it for timm specs
     arch = get_architecture(spec.arch_name, arch_overrides)
     family = source_family(spec, arch)
     rgb = list(RGB_WAVELENGTHS_NM)
@@ -97,7 +103,8 @@ def load_source(spec: InitSpec, img_size, arch_overrides: dict | None = None,
                               "layout": layout})
 
 
-def _create_pretrained(arch: Architecture, tag: str, img_size, drop_path_rate: float):
+def _create_pretrained(arch: Architecture, tag: str | None, img_size,
+                       drop_path_rate: float) -> VisionTransformer:
     import timm
 
     try:
@@ -107,7 +114,7 @@ def _create_pretrained(arch: Architecture, tag: str, img_size, drop_path_rate: f
         where = []
         if cfg is not None and cfg.hf_hub_id:
             where.append(f"Hugging Face repo {cfg.hf_hub_id}")
-        if cfg is not None and cfg.url:
+        if cfg is not None and isinstance(cfg.url, str) and cfg.url:
             where.append(cfg.url)
         raise UserError(
             f"weights {arch.timm_name}.{tag} are not in the local cache and cannot be downloaded "
@@ -168,6 +175,7 @@ def _torchgeo_normalisation(weights, sensor: str, channels: int) -> dict | None:
 
 def _load_torchgeo(spec: InitSpec, img_size, arch_overrides, drop_path_rate) -> Source:
     label = spec.init
+    assert spec.torchgeo_enum is not None  # resolve_init sets it for torchgeo specs
     weights = _torchgeo_enum(spec.torchgeo_enum)
     bands = _torchgeo_bands(weights, label)
     arch = get_architecture(weights.meta["model"], arch_overrides)

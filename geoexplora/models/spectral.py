@@ -16,6 +16,7 @@ groups' outputs along the channel axis, ``(B, G*D, h, w)``; the ViT splits them 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +138,8 @@ class SpectralProjection(nn.Module):
                  bands: list[Band], groups: list[list[int]]):
         super().__init__()
         self.embed_dim = source_proj.out_channels
-        self.patch_size = tuple(source_proj.stride)
+        stride_h, stride_w = source_proj.stride
+        self.patch_size = (stride_h, stride_w)
         self.groups = [list(g) for g in groups]
         wavelengths = [band_wavelength(b) for b in bands]
         banks = []
@@ -154,8 +156,9 @@ class SpectralProjection(nn.Module):
     def rebuild_buffers(self) -> None:
         """Recompute the buffers derived from the band list (not stored in model files) on the
         parameters' device, e.g. after building on the meta device and loading weights."""
-        device = self.banks[0].kernels.device
-        for g, (group, bank) in enumerate(zip(self.groups, self.banks)):
+        banks = cast("list[KernelBank]", list(self.banks))
+        device = banks[0].kernels.device
+        for g, (group, bank) in enumerate(zip(self.groups, banks)):
             setattr(self, f"band_index_{g}", torch.tensor(group, dtype=torch.long, device=device))
             bank.set_wavelengths([self.wavelengths[i] for i in group])
 
