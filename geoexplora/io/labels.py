@@ -192,7 +192,7 @@ class RasterLabels:
         from rasterio.enums import Resampling
         from rasterio.vrt import WarpedVRT
 
-        from geoexplora.io.scene import _crs_equivalent
+        from geoexplora.io.scene import crs_equivalent
 
         if self._pid != os.getpid():
             self._handles, self._pid = {}, os.getpid()
@@ -200,13 +200,13 @@ class RasterLabels:
         ds = self._handles.get(key)
         if ds is None:
             src = rasterio.open(self.path)
-            same = (_crs_equivalent(src.crs, grid.crs) and src.width == grid.width
+            same = (crs_equivalent(src.crs, grid.crs) and src.width == grid.width
                     and src.height == grid.height
                     and src.transform.almost_equals(grid.transform, precision=1e-6 * max(grid.res)))
             if same:
                 ds = src
             else:
-                if not _crs_equivalent(src.crs, grid.crs):
+                if not crs_equivalent(src.crs, grid.crs):
                     log.info("label raster %s: reprojected from %s to %s (nearest)",
                              self.path.name, src.crs.to_string(), grid.crs.to_string())
                 ds = WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width,
@@ -241,9 +241,9 @@ class RasterLabels:
 def _same_crs(a, b) -> bool:
     from rasterio.crs import CRS
 
-    from geoexplora.io.scene import _crs_equivalent
+    from geoexplora.io.scene import crs_equivalent
 
-    return _crs_equivalent(CRS.from_user_input(a.to_wkt() if hasattr(a, "to_wkt") else a),
+    return crs_equivalent(CRS.from_user_input(a.to_wkt() if hasattr(a, "to_wkt") else a),
                            CRS.from_user_input(b.to_wkt() if hasattr(b, "to_wkt") else b))
 
 

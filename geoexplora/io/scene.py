@@ -352,7 +352,7 @@ def conversion_for(rf: RasterFile, index: int, opts: SceneOptions) -> tuple[floa
     return 1.0, 0.0
 
 
-def _crs_equivalent(a: CRS, b: CRS) -> bool:
+def crs_equivalent(a: CRS, b: CRS) -> bool:
     """Same CRS, or the same projection on two realisations of one datum (EPSG:32119 vs 3358)."""
     if a == b:
         return True
@@ -394,7 +394,7 @@ class Grid:
 def same_grid(rf: RasterFile, grid: Grid, tol: float = 1e-6) -> bool:
     return (rf.width == grid.width and rf.height == grid.height
             and rf.transform.almost_equals(grid.transform, precision=tol * max(grid.res))
-            and _crs_equivalent(rf.crs, grid.crs))
+            and crs_equivalent(rf.crs, grid.crs))
 
 
 class Scene:
@@ -556,7 +556,7 @@ def _inspect_grid(src) -> RasterFile:
 def _target_grid(reference: RasterFile, opts: SceneOptions) -> Grid:
     crs = CRS.from_user_input(opts.crs) if opts.crs else reference.crs
     grid = Grid(reference.crs, reference.transform, reference.width, reference.height)
-    if crs != reference.crs and not _crs_equivalent(crs, reference.crs):
+    if crs != reference.crs and not crs_equivalent(crs, reference.crs):
         from rasterio.warp import calculate_default_transform
 
         transform, width, height = calculate_default_transform(
@@ -668,7 +668,7 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
     reference = min(first_files, key=lambda rf: rf.res[0] * rf.res[1])
     grid = _target_grid(reference, opts)
     for rf in files:
-        if rf.path in involved and not _crs_equivalent(rf.crs, grid.crs):
+        if rf.path in involved and not crs_equivalent(rf.crs, grid.crs):
             log.warning("%s: reprojecting from %s to %s", rf.path.name, rf.crs.to_string(),
                         grid.crs.to_string())
         elif (rf.path in involved and rf.res != grid.res and not same_grid(rf, grid)

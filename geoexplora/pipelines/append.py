@@ -265,13 +265,13 @@ class ExistingDataset:
 def _same_crs(a, b) -> bool:
     from rasterio.crs import CRS
 
-    from geoexplora.io.scene import _crs_equivalent
+    from geoexplora.io.scene import crs_equivalent
 
     try:
         ca, cb = CRS.from_user_input(a), CRS.from_user_input(b)
     except Exception as exc:  # rasterio's CRSError
         raise UserError(f"--crs {a}: not a CRS ({exc})") from exc
-    return ca == cb or _crs_equivalent(ca, cb)
+    return ca == cb or crs_equivalent(ca, cb)
 
 
 def link_dataset(src: Path, dst: Path) -> None:

@@ -15,13 +15,8 @@ from geoexplora.bands import band_from_key
 from geoexplora.errors import UserError
 from geoexplora.io import chips as C
 from geoexplora.io.stats import pixel_sample
-from geoexplora.pipelines.tile.config import (
-    TileConfig,
-    TileResult,
-)
-from geoexplora.pipelines.tile.scenes import (
-    scene_options_from,
-)
+from geoexplora.pipelines.tile.config import TileConfig, TileResult
+from geoexplora.pipelines.tile.scenes import scene_options_from
 from geoexplora.pipelines.tile.workers import (
     BlockResult,
     chip_rng,

@@ -8,9 +8,7 @@ import numpy as np
 
 from geoexplora.errors import UserError
 from geoexplora.io import chips as C
-from geoexplora.pipelines.tile.grid import (
-    Candidates,
-)
+from geoexplora.pipelines.tile.grid import Candidates
 
 log = logging.getLogger("geoexplora")
 
@@ -33,7 +31,7 @@ def check_task(task: str, labels) -> None:
         log.warning("segmentation masks from points label single pixels only")
 
 
-def _labels_bounds(labels, crs) -> tuple[float, float, float, float]:
+def labels_bounds(labels, crs) -> tuple[float, float, float, float]:
     from rasterio.warp import transform_bounds
 
     if labels.kind == "raster":
@@ -48,7 +46,7 @@ def drop_unlabelled_candidates(cands: Candidates, labels, crs) -> None:
 
     live = np.flatnonzero(cands.drop == "")
     if labels.kind == "raster":
-        hit = shapely.intersects(cands.boxes[live], box(*_labels_bounds(labels, crs)))
+        hit = shapely.intersects(cands.boxes[live], box(*labels_bounds(labels, crs)))
     else:
         from shapely.strtree import STRtree
 

@@ -17,28 +17,16 @@ from geoexplora.defaults import TILE
 from geoexplora.errors import UserError
 from geoexplora.io import chips as C
 from geoexplora.log import reports_progress
-from geoexplora.pipelines.tile.class_folders import (
-    import_class_folders,
-)
-from geoexplora.pipelines.tile.config import (
-    EDGES,
-    TileConfig,
-    TileResult,
-)
-from geoexplora.pipelines.tile.grid import (
-    Candidates,
-    assign_splits,
-    make_candidates,
-)
+from geoexplora.pipelines.tile.class_folders import import_class_folders
+from geoexplora.pipelines.tile.config import EDGES, TileConfig, TileResult
+from geoexplora.pipelines.tile.grid import Candidates, assign_splits, make_candidates
 from geoexplora.pipelines.tile.labels import (
-    _labels_bounds,
     check_task,
     default_task,
     drop_unlabelled_candidates,
+    labels_bounds,
 )
-from geoexplora.pipelines.tile.scenes import (
-    open_scenes,
-)
+from geoexplora.pipelines.tile.scenes import open_scenes
 from geoexplora.pipelines.tile.workers import (
     BlockTask,
     Plan,
@@ -333,12 +321,12 @@ def write_crs(crs):
     """
     from rasterio.crs import CRS
 
-    from geoexplora.io.scene import _crs_equivalent
+    from geoexplora.io.scene import crs_equivalent
 
     text = crs.to_string()
     if text.startswith("EPSG:"):
         coded = CRS.from_user_input(text)
-        if _crs_equivalent(coded, crs):
+        if crs_equivalent(coded, crs):
             return coded
     return crs
 
@@ -358,7 +346,7 @@ def _add_geometry(records: list[dict], scenes: list, crss: list) -> None:
 def _check_labels_overlap(labels, scenes: list, crs) -> None:
     from shapely import box
 
-    lb = box(*_labels_bounds(labels, crs))
+    lb = box(*labels_bounds(labels, crs))
     for scene in scenes:
         if lb.intersects(box(*scene.grid.bounds)):
             return

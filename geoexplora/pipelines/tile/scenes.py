@@ -6,9 +6,7 @@ import logging
 
 from geoexplora.errors import UserError
 from geoexplora.io.inputs import check_same_bands, collect_inputs, group_by_place
-from geoexplora.pipelines.tile.config import (
-    TileConfig,
-)
+from geoexplora.pipelines.tile.config import TileConfig
 
 log = logging.getLogger("geoexplora")
 

@@ -14,13 +14,8 @@ import numpy as np
 from geoexplora.errors import UserError
 from geoexplora.io import chips as C
 from geoexplora.io.stats import pixel_sample
-from geoexplora.pipelines.tile.config import (
-    BLOCK_BUDGET_BYTES,
-    TileConfig,
-)
-from geoexplora.pipelines.tile.grid import (
-    Candidates,
-)
+from geoexplora.pipelines.tile.config import BLOCK_BUDGET_BYTES, TileConfig
+from geoexplora.pipelines.tile.grid import Candidates
 
 log = logging.getLogger("geoexplora")
 

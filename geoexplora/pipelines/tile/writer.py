@@ -15,9 +15,7 @@ import numpy as np
 from geoexplora import __version__
 from geoexplora.io import chips as C
 from geoexplora.io.stats import BandStatsAccumulator
-from geoexplora.pipelines.tile.config import (
-    TileConfig,
-)
+from geoexplora.pipelines.tile.config import TileConfig
 
 log = logging.getLogger("geoexplora")
 
