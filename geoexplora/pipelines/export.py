@@ -203,18 +203,16 @@ def _onnx_module(model):
     from geoexplora.models.heads import TaskModel
 
     task = isinstance(model, TaskModel)
-    temporal = (model.backbone if task else model).num_frames > 1
 
     class Exported(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, image, *dates):
-            d = dates[0] if temporal else None
+        def forward(self, image, dates=None):
             if task:
-                return self.model(image, dates=d)
-            out = self.model.forward_features(image, dates=d)
+                return self.model(image, dates=dates)
+            out = self.model.forward_features(image, dates=dates)
             return out["cls"], out["patch"]
 
     return Exported().eval()
@@ -262,27 +260,46 @@ def _onnx_spec(model, size: int) -> dict:
 
 
 def _export_onnx(model, path: Path, io: dict, example: list, opset: int) -> str:
-    """torch.onnx.export with the TorchScript-based exporter (``dynamo=False``): the dynamo
-    exporter of torch 2.x does not lower timm's position-embedding resampling and fused
-    attention to ONNX without graph breaks. Returns the exporter's name; UserError when the
-    model cannot be expressed."""
+    """torch.onnx.export: the dynamo-based exporter first (``dynamo=True``, torch's default),
+    the TorchScript-based one (``dynamo=False``) when it fails. Returns which one wrote the
+    file; UserError, naming the reason, when neither can express the model."""
+    import contextlib
+    import io as _io
+    import re
     import warnings
 
     import torch
 
     names_in = [i["name"] for i in io["inputs"]]
     names_out = [o["name"] for o in io["outputs"]]
-    axes = {n: {0: "batch"} for n in names_in + names_out}
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings on shape arithmetic (constants)
-            torch.onnx.export(model, tuple(example), str(path), input_names=names_in,
-                              output_names=names_out, dynamic_axes=axes, opset_version=opset,
-                              dynamo=False, do_constant_folding=True)
-    except (RuntimeError, torch.onnx.errors.OnnxExporterError, TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX cannot express this model (opset {opset}): {first}") from exc
-    return f"torch.onnx.export (TorchScript exporter, dynamo=False), opset {opset}"
+    batch = torch.export.Dim("batch", min=1)
+    attempts = (
+        ("dynamo", dict(dynamo=True, dynamic_shapes=tuple({0: batch} for _ in names_in),
+                        optimize=True, external_data=False)),
+        ("torchscript", dict(dynamo=False, do_constant_folding=True,
+                             dynamic_axes={n: {0: "batch"} for n in names_in + names_out})),
+    )
+    reasons = []
+    for name, kwargs in attempts:
+        chatter = _io.StringIO()  # the exporters print progress on stdout: keep it for -v
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(chatter):
+                warnings.simplefilter("ignore")  # tracer warnings on shape arithmetic
+                torch.onnx.export(model, tuple(example), str(path), input_names=names_in,
+                                  output_names=names_out, opset_version=opset, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - each exporter fails in its own ways
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colours
+            reasons.append(f"{name}: {text.splitlines()[0] if text else type(exc).__name__}")
+            logger.debug("ONNX %s exporter failed: %s", name, text)
+            path.unlink(missing_ok=True)
+            continue
+        logger.debug("%s", chatter.getvalue().strip())
+        if name == "dynamo":
+            return f"torch.onnx.export(dynamo=True), opset {opset}"
+        logger.warning("the dynamo ONNX exporter failed (%s); used dynamo=False", reasons[0])
+        return f"torch.onnx.export(dynamo=False, TorchScript-based), opset {opset}"
+    raise UserError(f"ONNX cannot express this model (opset {opset}): {'; '.join(reasons)}",
+                    option="format")
 
 
 def _check_onnx(model, path: Path, io: dict, example: list, atol: float, rtol: float) -> dict:
