@@ -33,6 +33,8 @@ from geoexplora.results import Result
 ExportFormat = Literal["geoexplora", "onnx"]
 ONNX_FORMAT_NAME = "geoexplora-onnx"
 ONNX_MAX_BYTES = 2 * 1024 ** 3  # one protobuf file (no external data): 2 GiB
+NOTE_ONNX_INPUTS = ("every frame is attended to (the graph has no frame-mask input); NaN pixels "
+                    "become the band mean, as in PyTorch")
 
 
 @dataclass
@@ -274,10 +276,10 @@ def _export_onnx(model, path: Path, io: dict, example: list, opset: int) -> str:
     names_out = [o["name"] for o in io["outputs"]]
     batch = torch.export.Dim("batch", min=1)
     attempts = (
-        ("dynamo", dict(dynamo=True, dynamic_shapes=tuple({0: batch} for _ in names_in),
-                        optimize=True, external_data=False)),
-        ("torchscript", dict(dynamo=False, do_constant_folding=True,
-                             dynamic_axes={n: {0: "batch"} for n in names_in + names_out})),
+        ("dynamo", {"dynamo": True, "dynamic_shapes": tuple({0: batch} for _ in names_in),
+                    "optimize": True, "external_data": False}),
+        ("torchscript", {"dynamo": False, "do_constant_folding": True,
+                         "dynamic_axes": {n: {0: "batch"} for n in names_in + names_out}}),
     )
     reasons = []
     for name, kwargs in attempts:
@@ -380,8 +382,7 @@ def write_onnx(model, output: Path, cfg: ExportConfig, source: dict) -> dict:
             "num_frames": backbone.num_frames, "embed_dim": backbone.embed_dim,
             **io, "exporter": exporter, "check": check,
             "architecture": backbone.config["architecture"], "source": source,
-            "notes": ["frames are all attended to (no frame mask input); NaN pixels become "
-                      "the band mean, as in PyTorch"],
+            "notes": [NOTE_ONNX_INPUTS],
         }
         tmp_json.write_text(json.dumps(doc, indent=2) + "\n")
     return doc
