@@ -110,9 +110,10 @@ def requested_bands(tokens: list[str] | None, sensor: str | None):
 
 
 def data_bands_and_stats(paths: list[Path], tokens: list[str] | None, sensor: str | None,
-                         seed: int = 0) -> tuple[list, dict]:
+                         seed: int = 0, scene_opts=None) -> tuple[list, dict]:
     """(bands, ``{"mean", "std", "origin", "from"}``) of a chips dataset (its ``dataset.json``)
-    or of scenes (robust statistics of random windows, as ``adapt`` computes them)."""
+    or of scenes (robust statistics of random windows, as ``adapt`` computes them; read with
+    ``scene_opts``, whose bands and sensor ``tokens`` and ``sensor`` replace)."""
     from geoexplora.pipelines.adapt import _chip_band_indices, _is_chips_dataset
 
     if len(paths) == 1 and _is_chips_dataset(paths[0]):
@@ -128,12 +129,16 @@ def data_bands_and_stats(paths: list[Path], tokens: list[str] | None, sensor: st
     if chips_given:
         raise UserError(f"give one chips dataset ({chips_given[0]}) or scenes, not both or "
                         "several", option="stats_from")
+    import dataclasses
+
     from geoexplora.io.scene import SceneOptions
     from geoexplora.io.stats import robust_band_stats
     from geoexplora.pipelines.adapt import open_scenes
     from geoexplora.train.sampling import SceneWindows
 
-    scenes = open_scenes(paths, SceneOptions(bands=tokens, sensor=sensor))
+    opts = dataclasses.replace(scene_opts or SceneOptions(), bands=tokens,
+                               sensor=sensor or (scene_opts.sensor if scene_opts else None))
+    scenes = open_scenes(paths, opts)
     keys = [b.key for b in scenes[0].bands]
     for scene in scenes[1:]:
         if [b.key for b in scene.bands] != keys:
@@ -183,6 +188,28 @@ def build_spec_model(spec: str, init_weights: str | None = None, bands=None,
         model.backbone = backbone
         return model
     return backbone
+
+
+def source_for_rasters(spec, inputs: list[Path], scene_opts=None):
+    """A :class:`~geoexplora.train.features.SourceSpec` built on a scene's bands (``spec.bands``
+    of them, or all) with the scene's statistics, as an in-memory backbone carrying the
+    model-file metadata (``.meta``) that ``predict``/``embed`` read."""
+    import torch
+
+    from geoexplora.models.file import FORMAT_VERSION
+    from geoexplora.train.features import source_provenance
+
+    bands, stats = data_bands_and_stats(inputs, list(spec.bands) if spec.bands else None, None,
+                                        spec.seed, scene_opts)
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        model = build_spec_model(spec.spec, spec.init_weights, bands, stats)
+    _stats_origin(model, stats)
+    model.meta = {"format_version": FORMAT_VERSION, "kind": "backbone",
+                  "backbone": model.config, "task": None,
+                  "provenance": {"source": source_provenance(spec)}}
+    model.source_spec = spec.spec
+    return model.eval()
 
 
 def _stats_origin(module, stats: dict | None) -> None:

@@ -29,8 +29,6 @@ from geoexplora.provenance import sha256_file
 EXTRACTION_VERSION = 1
 
 
-def model_digest(model_path: Path) -> str:
-    return sha256_file(model_path)
 
 
 def dataset_digest(root: Path) -> str:
@@ -180,7 +178,7 @@ def model_digest(model) -> str:
     """Identity of a model: the file's sha256; for a spec, of what builds it (name, weights
     file's sha256, bands, seed, and for random weights the versions that draw them)."""
     if not isinstance(model, SourceSpec):
-        return _sha256(model)
+        return sha256_file(model)
     import json
 
     return hashlib.sha256(json.dumps(source_provenance(model), sort_keys=True).encode()
@@ -197,7 +195,7 @@ def source_provenance(spec: SourceSpec) -> dict:
         doc["seed"] = spec.seed
         doc["versions"] = {p: importlib.metadata.version(p) for p in ("torch", "timm")}
     elif weights:
-        doc["init_weights_sha256"] = _sha256(Path(weights).expanduser())
+        doc["init_weights_sha256"] = sha256_file(Path(weights).expanduser())
     return doc
 
 
@@ -205,7 +203,7 @@ def model_provenance(model) -> dict:
     """What a written model records of the model it started from."""
     if isinstance(model, SourceSpec):
         return {"backbone_source": source_provenance(model)}
-    return {"backbone_file": {"path": str(Path(model).resolve()), "sha256": _sha256(model)}}
+    return {"backbone_file": {"path": str(Path(model).resolve()), "sha256": sha256_file(model)}}
 
 
 def _source_for_dataset(spec: SourceSpec, dataset: ChipsDataset):
