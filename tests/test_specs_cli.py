@@ -109,7 +109,7 @@ def test_embed_a_source_spec_on_a_raster(tmp_path, sample_data):
 
     scene = sample.slovenia_scenes()[0]
     out = tmp_path / "emb.tif"
-    code, stdout, err = run_cli("embed", TINY, str(scene), "-o", str(out), "--init-weights",
+    code, _, err = run_cli("embed", TINY, str(scene), "-o", str(out), "--init-weights",
                                 "random", "--bands", "B4,B8", "--json")
     assert code == 0, err
     import rasterio
