@@ -28,7 +28,7 @@ from geoexplora.config_checks import one_of
 from geoexplora.defaults import DATA, EXPORT
 from geoexplora.errors import RuntimeFailure, UserError, opt
 from geoexplora.log import logger
-from geoexplora.results import Result
+from geoexplora.results import ExportResult
 
 ExportFormat = Literal["geoexplora", "onnx"]
 ONNX_FORMAT_NAME = "geoexplora-onnx"
@@ -60,24 +60,6 @@ class ExportConfig:
         self.output = Path(self.output)
         if self.stats_from is not None:
             self.stats_from = [Path(p) for p in self.stats_from]
-
-
-@dataclass(frozen=True)
-class ExportResult(Result):
-    """``export``: the written file(s); for ONNX the check against PyTorch."""
-
-    output: Path = Path()
-    format: str = ""
-    kind: str = ""
-    sidecar: Path | None = None
-    max_abs_diff: float | None = None
-
-    @classmethod
-    def from_report(cls, doc: dict) -> ExportResult:
-        check = doc.get("check") or {}
-        return cls(report=doc, output=Path(doc["output"]), format=doc["format"],
-                   kind=doc["kind"], sidecar=Path(doc["sidecar"]) if doc.get("sidecar") else None,
-                   max_abs_diff=check.get("max_abs_diff"))
 
 
 # ---------------------------------------------------------------------------------------------
