@@ -198,3 +198,24 @@ def test_a_check_beyond_the_tolerance_fails_with_nothing_written(tmp_path):
     with pytest.raises(RuntimeFailure, match="differs from PyTorch's"):
         export(ExportConfig(model=src, output=out, format="onnx", atol=-1.0, rtol=0.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_sensor_alone_means_all_its_bands_and_rgb_needs_data_statistics(tmp_path):
+    doc = export_json(TINY, "--init-weights", "random", "--sensor", "landsat8",
+                      "-o", str(tmp_path / "l8.pt"))
+    from geoexplora.bands import SENSORS
+
+    assert doc["bands"] == [b.key for b in SENSORS["landsat8"]]
+    # Aerial RGB has no fall-back statistics: the error says where to get them, nothing written.
+    code, _, err = run_cli("export", TINY, "--init-weights", "random", "--sensor", "rgb",
+                           "-o", str(tmp_path / "rgb.pt"))
+    assert code == 2 and "no statistics for bands rgb:red" in err
+    assert not (tmp_path / "rgb.pt").exists()
+
+
+def test_the_output_may_not_be_the_input_model(tmp_path):
+    src = make_model(tmp_path / "m.pt", task="classification")
+    before = src.read_bytes()
+    code, _, err = run_cli("export", str(src), "-o", str(src), "--overwrite")
+    assert code == 2 and "is the input" in err
+    assert src.read_bytes() == before

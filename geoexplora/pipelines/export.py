@@ -461,7 +461,6 @@ def export(cfg: ExportConfig) -> ExportResult:
         meta = {"provenance": {"export": {**source, "stats_from": stats and stats["from"]}}}
         save_model(output, model, meta, overwrite=cfg.overwrite)
         doc["sidecar"] = None
-        logger.info("wrote %s (%s, bands %s)", output, doc["kind"], ",".join(doc["bands"]))
         return ExportResult.from_report(doc)
     onnx_doc = write_onnx(model, output, cfg, source)
     from geoexplora.inference.runner import sidecar_path
@@ -469,6 +468,4 @@ def export(cfg: ExportConfig) -> ExportResult:
     doc.update(sidecar=str(sidecar_path(output)), exporter=onnx_doc["exporter"],
                check=onnx_doc["check"], inputs=onnx_doc["inputs"], outputs=onnx_doc["outputs"],
                image_size=onnx_doc["image_size"])
-    logger.info("wrote %s: onnxruntime vs PyTorch max abs diff %.3g", output,
-                onnx_doc["check"]["max_abs_diff"])
     return ExportResult.from_report(doc)
