@@ -33,6 +33,9 @@ from geoexplora.results import ExportResult
 ExportFormat = Literal["geoexplora", "onnx"]
 ONNX_FORMAT_NAME = "geoexplora-onnx"
 ONNX_MAX_BYTES = 2 * 1024 ** 3  # one protobuf file (no external data): 2 GiB
+NOTE_ONNX_USE = ("run with onnxruntime: InferenceSession(path).run(None, {'image': x}) on "
+                 "windows of the input size; geoexplora predict reads the model file this was "
+                 "exported from (it streams, blends and georeferences windows itself)")
 NOTE_ONNX_INPUTS = ("every frame is attended to (the graph has no frame-mask input); NaN pixels "
                     "become the band mean, as in PyTorch")
 
@@ -391,7 +394,7 @@ def write_onnx(model, output: Path, cfg: ExportConfig, source: dict) -> dict:
             "num_frames": backbone.num_frames, "embed_dim": backbone.embed_dim,
             **io, "exporter": exporter, "check": check,
             "architecture": backbone.config["architecture"], "source": source,
-            "notes": [NOTE_ONNX_INPUTS],
+            "notes": [NOTE_ONNX_INPUTS, NOTE_ONNX_USE],
         }
         tmp_json.write_text(json.dumps(doc, indent=2) + "\n")
     return doc
