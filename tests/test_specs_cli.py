@@ -138,3 +138,61 @@ def test_bad_models_exit_2_in_one_line(chips, tmp_path, monkeypatch, args, messa
     code, out, err = run_cli("probe", *args, "--no-cache")
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+def _checkpoint(layout: str, path):
+    """A tiny source checkpoint in one of the published key layouts; (arch, file, timm keys)."""
+    from factories import TINY_MAE, mae_decoder_state, to_meta_dinov2
+    from safetensors.torch import save_file
+
+    arch = TINY_MAE if layout.startswith("mae") else TINY
+    sd = timm_model(arch, img_size=518 if layout == "meta_dinov2" else 224, seed=6).state_dict()
+    if layout == "timm_safetensors":
+        path = path.with_suffix(".safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        return arch, path, sd
+    payload = {
+        "meta_dinov2": lambda: to_meta_dinov2(sd, reg_tokens=0),
+        "mae_with_decoder": lambda: {"model": {**sd, **mae_decoder_state()}},
+        "mae_encoder": lambda: {"model": sd},
+        "lightning": lambda: {"state_dict": {f"model.{k}": v for k, v in sd.items()}},
+        "ddp": lambda: {f"module.{k}": v for k, v in sd.items()},
+    }[layout]()
+    torch.save(payload, path)
+    return arch, path, sd
+
+
+@pytest.fixture(scope="module")
+def chips32(tmp_path_factory):
+    """32 px chips for the patch-16 (MAE-shaped) source."""
+    return make_chips_dataset(tmp_path_factory.mktemp("specs32"), "classification", size=32)
+
+
+@pytest.mark.parametrize("layout", ["timm_safetensors", "meta_dinov2", "mae_with_decoder",
+                                    "mae_encoder", "lightning", "ddp"])
+def test_every_checkpoint_layout_through_every_verb(chips, chips32, tmp_path, layout):
+    from geoexplora import sample
+
+    arch, ckpt, sd = _checkpoint(layout, tmp_path / "source.pth")
+    root = chips32 if layout.startswith("mae") else chips[0]
+    spec = (arch, "--init-weights", str(ckpt), *BANDS)
+    keys = ("blocks.1.attn.qkv.weight", "blocks.3.mlp.fc2.bias", "norm.weight")
+
+    code, _, err = run_cli("export", *spec, "-o", str(tmp_path / "source.pt"))
+    assert code == 0, err
+    exported = load_model(tmp_path / "source.pt").vit.state_dict()
+    assert all(torch.equal(exported[k], sd[k]) for k in keys)
+
+    doc = probe_json(*spec, str(root), "--no-cache")
+    assert doc["models"][0]["name"] == arch and 0 <= doc["models"][0]["top1"] <= 1
+
+    out = tmp_path / "m.pt"
+    code, _, err = run_cli("finetune", *spec, str(root), "-o", str(out), "--mode", "linear",
+                           "--steps", "2", *QUICK)
+    assert code == 0, err
+    tuned = load_model(out).backbone.vit.state_dict()
+    assert all(torch.equal(tuned[k], sd[k]) for k in keys)
+
+    code, _, err = run_cli("embed", *spec, str(sample.slovenia_scenes()[0]), "-o",
+                           str(tmp_path / "emb.tif"))
+    assert code == 0, err
