@@ -123,13 +123,7 @@ def data_bands_and_stats(paths: list[Path], tokens: list[str] | None, sensor: st
 
     opts = dataclasses.replace(scene_opts or SceneOptions(), bands=tokens,
                                sensor=sensor or (scene_opts.sensor if scene_opts else None))
-    scenes = open_scenes(paths, opts)
-    keys = [b.key for b in scenes[0].bands]
-    for scene in scenes[1:]:
-        if [b.key for b in scene.bands] != keys:
-            names = ", ".join(p.name for p in scene.paths)
-            raise UserError(f"{names}: bands {[b.key for b in scene.bands]} differ from the "
-                            f"first scene's {keys}; pass {opt('bands')}", option="stats_from")
+    scenes = open_scenes(paths, opts)  # same bands in every scene, or a UserError
     window = min(DATA.crop_size, *(min(s.width, s.height) for s in scenes))
     windows = SceneWindows(scenes, window, seed)
     stats = robust_band_stats(windows.pixel_stream(DATA.stats_sample_windows, seed), seed=seed)
@@ -405,7 +399,7 @@ def write_onnx(model, output: Path, cfg: ExportConfig, source: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def _source_description(cfg: ExportConfig) -> dict:
-    from geoexplora.models.checkpoints import sha256_file
+    from geoexplora.provenance import sha256_file
 
     out = {"model": str(cfg.model), "init_weights": cfg.init_weights}
     path = Path(str(cfg.model)).expanduser()
