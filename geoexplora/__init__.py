@@ -35,6 +35,9 @@ _API = {
     "RasterResult": "geoexplora.results",
     "embed": "geoexplora.pipelines.embed",
     "EmbedConfig": "geoexplora.pipelines.embed",
+    "export": "geoexplora.pipelines.export",
+    "ExportConfig": "geoexplora.pipelines.export",
+    "ExportResult": "geoexplora.results",
     "open_scene": "geoexplora.io.scene",
     "Scene": "geoexplora.io.scene",
     "SceneOptions": "geoexplora.io.scene",
@@ -44,10 +47,11 @@ _API = {
 }
 
 __all__ = [  # the names of _API (tests/test_api.py checks that the two agree)
-    "AdaptConfig", "AdaptResult", "EmbedConfig", "FinetuneConfig", "FinetuneResult",
-    "PredictConfig", "ProbeConfig", "ProbeResult", "RasterResult", "RuntimeFailure", "Scene",
-    "SceneOptions", "TileConfig", "TileResult", "UserError", "__version__", "adapt", "embed",
-    "finetune", "load_model", "open_scene", "predict", "probe", "tile",
+    "AdaptConfig", "AdaptResult", "EmbedConfig", "ExportConfig", "ExportResult",
+    "FinetuneConfig", "FinetuneResult", "PredictConfig", "ProbeConfig", "ProbeResult",
+    "RasterResult", "RuntimeFailure", "Scene", "SceneOptions", "TileConfig", "TileResult",
+    "UserError", "__version__", "adapt", "embed", "export", "finetune", "load_model",
+    "open_scene", "predict", "probe", "tile",
 ]
 
 if TYPE_CHECKING:
@@ -56,11 +60,18 @@ if TYPE_CHECKING:
     from geoexplora.models.file import load_model
     from geoexplora.pipelines.adapt import AdaptConfig, adapt
     from geoexplora.pipelines.embed import EmbedConfig, embed
+    from geoexplora.pipelines.export import ExportConfig, export
     from geoexplora.pipelines.finetune import FinetuneConfig, finetune
     from geoexplora.pipelines.predict import PredictConfig, predict
     from geoexplora.pipelines.probe import ProbeConfig, probe
     from geoexplora.pipelines.tile import TileConfig, TileResult, tile
-    from geoexplora.results import AdaptResult, FinetuneResult, ProbeResult, RasterResult
+    from geoexplora.results import (
+        AdaptResult,
+        ExportResult,
+        FinetuneResult,
+        ProbeResult,
+        RasterResult,
+    )
 
 
 def __getattr__(name: str) -> Any:

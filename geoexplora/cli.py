@@ -58,7 +58,8 @@ app = typer.Typer(
 )
 
 # One module per command, in pipeline order; each module has ``register(app)``.
-COMMANDS = ("info", "tile", "adapt", "probe", "finetune", "predict", "embed", "demo", "models")
+COMMANDS = ("info", "tile", "adapt", "probe", "finetune", "predict", "embed", "demo", "models",
+            "export")
 
 
 def _version(value: bool) -> None:

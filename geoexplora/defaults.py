@@ -288,6 +288,24 @@ class PredictDefaults:
 PREDICT = PredictDefaults()
 
 # --------------------------------------------------------------------------------------------
+# EXPORT: geoexplora/pipelines/export.py (ONNX export and its check against PyTorch)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportDefaults:
+    """ONNX export: the exported model is run by onnxruntime (CPU) on a random input and must
+    match the PyTorch model: max abs diff <= onnx_atol + onnx_rtol x max |PyTorch output|."""
+
+    onnx_opset: int = 18  # ours: ONNX opset; onnxruntime >= 1.14 runs it
+    onnx_atol: float = 1e-4  # ours: float32 ViT outputs agree to ~1e-6 on CPU; 100x margin
+    onnx_rtol: float = 1e-3  # ours: large logits (ViT-L heads) differ by more in absolute terms
+    check_batch: int = 2  # ours: random images in the check (the batch axis is dynamic)
+
+
+EXPORT = ExportDefaults()
+
+# --------------------------------------------------------------------------------------------
 # DEMO: geoexplora/pipelines/demo.py (a few minutes on 2 CPU cores)
 # --------------------------------------------------------------------------------------------
 

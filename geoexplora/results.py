@@ -111,3 +111,21 @@ class FinetuneResult(Result):
         return cls(report=doc, output=Path(doc["output"]), task=doc["task"], mode=doc["mode"],
                    steps=doc["training"]["steps"], monitor=metrics["monitor"],
                    val=metrics["val"], test=metrics["test"])
+
+
+@dataclass(frozen=True)
+class ExportResult(Result):
+    """``export``: the written file(s); for ONNX the check against PyTorch."""
+
+    output: Path = Path()
+    format: str = ""
+    kind: str = ""
+    sidecar: Path | None = None
+    max_abs_diff: float | None = None
+
+    @classmethod
+    def from_report(cls, doc: dict) -> ExportResult:
+        check = doc.get("check") or {}
+        return cls(report=doc, output=Path(doc["output"]), format=doc["format"],
+                   kind=doc["kind"], sidecar=Path(doc["sidecar"]) if doc.get("sidecar") else None,
+                   max_abs_diff=check.get("max_abs_diff"))

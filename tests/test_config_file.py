@@ -22,6 +22,7 @@ def _args(tmp_path) -> dict[str, list[str]]:
         "embed": [str(model), str(raster), "-o", out],
         "demo": [],
         "models": [],
+        "export": [str(model), "-o", out],
     }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,7 +23,10 @@ from geoexplora.defaults import PREDICT
 
 
 def embed(
-    model: Annotated[Path, typer.Argument(help="Model file (adapted backbone or task model).")],
+    model: Annotated[str, typer.Argument(
+        help="Model file (adapted backbone or task model), or a source by name (a "
+             "timm/registry name, torchgeo:ENUM; built on the raster's bands with its "
+             "statistics).", metavar="MODEL")],
     rasters: Annotated[list[str], typer.Argument(
         help="Input rasters: one scene, or several scenes with -o DIR/. '-' reads stdin.")],
     output: Output,
@@ -46,6 +48,13 @@ def embed(
     nodata: O.Nodata = None,
     s2_offset: O.S2Offset = "auto",
     dates: O.Dates = None,
+    init_weights: Annotated[str | None, typer.Option(
+        "--init-weights", help="For a MODEL given by name: a local checkpoint of its "
+                               "architecture (Meta DINOv2 .pth, timm .safetensors/.pth, MAE), "
+                               "or 'random'.")] = None,
+    bands: Annotated[str | None, typer.Option(
+        "--bands", help="For a MODEL given by name: the raster's bands it is built on, in this "
+                        "order (default: all of them), e.g. B2,B3,B4,B8.")] = None,
     json_out: O.Json = False,
     overwrite: O.Overwrite = False,
 ) -> None:
@@ -55,11 +64,13 @@ def embed(
 
     Example: geoexplora embed adapted.pt region.tif -o region_emb.tif --pca 8
     """
+    from geoexplora.bands import parse_band_list
     from geoexplora.pipelines.embed import EmbedConfig
     from geoexplora.pipelines.embed import embed as run
 
     cfg = EmbedConfig(
-        model=model, inputs=O.expand_paths(rasters), output=output, pca=pca, dtype=dtype,
+        model=model, inputs=O.expand_paths(rasters), output=output, init_weights=init_weights,
+        bands=parse_band_list(bands), pca=pca, dtype=dtype,
         window=window, overlap=overlap, batch_size=batch_size, blend=blend,
         creation_options=O.parse_creation_options(co), dry_run=dry_run, resume=resume,
         shard=shard, overwrite=overwrite, device=device, devices=devices,

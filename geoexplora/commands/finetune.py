@@ -12,9 +12,18 @@ from geoexplora.defaults import FINETUNE
 
 
 def finetune(
-    model: Annotated[Path, typer.Argument(help="Model file (adapted backbone, or a task model).")],
+    model: Annotated[str, typer.Argument(
+        help="Model file (adapted backbone, or a task model), or a source by name (a "
+             "timm/registry name, torchgeo:ENUM; built on the chips' bands).", metavar="MODEL")],
     chips: Annotated[Path, typer.Argument(help="Labelled chips dataset folder (written by tile).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The task model file.")],
+    init_weights: Annotated[str | None, typer.Option(
+        "--init-weights", help="For a MODEL given by name: a local checkpoint of its "
+                               "architecture (Meta DINOv2 .pth, timm .safetensors/.pth, MAE), "
+                               "or 'random'.")] = None,
+    bands: Annotated[str | None, typer.Option(
+        "--bands", help="For a MODEL given by name: the chips' bands it is built on, in this "
+                        "order (default: all of them), e.g. B2,B3,B4,B8.")] = None,
     task: Annotated[str | None, typer.Option(
         "--task", help="classification, multilabel or segmentation (default: the dataset's).")
     ] = None,
@@ -82,11 +91,13 @@ def finetune(
 
     Example: geoexplora finetune adapted.pt chips/ --task segmentation -o model.pt
     """
+    from geoexplora.bands import parse_band_list
     from geoexplora.pipelines.finetune import FinetuneConfig
     from geoexplora.pipelines.finetune import finetune as run_finetune
 
     cfg = FinetuneConfig(
-        model=model, chips=chips, output=output, task=task, mode=mode, steps=steps,
+        model=model, chips=chips, output=output, init_weights=init_weights,
+        bands=parse_band_list(bands), task=task, mode=mode, steps=steps,
         epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, label_smoothing=label_smoothing,
         drop_path=drop_path, lora_rank=lora_rank, lora_alpha=lora_alpha,

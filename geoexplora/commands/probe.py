@@ -12,8 +12,16 @@ from geoexplora.commands import _options as O
 
 def probe(
     paths: Annotated[list[str], typer.Argument(
-        help="One or more model files, then the chips dataset folder (written by tile).",
-        metavar="MODEL... CHIPS")],
+        help="One or more models - model files, or sources by name (a timm/registry name, "
+             "torchgeo:ENUM; built on the chips' bands) - then the chips dataset folder "
+             "(written by tile).", metavar="MODEL... CHIPS")],
+    init_weights: Annotated[str | None, typer.Option(
+        "--init-weights", help="For a MODEL given by name: a local checkpoint of its "
+                               "architecture (Meta DINOv2 .pth, timm .safetensors/.pth, MAE), "
+                               "or 'random'.")] = None,
+    bands: Annotated[str | None, typer.Option(
+        "--bands", help="For a MODEL given by name: the chips' bands it is built on, in this "
+                        "order (default: all of them), e.g. B2,B3,B4,B8.")] = None,
     features: Annotated[str | None, typer.Option(
         "--features", help="Feature sets the heads may read, comma-separated, from cls (last "
                            "block's cls token), cls4 (last 4 blocks' cls tokens), cls+mean, "
@@ -49,8 +57,9 @@ def probe(
     reported on the test split) and weighted k-NN on a model's frozen features. Several models
     print side by side. Features are extracted once per model and dataset and cached.
 
-    Example: geoexplora probe source.pt adapted.pt chips/ --json > probe.json
+    Example: geoexplora probe vit_small_patch14_dinov2.lvd142m adapted.pt chips/ --json
     """
+    from geoexplora.bands import parse_band_list
     from geoexplora.defaults import PROBE
     from geoexplora.errors import UserError
     from geoexplora.pipelines.probe import ProbeConfig
@@ -59,10 +68,11 @@ def probe(
 
     items = O.expand_paths(paths)
     if len(items) < 2:
-        raise UserError("probe takes MODEL... CHIPS: one or more model files, then the chips "
+        raise UserError("probe takes MODEL... CHIPS: one or more models, then the chips "
                         "folder")
     cfg = ProbeConfig(
-        models=items[:-1], chips=items[-1],
+        models=items[:-1], chips=items[-1], init_weights=init_weights,
+        bands=parse_band_list(bands),
         features=_names(features, "--features") or PROBE.features,
         learning_rates=_floats(learning_rates) or PROBE.learning_rates,
         steps=given_or(steps, PROBE.steps), batch_size=given_or(batch_size, PROBE.batch_size),

@@ -63,10 +63,14 @@ def create_timm_vit(arch: Architecture, img_size: int | tuple[int, int], in_chan
     name = f"{arch.timm_name}.{pretrained_tag}" if pretrained_tag else arch.timm_name
     kwargs = arch.timm_kwargs({"num_classes": 0, "img_size": img_size, "dynamic_img_size": True,
                                "in_chans": in_chans, "drop_path_rate": drop_path_rate})
-    vit = timm.create_model(name, pretrained=pretrained_tag is not None, **kwargs)
+    try:
+        vit = timm.create_model(name, pretrained=pretrained_tag is not None, **kwargs)
+    except TypeError as exc:  # a CNN (or other family) refuses the ViT keywords
+        raise UserError(f"--init {arch.name}: not a ViT with a class token (timm cannot build "
+                        f"it as one: {exc}); use a ViT such as vit_small_patch14_dinov2") from exc
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
         raise UserError(f"--init {arch.name}: not a ViT with a class token (timm "
-                        f"{type(vit).__name__}); use a ViT such as {arch.name}")
+                        f"{type(vit).__name__}); use a ViT such as vit_small_patch14_dinov2")
     return vit
 
 

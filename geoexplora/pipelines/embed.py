@@ -30,6 +30,7 @@ from geoexplora.pipelines.predict import (
     model_name,
     open_model_scene,
     output_grid,
+    plan_jobs,
     predict_scene,
     prepare_jobs,
 )
@@ -42,9 +43,11 @@ class EmbedConfig:
     """``geoexplora embed MODEL INPUTS -o OUTPUT``; ``model`` and ``inputs`` as in
     :class:`~geoexplora.pipelines.predict.PredictConfig`."""
 
-    model: str | os.PathLike | Any
+    model: str | os.PathLike | Any  # a model file, a spec (registry/timm name), or a module
     inputs: list[str | os.PathLike] | list[Any]
     output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
+    init_weights: str | None = None  # for a model given by name: a checkpoint, or "random"
+    bands: list[str] | None = None  # for a model given by name: the raster's bands to build on
     pca: int | None = None
     dtype: EmbedDtype = "float32"
     window: int | None = None
@@ -129,6 +132,24 @@ def _pca_for(scene, plan, model, read, device, k: int, work: Path) -> tuple:
     return mean, comps, ratio
 
 
+def _with_source_model(cfg: EmbedConfig) -> EmbedConfig:
+    """A model given by name becomes a backbone built on the first input's bands (``bands`` of
+    them, or all) with its statistics; model files and modules pass as they are."""
+    import dataclasses
+
+    from geoexplora.train.features import SourceSpec, check_models
+
+    if not isinstance(cfg.model, (str, os.PathLike)):
+        return cfg
+    (ref,) = check_models([cfg.model], cfg.init_weights, cfg.bands)
+    if not isinstance(ref, SourceSpec):
+        return cfg
+    from geoexplora.pipelines.export import source_for_rasters
+
+    first = plan_jobs(cfg.inputs, cfg.output, None)[0][0]
+    return dataclasses.replace(cfg, model=source_for_rasters(ref, first, cfg.scene))
+
+
 @reports_progress
 def embed(cfg: EmbedConfig) -> list[RasterResult]:
     """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
@@ -138,6 +159,7 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
 
     if cfg.pca is not None and cfg.pca < 1:
         raise UserError("--pca must be at least 1")
+    cfg = _with_source_model(cfg)
     jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
     results = []
     for inputs, output in jobs:

@@ -60,9 +60,11 @@ MONITOR = {"classification": "macro_f1", "multilabel": "map", "segmentation": "m
 class FinetuneConfig:
     """``geoexplora finetune MODEL CHIPS -o OUT``; defaults in ``geoexplora.defaults.FINETUNE``."""
 
-    model: Path
+    model: Path  # a model file, or a spec (a registry/timm name, torchgeo:ENUM)
     chips: Path
     output: Path
+    init_weights: str | None = None  # for a model given by name: a checkpoint, or "random"
+    bands: list[str] | None = None  # for a model given by name: chips' bands to build on
     task: Task | None = None  # None: the dataset's task
     mode: Mode = FINETUNE.mode  # type: ignore[assignment]
     steps: int | None = None  # at most one of steps / epochs; neither: FINETUNE.epochs
@@ -482,13 +484,14 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     from geoexplora.train import engine as E
     from geoexplora.train.features import (
         backbone_for_dataset,
-        check_model_file,
+        check_models,
         dataset_digest,
         model_digest,
+        model_provenance,
     )
 
     _check_config(cfg)
-    model_path = check_model_file(Path(cfg.model))
+    (model_path,) = check_models([cfg.model], cfg.init_weights, cfg.bands, cfg.seed)
     files = E.RunFiles(Path(cfg.output))
     check_not_input([cfg.output, files.checkpoint, files.log, files.plot,
                      _best_path(Path(cfg.output))], [cfg.model, cfg.chips])
@@ -637,7 +640,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
                            "splits": {k: len(v) for k, v in indices.items()},
                            "val_from_train": val_from_train,
                            "tile": meta.get("provenance")},
-                  "backbone_file": {"path": str(model_path.resolve()), "sha256": model_sha}}
+                  **model_provenance(model_path)}
     if fabric.is_global_zero:
         save_model(output, model, {"finetune": training, "metrics": metrics,
                                    "provenance": provenance}, overwrite=cfg.overwrite)

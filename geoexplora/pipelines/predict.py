@@ -331,7 +331,9 @@ def prepare_jobs(cfg):
 
 def model_name(model) -> str:
     """How provenance and messages name the model: its file, or an in-memory model."""
-    return str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>"
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return getattr(model, "source_spec", None) or "<in-memory model>"
 
 
 def module_sha256(module) -> str:

@@ -230,8 +230,10 @@ def knn_scores(bank: torch.Tensor, bank_targets: torch.Tensor, queries: torch.Te
 class ProbeConfig:
     """``geoexplora probe MODEL... CHIPS``; defaults in ``geoexplora.defaults.PROBE``."""
 
-    models: list[Path]
+    models: list[Path]  # model files, or specs (a registry/timm name, torchgeo:ENUM)
     chips: Path
+    init_weights: str | None = None  # for models given by name: a checkpoint, or "random"
+    bands: list[str] | None = None  # for models given by name: chips' bands to build on
     features: tuple[str, ...] = PROBE.features
     learning_rates: tuple[float, ...] = PROBE.learning_rates
     steps: int = PROBE.steps
@@ -343,10 +345,10 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     from geoexplora.io.chips import ChipsDataset, load_dataset_meta
     from geoexplora.io.outputs import check_not_input, check_output
     from geoexplora.log import logger
-    from geoexplora.train.features import cached_features, check_model_file
+    from geoexplora.train.features import cached_features, check_models
 
     _check_config(cfg)
-    models = [check_model_file(Path(p)) for p in cfg.models]
+    models = check_models(cfg.models, cfg.init_weights, cfg.bands, cfg.seed)
     meta = load_dataset_meta(cfg.chips)
     multilabel = meta["task"] == "multilabel"
     classes = meta.get("classes") or []
@@ -459,8 +461,9 @@ def _track(results: list[dict]) -> None:
     log_images([Path(r["plot"]) for r in results if "plot" in r])
 
 
-def _model_label(path: Path, models: list[Path]) -> str:
-    """The model's file stem, or its path when two models share a stem."""
+def _model_label(path, models: list) -> str:
+    """The model's file stem (its spec for a model given by name), or its path when two models
+    share a stem."""
     stems = [m.stem for m in models]
     return path.stem if stems.count(path.stem) == 1 else str(path).replace("/", "_")
 
@@ -469,7 +472,7 @@ def _per_class(values: list[float], classes: list[dict]) -> dict[str, float]:
     return {c["name"]: v for c, v in zip(classes, values)}
 
 
-def _model_result(path: Path, models: list[Path], fit: LinearProbeFit, linear: dict, knn: dict,
+def _model_result(path, models: list, fit: LinearProbeFit, linear: dict, knn: dict,
                   from_cache: bool, multilabel: bool, classes: list[dict], sizes: dict) -> dict:
     spec = fit.best_spec
     out = {
@@ -530,12 +533,12 @@ def _plot_confusion(cm: list[list[int]], names: list[str], path: Path, title: st
     plt.close(fig)
 
 
-def _save_head(cfg: ProbeConfig, model_path: Path, fit: LinearProbeFit, i: int, splits: dict,
+def _save_head(cfg: ProbeConfig, model_path, fit: LinearProbeFit, i: int, splits: dict,
                meta: dict, multilabel: bool, metrics: dict) -> dict:
     """Write the backbone + head ``i`` of the grid + classes as a task model file."""
     from geoexplora.models.file import save_model
     from geoexplora.models.heads import CLS_BLOCKS, LinearHead, TaskModel
-    from geoexplora.train.features import backbone_for_dataset, dataset_digest, model_digest
+    from geoexplora.train.features import backbone_for_dataset, dataset_digest, model_provenance
 
     spec = fit.specs[i]
     trained = fit.head(i)
@@ -553,7 +556,6 @@ def _save_head(cfg: ProbeConfig, model_path: Path, fit: LinearProbeFit, i: int, 
         "provenance": {"data": {"chips": str(Path(cfg.chips).resolve()),
                                 "dataset_sha256": dataset_digest(Path(cfg.chips)),
                                 "tile": meta.get("provenance")},
-                       "backbone_file": {"path": str(model_path.resolve()),
-                                         "sha256": model_digest(model_path)}}},
+                       **model_provenance(model_path)}},
         overwrite=cfg.overwrite)
     return {"path": str(cfg.save_head), **chosen}

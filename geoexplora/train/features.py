@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io.chips import INDEX_NAME, META_NAME, ChipsDataset
 from geoexplora.io.outputs import atomic_output, torch_save
 from geoexplora.log import logger, make_progress
@@ -29,8 +29,6 @@ from geoexplora.provenance import sha256_file
 EXTRACTION_VERSION = 1
 
 
-def model_digest(model_path: Path) -> str:
-    return sha256_file(model_path)
 
 
 def dataset_digest(root: Path) -> str:
@@ -115,8 +113,131 @@ def check_model_file(path: Path) -> Path:
     return path
 
 
-def backbone_for_dataset(model_path: Path, dataset: ChipsDataset):
-    """The backbone of a model file, ready for ``dataset``'s chips: ``(GeoViT, band_index)``.
+@dataclass(frozen=True)
+class SourceSpec:
+    """A model named by a spec that is not a model file - a registry or timm name (weights: its
+    published ones, ``init_weights`` PATH or ``"random"``), ``torchgeo:ENUM`` - built on a chips
+    dataset's bands (``bands``: some of them, in this order) with the dataset's statistics, as
+    ``adapt`` builds its source. ``seed`` makes a random initialisation reproducible (the
+    feature cache and a saved head then see the same weights)."""
+
+    spec: str
+    init_weights: str | None = None
+    bands: tuple[str, ...] | None = None
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    stem = name
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def check_model(model, init_weights: str | None = None, bands=None, seed: int = 0):
+    """A verb's MODEL: a geoexplora model file (its Path), or a :class:`SourceSpec` for any other
+    spec (checked now: the name exists, the weights file exists, the combination makes sense).
+    ``init_weights`` and ``bands`` apply to specs only."""
+    from geoexplora.models.registry import resolve_init
+
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_file() or path.suffix.lower() in (".pt", ".pth"):
+        path = check_model_file(path)
+        from geoexplora.models.file import read_model_meta
+
+        try:
+            read_model_meta(path)
+        except UserError as exc:
+            if "not a geoexplora model file" in str(exc):
+                raise UserError(f"{path}: not a geoexplora model file; for a raw checkpoint name "
+                                f"its architecture as the model and give the file as "
+                                f"{opt('init_weights')} (e.g. vit_small_patch14_dinov2 "
+                                f"--init-weights {path})") from exc
+            raise
+        return path
+    resolve_init(text, init_weights)
+    return SourceSpec(text, init_weights, tuple(bands) if bands else None, seed)
+
+
+def check_models(models, init_weights: str | None = None, bands=None, seed: int = 0) -> list:
+    """:func:`check_model` of each; ``init_weights``/``bands`` must apply to one of them."""
+    out = [check_model(m, init_weights, bands, seed) for m in models]
+    if not any(isinstance(m, SourceSpec) for m in out):
+        for name, value in (("init_weights", init_weights), ("bands", bands)):
+            if value:
+                raise UserError("applies to a model given by name (a registry or timm name, "
+                                "torchgeo:ENUM), not to model files, which carry their own",
+                                option=name)
+    return out
+
+
+def model_digest(model) -> str:
+    """Identity of a model: the file's sha256; for a spec, of what builds it (name, weights
+    file's sha256, bands, seed, and for random weights the versions that draw them)."""
+    if not isinstance(model, SourceSpec):
+        return sha256_file(model)
+    import json
+
+    return hashlib.sha256(json.dumps(source_provenance(model), sort_keys=True).encode()
+                          ).hexdigest()
+
+
+def source_provenance(spec: SourceSpec) -> dict:
+    import importlib.metadata
+
+    doc: dict = {"spec": spec.spec, "init_weights": spec.init_weights,
+                 "bands": list(spec.bands) if spec.bands else None}
+    weights = (spec.init_weights or "").strip()
+    if weights.lower() == "random":
+        doc["seed"] = spec.seed
+        doc["versions"] = {p: importlib.metadata.version(p) for p in ("torch", "timm")}
+    elif weights:
+        doc["init_weights_sha256"] = sha256_file(Path(weights).expanduser())
+    return doc
+
+
+def model_provenance(model) -> dict:
+    """What a written model records of the model it started from."""
+    if isinstance(model, SourceSpec):
+        return {"backbone_source": source_provenance(model)}
+    return {"backbone_file": {"path": str(Path(model).resolve()), "sha256": sha256_file(model)}}
+
+
+def _source_for_dataset(spec: SourceSpec, dataset: ChipsDataset):
+    from geoexplora.bands import check_distinct, find_band
+    from geoexplora.models import build_backbone
+
+    index = list(range(len(dataset.bands)))
+    if spec.bands:
+        index = []
+        for token in spec.bands:
+            match = [i for i, b in enumerate(dataset.bands) if find_band(b.sensor, token) == b]
+            if not match:
+                have = ", ".join(b.name for b in dataset.bands)
+                raise UserError(f"{token}: not in the chips dataset {dataset.root} (has: {have})",
+                                option="bands")
+            index.append(match[0])
+        check_distinct(list(spec.bands), [dataset.bands[i] for i in index])
+    bands = [dataset.bands[i] for i in index]
+    stats = {k: [dataset.stats[k][i] for i in index] for k in ("mean", "std")}
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        vit = build_backbone(init=spec.spec, init_weights=spec.init_weights, bands=bands,
+                             stats=stats, img_size=dataset.chip_size,
+                             num_frames=dataset.num_frames)
+    if dataset.chip_size % vit.patch_size:
+        raise UserError(f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
+                        f"{spec.spec}'s {vit.patch_size} px patches; tile with --size "
+                        f"{vit.patch_size * max(1, round(dataset.chip_size / vit.patch_size))}")
+    return vit, (None if index == list(range(len(dataset.bands))) else index)
+
+
+def backbone_for_dataset(model_path, dataset: ChipsDataset):
+    """The backbone of a model file (or a :class:`SourceSpec`, built on the chips' bands), ready
+    for ``dataset``'s chips: ``(GeoViT, band_index)``.
 
     When the model's bands are among the chips' bands they are picked exactly (``band_index``);
     otherwise the backbone is re-targeted to the chips' bands (its band-aware embedding re-mixed,
@@ -124,6 +245,8 @@ def backbone_for_dataset(model_path: Path, dataset: ChipsDataset):
     """
     from geoexplora.models import build_backbone
 
+    if isinstance(model_path, SourceSpec):
+        return _source_for_dataset(model_path, dataset)
     vit = build_backbone(init=str(model_path))
     if dataset.chip_size % vit.patch_size:
         raise UserError(f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
@@ -201,7 +324,7 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
         ids)
 
 
-def cached_features(model_path: Path, splits: dict[str, ChipsDataset], cache_dir: Path | None,
+def cached_features(model_path, splits: dict[str, ChipsDataset], cache_dir: Path | None,
                     batch_size: int = 64, device: str | torch.device = "cpu",
                     num_workers: int = 0) -> tuple[dict[str, SplitFeatures], bool]:
     """The features of every split in ``splits`` (name -> dataset of that split) under the model
