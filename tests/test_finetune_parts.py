@@ -6,6 +6,7 @@ import torch
 from geoexplora.bands import get_band
 from geoexplora.io.chips import IGNORE_INDEX
 from geoexplora.pipelines.finetune import (
+    EarlyStopping,
     FinetuneObjective,
     build_task_model,
     class_weights,
@@ -137,3 +138,29 @@ def test_dihedral_augmentation_moves_image_and_mask_together():
             out = dihedral(item, k, flip)
             assert torch.equal(out["image"][0, 0].long(), out["mask"])
     assert torch.equal(dihedral(item, 1, False)["image"][0, 0], torch.rot90(image[0, 0]))
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    stopping = EarlyStopping(patience=2)
+    assert [stopping.update(s, step) for step, s in enumerate([0.5, 0.7, 0.6, 0.7])] == [
+        True, True, False, False]  # equal to the best is not better
+    assert (float(stopping.best_score), int(stopping.best_step)) == (0.7, 1)
+    assert stopping.exhausted and int(stopping.evals_since_best) == 2
+    assert stopping.update(0.9, 4) and not stopping.exhausted
+
+
+def test_early_stopping_ignores_scores_that_are_not_numbers():
+    stopping = EarlyStopping(patience=3)
+    assert not stopping.update(float("nan"), 0)
+    assert float(stopping.best_score) == float("-inf") and int(stopping.best_step) == -1
+
+
+def test_early_stopping_state_survives_a_checkpoint_round_trip():
+    before = EarlyStopping(patience=3)
+    for step, score in enumerate([0.4, 0.3, 0.2]):
+        before.update(score, step)
+    after = EarlyStopping(patience=3)
+    after.load_state_dict(before.state_dict())  # what resume restores
+    assert (float(after.best_score), int(after.best_step), int(after.evals_since_best)) == (
+        0.4, 0, 2)
+    assert not after.update(0.1, 3) and after.exhausted

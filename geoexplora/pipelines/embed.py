@@ -8,18 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from geoexplora.config_checks import one_of
 from geoexplora.defaults import PREDICT
 from geoexplora.errors import UserError
 from geoexplora.inference.products import EmbedDtype
-from geoexplora.inference.windows import Blend
-from geoexplora.log import Progress, reports_progress
+from geoexplora.log import reports_progress
 from geoexplora.pipelines.predict import (
-    check_common,
+    RasterJobConfig,
     check_memory,
     check_outputs,
     dry_run_doc,
@@ -39,34 +37,18 @@ from geoexplora.results import RasterResult
 
 
 @dataclass
-class EmbedConfig:
-    """``geoexplora embed MODEL INPUTS -o OUTPUT``; ``model`` and ``inputs`` as in
-    :class:`~geoexplora.pipelines.predict.PredictConfig`."""
+class EmbedConfig(RasterJobConfig):
+    """``geoexplora embed MODEL INPUTS -o OUTPUT`` (the shared fields: :class:`RasterJobConfig`;
+    ``model`` may also be a spec, a registry/timm name). ``overlap`` defaults to window/4 rounded
+    to the patch size."""
 
-    model: str | os.PathLike | Any  # a model file, a spec (registry/timm name), or a module
-    inputs: list[str | os.PathLike] | list[Any]
-    output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
     init_weights: str | None = None  # for a model given by name: a checkpoint, or "random"
     bands: list[str] | None = None  # for a model given by name: the raster's bands to build on
     pca: int | None = None
     dtype: EmbedDtype = "float32"
-    window: int | None = None
-    overlap: int | None = None  # default: window/4 rounded to the patch size
-    batch_size: int = PREDICT.batch_size
-    blend: Blend = PREDICT.blend
-    creation_options: dict = field(default_factory=dict)
-    dry_run: bool = False
-    resume: bool = False
-    shard: str | None = None
-    overwrite: bool = False
-    device: str | None = None
-    devices: str | None = None
-    scene: Any = None  # geoexplora.io.scene.SceneOptions, or a dict of its fields
-    prefetch: int = PREDICT.prefetch
-    progress: Progress = True  # False, or a callback (see geoexplora.log)
 
     def __post_init__(self):
-        check_common(self)
+        super().__post_init__()
         one_of("dtype", self.dtype, EmbedDtype)
 
 

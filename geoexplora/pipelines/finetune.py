@@ -326,19 +326,46 @@ def _forward(model, batch: dict) -> torch.Tensor:
                  frame_mask=valid_frames(x) if multi else None)
 
 
-class FinetuneObjective(nn.Module):
-    """The engine's objective: the task model, its loss, and the early-stopping state (buffers,
-    so a resumed run continues counting where it stopped)."""
+class EarlyStopping(nn.Module):
+    """The best validation score so far, its step, and the evaluations since it: buffers, so
+    they travel in the training checkpoint and a resumed run continues counting where it
+    stopped. A score that is not a number never counts as an improvement."""
 
-    def __init__(self, model, task: str, weights: torch.Tensor, label_smoothing: float):
+    def __init__(self, patience: int):
+        super().__init__()
+        self.patience = patience
+        self.register_buffer("best_score", torch.tensor(-math.inf, dtype=torch.float64))
+        self.register_buffer("best_step", torch.tensor(-1, dtype=torch.int64))
+        self.register_buffer("evals_since_best", torch.tensor(0, dtype=torch.int64))
+
+    def update(self, score: float, step: int) -> bool:
+        """Record one evaluation; whether it is the best so far."""
+        improved = math.isfinite(score) and score > float(self.best_score)
+        if improved:
+            self.best_score.fill_(score)
+            self.best_step.fill_(step)
+            self.evals_since_best.zero_()
+        else:
+            self.evals_since_best += 1
+        return improved
+
+    @property
+    def exhausted(self) -> bool:
+        """``patience`` evaluations in a row without an improvement."""
+        return int(self.evals_since_best) >= self.patience
+
+
+class FinetuneObjective(nn.Module):
+    """The engine's objective: the task model, its loss, and the early-stopping state."""
+
+    def __init__(self, model, task: str, weights: torch.Tensor, label_smoothing: float,
+                 patience: int = FINETUNE.patience):
         super().__init__()
         self.model = model
         self.task = task
         self.label_smoothing = label_smoothing
         self.register_buffer("class_weights", weights)
-        self.register_buffer("best_score", torch.tensor(-math.inf, dtype=torch.float64))
-        self.register_buffer("best_step", torch.tensor(-1, dtype=torch.int64))
-        self.register_buffer("evals_since_best", torch.tensor(0, dtype=torch.int64))
+        self.stopping = EarlyStopping(patience)
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.task == "classification":
@@ -473,30 +500,22 @@ def summarise_metrics(metrics: dict | None, task: str, classes: list[dict]) -> d
     return out
 
 
-@reports_progress
-def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
-    """Fine-tune ``cfg.model`` on ``cfg.chips``, write ``cfg.output``; the result document
-    (None on the other ranks of a multi-device run)."""
-    from geoexplora.io.chips import load_dataset_meta
-    from geoexplora.io.outputs import atomic_output, check_not_input, check_output, torch_save
-    from geoexplora.memory import check_training_memory
-    from geoexplora.models.file import save_model
-    from geoexplora.train import engine as E
-    from geoexplora.train.features import (
-        backbone_for_dataset,
-        check_models,
-        dataset_digest,
-        model_digest,
-        model_provenance,
-    )
+@dataclass
+class FinetuneData:
+    """The chips dataset as fine-tuning sees it: its task and classes, the three splits and the
+    labelled chips of each (val held out of train, stratified, when the dataset has none)."""
 
-    _check_config(cfg)
-    (model_path,) = check_models([cfg.model], cfg.init_weights, cfg.bands, cfg.seed)
-    files = E.RunFiles(Path(cfg.output))
-    check_not_input([cfg.output, files.checkpoint, files.log, files.plot,
-                     _best_path(Path(cfg.output))], [cfg.model, cfg.chips])
-    output = check_output(cfg.output, cfg.overwrite)
-    E.RunFiles(output).check(cfg.overwrite, cfg.resume, extra=(_best_path(output),))
+    meta: dict
+    task: str
+    classes: list[dict]
+    splits: dict[str, ChipsDataset]
+    indices: dict[str, list[int]]
+    val_from_train: bool
+
+
+def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
+    from geoexplora.io.chips import load_dataset_meta
+
     meta = load_dataset_meta(cfg.chips)
     task = dataset_task(meta["task"], cfg.task, Path(cfg.chips))
     classes = meta.get("classes") or []
@@ -514,143 +533,226 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
         splits["val"] = splits["train"]
         logger.warning("%s has no val split: %.0f%% of the train chips (stratified) are held out "
                        "for validation", cfg.chips, 100 * cfg.val_fraction)
+    return FinetuneData(meta, task, classes, splits, indices, val_from_train)
+
+
+@dataclass(frozen=True)
+class FinetuneSchedule:
+    """How long and how fast (see :mod:`geoexplora.train.recipe`): steps, epochs, lr, warm-up
+    and how often the val split is scored (each evaluation is also a checkpoint)."""
+
+    global_batch: int
+    steps_per_epoch: int
+    steps: int
+    lr: float
+    warmup: int
+    eval_every: int
+
+    @property
+    def epochs(self) -> float:
+        return self.steps / self.steps_per_epoch
+
+
+def finetune_schedule(cfg: FinetuneConfig, n_train: int, world: int) -> FinetuneSchedule:
+    global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
+    per_epoch = R.steps_per_epoch(n_train, global_batch)
+    steps = R.steps_for_epochs(cfg.steps, cfg.epochs, per_epoch, FINETUNE.epochs)
+    lr = cfg.lr if cfg.lr is not None else R.scaled_lr(FINETUNE.base_lr, FINETUNE.base_batch,
+                                                        global_batch, "linear")
+    warmup = R.warmup_from_epochs(cfg.warmup_steps, FINETUNE.warmup_epochs, per_epoch,
+                                  FINETUNE.warmup_max_fraction, steps)
+    eval_every = cfg.eval_every or max(1, round(FINETUNE.eval_every_epochs * per_epoch))
+    return FinetuneSchedule(global_batch, per_epoch, steps, lr, warmup, eval_every)
+
+
+def build_objective(cfg: FinetuneConfig, model_path: Path, data: FinetuneData):
+    """The task model on the backbone (LoRA/linear/full as ``cfg.mode``), its class-weighted
+    loss: ``(objective, band index, trainable-parameter report, class weights)``."""
+    from geoexplora.train.features import backbone_for_dataset
+
+    backbone, band_index = backbone_for_dataset(model_path, data.splits["train"])
+    if cfg.drop_path > 0 and cfg.mode != "linear":
+        set_drop_path(backbone, cfg.drop_path)
+    model = build_task_model(backbone, data.task, data.classes)
+    report = parameterise(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha)
+    train = data.indices["train"]
+    counts = class_frequencies(data.splits["train"], train, data.task, len(data.classes))
+    if data.task == "multilabel":
+        weights = positive_weights(counts, len(train), cfg.class_weighting)
+    else:
+        weights = class_weights(counts, cfg.class_weighting)
+    objective = FinetuneObjective(model, data.task, weights, cfg.label_smoothing, cfg.patience)
+    return objective, band_index, report, weights
+
+
+class Validation:
+    """The loop's checkpoint hook: score the val split, keep the best weights (``best_path``,
+    rank 0), and say when early stopping ends the run."""
+
+    def __init__(self, objective: FinetuneObjective, val_set: EvalSet, data: FinetuneData,
+                 batch_size: int, fabric, best_path: Path, steps: int):
+        self.objective, self.val_set, self.data = objective, val_set, data
+        self.batch_size, self.fabric, self.best_path, self.steps = (batch_size, fabric,
+                                                                     best_path, steps)
+        self.monitor = MONITOR[data.task]
+        self.history: list[dict] = []
+
+    def scores(self) -> dict:
+        return evaluate(self.objective.model, self.val_set, self.data.task,
+                        len(self.data.classes), self.batch_size, self.fabric.device,
+                        self.fabric.autocast)
+
+    def __call__(self, step: int) -> bool:
+        from geoexplora.io.outputs import atomic_output, torch_save
+
+        scores = self.scores()
+        score = scores[self.monitor]
+        stopping = self.objective.stopping
+        improved = stopping.update(score, step)
+        self.history.append({"step": step, f"val_{self.monitor}": score})
+        if self.fabric.is_global_zero:
+            log_record({"step": step, **{f"val_{k}": v for k, v in scores.items()}})  # trackers
+            if improved:
+                with atomic_output(self.best_path, overwrite=True) as tmp:
+                    torch_save({"step": step, "score": score, "metrics": _jsonable(scores),
+                                "state": _trainable_state(self.objective.model)}, tmp)
+        self.fabric.barrier()
+        logger.info("step %d: val %s %.4f%s", step, self.monitor, score,
+                    " (best)" if improved else f" (best {float(stopping.best_score):.4f} at "
+                                                 f"step {int(stopping.best_step)})")
+        stop = stopping.exhausted and step < self.steps
+        if stop:
+            logger.info("early stop at step %d: val %s has not improved for %d evaluations",
+                        step, self.monitor, stopping.patience)
+        return stop
+
+
+@reports_progress
+def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
+    """Fine-tune ``cfg.model`` on ``cfg.chips``, write ``cfg.output``; the result document
+    (None on the other ranks of a multi-device run)."""
+    from geoexplora.io.outputs import check_not_input, check_output
+    from geoexplora.memory import check_training_memory
+    from geoexplora.train import engine as E
+    from geoexplora.train.features import check_models, dataset_digest, model_digest
+
+    _check_config(cfg)
+    (model_path,) = check_models([cfg.model], cfg.init_weights, cfg.bands, cfg.seed)
+    files = E.RunFiles(Path(cfg.output))
+    check_not_input([cfg.output, files.checkpoint, files.log, files.plot,
+                     _best_path(Path(cfg.output))], [cfg.model, cfg.chips])
+    output = check_output(cfg.output, cfg.overwrite)
+    E.RunFiles(output).check(cfg.overwrite, cfg.resume, extra=(_best_path(output),))
+    data = load_finetune_data(cfg)
 
     fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,
                                             cfg.strategy, cfg.precision))
     torch.manual_seed(cfg.seed)
-    backbone, band_index = backbone_for_dataset(model_path, splits["train"])
-    if cfg.drop_path > 0 and cfg.mode != "linear":
-        set_drop_path(backbone, cfg.drop_path)
-    model = build_task_model(backbone, task, classes)
-    report = parameterise(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha)
-
-    counts = class_frequencies(splits["train"], indices["train"], task, len(classes))
-    if task == "multilabel":
-        weights = positive_weights(counts, len(indices["train"]), cfg.class_weighting)
-    else:
-        weights = class_weights(counts, cfg.class_weighting)
-    objective = FinetuneObjective(model, task, weights, cfg.label_smoothing)
-    check_training_memory(objective, backbone, ModelInputs(splits["train"], band_index)[
-        indices["train"][0]], splits["train"].chip_size, cfg.batch_size, fabric, cfg.num_workers)
-
-    world = fabric.world_size
-    global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
-    steps_per_epoch = R.steps_per_epoch(len(indices["train"]), global_batch)
-    steps = R.steps_for_epochs(cfg.steps, cfg.epochs, steps_per_epoch, FINETUNE.epochs)
-    epochs = steps / steps_per_epoch
-    lr = cfg.lr if cfg.lr is not None else R.scaled_lr(FINETUNE.base_lr, FINETUNE.base_batch,
-                                                        global_batch, "linear")
-    warmup = R.warmup_from_epochs(cfg.warmup_steps, FINETUNE.warmup_epochs, steps_per_epoch,
-                                  FINETUNE.warmup_max_fraction, steps)
-    eval_every = cfg.eval_every or max(1, round(FINETUNE.eval_every_epochs * steps_per_epoch))
-
-    inputs = {name: ModelInputs(ds, band_index) for name, ds in splits.items()}
-    train_stream = TrainStream(inputs["train"], indices["train"], cfg.seed, cfg.augment)
-    val_set = EvalSet(inputs["val"], indices["val"])
+    objective, band_index, report, weights = build_objective(cfg, model_path, data)
+    train = data.splits["train"]
+    check_training_memory(objective, objective.model.backbone,
+                          ModelInputs(train, band_index)[data.indices["train"][0]],
+                          train.chip_size, cfg.batch_size, fabric, cfg.num_workers)
+    plan = finetune_schedule(cfg, len(data.indices["train"]), fabric.world_size)
+    inputs = {name: ModelInputs(ds, band_index) for name, ds in data.splits.items()}
+    train_stream = TrainStream(inputs["train"], data.indices["train"], cfg.seed, cfg.augment)
     optimizer = E.build_optimizer(E.param_groups(objective), betas=FINETUNE.betas)
-    schedules = E.Schedules(total_steps=steps, lr=lr, min_lr=min(cfg.min_lr, lr),
-                            warmup_steps=warmup, weight_decay=cfg.weight_decay)
-    settings = E.LoopSettings(output=output, steps=steps, batch_size=cfg.batch_size,
+    schedules = E.Schedules(total_steps=plan.steps, lr=plan.lr, min_lr=min(cfg.min_lr, plan.lr),
+                            warmup_steps=plan.warmup, weight_decay=cfg.weight_decay)
+    settings = E.LoopSettings(output=output, steps=plan.steps, batch_size=cfg.batch_size,
                               accumulate=cfg.accumulate, clip_grad=cfg.clip_grad,
-                              checkpoint_every=eval_every, seed=cfg.seed,
-                              num_workers=cfg.num_workers,
-                              description=f"finetune {cfg.mode}")
-    data_sha = dataset_digest(Path(cfg.chips))
-    model_sha = model_digest(model_path)
-    fingerprint = {"model_sha256": model_sha, "dataset_sha256": data_sha, "task": task,
-                   "mode": cfg.mode, "steps": steps, "batch_size": cfg.batch_size,
-                   "accumulate": cfg.accumulate, "world_size": world, "lr": lr,
-                   "warmup": warmup, "weight_decay": cfg.weight_decay,
-                   "label_smoothing": cfg.label_smoothing, "drop_path": cfg.drop_path,
-                   "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-                   "class_weighting": cfg.class_weighting, "augment": cfg.augment,
-                   "eval_every": eval_every, "seed": cfg.seed,
-                   "val_from_train": cfg.val_fraction if val_from_train else None}
+                              checkpoint_every=plan.eval_every, seed=cfg.seed,
+                              num_workers=cfg.num_workers, description=f"finetune {cfg.mode}")
+    digests = {"model_sha256": model_digest(model_path),
+               "dataset_sha256": dataset_digest(Path(cfg.chips))}
     best_path = _best_path(output)
     if not cfg.resume and fabric.is_global_zero and best_path.exists():
         best_path.unlink()  # a previous run's: this run starts afresh
-    eval_batch = cfg.batch_size
-    monitor = MONITOR[task]
-    history: list[dict] = []
-
-    def on_checkpoint(step: int) -> None:
-        scores = evaluate(objective.model, val_set, task, len(classes), eval_batch,
-                          fabric.device, fabric.autocast)
-        score = scores[monitor]
-        improved = math.isfinite(score) and score > float(objective.best_score)
-        history.append({"step": step, f"val_{monitor}": score})
-        if fabric.is_global_zero:
-            log_record({"step": step, **{f"val_{k}": v for k, v in scores.items()}})  # trackers
-        if improved:
-            objective.best_score.fill_(score)
-            objective.best_step.fill_(step)
-            objective.evals_since_best.zero_()
-            if fabric.is_global_zero:
-                with atomic_output(best_path, overwrite=True) as tmp:
-                    torch_save({"step": step, "score": score, "metrics": _jsonable(scores),
-                                "state": _trainable_state(objective.model)}, tmp)
-        else:
-            objective.evals_since_best += 1
-        fabric.barrier()
-        logger.info("step %d: val %s %.4f%s", step, monitor, score,
-                    " (best)" if improved else f" (best {float(objective.best_score):.4f} at "
-                                                 f"step {int(objective.best_step)})")
-        stop = int(objective.evals_since_best) >= cfg.patience and step < steps
-        if stop:
-            logger.info("early stop at step %d: val %s has not improved for %d evaluations",
-                        step, monitor, cfg.patience)
-        return stop
-
+    validation = Validation(objective, EvalSet(inputs["val"], data.indices["val"]), data,
+                            cfg.batch_size, fabric, best_path, plan.steps)
     loop = E.TrainLoop(fabric, objective, optimizer, train_stream, settings, schedules,
-                       fingerprint=fingerprint, on_checkpoint=on_checkpoint)
+                       fingerprint=_fingerprint(cfg, data, plan, digests, fabric.world_size),
+                       on_checkpoint=validation)
     # The untrained head's score: the baseline fine-tuning must beat (not on resume: the
     # weights are not the initial ones then).
-    val_at_start = None if cfg.resume else evaluate(
-        objective.model, val_set, task, len(classes), eval_batch, fabric.device, fabric.autocast)
+    val_at_start = None if cfg.resume else validation.scores()
     summary = loop.run(resume=cfg.resume)
-    early_stopped = summary["stopped_early_at"]
 
-    if not best_path.exists():
-        raise RuntimeFailure(f"the validation {monitor} was never a number (is the val split "
-                             "labelled?); no best checkpoint to export")
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
-    missing = objective.model.load_state_dict(best["state"], strict=False)
-    if missing.unexpected_keys:
-        raise RuntimeFailure(f"{best_path}: holds unknown weights {missing.unexpected_keys[:3]}")
-    model = objective.model
-    test_set = EvalSet(inputs["test"], indices["test"]) if indices["test"] else None
-    test_metrics = evaluate(model, test_set, task, len(classes), eval_batch, fabric.device,
-                            fabric.autocast) if test_set is not None else None
-    metrics = {"monitor": monitor, "best_step": int(best["step"]),
-               "val": summarise_metrics(best["metrics"], task, classes),
-               "val_at_start": summarise_metrics(val_at_start, task, classes),
-               "test": summarise_metrics(test_metrics, task, classes)}
-    training = {"task": task, "mode": cfg.mode, "steps": steps, "epochs": round(epochs, 3),
-                "early_stopped_at": early_stopped, "batch_size": cfg.batch_size,
-                "global_batch": global_batch, "lr": lr, "min_lr": schedules.min_lr,
-                "warmup_steps": warmup, "weight_decay": cfg.weight_decay,
-                "label_smoothing": cfg.label_smoothing, "drop_path": cfg.drop_path,
+    metrics = _best_and_test(objective, validation, inputs, val_at_start)
+    training = {"task": data.task, "mode": cfg.mode, "steps": plan.steps,
+                "epochs": round(plan.epochs, 3), "early_stopped_at": summary["stopped_early_at"],
+                "batch_size": cfg.batch_size, "global_batch": plan.global_batch, "lr": plan.lr,
+                "min_lr": schedules.min_lr, "warmup_steps": plan.warmup,
+                "weight_decay": cfg.weight_decay, "label_smoothing": cfg.label_smoothing,
+                "drop_path": cfg.drop_path,
                 "lora_rank": cfg.lora_rank if cfg.mode in ("lora", "explora") else None,
                 "lora_alpha": cfg.lora_alpha if cfg.mode in ("lora", "explora") else None,
                 "class_weighting": cfg.class_weighting,
-                "class_weights": _named(weights.tolist(), classes),
-                "augment": cfg.augment, "eval_every": eval_every, "seed": cfg.seed,
+                "class_weights": _named(weights.tolist(), data.classes),
+                "augment": cfg.augment, "eval_every": plan.eval_every, "seed": cfg.seed,
                 "parameters": report}
-    provenance = {"data": {"chips": str(Path(cfg.chips).resolve()), "dataset_sha256": data_sha,
-                           "splits": {k: len(v) for k, v in indices.items()},
-                           "val_from_train": val_from_train,
-                           "tile": meta.get("provenance")},
+    _save(cfg, output, objective.model, data, training, metrics, digests, model_path, fabric)
+    if not fabric.is_global_zero:
+        return None  # rank 0 reports
+    return FinetuneResult.from_report({
+        "output": str(output), "model": str(model_path), "chips": str(cfg.chips),
+        "task": data.task, "mode": cfg.mode, "classes": [c["name"] for c in data.classes],
+        "training": training, "metrics": metrics, "evaluations": validation.history,
+        "train": _jsonable(summary)})
+
+
+def _fingerprint(cfg: FinetuneConfig, data: FinetuneData, plan: FinetuneSchedule,
+                 digests: dict, world: int) -> dict:
+    """What a resumed run must share with the interrupted one."""
+    return {**digests, "task": data.task, "mode": cfg.mode, "steps": plan.steps,
+            "batch_size": cfg.batch_size, "accumulate": cfg.accumulate, "world_size": world,
+            "lr": plan.lr, "warmup": plan.warmup, "weight_decay": cfg.weight_decay,
+            "label_smoothing": cfg.label_smoothing, "drop_path": cfg.drop_path,
+            "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+            "class_weighting": cfg.class_weighting, "augment": cfg.augment,
+            "eval_every": plan.eval_every, "seed": cfg.seed,
+            "val_from_train": cfg.val_fraction if data.val_from_train else None}
+
+
+def _best_and_test(objective: FinetuneObjective, validation: Validation, inputs: dict,
+                   val_at_start: dict | None) -> dict:
+    """Load the best checkpoint's weights into the model, score the test split with them."""
+    data, fabric = validation.data, validation.fabric
+    if not validation.best_path.exists():
+        raise RuntimeFailure(f"the validation {validation.monitor} was never a number (is the "
+                             "val split labelled?); no best checkpoint to export")
+    best = torch.load(validation.best_path, map_location="cpu", weights_only=True)
+    missing = objective.model.load_state_dict(best["state"], strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeFailure(f"{validation.best_path}: holds unknown weights "
+                             f"{missing.unexpected_keys[:3]}")
+    test_metrics = None
+    if data.indices["test"]:
+        test_metrics = evaluate(objective.model, EvalSet(inputs["test"], data.indices["test"]),
+                                data.task, len(data.classes), validation.batch_size,
+                                fabric.device, fabric.autocast)
+    return {"monitor": validation.monitor, "best_step": int(best["step"]),
+            "val": summarise_metrics(best["metrics"], data.task, data.classes),
+            "val_at_start": summarise_metrics(val_at_start, data.task, data.classes),
+            "test": summarise_metrics(test_metrics, data.task, data.classes)}
+
+
+def _save(cfg: FinetuneConfig, output: Path, model, data: FinetuneData, training: dict,
+          metrics: dict, digests: dict, model_path: Path, fabric) -> None:
+    """The task model file (rank 0), with its training, metrics and provenance."""
+    from geoexplora.models.file import save_model
+    from geoexplora.train.features import model_provenance
+
+    provenance = {"data": {"chips": str(Path(cfg.chips).resolve()),
+                           "dataset_sha256": digests["dataset_sha256"],
+                           "splits": {k: len(v) for k, v in data.indices.items()},
+                           "val_from_train": data.val_from_train,
+                           "tile": data.meta.get("provenance")},
                   **model_provenance(model_path)}
     if fabric.is_global_zero:
         save_model(output, model, {"finetune": training, "metrics": metrics,
                                    "provenance": provenance}, overwrite=cfg.overwrite)
     fabric.barrier()
-    if not fabric.is_global_zero:
-        return None  # rank 0 reports
-    return FinetuneResult.from_report({
-        "output": str(output), "model": str(model_path), "chips": str(cfg.chips), "task": task,
-        "mode": cfg.mode, "classes": [c["name"] for c in classes], "training": training,
-        "metrics": metrics, "evaluations": history, "train": _jsonable(summary)})
 
 
 def _jsonable(obj):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +39,22 @@ from geoexplora.results import RasterResult
 
 
 @dataclass
-class PredictConfig:
-    """``geoexplora predict MODEL INPUTS -o OUTPUT``. ``model``: a model file, or a model loaded
-    by :func:`geoexplora.models.file.load_model` (it carries its ``meta``). ``inputs``: raster
-    paths, or one open :class:`~geoexplora.io.scene.Scene` (then ``scene`` options do not apply).
-    """
+class RasterJobConfig:
+    """What ``predict`` and ``embed`` share: a model run over rasters, window by window, into
+    COGs. ``model``: a model file, or a model loaded by
+    :func:`geoexplora.models.file.load_model` (it carries its ``meta``). ``inputs``: raster
+    paths, folders, globs (:mod:`geoexplora.io.inputs`), or one open
+    :class:`~geoexplora.io.scene.Scene` (then ``scene`` options do not apply). The fields after
+    ``output`` are keyword-only."""
 
     model: str | os.PathLike | Any
     inputs: list[str | os.PathLike] | list[Any]
-    output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per input
+    output: str | Path  # a file, or a folder (trailing "/" or existing) for one output per scene
+    _: KW_ONLY
     window: int | None = None  # default: the model's image size
-    overlap: int | None = None  # default: window/4 (segmentation), window/2 (--dense), 0 (grid)
+    overlap: int | None = None  # default: see PredictConfig / EmbedConfig
     batch_size: int = PREDICT.batch_size
     blend: Blend = PREDICT.blend
-    probabilities: bool = False
-    prob_dtype: ProbDtype = "float32"
-    uncertainty: bool = False
-    vectorize: Path | None = None
-    dense: bool = False
     creation_options: dict = field(default_factory=dict)
     dry_run: bool = False
     resume: bool = False
@@ -70,6 +68,21 @@ class PredictConfig:
 
     def __post_init__(self):
         check_common(self)
+
+
+@dataclass
+class PredictConfig(RasterJobConfig):
+    """``geoexplora predict MODEL INPUTS -o OUTPUT`` (the shared fields: :class:`RasterJobConfig`).
+    ``overlap`` defaults to window/4 (segmentation), window/2 (``dense``), 0 (grid)."""
+
+    probabilities: bool = False
+    prob_dtype: ProbDtype = "float32"
+    uncertainty: bool = False
+    vectorize: Path | None = None
+    dense: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
         one_of("prob_dtype", self.prob_dtype, ProbDtype)
 
 
