@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 
 
 @dataclass(frozen=True)
@@ -205,12 +205,12 @@ def parse_band_list(text: str | None) -> list[str] | None:
         return None
     items = [t.strip() for t in text.split(",")]
     if any(not t for t in items):
-        raise UserError(f"--bands '{text}' has an empty entry")
+        raise UserError(f"{opt('bands')} '{text}' has an empty entry")
     seen: dict[str, str] = {}
     for t in items:
         canonical = _canonical_band_name(t)
         if canonical in seen:
-            raise UserError(f"--bands '{text}' names {seen[canonical]} twice"
+            raise UserError(f"{opt('bands')} '{text}' names {seen[canonical]} twice"
                             + ("" if t == seen[canonical] else f" (as {t})")
                             + "; give each band once")
         seen[canonical] = t

@@ -19,7 +19,7 @@ from factories import (
 from safetensors.torch import save_file
 
 from geoexplora.bands import get_band
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, cli_flag
 from geoexplora.models import apply_explora, build_backbone, merge_lora, parameter_report
 from geoexplora.models.registry import resolve_init
 from geoexplora.models.spectral import mixing_matrix
@@ -154,7 +154,8 @@ def test_offline_without_cache_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         build_backbone("vit_small_patch14_dinov2.lvd142m", img_size=56)
     msg = str(err.value)
-    assert "dinov2_vits14_pretrain.pth" in msg and "--init-weights" in msg
+    assert "dinov2_vits14_pretrain.pth" in msg and "pass init_weights PATH" in msg
+    assert "pass --init-weights PATH" in err.value.render(cli_flag)  # as the CLI prints it
 
 
 def test_random_is_explicit():

@@ -209,5 +209,5 @@ def test_scene_check_temporal(tmp_path):
     assert plan.days == [18262.0, 18272.0]
     with pytest.raises(UserError, match="takes 2 dates; the scene has 1"):
         check_scene_against_model(meta, _scene(keys, ["2020-01-01"]))
-    with pytest.raises(UserError, match="pass --dates"):
+    with pytest.raises(UserError, match="pass dates"):
         check_scene_against_model(meta, _scene(keys, ["2020-01-01", None]))

@@ -185,11 +185,11 @@ def test_a_scene_already_in_the_dataset_is_skipped_and_nothing_new_is_an_error(h
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"size": 16}, "--size 16"),
+    ({"size": 16}, "size 16"),  # the Python API names the field
     ({"bands": ["B02", "B03", "B04"]}, "differ from"),
-    ({"task": "segmentation"}, "--task segmentation"),
-    ({"crs": "EPSG:4326"}, "--crs EPSG:4326"),
-    ({"split_block": 32}, "--split-block 32"),
+    ({"task": "segmentation"}, "task segmentation"),
+    ({"crs": "EPSG:4326"}, "crs EPSG:4326"),
+    ({"split_block": 32}, "split_block 32"),
 ])
 def test_append_refuses_what_contradicts_the_dataset(halves, tmp_path, change, message):
     west, east = halves
@@ -228,7 +228,7 @@ def test_a_scene_with_another_number_of_dates_is_refused(tmp_path):
 def test_scenes_cannot_be_appended_to_a_class_folder_dataset(halves, tmp_path):
     root = _patches(tmp_path / "p", [("grass", "a"), ("urban", "b")])
     _tile([root], tmp_path / "ds", class_folders=True, size=None, val_fraction=0)
-    with pytest.raises(UserError, match="made from class folders; pass --class-folders"):
+    with pytest.raises(UserError, match="made from class folders; pass class_folders"):
         _tile([halves[0]], tmp_path / "ds", append=True, val_fraction=0)
 
 
@@ -364,7 +364,7 @@ def test_reading_and_split_options_of_the_first_run_carry_over(halves, tmp_path)
     config = ds.meta["provenance"]["appended"][0]["config"]
     assert (config["resolution"], config["val_fraction"], config["test_fraction"],
             config["max_nodata"]) == (400, 0.25, 0.25, 0.2)
-    with pytest.raises(UserError, match="--resolution 200: .* was tiled at 400 m"):
+    with pytest.raises(UserError, match="resolution 200: .* was tiled at 400 m"):
         _tile([east], tmp_path / "ds", append=True, resolution=200)
 
 
@@ -396,7 +396,7 @@ def test_a_carried_label_field_missing_from_new_labels_is_named_as_carried(halve
     other = gpd.read_file(_polygons(tmp_path / "b.geojson", east, ["x"])).rename(
         columns={"kind": "type"})
     other.to_file(tmp_path / "c.geojson")
-    with pytest.raises(UserError, match="kind is the field .* was tiled with; pass --label-field"):
+    with pytest.raises(UserError, match="kind is the field .* was tiled with; pass label_field"):
         _tile([east], tmp_path / "ds", append=True, labels=tmp_path / "c.geojson")
 
 

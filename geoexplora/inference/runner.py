@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.inference import engine
 from geoexplora.inference.products import Product
 from geoexplora.inference.windows import WindowPlan
@@ -140,8 +140,8 @@ def _prepare(work: Path, output: Path, fingerprint: dict, opts: RunOptions) -> N
                             "every shard must be started with the same ones, or remove it")
         if not opts.overwrite and not opts.shard:
             what = "with other settings " if previous != fingerprint else ""
-            raise UserError(f"an interrupted or sharded run {what}left {work}; pass --resume to "
-                            "continue it or --overwrite to start over")
+            raise UserError(f"an interrupted or sharded run {what}left {work}; pass {opt('resume')} to "
+                            f"continue it or {opt('overwrite')} to start over")
         if not opts.shard:
             release_work(work)
             shutil.rmtree(work)

@@ -8,14 +8,14 @@ import shutil
 import uuid
 from pathlib import Path
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 
 
 def check_output(path: str | os.PathLike, overwrite: bool, option: str = "-o") -> Path:
     """Refuse an existing output unless ``overwrite``; the parent folder must be writable."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; pass --overwrite to replace it")
+        raise UserError(f"{path} exists; pass {opt('overwrite')} to replace it")
     if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
         raise UserError(f"{option} {path}: holds the current folder, and is replaced by a new "
                         "folder when the run completes; run from another folder")

@@ -7,7 +7,7 @@ bands or dates. :mod:`geoexplora.models.geovit` holds the module itself and
 
 from __future__ import annotations
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.models.geovit import GeoViT, as_bands, backbone_config, resolve_stats
 
 
@@ -63,11 +63,11 @@ def backbone_from_file(spec, bands, stats, num_frames, spectral_tokens, spectral
     from geoexplora.provenance import sha256_file
 
     if arch_overrides:
-        raise UserError(f"--init {spec.init} is a model file; its architecture is fixed")
+        raise UserError(f"{opt('init')} {spec.init} is a model file; its architecture is fixed")
     model = load_model(spec.model_path)
     vit = model.backbone if isinstance(model, TaskModel) else model
     if spectral_tokens != vit.spectral_tokens:
-        raise UserError(f"--init {spec.init} uses {vit.spectral_tokens} spectral tokens; keep "
+        raise UserError(f"{opt('init')} {spec.init} uses {vit.spectral_tokens} spectral tokens; keep "
                         "the same spectral-token mode to continue adapting it")
     config = dict(vit.config)
     if bands is not None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -150,5 +150,5 @@ def load_into_vit(vit: nn.Module, sd: dict[str, torch.Tensor], source: str) -> N
         if wrong_shape:
             parts.append(f"shape {'; '.join(wrong_shape[:3])}")
         raise UserError(f"{source} does not fit this architecture ({'; '.join(parts)}); check "
-                        "--init names the checkpoint's architecture")
+                        f"{opt('init')} names the checkpoint's architecture")
     vit.load_state_dict(sd, strict=True)

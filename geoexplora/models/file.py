@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from geoexplora.bands import Band, band_from_key
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io.outputs import atomic_output, check_output, torch_save
 from geoexplora.models.checkpoints import (
     is_weights_only_refusal,
@@ -104,7 +104,7 @@ def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
                         f"by torch.save: {exc})") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
         raise UserError(f"{path}: not a geoexplora model file (a raw checkpoint? give it as "
-                        "--init-weights with --init naming its architecture)")
+                        f"{opt('init_weights')} with {opt('init')} naming its architecture)")
     version = obj.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise UserError(f"{path}: corrupt model file (format version {version!r})")
@@ -226,6 +226,6 @@ def check_scene_against_model(meta: dict, scene, model_name: str = "the model") 
     if frames > 1 and any(d is None for d in dates):
         unknown = [i + 1 for i, d in enumerate(dates) if d is None]
         raise UserError(f"{model_name} encodes acquisition dates; the scene's frame(s) "
-                        f"{unknown} have none: pass --dates")
+                        f"{unknown} have none: pass {opt('dates')}")
     return ReadPlan([have[b.key] for b in want], want, frames, dates,
                     days_since_epoch(dates) if frames > 1 else [])

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from geoexplora.bands import Band, band_from_key
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.models.spectral import SpectralProjection, band_wavelength, mixing_matrix
 from geoexplora.models.temporal import DateEncoding
 
@@ -289,7 +289,7 @@ def resolve_stats(bands: list[Band], stats: dict | None,
     bad = [b.key for b, s in zip(bands, std) if not s > 0]
     if bad:
         raise UserError(f"band statistics: std must be positive; check {', '.join(bad)} "
-                        "(a constant band carries no information: drop it from --bands)")
+                        f"(a constant band carries no information: drop it from {opt('bands')})")
     return mean, std, origin
 
 

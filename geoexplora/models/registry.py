@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 
 # The paper's source model (the adapt command may choose its own default).
 DEFAULT_INIT = "vit_large_patch14_dinov2.lvd142m"
@@ -71,7 +71,7 @@ def get_architecture(name: str, overrides: dict | None = None) -> Architecture:
         arch = Architecture(name, name, family)
     else:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise UserError(f"--init {name}: unknown model name; known: {known} (or any timm ViT name)")
+        raise UserError(f"{opt('init')} {name}: unknown model name; known: {known} (or any timm ViT name)")
     if overrides:
         arch = Architecture(arch.name, arch.timm_name, arch.family,
                             {**arch.overrides, **overrides}, arch.default_tag)
@@ -122,30 +122,30 @@ def resolve_init(init: str | None, init_weights: str | None = None) -> InitSpec:
     else:
         weights = Path(init_weights).expanduser()
         if not weights.is_file():
-            raise UserError(f"--init-weights {init_weights}: no such file")
+            raise UserError(f"{opt('init_weights')} {init_weights}: no such file")
 
     if init.startswith("torchgeo:"):
         enum = init.split(":", 1)[1]
         if weights == "random":
-            raise UserError(f"--init {init} names pretrained weights; use its timm architecture "
+            raise UserError(f"{opt('init')} {init} names pretrained weights; use its timm architecture "
                             "name for a random initialisation")
         return InitSpec("torchgeo", init, weights=weights, torchgeo_enum=enum)
 
     if Path(init).expanduser().is_file() or _looks_like_path(init):
         path = Path(init).expanduser()
         if not path.is_file():
-            raise UserError(f"--init {init}: no such file")
+            raise UserError(f"{opt('init')} {init}: no such file")
         if init_weights is not None:
-            raise UserError(f"--init {init} is a model file; it carries its own weights, so "
-                            "--init-weights cannot be used with it")
+            raise UserError(f"{opt('init')} {init} is a model file; it carries its own weights, so "
+                            f"{opt('init_weights')} cannot be used with it")
         return InitSpec("model_file", init, weights=path, model_path=path)
 
     arch_name, _, tag_text = init.partition(".")
     arch = get_architecture(arch_name)
     tag = tag_text or None
     if weights == "pretrained" and tag is None and arch.default_tag is None:
-        raise UserError(f"--init {init}: this architecture has no published weights here; pass "
-                        "--init-weights PATH (a checkpoint) or --init-weights random")
+        raise UserError(f"{opt('init')} {init}: this architecture has no published weights here; pass "
+                        f"{opt('init_weights')} PATH (a checkpoint) or {opt('init_weights')} random")
     return InitSpec("timm", init, arch_name=arch.name, tag=tag or arch.default_tag, weights=weights)
 
 

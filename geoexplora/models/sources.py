@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from geoexplora.bands import RGB_WAVELENGTHS_NM, Band, find_band
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.log import logger
 from geoexplora.models.checkpoints import (
     checkpoint_layout,
@@ -66,10 +66,10 @@ def create_timm_vit(arch: Architecture, img_size: int | tuple[int, int], in_chan
     try:
         vit = timm.create_model(name, pretrained=pretrained_tag is not None, **kwargs)
     except TypeError as exc:  # a CNN (or other family) refuses the ViT keywords
-        raise UserError(f"--init {arch.name}: not a ViT with a class token (timm cannot build "
+        raise UserError(f"{opt('init')} {arch.name}: not a ViT with a class token (timm cannot build "
                         f"it as one: {exc}); use a ViT such as vit_small_patch14_dinov2") from exc
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
-        raise UserError(f"--init {arch.name}: not a ViT with a class token (timm "
+        raise UserError(f"{opt('init')} {arch.name}: not a ViT with a class token (timm "
                         f"{type(vit).__name__}); use a ViT such as vit_small_patch14_dinov2")
     return vit
 
@@ -124,7 +124,7 @@ def _create_pretrained(arch: Architecture, tag: str | None, img_size,
             f"weights {arch.timm_name}.{tag} are not in the local cache and cannot be downloaded "
             f"({type(exc).__name__}); on a connected machine fill the cache (python -c \"import "
             f"timm; timm.create_model('{arch.timm_name}.{tag}', pretrained=True)\") or download "
-            f"{' or '.join(where) or 'the checkpoint'} and pass --init-weights PATH") from exc
+            f"{' or '.join(where) or 'the checkpoint'} and pass {opt('init_weights')} PATH") from exc
 
 
 def _torchgeo_enum(name: str):
@@ -133,10 +133,10 @@ def _torchgeo_enum(name: str):
     cls_name, _, member = name.partition(".")
     enum_cls = getattr(torchgeo.models, cls_name, None)
     if enum_cls is None or not hasattr(enum_cls, "__members__"):
-        raise UserError(f"--init torchgeo:{name}: torchgeo has no weights enum {cls_name} "
+        raise UserError(f"{opt('init')} torchgeo:{name}: torchgeo has no weights enum {cls_name} "
                         "(e.g. torchgeo:ViTSmall16_Weights.SENTINEL2_ALL_DINO)")
     if member not in enum_cls.__members__:
-        raise UserError(f"--init torchgeo:{name}: {cls_name} has no member {member!r}; it has "
+        raise UserError(f"{opt('init')} torchgeo:{name}: {cls_name} has no member {member!r}; it has "
                         f"{', '.join(enum_cls.__members__)}")
     return enum_cls[member]
 
@@ -146,13 +146,13 @@ def _torchgeo_bands(weights, label: str) -> list[Band]:
     sensor = next((s for prefix, s in _TORCHGEO_SENSORS if member.startswith(prefix)), None)
     names = list(weights.meta.get("bands") or [])
     if sensor is None or not names:
-        raise UserError(f"--init {label}: its inputs ({', '.join(names) or 'unknown bands'}) are "
+        raise UserError(f"{opt('init')} {label}: its inputs ({', '.join(names) or 'unknown bands'}) are "
                         "not optical bands with known wavelengths")
     bands = []
     for name in names:
         band = find_band(sensor, name.removeprefix("SR_"))
         if band is None:
-            raise UserError(f"--init {label}: band {name} (thermal or unknown) has no place in the "
+            raise UserError(f"{opt('init')} {label}: band {name} (thermal or unknown) has no place in the "
                             "wavelength-indexed patch embedding")
         bands.append(band)
     return bands
@@ -207,7 +207,7 @@ def _torchgeo_file(weights, label: str) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(cached), progress=True)
     except OSError as exc:
-        raise UserError(f"--init {label}: {cached.name} is not cached and cannot be downloaded "
+        raise UserError(f"{opt('init')} {label}: {cached.name} is not cached and cannot be downloaded "
                         f"({type(exc).__name__}); download {url} on a connected machine and pass "
-                        f"--init-weights PATH (or place it at {cached})") from exc
+                        f"{opt('init_weights')} PATH (or place it at {cached})") from exc
     return cached

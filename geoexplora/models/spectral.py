@@ -31,7 +31,7 @@ from geoexplora.bands import (
     get_band,
     interpolation_weights,
 )
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 
 # Generic RGB sensors: their red/green/blue are what an RGB source model saw, whatever the exact
 # filter; their nominal wavelengths are guesses, so they map onto the source's RGB nodes exactly.
@@ -170,7 +170,7 @@ class SpectralProjection(nn.Module):
         """Re-mix the (trained) bank for another band list (bank mode only)."""
         if self.num_groups != 1:
             raise UserError("a model with spectral group tokens keeps its band groups; "
-                            "use the same --bands")
+                            f"use the same {opt('bands')}")
         self.groups = [list(range(len(bands)))]
         self.wavelengths = [band_wavelength(b) for b in bands]
         self.rebuild_buffers()
@@ -218,7 +218,7 @@ def resolve_groups(bands: list[Band], groups: list[list[str]] | None) -> list[li
                 missing.append(band.name)
         if missing:
             raise UserError(f"bands {', '.join(missing)} fall in no default spectral group "
-                            "(B2,B3,B4,B8 | B5,B6,B7,B8A | B11,B12); drop them from --bands or "
+                            f"(B2,B3,B4,B8 | B5,B6,B7,B8A | B11,B12); drop them from {opt('bands')} or "
                             "give the groups")
         out = [b for b in buckets if b]
     seen = [i for g in out for i in g]

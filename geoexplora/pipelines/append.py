@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io import chips as C
 
 log = logging.getLogger("geoexplora")
@@ -55,15 +55,15 @@ class ExistingDataset:
     @classmethod
     def load(cls, root: Path) -> ExistingDataset:
         if not (root / C.META_NAME).is_file():
-            raise UserError(f"--append: {root} is not a chips dataset (no {C.META_NAME}); "
-                            "pass another -o, or --overwrite to replace it")
+            raise UserError(f"{opt('append')}: {root} is not a chips dataset (no {C.META_NAME}); "
+                            f"pass another -o, or {opt('overwrite')} to replace it")
         meta = C.load_dataset_meta(root)
         index = C.read_index(root)
         sample_path = root / C.STATS_SAMPLE_NAME
         if not sample_path.is_file():
             raise UserError(f"{root}: no {C.STATS_SAMPLE_NAME}, so its statistics cannot be "
                             "updated (written by an older geoexplora?); re-run tile with "
-                            "--overwrite instead of --append")
+                            f"{opt('overwrite')} instead of {opt('append')}")
         try:
             sample = np.load(sample_path, allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -94,17 +94,17 @@ class ExistingDataset:
         config = self.config
         if cfg.class_folders != self.class_folders:
             made = "from class folders" if self.class_folders else "by tiling scenes"
-            raise UserError(f"--append: {self.root} was made {made}; "
-                            f"{'pass' if self.class_folders else 'drop'} --class-folders")
+            raise UserError(f"{opt('append')}: {self.root} was made {made}; "
+                            f"{'pass' if self.class_folders else 'drop'} {opt('class_folders')}")
         size = self.meta["chip_size"]
         if cfg.size is not None and cfg.size != size:
-            raise UserError(f"--size {cfg.size}: {self.root} holds {size} px chips")
+            raise UserError(f"{opt('size')} {cfg.size}: {self.root} holds {size} px chips")
         task = self.meta["task"]
         if cfg.task is not None and cfg.task != task:
-            raise UserError(f"--task {cfg.task}: {self.root} is a {task} dataset")
+            raise UserError(f"{opt('task')} {cfg.task}: {self.root} is a {task} dataset")
         stored = config.get("resolution")
         if cfg.resolution is not None and stored is not None and cfg.resolution != stored:
-            raise UserError(f"--resolution {cfg.resolution:g}: {self.root} was tiled at "
+            raise UserError(f"{opt('resolution')} {cfg.resolution:g}: {self.root} was tiled at "
                             f"{stored:g} m")
         updates = {"task": task, "bands": cfg.bands or [b["name"] for b in self.meta["bands"]]}
         # Options of the first run that the new chips should share unless given again.
@@ -127,16 +127,16 @@ class ExistingDataset:
         task = self.meta["task"]
         crs, block = prov["crs"], prov["split_block_px"]
         if cfg.crs is not None and not _same_crs(cfg.crs, crs):
-            raise UserError(f"--crs {cfg.crs}: {self.root} is in {crs}")
+            raise UserError(f"{opt('crs')} {cfg.crs}: {self.root} is in {crs}")
         if block is not None and cfg.split_block not in (None, block):
-            raise UserError(f"--split-block {cfg.split_block}: {self.root} was split in "
+            raise UserError(f"{opt('split_block')} {cfg.split_block}: {self.root} was split in "
                             f"blocks of {block} px")
         if task != "none" and not (cfg.labels or cfg.label_raster):
-            raise UserError(f"--append: {self.root} is a {task} dataset; pass the labels of "
-                            "the new scenes (--labels/--label-raster)")
+            raise UserError(f"{opt('append')}: {self.root} is a {task} dataset; pass the labels of "
+                            f"the new scenes ({opt('labels')}/{opt('label_raster')})")
         if task == "none" and (cfg.labels or cfg.label_raster):
-            raise UserError(f"--append: {self.root} has no labels (task none); drop "
-                            "--labels/--label-raster")
+            raise UserError(f"{opt('append')}: {self.root} has no labels (task none); drop "
+                            f"{opt('labels')}/{opt('label_raster')}")
         updates = {"crs": crs, "split_block": block if block is not None else cfg.split_block}
         field = self.config.get("label_field")
         if cfg.labels and not cfg.label_field and field:
@@ -183,7 +183,7 @@ class ExistingDataset:
             known = by_name.get(cl.name)
             if known is None:
                 if next_id >= MAX_CLASSES:
-                    raise UserError(f"--append: more than {MAX_CLASSES} classes in all")
+                    raise UserError(f"{opt('append')}: more than {MAX_CLASSES} classes in all")
                 known = LabelClass(next_id, cl.name, C.class_color(next_id), cl.value)
                 merged.append(known)
                 by_name[cl.name] = known
@@ -270,7 +270,7 @@ def _same_crs(a, b) -> bool:
     try:
         ca, cb = CRS.from_user_input(a), CRS.from_user_input(b)
     except Exception as exc:  # rasterio's CRSError
-        raise UserError(f"--crs {a}: not a CRS ({exc})") from exc
+        raise UserError(f"{opt('crs')} {a}: not a CRS ({exc})") from exc
     return ca == cb or crs_equivalent(ca, cb)
 
 

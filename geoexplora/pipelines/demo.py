@@ -22,7 +22,7 @@ from pathlib import Path
 
 from geoexplora.defaults import DEMO
 from geoexplora.devices import fabric_target
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io.outputs import check_output
 from geoexplora.log import logger
 from geoexplora.sample import s2_tile_crop, slovenia_labels, slovenia_scenes
@@ -54,8 +54,8 @@ def _source(cfg: DemoConfig) -> tuple[str, str, str]:
     """(init, init_weights, sentence saying which weights and why)."""
     if cfg.init and Path(cfg.init).expanduser().is_file():  # a model file carries its weights
         if cfg.init_weights:
-            raise UserError(f"--init {cfg.init} is a model file; it carries its own weights, so "
-                            "drop --init-weights")
+            raise UserError(f"{opt('init')} {cfg.init} is a model file; it carries its own weights, so "
+                            f"drop {opt('init_weights')}")
         return cfg.init, None, f"source: the model file {cfg.init}"
     weights = cfg.init_weights
     if weights and weights != "random":
@@ -85,7 +85,7 @@ def demo(cfg: DemoConfig) -> dict:
     out = check_output(cfg.out, cfg.overwrite, "--out")
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").exists()):
-            raise UserError(f"--out {out}: not an earlier demo folder (no summary.json); "
+            raise UserError(f"{opt('out')} {out}: not an earlier demo folder (no summary.json); "
                             "refusing to replace it")
         shutil.rmtree(out)
     init, init_weights, source_note = _source(cfg)

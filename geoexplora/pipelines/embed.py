@@ -13,7 +13,7 @@ from pathlib import Path
 
 from geoexplora.config_checks import one_of
 from geoexplora.defaults import PREDICT
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.inference.products import EmbedDtype
 from geoexplora.log import reports_progress
 from geoexplora.pipelines.predict import (
@@ -77,10 +77,10 @@ def fit_pca(scene, plan, forward, device, k: int, sample_windows: int = PREDICT.
         if len(samples) >= sample_windows:
             break
     if not samples:
-        raise UserError("--pca: the raster has no valid pixel to fit the projection on")
+        raise UserError(f"{opt('pca')}: the raster has no valid pixel to fit the projection on")
     x = torch.cat(samples).double()
     if k > min(x.shape):
-        raise UserError(f"--pca {k}: at most {min(x.shape)} components from "
+        raise UserError(f"{opt('pca')} {k}: at most {min(x.shape)} components from "
                         f"{x.shape[0]} sampled patches of dimension {x.shape[1]}")
     mean = x.mean(dim=0)
     _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
@@ -140,7 +140,7 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
     from geoexplora.inference.runner import prepare_work, release_work, work_folder
 
     if cfg.pca is not None and cfg.pca < 1:
-        raise UserError("--pca must be at least 1")
+        raise UserError(f"{opt('pca')} must be at least 1")
     cfg = _with_source_model(cfg)
     jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
     results = []
@@ -163,7 +163,7 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
                 {**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype}, dry_run=True))
             continue
         if cfg.pca and cfg.pca > dim:
-            raise UserError(f"--pca {cfg.pca}: the model's embeddings have {dim} dimensions")
+            raise UserError(f"{opt('pca')} {cfg.pca}: the model's embeddings have {dim} dimensions")
         check_memory(scene, plan, raw, [product], cfg, devices, False, output)
         settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
         fresh = not work_folder(output).exists()

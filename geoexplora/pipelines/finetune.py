@@ -38,7 +38,7 @@ from torch import nn
 
 from geoexplora.config_checks import one_of
 from geoexplora.defaults import FINETUNE, PROBE
-from geoexplora.errors import RuntimeFailure, UserError
+from geoexplora.errors import RuntimeFailure, UserError, opt
 from geoexplora.io.chips import IGNORE_INDEX, ChipsDataset
 from geoexplora.log import Progress, logger, reports_progress
 from geoexplora.results import FinetuneResult
@@ -111,15 +111,15 @@ def dataset_task(meta_task: str, requested: str | None, root: Path) -> str:
     serve it."""
     task = requested or meta_task
     if task not in TASKS:
-        raise UserError(f"--task {task}: use one of {', '.join(TASKS)}"
+        raise UserError(f"{opt('task')} {task}: use one of {', '.join(TASKS)}"
                         if requested else f"{root}: an unlabelled chips dataset (task "
-                        f"'{meta_task}'); tile with --labels to fine-tune")
+                        f"'{meta_task}'); tile with {opt('labels')} to fine-tune")
     if task == "segmentation" and meta_task != "segmentation":
-        raise UserError(f"--task segmentation: {root} has no masks (task '{meta_task}'); tile "
-                        "it with --task segmentation")
+        raise UserError(f"{opt('task')} segmentation: {root} has no masks (task '{meta_task}'); tile "
+                        f"it with {opt('task')} segmentation")
     if task == "multilabel" and meta_task != "multilabel":
-        raise UserError(f"--task multilabel: {root} has no multi-label chips (task "
-                        f"'{meta_task}'); tile it with --task multilabel")
+        raise UserError(f"{opt('task')} multilabel: {root} has no multi-label chips (task "
+                        f"'{meta_task}'); tile it with {opt('task')} multilabel")
     return task
 
 
@@ -289,7 +289,7 @@ def parameterise(model, mode: str, lora_rank: int, lora_alpha: float) -> dict:
     from geoexplora.models import apply_explora, parameter_report
 
     if mode not in MODES:
-        raise UserError(f"--mode {mode}: use one of {', '.join(MODES)}")
+        raise UserError(f"{opt('mode')} {mode}: use one of {', '.join(MODES)}")
     backbone = model.backbone
     if mode == "lora":
         apply_explora(model, unfreeze_blocks=(), lora_rank=lora_rank, lora_alpha=lora_alpha,
@@ -445,24 +445,24 @@ def _check_config(cfg: FinetuneConfig) -> None:
 
     E.check_duration(cfg.steps, cfg.epochs)
     if cfg.mode not in MODES:
-        raise UserError(f"--mode {cfg.mode}: use one of {', '.join(MODES)}")
+        raise UserError(f"{opt('mode')} {cfg.mode}: use one of {', '.join(MODES)}")
     if cfg.class_weighting not in CLASS_WEIGHTINGS:
-        raise UserError(f"--class-weights {cfg.class_weighting}: use one of "
+        raise UserError(f"{opt('class_weights')} {cfg.class_weighting}: use one of "
                         f"{', '.join(CLASS_WEIGHTINGS)}")
     if cfg.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+        raise UserError(f"{opt('batch_size')} must be at least 1, not {cfg.batch_size}")
     if cfg.patience < 1:
-        raise UserError(f"--patience must be at least 1, not {cfg.patience}")
+        raise UserError(f"{opt('patience')} must be at least 1, not {cfg.patience}")
     if cfg.eval_every is not None and cfg.eval_every < 1:
-        raise UserError(f"--eval-every must be at least 1, not {cfg.eval_every}")
+        raise UserError(f"{opt('eval_every')} must be at least 1, not {cfg.eval_every}")
     if cfg.lr is not None and not cfg.lr > 0:
-        raise UserError(f"--lr must be positive, not {cfg.lr}")
+        raise UserError(f"{opt('lr')} must be positive, not {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:
-        raise UserError(f"--label-smoothing must lie in [0, 1), not {cfg.label_smoothing}")
+        raise UserError(f"{opt('label_smoothing')} must lie in [0, 1), not {cfg.label_smoothing}")
     if not 0 <= cfg.drop_path < 1:
-        raise UserError(f"--drop-path must lie in [0, 1), not {cfg.drop_path}")
+        raise UserError(f"{opt('drop_path')} must lie in [0, 1), not {cfg.drop_path}")
     if cfg.mode in ("lora", "explora") and cfg.lora_rank < 1:
-        raise UserError(f"--lora-rank must be at least 1, not {cfg.lora_rank}")
+        raise UserError(f"{opt('lora_rank')} must be at least 1, not {cfg.lora_rank}")
 
 
 def _best_path(output: Path) -> Path:

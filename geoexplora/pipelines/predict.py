@@ -27,7 +27,7 @@ from typing import Any
 
 from geoexplora.config_checks import one_of, path_list, scene_options
 from geoexplora.defaults import PREDICT
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.inference.products import ProbDtype
 from geoexplora.inference.windows import Blend
 from geoexplora.io.outputs import check_not_input, check_output
@@ -199,14 +199,14 @@ def make_plan(scene, predictor, window: int | None, overlap: int | None, dense: 
     window = given_or(window, predictor.window)
     require_at_least("--window", window, predictor.patch_size)
     if window % predictor.patch_size:
-        raise UserError(f"--window {window} must be a multiple of the model's patch size "
+        raise UserError(f"{opt('window')} {window} must be a multiple of the model's patch size "
                         f"({predictor.patch_size})")
     grid = predictor.per_window and not dense
     factor = predictor.patch_size if predictor.task == "embedding" else 1
     if overlap is None:
         overlap = _default_overlap(window, factor, predictor.per_window and dense, grid)
     if overlap < 0 or overlap >= window:
-        raise UserError(f"--overlap {overlap} must be in [0, {window})")
+        raise UserError(f"{opt('overlap')} {overlap} must be in [0, {window})")
     if grid:
         return WindowPlan.grid(scene.height, scene.width, window, overlap)
     return WindowPlan.dense(scene.height, scene.width, window, overlap, factor)
@@ -268,9 +268,9 @@ def _run_options(cfg, shard):
     from geoexplora.inference.windows import BLENDS
 
     if cfg.blend not in BLENDS:
-        raise UserError(f"--blend must be one of {', '.join(BLENDS)}, not '{cfg.blend}'")
+        raise UserError(f"{opt('blend')} must be one of {', '.join(BLENDS)}, not '{cfg.blend}'")
     if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+        raise UserError(f"{opt('batch_size')} must be at least 1")
     return RunOptions(blend=cfg.blend, batch_size=cfg.batch_size, prefetch=cfg.prefetch,
                       resume=cfg.resume, shard=shard, overwrite=cfg.overwrite,
                       creation_options=dict(cfg.creation_options))
@@ -377,7 +377,7 @@ def predict(cfg: PredictConfig) -> list[RasterResult]:
     from geoexplora.inference.products import class_products
 
     if cfg.vectorize and output_is_folder(cfg.output):
-        raise UserError("--vectorize writes one file: use it with one output raster")
+        raise UserError(f"{opt('vectorize')} writes one file: use it with one output raster")
     jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
     results = []
     for inputs, output in jobs:

@@ -22,6 +22,7 @@ from torch import nn
 from geoexplora.config_checks import path_list
 from geoexplora.defaults import PROBE
 from geoexplora.devices import resolve_device
+from geoexplora.errors import opt
 from geoexplora.log import Progress, reports_progress
 from geoexplora.results import ProbeResult
 from geoexplora.train import metrics as M
@@ -262,10 +263,10 @@ def _check_config(cfg: ProbeConfig) -> None:
         raise UserError("probe needs at least one MODEL file before the CHIPS folder")
     unknown = [f for f in cfg.features if f not in FEATURE_SETS]
     if unknown or not cfg.features:
-        raise UserError(f"--features {','.join(cfg.features)}: use any of "
+        raise UserError(f"{opt('features')} {','.join(cfg.features)}: use any of "
                         f"{', '.join(FEATURE_SETS)}")
     if not cfg.learning_rates or any(not lr > 0 for lr in cfg.learning_rates):
-        raise UserError("--learning-rates must be positive numbers")
+        raise UserError(f"{opt('learning_rates')} must be positive numbers")
     for name, value in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
                         ("--knn-k", cfg.knn_k), ("--extract-batch-size", cfg.extract_batch_size)):
         if value < 1:
@@ -273,9 +274,9 @@ def _check_config(cfg: ProbeConfig) -> None:
     if not cfg.knn_temperature > 0:
         raise UserError(f"--knn-temperature must be positive, not {cfg.knn_temperature}")
     if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction must lie in (0, 1), not {cfg.val_fraction}")
+        raise UserError(f"{opt('val_fraction')} must lie in (0, 1), not {cfg.val_fraction}")
     if cfg.save_head is not None and len(cfg.models) != 1:
-        raise UserError("--save-head takes one MODEL (the head is trained on its features)")
+        raise UserError(f"{opt('save_head')} takes one MODEL (the head is trained on its features)")
 
 
 @dataclass
@@ -355,7 +356,7 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     if len(classes) < 2:
         raise UserError(f"{cfg.chips}: probing needs a labelled chips dataset with at least two "
                         f"classes (task '{meta['task']}', {len(classes)} classes); tile with "
-                        "--labels")
+                        f"{opt('labels')}")
     if cfg.save_head is not None:
         check_not_input([cfg.save_head], [*cfg.models, cfg.chips], "--save-head")
         check_output(cfg.save_head, cfg.overwrite, "--save-head")

@@ -155,7 +155,7 @@ def check_model(model, init_weights: str | None = None, bands=None, seed: int = 
                 raise UserError(f"{path}: not a geoexplora model file; for a raw checkpoint name "
                                 f"its architecture as the model and give the file as "
                                 f"{opt('init_weights')} (e.g. vit_small_patch14_dinov2 "
-                                f"--init-weights {path})") from exc
+                                f"{opt('init_weights')} {path})") from exc
             raise
         return path
     resolve_init(text, init_weights)
@@ -230,7 +230,7 @@ def _source_for_dataset(spec: SourceSpec, dataset: ChipsDataset):
                              num_frames=dataset.num_frames)
     if dataset.chip_size % vit.patch_size:
         raise UserError(f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
-                        f"{spec.spec}'s {vit.patch_size} px patches; tile with --size "
+                        f"{spec.spec}'s {vit.patch_size} px patches; tile with {opt('size')} "
                         f"{vit.patch_size * max(1, round(dataset.chip_size / vit.patch_size))}")
     return vit, (None if index == list(range(len(dataset.bands))) else index)
 
@@ -250,7 +250,7 @@ def backbone_for_dataset(model_path, dataset: ChipsDataset):
     vit = build_backbone(init=str(model_path))
     if dataset.chip_size % vit.patch_size:
         raise UserError(f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
-                        f"{model_path.name}'s {vit.patch_size} px patches; tile with --size "
+                        f"{model_path.name}'s {vit.patch_size} px patches; tile with {opt('size')} "
                         f"{vit.patch_size * max(1, round(dataset.chip_size / vit.patch_size))}")
     model_keys = [b.key for b in vit.bands]
     data_keys = [b.key for b in dataset.bands]

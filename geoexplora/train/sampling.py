@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from geoexplora.defaults import DATA
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.train.engine import EpochIndex, sample_rng
 
 MAX_TRIES = 20
@@ -70,10 +70,10 @@ class SceneWindows:
             if scene.width < size or scene.height < size:
                 raise UserError(f"{name}: {scene.width}x{scene.height} px is smaller than the "
                                 f"{size} px training window; use larger scenes or a smaller "
-                                "--crop-size")
+                                f"{opt('crop_size')}")
             if len(scene.dates) != frames:
                 raise UserError(f"{name}: {len(scene.dates)} date(s), the model takes {frames} "
-                                "(--frames)")
+                                f"({opt('frames')})")
         self.scenes, self.size, self.seed = scenes, size, seed
         self.prepare, self.frames, self.min_valid = prepare, frames, min_valid
         self.cell = max(size, cell or DATA.valid_map_cell)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from geoexplora.bands import band_from_key
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io import chips as C
 from geoexplora.io.stats import pixel_sample
 from geoexplora.pipelines.tile.config import TileConfig, TileResult
@@ -73,7 +73,7 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
     size = cfg.size or (existing.meta["chip_size"] if existing is not None else first.width)
     if cfg.size is None and existing is None and first.width != first.height:
         raise UserError(f"{example}: {first.width} x {first.height} px patches are not "
-                        "square; pass --size to centre-crop/pad them")
+                        f"square; pass {opt('size')} to centre-crop/pad them")
     patches = draw_splits(found, cfg.val_fraction, cfg.test_fraction, cfg.seed, root, existing)
     plan = PatchPlan(bands=[b.name for b in first.bands], band_keys=[b.key for b in first.bands],
                      num_frames=len(first.dates), size=size, size_given=cfg.size is not None,
@@ -107,22 +107,22 @@ def import_class_folders(cfg: TileConfig, start: float, existing=None) -> TileRe
 def _check_options(cfg: TileConfig) -> Path:
     """The one root folder, with no option that only makes sense for scenes."""
     if len(cfg.inputs) != 1:
-        raise UserError(f"--class-folders takes one root folder (DIR/<class>/*.tif), "
+        raise UserError(f"{opt('class_folders')} takes one root folder (DIR/<class>/*.tif), "
                         f"got {len(cfg.inputs)} inputs")
     if cfg.labels or cfg.label_raster:
-        raise UserError("--class-folders takes the classes from the folder names; drop "
-                        "--labels/--label-raster")
+        raise UserError(f"{opt('class_folders')} takes the classes from the folder names; drop "
+                        f"{opt('labels')}/{opt('label_raster')}")
     if (cfg.task or "classification") != "classification":
-        raise UserError(f"--task {cfg.task}: class folders make a classification dataset")
+        raise UserError(f"{opt('task')} {cfg.task}: class folders make a classification dataset")
     gridding = [name for name, value in (("--crs", cfg.crs), ("--stride", cfg.stride),
                                          ("--split-block", cfg.split_block), ("--aoi", cfg.aoi))
                 if value is not None]
     if gridding:
-        raise UserError(f"{', '.join(gridding)}: not for --class-folders (each file is one chip, "
+        raise UserError(f"{', '.join(gridding)}: not for {opt('class_folders')} (each file is one chip, "
                         "kept in its own CRS; splits are drawn per class)")
     root = Path(cfg.inputs[0])
     if not root.is_dir():
-        raise UserError(f"--class-folders {root}: not a folder")
+        raise UserError(f"{opt('class_folders')} {root}: not a folder")
     return root
 
 
@@ -264,7 +264,7 @@ def run_patches(task: PatchTask) -> PatchResult:
                                 f"from the first patch's {','.join(plan.band_keys)}")
             if not plan.size_given and (scene.width, scene.height) != (plan.size, plan.size):
                 raise UserError(f"{path}: {scene.width} x {scene.height} px, {plan.size_from} "
-                                f"{plan.size} x {plan.size}; pass --size to centre-crop/pad")
+                                f"{plan.size} x {plan.size}; pass {opt('size')} to centre-crop/pad")
             col, row = (scene.width - plan.size) // 2, (scene.height - plan.size) // 2
             window = Window(col, row, plan.size, plan.size)
             data = scene.read(window)

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io import chips as C
 from geoexplora.pipelines.tile.grid import Candidates
 
@@ -23,10 +23,10 @@ def default_task(labels, class_folders: bool) -> str:
 
 def check_task(task: str, labels) -> None:
     if task not in C.TASKS:
-        raise UserError(f"--task {task}: must be one of {', '.join(C.TASKS)}")
+        raise UserError(f"{opt('task')} {task}: must be one of {', '.join(C.TASKS)}")
     if task != "none" and labels is None:
-        raise UserError(f"--task {task} needs labels: --labels PATH --label-field NAME or "
-                        "--label-raster PATH")
+        raise UserError(f"{opt('task')} {task} needs labels: {opt('labels')} PATH {opt('label_field')} NAME or "
+                        f"{opt('label_raster')} PATH")
     if task == "segmentation" and labels is not None and labels.kind == "points":
         log.warning("segmentation masks from points label single pixels only")
 

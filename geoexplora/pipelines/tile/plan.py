@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geoexplora.defaults import TILE
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io import chips as C
 from geoexplora.log import reports_progress
 from geoexplora.pipelines.tile.class_folders import import_class_folders
@@ -91,10 +91,10 @@ def resolve_config(cfg: TileConfig) -> ResolvedConfig:
 
     check_not_input([cfg.output], [*cfg.inputs, cfg.labels, cfg.label_raster, cfg.aoi])
     if cfg.append and cfg.overwrite:
-        raise UserError("--append and --overwrite exclude each other: add to the dataset, or "
+        raise UserError(f"{opt('append')} and {opt('overwrite')} exclude each other: add to the dataset, or "
                         "replace it")
     if Path(cfg.output).exists() and not (cfg.append or cfg.overwrite):
-        raise UserError(f"{cfg.output} exists; pass --append to add to it or --overwrite to "
+        raise UserError(f"{cfg.output} exists; pass {opt('append')} to add to it or {opt('overwrite')} to "
                         "replace it")
     existing = None
     given = cfg
@@ -111,17 +111,17 @@ def resolve_config(cfg: TileConfig) -> ResolvedConfig:
     if cfg.val_fraction < 0 or cfg.test_fraction < 0 or cfg.val_fraction + cfg.test_fraction >= 1:
         source = (f" ({' and '.join('--' + k.replace('_', '-') for k in carried)} from "
                   f"{cfg.output}'s first run)" if carried else "")
-        raise UserError(f"--val-fraction {cfg.val_fraction:g} and --test-fraction "
+        raise UserError(f"{opt('val_fraction')} {cfg.val_fraction:g} and {opt('test_fraction')} "
                         f"{cfg.test_fraction:g} must be >= 0 and sum to less than 1{source}")
     out = check_output(cfg.output, cfg.overwrite or existing is not None)
     if cfg.edge not in EDGES:
-        raise UserError(f"--edge {cfg.edge}: must be drop or pad")
+        raise UserError(f"{opt('edge')} {cfg.edge}: must be drop or pad")
     if not 0.0 <= cfg.max_nodata <= 1.0:
-        raise UserError(f"--max-nodata {cfg.max_nodata}: must be within 0..1")
+        raise UserError(f"{opt('max_nodata')} {cfg.max_nodata}: must be within 0..1")
     if not 0.0 <= cfg.min_label_fraction <= 1.0:
-        raise UserError(f"--min-label-fraction {cfg.min_label_fraction}: must be within 0..1")
+        raise UserError(f"{opt('min_label_fraction')} {cfg.min_label_fraction}: must be within 0..1")
     if cfg.workers < 1:
-        raise UserError(f"--workers {cfg.workers}: must be at least 1")
+        raise UserError(f"{opt('workers')} {cfg.workers}: must be at least 1")
     return ResolvedConfig(cfg, given, existing, out)
 
 
@@ -183,7 +183,7 @@ def plan_tile(resolved: ResolvedConfig, started: float) -> TilePlan:
     size = TILE.size if cfg.size is None else cfg.size
     stride = size if cfg.stride is None else cfg.stride
     if size < 1 or stride < 1:
-        raise UserError(f"--size {size} / --stride {stride}: both must be at least 1")
+        raise UserError(f"{opt('size')} {size} / {opt('stride')} {stride}: both must be at least 1")
     scenes, skipped, already = open_scenes(cfg, existing)
     first = scenes[0]
     crs = first.crs
@@ -191,8 +191,8 @@ def plan_tile(resolved: ResolvedConfig, started: float) -> TilePlan:
         labels = open_labels(cfg.labels, cfg.label_field, cfg.label_raster, crs, cfg.label_layer)
     except UserError as exc:
         if cfg.label_field != given.label_field:  # taken from the existing dataset
-            raise UserError(f"{exc} (--label-field {cfg.label_field} is the field {out} was "
-                            "tiled with; pass --label-field)") from exc
+            raise UserError(f"{exc.render(opt)} ({opt('label_field')} {cfg.label_field} is the field {out} was "
+                            f"tiled with; pass {opt('label_field')})") from exc
         raise
     task = cfg.task or default_task(labels, False)
     check_task(task, labels)
@@ -367,10 +367,10 @@ def _apply_aoi(cands: Candidates, aoi_path, crs) -> None:
     try:
         aoi = gpd.read_file(aoi_path)
     except Exception as exc:  # pyogrio's DataSourceError and friends
-        raise UserError(f"--aoi {aoi_path}: not a readable vector file "
+        raise UserError(f"{opt('aoi')} {aoi_path}: not a readable vector file "
                         f"({str(exc).splitlines()[0]})") from exc
     if aoi.empty or aoi.crs is None:
-        raise UserError(f"--aoi {aoi_path}: empty or without a CRS")
+        raise UserError(f"{opt('aoi')} {aoi_path}: empty or without a CRS")
     area = aoi.to_crs(crs.to_wkt()).union_all()
     live = np.flatnonzero(cands.drop == "")
     inside = shapely.intersects(cands.boxes[live], area)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io.inputs import check_same_bands, collect_inputs, group_by_place
 from geoexplora.pipelines.tile.config import TileConfig
 
@@ -48,7 +48,7 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
     if not groups:
         raise UserError("no readable input scenes")
     if cfg.dates and len(groups) > 1:
-        raise UserError(f"--dates applies to one scene; the inputs are {len(groups)} places")
+        raise UserError(f"{opt('dates')} applies to one scene; the inputs are {len(groups)} places")
     target = cfg.crs
     if target is None:
         with rasterio.open(groups[0][0]) as src:
