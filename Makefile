@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/geoexplora demo --out demo-out --overwrite
+	$(VENV)/bin/geoexplora demo -o demo-out --overwrite
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -88,14 +88,14 @@ def test_a_run_keeps_its_resolved_config_next_to_its_output_and_reruns_from_it(t
     assert code == 0, err
     sidecar = tmp_path / "chips.config.yaml"
     kept = yaml.safe_load(sidecar.read_text())
-    assert kept["out"] == str(out) and kept["size"] == 32 and "print_config" not in kept
+    assert kept["output"] == str(out) and kept["size"] == 32 and "print_config" not in kept
     assert sidecar.read_text().startswith("# geoexplora tile (geoexplora ")
     code, printed, err = run_cli("tile", "--config", str(sidecar), "--print-config")
     assert code == 0, err
     assert yaml.safe_load(printed) == kept
     code, _, err = run_cli("tile", "--config", str(sidecar), "-o", str(tmp_path / "again"))
     assert code == 0, err
-    assert yaml.safe_load((tmp_path / "again.config.yaml").read_text())["out"] == str(
+    assert yaml.safe_load((tmp_path / "again.config.yaml").read_text())["output"] == str(
         tmp_path / "again")
 
 

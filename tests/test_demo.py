@@ -70,7 +70,7 @@ def numbers(value):
 
 def test_demo_prints_one_json_summary_of_every_step(doc, demo):
     out = demo[3]
-    assert doc["out"] == str(out)
+    assert doc["output"] == str(out)
     assert doc["adapt"]["steps"] == 3
     assert [m["name"] for m in doc["probe"]["models"]] == ["source", "adapted"]
     assert doc["finetune"]["path"] == str(out / "model.pt")
@@ -139,7 +139,7 @@ def test_demo_summary_json_numbers_are_finite(demo, doc):
 def test_demo_summary_json_paths_name_files_in_the_output_folder(demo):
     out = demo[3]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["out"] == str(out)
+    assert summary["output"] == str(out)
     assert summary["quicklook"] == str(out / "quicklook.png")
 
 
@@ -163,8 +163,8 @@ def test_run_demo_refuses_an_existing_folder_before_any_work(tmp_path):
 
     (tmp_path / "demo-out").mkdir()
     (tmp_path / "demo-out" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="demo-out exists; pass --overwrite"):
-        demo(DemoConfig(out=tmp_path / "demo-out", adapt_steps=1, finetune_steps=1))
+    with pytest.raises(UserError, match="demo-out exists; pass overwrite"):
+        demo(DemoConfig(output=tmp_path / "demo-out", adapt_steps=1, finetune_steps=1))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["demo-out", "notes.txt"]
 
 

@@ -55,7 +55,7 @@ def test_predict_over_its_input_is_refused_with_overwrite(model, scene, tmp_path
     code, _, err = run_cli("predict", str(model), str(scene), "-o", str(scene), "--overwrite")
     assert code == 2
     line = error_line(err)
-    assert f"-o {scene} is the input {scene}" in line
+    assert f"--output {scene} is the input {scene}" in line
     assert digest(tmp_path) == before
 
 
@@ -66,7 +66,7 @@ def test_predict_through_a_link_or_hard_link_to_its_input_is_refused(model, scen
     before = digest(scene)
     for out in (link, hard):
         code, _, err = run_cli("predict", str(model), str(scene), "-o", str(out), "--overwrite")
-        assert code == 2 and f"-o {out} is the input {scene}" in error_line(err)
+        assert code == 2 and f"--output {out} is the input {scene}" in error_line(err)
     assert digest(scene) == before and link.is_symlink()
 
 
@@ -80,7 +80,7 @@ def test_predict_over_the_model_file_is_refused(model, scene):
 def test_embed_over_its_input_is_refused(model, scene, tmp_path):
     before = digest(tmp_path)
     code, _, err = run_cli("embed", str(model), str(scene), "-o", str(scene), "--overwrite")
-    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert code == 2 and f"--output {scene} is the input {scene}" in error_line(err)
     assert digest(tmp_path) == before
 
 
@@ -88,7 +88,7 @@ def test_adapt_over_its_input_is_refused(scene, tmp_path):
     before = digest(tmp_path)
     code, _, err = run_cli("adapt", str(scene), "-o", str(scene), "--overwrite", "--init", TINY,
                            "--init-weights", "random", "--bands", "B2,B3,B4,B8")
-    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert code == 2 and f"--output {scene} is the input {scene}" in error_line(err)
     assert digest(tmp_path) == before
 
 
@@ -99,14 +99,14 @@ def test_adapt_whose_checkpoint_would_be_an_input_is_refused(tmp_path):
     before = digest(tmp_path)
     code, _, err = run_cli("adapt", str(inp), "-o", str(tmp_path / "m.pt"), "--overwrite",
                            "--init", TINY, "--init-weights", "random", "--bands", "B2,B3,B4,B8")
-    assert code == 2 and f"-o {inp} is the input {inp}" in error_line(err)
+    assert code == 2 and f"--output {inp} is the input {inp}" in error_line(err)
     assert digest(tmp_path) == before
 
 
 def test_tile_over_its_input_is_refused_and_leaves_no_partial_folder(scene, tmp_path):
     before = digest(tmp_path)
     code, _, err = run_cli("tile", str(scene), "-o", str(scene), "--overwrite", "--size", "32")
-    assert code == 2 and f"-o {scene} is the input {scene}" in error_line(err)
+    assert code == 2 and f"--output {scene} is the input {scene}" in error_line(err)
     assert digest(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
 
@@ -118,7 +118,7 @@ def test_tile_into_a_folder_holding_its_input_is_refused(tmp_path):
     shutil.copyfile(sample.s2_tile_crop(), scene)
     before = digest(tmp_path)
     code, _, err = run_cli("tile", str(scene), "-o", str(folder), "--overwrite", "--size", "32")
-    assert code == 2 and f"-o {folder} holds the input {scene}" in error_line(err)
+    assert code == 2 and f"--output {folder} holds the input {scene}" in error_line(err)
     assert digest(tmp_path) == before
 
 
@@ -515,7 +515,7 @@ def test_demo_can_start_from_a_model_file(model, tmp_path):
     from geoexplora.models.file import load_model
     from geoexplora.pipelines.demo import DemoConfig, _source, _write_source_model
 
-    init, weights, note = _source(DemoConfig(out=tmp_path / "d", init=str(model)))
+    init, weights, note = _source(DemoConfig(output=tmp_path / "d", init=str(model)))
     assert (init, weights, note) == (str(model), None, f"source: the model file {model}")
     chips = make_chips_dataset(tmp_path, "unlabeled", size=28, bands=["B2", "B3", "B4", "B8"])
     source = load_model(_write_source_model(tmp_path / "source.pt", init, weights, chips))

@@ -250,7 +250,7 @@ def _tracking(ctx, config: dict):
     return tracking(list(names or []), run_name, Path(log_dir or "."), config)
 
 
-OUTPUT_PARAMS = ("output", "out")  # the verbs' -o: a file, or a folder (tile, demo)
+OUTPUT_PARAMS = ("output",)  # the verbs' -o: a file, or a folder (tile, demo)
 
 
 def config_sidecar(output: Path) -> Path:

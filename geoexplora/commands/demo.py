@@ -12,8 +12,8 @@ from geoexplora.defaults import DEMO
 
 
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every output.")] = Path(
-        "demo-out"),
+    output: Annotated[Path, typer.Option("-o", "--output", "--out",
+                                         help="Folder for every output.")] = Path("demo-out"),
     adapt_steps: Annotated[int, typer.Option("--adapt-steps", help="ExPLoRA steps.")] = DEMO.adapt_steps,
     finetune_steps: Annotated[int, typer.Option("--finetune-steps",
                                                 help="LoRA fine-tuning steps.")] = DEMO.finetune_steps,
@@ -32,7 +32,7 @@ def demo(
 
     Without GEOEXPLORA_INIT_WEIGHTS the source model is a tiny ViT with random weights (no pre-trained weights can be downloaded offline); the summary says which was used.
 
-    Example: geoexplora demo --out demo-out --overwrite
+    Example: geoexplora demo -o demo-out --overwrite
     """
     import os
 
@@ -42,7 +42,7 @@ def demo(
     # The environment is read here, never by the library: the variables stand in for the flags.
     init = init or os.environ.get("GEOEXPLORA_INIT")
     init_weights = init_weights or os.environ.get("GEOEXPLORA_INIT_WEIGHTS")
-    doc = run_demo(DemoConfig(out=out, overwrite=overwrite, adapt_steps=adapt_steps,
+    doc = run_demo(DemoConfig(output=output, overwrite=overwrite, adapt_steps=adapt_steps,
                               finetune_steps=finetune_steps, probe_steps=probe_steps, init=init,
                               init_weights=init_weights, device=device, seed=seed))
     if json_out:
@@ -59,7 +59,7 @@ def render_summary(doc: dict, console=None) -> None:
     from geoexplora.pipelines.demo import CHIP_SIZE
 
     console = console or Console()
-    console.print(f"[bold]geoexplora demo[/bold] -> {doc['out']}")
+    console.print(f"[bold]geoexplora demo[/bold] -> {doc['output']}")
     console.print(doc["source"])
     table = Table("step", "result", "seconds")
     s = doc["seconds"]

@@ -16,7 +16,8 @@ def tile(
         help="Scene files, folders (searched recursively), globs, or - (paths on stdin). With "
              "--class-folders: the root folder of DIR/<class>/*.tif.", metavar="SCENE",
         show_default=False)],
-    out: Annotated[str, typer.Option("-o", "--out", help="The chips dataset folder to write.")],
+    output: Annotated[str, typer.Option("-o", "--output", "--out",
+                                        help="The chips dataset folder to write.")],
     bands: O.Bands = None,
     sensor: O.Sensor = None,
     band_map: O.BandMap = None,
@@ -103,7 +104,7 @@ def tile(
     opts = scene_options(bands=bands, sensor=sensor, band_map=band_map, resolution=resolution,
                          nodata=nodata, dates=dates, s2_offset=s2_offset, crs=crs)
     cfg = TileConfig(
-        inputs=[str(p) for p in O.expand_paths(scenes)], output=out, size=size, stride=stride,
+        inputs=[str(p) for p in O.expand_paths(scenes)], output=output, size=size, stride=stride,
         bands=opts.bands, sensor=opts.sensor, band_map=opts.band_map, nodata=opts.nodata,
         s2_offset=opts.s2_offset, resolution=opts.resolution, dates=opts.dates, crs=opts.crs,
         labels=labels, label_field=label_field, label_layer=label_layer,

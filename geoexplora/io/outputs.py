@@ -11,23 +11,24 @@ from pathlib import Path
 from geoexplora.errors import UserError, opt
 
 
-def check_output(path: str | os.PathLike, overwrite: bool, option: str = "-o") -> Path:
-    """Refuse an existing output unless ``overwrite``; the parent folder must be writable."""
+def check_output(path: str | os.PathLike, overwrite: bool, option: str = "output") -> Path:
+    """Refuse an existing output unless ``overwrite``; the parent folder must be writable.
+    ``option``: the configuration field that named the path (for messages)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass {opt('overwrite')} to replace it")
     if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
-        raise UserError(f"{option} {path}: holds the current folder, and is replaced by a new "
-                        "folder when the run completes; run from another folder")
+        raise UserError(f"{opt(option)} {path}: holds the current folder, and is replaced by a "
+                        "new folder when the run completes; run from another folder")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
-        raise UserError(f"{option} {path}: {parent} is not a folder")
+        raise UserError(f"{opt(option)} {path}: {parent} is not a folder")
     if parent.exists() and not os.access(parent, os.W_OK):
-        raise UserError(f"{option} {path}: folder {parent} is not writable")
+        raise UserError(f"{opt(option)} {path}: folder {parent} is not writable")
     return path
 
 
-def check_not_input(outputs, inputs, option: str = "-o") -> None:
+def check_not_input(outputs, inputs, option: str = "output") -> None:
     """Refuse a run whose output (or a file it writes beside it: sidecar, checkpoint, log...)
     is one of its inputs, or a folder holding one: the atomic replace would destroy the input
     once the run completes. Paths are compared resolved (links followed) and, where both exist,
@@ -42,11 +43,11 @@ def check_not_input(outputs, inputs, option: str = "-o") -> None:
             same = target == resolved or (target.exists() and resolved.exists()
                                           and os.path.samefile(target, resolved))
             if same:
-                raise UserError(f"{option} {out} is the input {given}; writing it would destroy "
-                                "the input: choose another output path")
-            if resolved.is_relative_to(target):
-                raise UserError(f"{option} {out} holds the input {given}; replacing it would "
+                raise UserError(f"{opt(option)} {out} is the input {given}; writing it would "
                                 "destroy the input: choose another output path")
+            if resolved.is_relative_to(target):
+                raise UserError(f"{opt(option)} {out} holds the input {given}; replacing it "
+                                "would destroy the input: choose another output path")
 
 
 def temporary_sibling(path: Path) -> Path:

@@ -38,7 +38,7 @@ VAL_FRACTION = 0.3
 
 @dataclass
 class DemoConfig:
-    out: Path = Path("demo-out")
+    output: Path = Path("demo-out")
     overwrite: bool = False
     adapt_steps: int = DEMO.adapt_steps
     finetune_steps: int = DEMO.finetune_steps
@@ -72,20 +72,19 @@ def _labelled_scene() -> Path:
 
 
 def demo(cfg: DemoConfig) -> dict:
-    """Run the pipeline into the folder ``cfg.out``; returns the summary document.
+    """Run the pipeline into the folder ``cfg.output``; returns the summary document.
 
     The folder is complete when ``summary.json`` is in it (written last); a failed or interrupted
     run removes what it wrote. ``--overwrite`` replaces only an earlier demo folder.
     """
-    for option, value in (("--adapt-steps", cfg.adapt_steps),
-                          ("--finetune-steps", cfg.finetune_steps),
-                          ("--probe-steps", cfg.probe_steps), ("--batch-size", cfg.batch_size)):
+    for option in ("adapt_steps", "finetune_steps", "probe_steps", "batch_size"):
+        value = getattr(cfg, option)
         if value < 1:
-            raise UserError(f"{option} must be at least 1, not {value}")
-    out = check_output(cfg.out, cfg.overwrite, "--out")
+            raise UserError(f"must be at least 1, not {value}", option=option)
+    out = check_output(cfg.output, cfg.overwrite)
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").exists()):
-            raise UserError(f"{opt('out')} {out}: not an earlier demo folder (no summary.json); "
+            raise UserError(f"{opt('output')} {out}: not an earlier demo folder (no summary.json); "
                             "refusing to replace it")
         shutil.rmtree(out)
     init, init_weights, source_note = _source(cfg)
@@ -160,7 +159,7 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
                                      "knn_top1")} for m in probe_doc["models"]]
     val = finetune_doc["metrics"]["val"]
     return {
-        "out": str(work),
+        "output": str(work),
         "chips": {"path": str(chips), "count": tiled.chips, "splits": tiled.splits,
                   "classes": [c["name"] for c in tiled.classes]},
         "adapt": {"path": str(adapted), "steps": adapt_doc["steps"],

@@ -358,16 +358,16 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
                         f"classes (task '{meta['task']}', {len(classes)} classes); tile with "
                         f"{opt('labels')}")
     if cfg.save_head is not None:
-        check_not_input([cfg.save_head], [*cfg.models, cfg.chips], "--save-head")
-        check_output(cfg.save_head, cfg.overwrite, "--save-head")
+        check_not_input([cfg.save_head], [*cfg.models, cfg.chips], "save_head")
+        check_output(cfg.save_head, cfg.overwrite, "save_head")
     plot_paths = {}
     if cfg.plots_dir is not None:
         plot_paths = {m: Path(cfg.plots_dir) / f"{_model_label(m, models)}.confusion.png"
                       for m in models}
         if not multilabel:
-            check_not_input(plot_paths.values(), [*cfg.models, cfg.chips], "--plots")
+            check_not_input(plot_paths.values(), [*cfg.models, cfg.chips], "plots")
             for path in plot_paths.values():
-                check_output(path, cfg.overwrite, "--plots")
+                check_output(path, cfg.overwrite, "plots")
     device = resolve_device(cfg.device)
     splits = {name: ChipsDataset(cfg.chips, split=name) for name in ("train", "val", "test")}
     splits = {name: ds for name, ds in splits.items() if len(ds)}
