@@ -75,6 +75,26 @@ def test_an_open_scene_is_a_context_manager_that_closes_its_files():
     assert scene._handles == {}
 
 
+def test_predict_closes_the_scenes_it_opens_and_leaves_the_callers_open(tmp_path, monkeypatch):
+    from factories import make_model
+
+    from geoexplora.io.scene import Scene
+    from geoexplora.sample import s2_tile_crop
+
+    model = make_model(tmp_path / "m.pt", bands=("sentinel2:B2", "sentinel2:B3", "sentinel2:B4"))
+    closed = []
+    original = Scene.close
+    monkeypatch.setattr(Scene, "close", lambda self: (closed.append(self), original(self)))
+    opts = {"bands": ["B2", "B3", "B4"]}
+    geoexplora.predict(geoexplora.PredictConfig(model, [s2_tile_crop()], tmp_path / "a.tif",
+                                                scene=opts, progress=False))
+    assert len(closed) == 1  # the scene predict opened from the path
+    with geoexplora.open_scene([s2_tile_crop()], geoexplora.SceneOptions(**opts)) as scene:
+        geoexplora.predict(geoexplora.PredictConfig(model, [scene], tmp_path / "b.tif",
+                                                    progress=False))
+        assert scene not in closed and scene.read(None).shape[1] == 3  # still the caller's
+
+
 def test_progress_goes_to_a_callback_or_nowhere():
     from geoexplora.log import make_progress, reports_progress
 

@@ -28,6 +28,7 @@ from geoexplora.pipelines.predict import (
     model_name,
     open_model_scene,
     output_grid,
+    owned,
     plan_jobs,
     predict_scene,
     prepare_jobs,
@@ -135,9 +136,6 @@ def _with_source_model(cfg: EmbedConfig) -> EmbedConfig:
 @reports_progress
 def embed(cfg: EmbedConfig) -> list[RasterResult]:
     """Patch embeddings of every job of ``cfg`` as georeferenced rasters at patch resolution."""
-    from geoexplora.inference.model import predictor_from_model
-    from geoexplora.inference.products import embedding_product
-    from geoexplora.inference.runner import prepare_work, release_work, work_folder
 
     if cfg.pca is not None and cfg.pca < 1:
         raise UserError(f"{opt('pca')} must be at least 1")
@@ -146,54 +144,64 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
     results = []
     for inputs, output in jobs:
         scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, model_name(cfg.model))
-        raw = predictor_from_model(model, read.days, embed=True)
-        plan = make_plan(scene, raw, cfg.window, cfg.overlap, dense=True)
-        dim = raw.channels
-        channels = cfg.pca or dim
-        tags = {"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": "embedding"}
-        names = ([f"pc{i + 1}" for i in range(channels)] if cfg.pca
-                 else [f"dim{i}" for i in range(channels)])
-        product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags,
-                                    names)
-        check_outputs([product], cfg, [], inputs)
-        if cfg.dry_run:
-            doc = dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
-                               devices, False)
-            results.append(RasterResult.from_report(
-                {**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype}, dry_run=True))
-            continue
-        if cfg.pca and cfg.pca > dim:
-            raise UserError(f"{opt('pca')} {cfg.pca}: the model's embeddings have {dim} dimensions")
-        check_memory(scene, plan, raw, [product], cfg, devices, False, output)
-        settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
-        fresh = not work_folder(output).exists()
-        work = prepare_work(output, job_fingerprint(model_sha, inputs, plan, settings), run_opts)
-        pca_doc = None
-        predictor = raw
-        if cfg.pca:
-            try:
-                mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
-            except BaseException:
-                # Nothing resumable yet: a work folder this run made would only block a rerun
-                # (one another shard may already share is left to it).
-                release_work(work)
-                if fresh and not run_opts.shard:
-                    shutil.rmtree(work)
-                raise
-            predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
-            pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
-                       "mean": mean.tolist(), "components": comps.tolist()}
-        provenance = {"command": "embed", "model": {"path": model_name(cfg.model), "sha256": model_sha},
-                      "inputs": [str(p) for p in input_files(inputs)],
-                      "scene": scene.describe(),
-                      "band_mapping": mapping, "task": "embedding", "embed_dim": dim,
-                      "patch_size": raw.patch_size, "pca": pca_doc,
-                      "devices": [str(d) for d in devices], "versions": package_versions()}
-        result = predict_scene(scene, predictor, plan, [product], devices, run_opts, {},
-                               provenance, prepared=True)
-        results.append(RasterResult.from_report(finish_result(
-            {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
-            output),
-            dry_run=False))
+        with owned(scene, inputs):
+            results.append(_embed_job(cfg, inputs, output, scene, read, mapping, model,
+                                     model_sha, devices, run_opts))
     return results
+
+
+def _embed_job(cfg, inputs, output, scene, read, mapping, model, model_sha: str,
+             devices, run_opts) -> RasterResult:
+    """One job: one scene's embeddings into one output (or its plan, with ``dry_run``)."""
+    from geoexplora.inference.model import predictor_from_model
+    from geoexplora.inference.products import embedding_product
+    from geoexplora.inference.runner import prepare_work, release_work, work_folder
+
+    raw = predictor_from_model(model, read.days, embed=True)
+    plan = make_plan(scene, raw, cfg.window, cfg.overlap, dense=True)
+    dim = raw.channels
+    channels = cfg.pca or dim
+    tags = {"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": "embedding"}
+    names = ([f"pc{i + 1}" for i in range(channels)] if cfg.pca
+             else [f"dim{i}" for i in range(channels)])
+    product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags,
+                                names)
+    check_outputs([product], cfg, [], inputs)
+    if cfg.dry_run:
+        doc = dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
+                           devices, False)
+        return RasterResult.from_report(
+            {**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype}, dry_run=True)
+    if cfg.pca and cfg.pca > dim:
+        raise UserError(f"{opt('pca')} {cfg.pca}: the model's embeddings have {dim} dimensions")
+    check_memory(scene, plan, raw, [product], cfg, devices, False, output)
+    settings = {"task": "embedding", "blend": cfg.blend, "pca": cfg.pca, "dtype": cfg.dtype}
+    fresh = not work_folder(output).exists()
+    work = prepare_work(output, job_fingerprint(model_sha, inputs, plan, settings), run_opts)
+    pca_doc = None
+    predictor = raw
+    if cfg.pca:
+        try:
+            mean, comps, ratio = _pca_for(scene, plan, model, read, devices[0], cfg.pca, work)
+        except BaseException:
+            # Nothing resumable yet: a work folder this run made would only block a rerun
+            # (one another shard may already share is left to it).
+            release_work(work)
+            if fresh and not run_opts.shard:
+                shutil.rmtree(work)
+            raise
+        predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
+        pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
+                   "mean": mean.tolist(), "components": comps.tolist()}
+    provenance = {"command": "embed", "model": {"path": model_name(cfg.model), "sha256": model_sha},
+                  "inputs": [str(p) for p in input_files(inputs)],
+                  "scene": scene.describe(),
+                  "band_mapping": mapping, "task": "embedding", "embed_dim": dim,
+                  "patch_size": raw.patch_size, "pca": pca_doc,
+                  "devices": [str(d) for d in devices], "versions": package_versions()}
+    result = predict_scene(scene, predictor, plan, [product], devices, run_opts, {},
+                           provenance, prepared=True)
+    return RasterResult.from_report(finish_result(
+        {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
+        output), dry_run=False)
 

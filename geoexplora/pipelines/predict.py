@@ -361,6 +361,16 @@ def module_sha256(module) -> str:
     return digest.hexdigest()
 
 
+def owned(scene, inputs: list):
+    """The scene as a context that closes it when the job is done, if this run opened it; an
+    open :class:`~geoexplora.io.scene.Scene` the caller passed stays open (it is theirs)."""
+    import contextlib
+
+    from geoexplora.io.scene import Scene
+
+    return contextlib.nullcontext(scene) if isinstance(inputs[0], Scene) else scene
+
+
 def input_files(inputs: list) -> list[Path]:
     """The files behind a job's inputs (an open Scene's source files)."""
     from geoexplora.io.scene import Scene
@@ -373,8 +383,6 @@ def input_files(inputs: list) -> list[Path]:
 @reports_progress
 def predict(cfg: PredictConfig) -> list[RasterResult]:
     """Predict every job of ``cfg``; one result per output (its plan, with ``dry_run``)."""
-    from geoexplora.inference.model import predictor_from_model
-    from geoexplora.inference.products import class_products
 
     if cfg.vectorize and output_is_folder(cfg.output):
         raise UserError(f"{opt('vectorize')} writes one file: use it with one output raster")
@@ -382,41 +390,50 @@ def predict(cfg: PredictConfig) -> list[RasterResult]:
     results = []
     for inputs, output in jobs:
         scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, model_name(cfg.model))
-        predictor = predictor_from_model(model, read.days)
-        plan = make_plan(scene, predictor, cfg.window, cfg.overlap, cfg.dense)
-        votes = cfg.uncertainty and plan.mode == "dense" and plan.overlap > 0
-        products = class_products(
-            output, output_grid(scene, plan), predictor.classes,
-            probabilities=cfg.probabilities, prob_dtype=cfg.prob_dtype,
-            uncertainty=cfg.uncertainty, disagreement=votes,
-            tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task})
-        check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [], inputs)
-        if cfg.dry_run:
-            results.append(RasterResult.from_report(dry_run_doc(
-                inputs, output, scene, plan, predictor, products, mapping, cfg, devices, votes),
-                dry_run=True))
-            continue
-        check_memory(scene, plan, predictor, products, cfg, devices, votes, output)
-        settings = {"task": predictor.task, "blend": cfg.blend, "probabilities": cfg.probabilities,
-                    "prob_dtype": cfg.prob_dtype, "uncertainty": cfg.uncertainty,
-                    "dense": cfg.dense}
-        provenance = {"command": "predict", "model": {"path": model_name(cfg.model),
-                                                     "sha256": model_sha},
-                      "inputs": [str(p) for p in input_files(inputs)],
-                      "scene": scene.describe(),
-                      "band_mapping": mapping, "task": predictor.task,
-                      "classes": predictor.classes, "devices": [str(d) for d in devices],
-                      "versions": package_versions()}
-        result = predict_scene(scene, predictor, plan, products, devices, run_opts,
-                               job_fingerprint(model_sha, inputs, plan, settings), provenance,
-                               votes=votes)
-        if cfg.vectorize and result["status"] == "complete":
-            from geoexplora.inference.vectorize import vectorize
-
-            result["vectorized"] = vectorize(output, cfg.vectorize, predictor.classes,
-                                             cfg.overwrite)
-        results.append(RasterResult.from_report(finish_result(
-            {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
-            output),
-            dry_run=False))
+        with owned(scene, inputs):
+            results.append(_predict_job(cfg, inputs, output, scene, read, mapping, model,
+                                     model_sha, devices, run_opts))
     return results
+
+
+def _predict_job(cfg, inputs, output, scene, read, mapping, model, model_sha: str,
+             devices, run_opts) -> RasterResult:
+    """One job: one scene into one output (or its plan, with ``dry_run``)."""
+    from geoexplora.inference.model import predictor_from_model
+    from geoexplora.inference.products import class_products
+
+    predictor = predictor_from_model(model, read.days)
+    plan = make_plan(scene, predictor, cfg.window, cfg.overlap, cfg.dense)
+    votes = cfg.uncertainty and plan.mode == "dense" and plan.overlap > 0
+    products = class_products(
+        output, output_grid(scene, plan), predictor.classes,
+        probabilities=cfg.probabilities, prob_dtype=cfg.prob_dtype,
+        uncertainty=cfg.uncertainty, disagreement=votes,
+        tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task})
+    check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [], inputs)
+    if cfg.dry_run:
+        return RasterResult.from_report(dry_run_doc(
+            inputs, output, scene, plan, predictor, products, mapping, cfg, devices, votes),
+            dry_run=True)
+    check_memory(scene, plan, predictor, products, cfg, devices, votes, output)
+    settings = {"task": predictor.task, "blend": cfg.blend, "probabilities": cfg.probabilities,
+                "prob_dtype": cfg.prob_dtype, "uncertainty": cfg.uncertainty,
+                "dense": cfg.dense}
+    provenance = {"command": "predict", "model": {"path": model_name(cfg.model),
+                                                 "sha256": model_sha},
+                  "inputs": [str(p) for p in input_files(inputs)],
+                  "scene": scene.describe(),
+                  "band_mapping": mapping, "task": predictor.task,
+                  "classes": predictor.classes, "devices": [str(d) for d in devices],
+                  "versions": package_versions()}
+    result = predict_scene(scene, predictor, plan, products, devices, run_opts,
+                           job_fingerprint(model_sha, inputs, plan, settings), provenance,
+                           votes=votes)
+    if cfg.vectorize and result["status"] == "complete":
+        from geoexplora.inference.vectorize import vectorize
+
+        result["vectorized"] = vectorize(output, cfg.vectorize, predictor.classes,
+                                         cfg.overwrite)
+    return RasterResult.from_report(finish_result(
+        {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
+        output), dry_run=False)
