@@ -19,6 +19,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from geoexplora.errors import UserError
+from geoexplora.io.remote import as_path
 from geoexplora.io.chips import IGNORE_INDEX, class_color, window_bounds, window_transform
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class VectorLabels:
     def __init__(self, path: str | os.PathLike, field: str | None, crs, layer: str | None = None):
         import geopandas as gpd
 
-        self.path = Path(path)
+        self.path = as_path(path)  # a URI stays one (RemotePath)
         try:
             gdf = gpd.read_file(self.path, layer=layer)
         except Exception as exc:  # pyogrio raises DataSourceError and friends
@@ -140,7 +141,7 @@ class RasterLabels:
     def __init__(self, path: str | os.PathLike):
         import rasterio
 
-        self.path = Path(path)
+        self.path = as_path(path)  # a URI stays one (RemotePath)
         try:
             with rasterio.open(self.path) as src:
                 if src.crs is None:

@@ -364,8 +364,10 @@ def _apply_aoi(cands: Candidates, aoi_path, crs) -> None:
     import geopandas as gpd
     import shapely
 
+    from geoexplora.io.remote import as_path
+
     try:
-        aoi = gpd.read_file(aoi_path)
+        aoi = gpd.read_file(as_path(aoi_path))  # a URI opens through GDAL's /vsi... path
     except Exception as exc:  # pyogrio's DataSourceError and friends
         raise UserError(f"--aoi {aoi_path}: not a readable vector file "
                         f"({str(exc).splitlines()[0]})") from exc
