@@ -12,15 +12,14 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from rasterio.windows import Window
 
 from geoexplora.errors import UserError
-from geoexplora.io.remote import as_path
 from geoexplora.io.chips import IGNORE_INDEX, class_color, window_bounds, window_transform
+from geoexplora.io.remote import as_path
 
 if TYPE_CHECKING:
     from shapely.strtree import STRtree

@@ -152,9 +152,8 @@ class AdaptData:
 
 def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
     """The training samples and the band statistics (dataset.json, or computed on a sample)."""
-    from geoexplora.train.sampling import ChipSamples, SceneWindows
-
     from geoexplora.io.remote import as_path
+    from geoexplora.train.sampling import ChipSamples, SceneWindows
 
     # URIs stay URIs (RemotePath); a STAC item found by a search stays the parsed item.
     inputs = [p if isinstance(p, dict) else as_path(p) for p in cfg.inputs]

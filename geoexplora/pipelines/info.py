@@ -23,9 +23,8 @@ def raster_files(paths: list) -> list:
     them (:func:`geoexplora.io.inputs.collect_inputs`: recursive, band files only where there
     are some); a chips dataset's folder stands for the dataset."""
     from geoexplora.io.inputs import collect_inputs
-    from geoexplora.io.scene import RASTER_SUFFIXES
-
     from geoexplora.io.remote import as_path, is_uri
+    from geoexplora.io.scene import RASTER_SUFFIXES
 
     out = []
     for path in paths:
