@@ -10,6 +10,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 from urllib.parse import parse_qs, urlparse
 
 
@@ -96,13 +97,13 @@ class _Handler(BaseHTTPRequestHandler):
         out += f"--{boundary}--\r\n".encode()
         self._send(206, out, f"multipart/byteranges; boundary={boundary}", head=head)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's names)
+    def do_GET(self) -> None:
         self._serve()
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._serve(head=True)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self._serve(body=self.rfile.read(length))
 
@@ -148,7 +149,7 @@ class RangeServer:
             self.httpd.bytes_served = 0
             self.httpd.requests.clear()
 
-    def __enter__(self) -> RangeServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -82,7 +82,7 @@ def catalog(tmp_path_factory):
 
 
 def test_band_mapping_from_stac_metadata(catalog):
-    _, root, items = catalog
+    items = catalog[2]
     paths = stac.band_assets(items[0])
     assert [p.stac.key for p in paths] == ["blue", "green", "red", "nir"]  # jp2 twin, thumb out
     assert [p.stac.band.key for p in paths] == ["sentinel2:B2", "sentinel2:B3", "sentinel2:B4",
@@ -126,7 +126,7 @@ def test_items_without_bands_or_rasters_are_refused():
 
 
 def test_remote_item_is_one_scene_equal_to_its_files(catalog):
-    srv, root, items = catalog
+    srv, root, _ = catalog
     places = resolve_places([srv.url("item.json")])
     assert len(places) == 1 and place_name(places.groups[0]) == "S2A_T33TVM_0"
     with open_scene(list(places.groups[0])) as scene:
@@ -193,8 +193,8 @@ def test_stac_search_through_pystac_client(catalog, tmp_path):
     code, _, err = run_cli("tile", "--stac-search", api, "--collection", "landsat-c2-l2",
                            "-o", str(tmp_path / "none"))
     assert code == 2 and not (tmp_path / "none").exists()
-    assert err.strip().splitlines() == [
+    assert err.strip().splitlines() == [(
         f"geoexplora: error: {api}: the STAC search returned no items (collections "
-        "['landsat-c2-l2'])"]
+        "['landsat-c2-l2'])")]
     code, _, err = run_cli("tile", "--bbox", "1,2,3", "--stac-search", api, "-o", str(out / "x"))
     assert code == 2 and "--bbox" in err
