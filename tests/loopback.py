@@ -1,6 +1,7 @@
 """A loopback HTTP server for the remote-read tests: files of one folder, honouring Range
 requests (single and multi-range), counting the bytes it serves; optionally ignoring Range (a
-server without range support), answering 403 for names starting with ``forbidden``, and a STAC
+server without range support), answering 403 for names starting with ``forbidden`` and 503 for
+``busy``, and a STAC
 API stub (``/stac/`` landing page and ``/stac/search``) returning the items it is given."""
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class _Handler(BaseHTTPRequestHandler):
         name = url.path.lstrip("/")
         if name.startswith("forbidden"):
             return self._send(403, b"forbidden", "text/plain", head=head)
+        if name.startswith("busy"):
+            return self._send(503, b"busy", "text/plain", head=head)
         file = self.server.root / name
         if not file.is_file():
             return self._send(404, b"not found", "text/plain", head=head)

@@ -151,6 +151,19 @@ def test_unreachable_host_and_no_range_support_exit_2(served, tmp_path):
             f"geoexplora: error: {plain.url(NAME)}: the server does not support range requests"]
 
 
+def test_server_failure_after_retries_is_exit_1(served, monkeypatch):
+    srv, _ = served
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")  # the user's settings win over ours
+    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.1")
+    srv.reset()
+    url = srv.url("busy.tif")
+    code, _, err = run_cli("info", url)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"geoexplora: error: {url}: HTTP 503 Service Unavailable after 1 retries"]
+    assert sum(1 for r in srv.requests if r[1] == "/busy.tif") >= 2  # GDAL retried
+
+
 def test_info_remote_raster(served):
     srv, _ = served
     import json
