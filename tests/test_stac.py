@@ -198,3 +198,22 @@ def test_stac_search_through_pystac_client(catalog, tmp_path):
         "['landsat-c2-l2'])")]
     code, _, err = run_cli("tile", "--bbox", "1,2,3", "--stac-search", api, "-o", str(out / "x"))
     assert code == 2 and "--bbox" in err
+
+
+def test_adapt_and_embed_read_remote_items(catalog, tmp_path):
+    import torch
+    from factories import TINY, timm_model
+
+    srv, _, _ = catalog
+    weights = tmp_path / "tiny.pth"
+    torch.save(timm_model(TINY, img_size=56).state_dict(), weights)
+    adapted = tmp_path / "adapted.pt"
+    code, _, err = run_cli("adapt", srv.url("items.json"), "-o", str(adapted), "--init", TINY,
+                           "--init-weights", str(weights), "--steps", "1", "--batch-size", "2",
+                           "--crop-size", "56", "--num-workers", "0")
+    assert code == 0, err
+    emb = tmp_path / "emb.tif"
+    code, _, err = run_cli("embed", str(adapted), srv.url("item.json"), "-o", str(emb))
+    assert code == 0, err
+    with rasterio.open(emb) as src:
+        assert src.count > 1 and src.width > 0
