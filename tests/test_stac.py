@@ -38,7 +38,7 @@ def band_cogs(root: Path, scene: str, size: int = 128) -> dict[str, Path]:
     for i, key in enumerate(BANDS):
         path = root / f"{Path(scene).stem}-{key}.tif"
         with rasterio.open(path, "w", driver="COG", width=size, height=size, count=1,
-                           dtype="uint16", crs=crs, transform=transform, blocksize=64,
+                           dtype="uint16", crs=crs, transform=transform, blocksize=128,
                            compress="deflate") as dst:
             dst.write(dn[i], 1)
         out[key] = path
@@ -217,3 +217,13 @@ def test_adapt_and_embed_read_remote_items(catalog, tmp_path):
     assert code == 0, err
     with rasterio.open(emb) as src:
         assert src.count > 1 and src.width > 0
+
+
+def test_append_skips_remote_files_already_in_the_dataset(catalog, tmp_path):
+    srv, _, _ = catalog
+    out = tmp_path / "chips"
+    code, _, err = run_cli("tile", srv.url("item.json"), "--size", "32", "-o", str(out))
+    assert code == 0, err
+    code, _, err = run_cli("tile", srv.url("item.json"), "--size", "32", "-o", str(out),
+                           "--append")
+    assert code == 2 and "nothing to append" in err

@@ -194,6 +194,12 @@ def as_path(value):
     return RemotePath(text) if is_uri(text) else Path(text)
 
 
+def source_name(path) -> str:
+    """How a read file is recorded (dataset index, provenance): a URI as given, a local file's
+    absolute path."""
+    return str(path) if is_uri(path) else os.path.abspath(path)
+
+
 def refuse_listing(uri: str) -> None:
     """Folders and globs on a URI cannot be listed: a UserError saying so."""
     raise UserError(f"{uri}: folders and globs are not supported on URIs; name each file, or a "
