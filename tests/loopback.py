@@ -30,7 +30,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if not head:
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                return
             with self.server.lock:
                 self.server.bytes_served += len(body)
 
@@ -113,6 +116,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:  # no tracebacks on stderr
+        pass
+
     root: Path
     ranges: bool
     bytes_served: int

@@ -173,6 +173,8 @@ def test_tile_an_item(catalog, tmp_path):
                                                  "sentinel2:B8"]
     assert meta["counts"]["chips"] == 16
     assert "16 chips" in stdout
+    sources = meta["provenance"]["sources"]
+    assert len(sources) == 4 and all(s.startswith("http://127.0.0.1:") for s in sources)
 
 
 def test_stac_search_through_pystac_client(catalog, tmp_path):
