@@ -33,6 +33,9 @@ CLOUD_DEFAULTS: dict[str, str] = {
     # Neighbouring ranges in one request; HTTP/2 multiplexing where the server offers it.
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
+    # Multi-block reads through the block cache: the parallel default fetches each block range
+    # anew (overlapping windows re-fetched the file ~10 times in predict once GDAL knew it).
+    "GDAL_HTTP_MULTIRANGE": "SERIAL",
     "GDAL_HTTP_TIMEOUT": "30",
 }
 
