@@ -45,14 +45,59 @@ CreationOptions = Annotated[list[str] | None, typer.Option(
     "--co", help="GDAL creation option KEY=VALUE for output rasters (repeatable).")]
 
 
-def expand_paths(items: list[str]) -> list[Path]:
-    """Positional inputs: '-' reads one path per line from stdin (for shell pipelines)."""
-    out: list[Path] = []
+StacSearch = Annotated[str | None, typer.Option(
+    "--stac-search", rich_help_panel="STAC search",
+    help="A STAC API URL: its search's items are inputs too (each item one scene of its band "
+         "assets).")]
+Collection = Annotated[list[str] | None, typer.Option(
+    "--collection", rich_help_panel="STAC search",
+    help="The collection to search (repeatable), e.g. sentinel-2-l2a.")]
+Bbox = Annotated[str | None, typer.Option(
+    "--bbox", rich_help_panel="STAC search", help="Search area W,S,E,N in lon/lat.")]
+Datetime = Annotated[str | None, typer.Option(
+    "--datetime", rich_help_panel="STAC search",
+    help="Search dates: 2023-06-01/2023-06-30, 2023-06, or one date.")]
+MaxItems = Annotated[int, typer.Option(
+    "--max-items", rich_help_panel="STAC search", help="Most items the search returns.")]
+
+
+def _path_or_uri(text: str) -> Path | str:
+    """A local name as a Path; a URI (https://, s3://, /vsicurl/...) kept as the string given."""
+    from geoexplora.io.remote import is_uri
+
+    return text if is_uri(text) else Path(text)
+
+
+def expand_paths(items: list[str]) -> list[Path | str]:
+    """Positional inputs: '-' reads one path per line from stdin (for shell pipelines). URIs
+    stay strings (a Path would fold https:// into https:/)."""
+    out: list[Path | str] = []
     for item in items:
         if item == "-":
-            out.extend(Path(line.strip()) for line in sys.stdin if line.strip())
+            out.extend(_path_or_uri(line.strip()) for line in sys.stdin if line.strip())
         else:
-            out.append(Path(item))
+            out.append(_path_or_uri(item))
+    return out
+
+
+def inputs_with_search(items: list[str] | None, stac_search: str | None,
+                       collection: list[str] | None, bbox: str | None, datetime: str | None,
+                       max_items: int) -> list:
+    """The positional inputs (:func:`expand_paths`), then the items a --stac-search returns."""
+    from geoexplora.errors import UserError
+
+    out: list = expand_paths(list(items or []))
+    if stac_search:
+        from geoexplora.io import stac
+        from geoexplora.validate import require_positive
+
+        require_positive("--max-items", max_items)
+        out.extend(stac.search(stac_search, collection, stac.parse_bbox(bbox), datetime,
+                               max_items))
+    elif collection or bbox or datetime:
+        raise UserError("--collection, --bbox and --datetime filter a --stac-search; pass one")
+    if not out:
+        raise UserError("no inputs: name scenes (files, URIs, STAC items) or pass --stac-search")
     return out
 
 

@@ -12,10 +12,11 @@ from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA
 
 
 def adapt(
-    inputs: Annotated[list[str], typer.Argument(
-        help="Scenes (raster files, folders of them, one folder per scene) or one chips "
-             "dataset folder (written by tile).", metavar="SCENES_OR_CHIPS...")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The adapted model file.")],
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Scenes (raster files, folders of them, one folder per scene, URIs, STAC items) "
+             "or one chips dataset folder (written by tile).", metavar="SCENES_OR_CHIPS...",
+        show_default=False)] = None,
     bands: O.Bands = None,
     sensor: O.Sensor = None,
     band_map: O.BandMap = None,
@@ -96,6 +97,11 @@ def adapt(
         "--resume", help="Continue from OUT-stem.ckpt exactly where it stopped.")] = False,
     overwrite: O.Overwrite = False,
     json_out: O.Json = False,
+    stac_search: O.StacSearch = None,
+    collection: O.Collection = None,
+    bbox: O.Bbox = None,
+    datetime: O.Datetime = None,
+    max_items: O.MaxItems = 10,
 ) -> None:
     """Adapt a ViT to your imagery with ExPLoRA: continue its self-supervised pre-training
     (DINOv2 or MAE, as the source was trained) on random windows of the scenes (or the chips of
@@ -118,7 +124,7 @@ def adapt(
             from exc
     cfg = AdaptConfig(
         arch_overrides=parse_arch_overrides(arch),
-        inputs=O.expand_paths(inputs), output=output, bands=opts.bands, sensor=opts.sensor,
+        inputs=O.inputs_with_search(inputs, stac_search, collection, bbox, datetime, max_items), output=output, bands=opts.bands, sensor=opts.sensor,
         band_map=opts.band_map, nodata=nodata, s2_offset=s2_offset, init=init,
         init_weights=init_weights, objective=objective, full=full, steps=steps, epochs=epochs,
         batch_size=batch_size, accumulate=accumulate, accelerator=accelerator, devices=devices,

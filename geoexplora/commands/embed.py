@@ -27,9 +27,10 @@ def embed(
         help="Model file (adapted backbone or task model), or a source by name (a "
              "timm/registry name, torchgeo:ENUM; built on the raster's bands with its "
              "statistics).", metavar="MODEL")],
-    rasters: Annotated[list[str], typer.Argument(
-        help="Input rasters: one scene, or several scenes with -o DIR/. '-' reads stdin.")],
     output: Output,
+    rasters: Annotated[list[str] | None, typer.Argument(
+        help="Input rasters (files, URIs, STAC items): one scene, or several scenes with -o "
+             "DIR/. '-' reads stdin.", show_default=False)] = None,
     pca: Annotated[int | None, typer.Option(
         "--pca", help="Reduce to K principal components (fitted on a sample of windows).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
@@ -55,6 +56,11 @@ def embed(
     bands: Annotated[str | None, typer.Option(
         "--bands", help="For a MODEL given by name: the raster's bands it is built on, in this "
                         "order (default: all of them), e.g. B2,B3,B4,B8.")] = None,
+    stac_search: O.StacSearch = None,
+    collection: O.Collection = None,
+    bbox: O.Bbox = None,
+    datetime: O.Datetime = None,
+    max_items: O.MaxItems = 10,
     json_out: O.Json = False,
     overwrite: O.Overwrite = False,
 ) -> None:
@@ -69,7 +75,7 @@ def embed(
     from geoexplora.pipelines.embed import embed as run
 
     cfg = EmbedConfig(
-        model=model, inputs=O.expand_paths(rasters), output=output, init_weights=init_weights,
+        model=model, inputs=O.inputs_with_search(rasters, stac_search, collection, bbox, datetime, max_items), output=output, init_weights=init_weights,
         bands=parse_band_list(bands), pca=pca, dtype=dtype,
         window=window, overlap=overlap, batch_size=batch_size, blend=blend,
         creation_options=O.parse_creation_options(co), dry_run=dry_run, resume=resume,

@@ -11,7 +11,8 @@ from geoexplora.commands import _options as O
 
 def info(
     paths: Annotated[list[str], typer.Argument(
-        help="Rasters, geoexplora model files or chips datasets (folders).")],
+        help="Rasters (files or URIs), STAC items, geoexplora model files or chips datasets "
+             "(folders).")],
     sensor: O.Sensor = None,
     band_map: O.BandMap = None,
     s2_offset: O.S2Offset = "auto",
@@ -49,6 +50,9 @@ def render_description(doc: dict) -> None:
     if doc["kind"] == "chips":
         _render_dataset(console, doc)
         return
+    if doc["kind"] == "stac":
+        _render_stac(console, doc)
+        return
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]file", doc["path"])
     head.add_row("size", f"{doc['width']} x {doc['height']} px, {doc['count']} band(s), {doc['dtype']}")
@@ -74,6 +78,22 @@ def render_scenes(scenes: list[list[str]]) -> None:
     console.print(f"[bold]{len(scenes)} scene(s)[/] (files of one place are its bands or dates):")
     for i, files in enumerate(scenes, start=1):
         console.print(f"  {i}. " + ", ".join(files))
+
+
+def _render_stac(console, doc: dict) -> None:
+    """A STAC document's items: sensor, date and which asset is which band."""
+    from rich.table import Table
+
+    console.print(f"[bold]STAC[/] {doc['path']}: {len(doc['items'])} item(s)")
+    for item in doc["items"]:
+        table = Table("asset", "band", "common name", "nm", "scale", "add", "href",
+                      title=f"{item['id']} ({item['sensor']}, {item['date'] or 'undated'})",
+                      title_justify="left")
+        for b in item["bands"]:
+            table.add_row(b["asset"], b["key"], b["common_name"], f"{b['center_nm']:g}",
+                          "" if b["scale"] is None else f"{b['scale']:g}",
+                          "" if b["add"] is None else f"{b['add']:g}", b["href"])
+        console.print(table)
 
 
 def _render_dataset(console, doc: dict) -> None:

@@ -34,10 +34,11 @@ Output = Annotated[str, typer.Option(
 
 def predict(
     model: Annotated[Path, typer.Argument(help="Task model file (from finetune).")],
-    rasters: Annotated[list[str], typer.Argument(
-        help="Input rasters: one scene (bands or dates in several files), or several scenes "
-             "with -o DIR/. '-' reads paths from stdin.")],
     output: Output,
+    rasters: Annotated[list[str] | None, typer.Argument(
+        help="Input rasters (files, URIs, STAC items): one scene (bands or dates in several "
+             "files), or several scenes with -o DIR/. '-' reads paths from stdin.",
+        show_default=False)] = None,
     window: Window = None,
     overlap: Overlap = None,
     batch_size: BatchSize = PREDICT.batch_size,
@@ -66,6 +67,11 @@ def predict(
     nodata: O.Nodata = None,
     s2_offset: O.S2Offset = "auto",
     dates: O.Dates = None,
+    stac_search: O.StacSearch = None,
+    collection: O.Collection = None,
+    bbox: O.Bbox = None,
+    datetime: O.Datetime = None,
+    max_items: O.MaxItems = 10,
     json_out: O.Json = False,
     overwrite: O.Overwrite = False,
 ) -> None:
@@ -83,7 +89,7 @@ def predict(
     from geoexplora.pipelines.predict import predict as run
 
     cfg = PredictConfig(
-        model=model, inputs=O.expand_paths(rasters), output=output, window=window,
+        model=model, inputs=O.inputs_with_search(rasters, stac_search, collection, bbox, datetime, max_items), output=output, window=window,
         overlap=overlap, batch_size=batch_size, blend=blend, probabilities=probabilities,
         prob_dtype=prob_dtype, uncertainty=uncertainty, vectorize=vectorize, dense=dense,
         creation_options=O.parse_creation_options(co), dry_run=dry_run, resume=resume,

@@ -12,12 +12,12 @@ from geoexplora.defaults import TILE
 
 
 def tile(
-    scenes: Annotated[list[str], typer.Argument(
-        help="Scene files, folders (searched recursively), globs, or - (paths on stdin). With "
-             "--class-folders: the root folder of DIR/<class>/*.tif.", metavar="SCENE",
-        show_default=False)],
     output: Annotated[str, typer.Option("-o", "--output", "--out",
                                         help="The chips dataset folder to write.")],
+    scenes: Annotated[list[str] | None, typer.Argument(
+        help="Scene files, folders (searched recursively), globs, URIs, STAC items or item "
+             "collections, or - (paths on stdin). With --class-folders: the root folder of "
+             "DIR/<class>/*.tif.", metavar="SCENE", show_default=False)] = None,
     bands: O.Bands = None,
     sensor: O.Sensor = None,
     band_map: O.BandMap = None,
@@ -79,6 +79,11 @@ def tile(
         "--skip-bad", help="Skip unreadable files (named in the log) instead of stopping.",
     )] = False,
     co: O.CreationOptions = None,
+    stac_search: O.StacSearch = None,
+    collection: O.Collection = None,
+    bbox: O.Bbox = None,
+    datetime: O.Datetime = None,
+    max_items: O.MaxItems = 10,
     json_out: O.Json = False,
     overwrite: O.Overwrite = False,
     append: Annotated[bool, typer.Option(
@@ -103,8 +108,10 @@ def tile(
 
     opts = scene_options(bands=bands, sensor=sensor, band_map=band_map, resolution=resolution,
                          nodata=nodata, dates=dates, s2_offset=s2_offset, crs=crs)
+    inputs = O.inputs_with_search(scenes, stac_search, collection, bbox, datetime, max_items)
     cfg = TileConfig(
-        inputs=[str(p) for p in O.expand_paths(scenes)], output=output, size=size, stride=stride,
+        inputs=[p if isinstance(p, dict) else str(p) for p in inputs], output=output, size=size,
+        stride=stride,
         bands=opts.bands, sensor=opts.sensor, band_map=opts.band_map, nodata=opts.nodata,
         s2_offset=opts.s2_offset, resolution=opts.resolution, dates=opts.dates, crs=opts.crs,
         labels=labels, label_field=label_field, label_layer=label_layer,

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +19,7 @@ from rasterio.windows import Window
 
 from geoexplora.errors import UserError
 from geoexplora.io.chips import IGNORE_INDEX, class_color, window_bounds, window_transform
+from geoexplora.io.remote import as_path
 
 if TYPE_CHECKING:
     from shapely.strtree import STRtree
@@ -53,7 +53,7 @@ class VectorLabels:
     def __init__(self, path: str | os.PathLike, field: str | None, crs, layer: str | None = None):
         import geopandas as gpd
 
-        self.path = Path(path)
+        self.path = as_path(path)  # a URI stays one (RemotePath)
         try:
             gdf = gpd.read_file(self.path, layer=layer)
         except Exception as exc:  # pyogrio raises DataSourceError and friends
@@ -140,7 +140,7 @@ class RasterLabels:
     def __init__(self, path: str | os.PathLike):
         import rasterio
 
-        self.path = Path(path)
+        self.path = as_path(path)  # a URI stays one (RemotePath)
         try:
             with rasterio.open(self.path) as src:
                 if src.crs is None:

@@ -33,7 +33,11 @@ def check_not_input(outputs, inputs, option: str = "output") -> None:
     is one of its inputs, or a folder holding one: the atomic replace would destroy the input
     once the run completes. Paths are compared resolved (links followed) and, where both exist,
     by device and inode (hard links)."""
-    ins = [(Path(p), Path(p).resolve()) for p in inputs if p is not None and str(p)]
+    from geoexplora.io.remote import is_uri
+
+    # Remote inputs (URIs) and parsed STAC items cannot be an output: outputs are local files.
+    ins = [(Path(p), Path(p).resolve()) for p in inputs
+           if p is not None and not isinstance(p, dict) and not is_uri(p) and str(p)]
     for out in outputs:
         if out is None:
             continue

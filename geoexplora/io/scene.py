@@ -29,6 +29,7 @@ from rasterio.windows import Window
 
 from geoexplora import bands as B
 from geoexplora.errors import UserError
+from geoexplora.io.remote import as_path, is_uri, read_error
 
 log = logging.getLogger("geoexplora")
 
@@ -185,7 +186,7 @@ def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     """Files as given; folders -> their raster files (per-band folders: only band files)."""
     out: list[Path] = []
     for raw in paths:
-        p = Path(raw)
+        p = as_path(raw)  # a URI stays one (RemotePath)
         if p.is_dir():
             files = sorted(f for f in p.iterdir()
                            if f.is_file() and f.suffix.lower() in RASTER_SUFFIXES)
@@ -233,6 +234,8 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
                     "nodata": src.nodata, "descriptions": list(src.descriptions),
                     "tags": src.tags()}
     except rasterio.errors.RasterioIOError as exc:
+        if is_uri(path):  # the URI and why: unreachable, 403/404, no range requests
+            raise read_error(path, exc) from exc
         raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
     if info["crs"] is None:
         raise UserError(f"{path}: has no CRS; assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX)")
@@ -261,6 +264,9 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
     elif sensor and (sensor, info["count"]) in SENSOR_LAYOUTS:
         tokens = list(SENSOR_LAYOUTS[(sensor, info["count"])])
 
+    stac = getattr(path, "stac", None)  # a STAC band asset: the item names its band
+    if stac is not None and info["count"] == 1 and not explicit:
+        sensor, tokens = stac.sensor, [stac.band.name]
     known = [t for t in tokens if t]
     if sensor is None and known:
         sensor = guess_sensor(known)
@@ -288,7 +294,8 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
             date = parse_date(info["tags"][tag])
             if date:
                 break
-    date = date or parse_date(path.name) or parse_date(path.parent.name)
+    date = (stac.date if stac else None) or date or parse_date(path.name) or parse_date(
+        path.parent.name)
     return RasterFile(path=path, date=date, sensor=sensor, bands=identified, tokens=tokens, **info)
 
 
@@ -338,6 +345,10 @@ def _is_unit_reflectance(rf: RasterFile, index: int) -> bool:
 def conversion_for(rf: RasterFile, index: int, opts: SceneOptions) -> tuple[float, float]:
     """(scale, add) so that canonical = raw * scale + add (see the module docs of bands.py)."""
     band = rf.bands[index - 1]
+    stac = getattr(rf.path, "stac", None)  # a STAC item's raster:bands / offset properties
+    declared = stac.conversion(opts.s2_offset) if stac is not None and rf.count == 1 else None
+    if declared is not None:
+        return declared
     c2 = opts.landsat_c2
     if c2 is None:
         c2 = "_L2SP_" in rf.path.name.upper() and "_SR_B" in rf.path.name.upper()
@@ -548,7 +559,7 @@ class Scene:
 
 
 def _inspect_grid(src) -> RasterFile:
-    return RasterFile(path=Path(src.name), count=src.count, width=src.width, height=src.height,
+    return RasterFile(path=as_path(src.name), count=src.count, width=src.width, height=src.height,
                       crs=src.crs, transform=src.transform, dtype=src.dtypes[0],
                       nodata=src.nodata, date=None, sensor=None, bands=[], descriptions=[])
 

@@ -99,10 +99,20 @@ class AdaptConfig:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-def _is_chips_dataset(path: Path) -> bool:
+def _is_chips_dataset(path) -> bool:
     from geoexplora.io.chips import META_NAME
 
-    return path.is_dir() and (path / META_NAME).is_file()
+    return isinstance(path, Path) and path.is_dir() and (path / META_NAME).is_file()
+
+
+def _input_name(value) -> str:
+    """An input as its fingerprint records it: a local path resolved, a URI as given, a parsed
+    STAC item by its collection and id."""
+    from geoexplora.io.remote import as_path
+
+    if isinstance(value, dict):
+        return f"stac:{value.get('collection') or ''}/{value.get('id')}"
+    return str(as_path(value).resolve())
 
 
 def _chip_band_indices(chips, wanted: list[str] | None) -> list[int]:
@@ -142,9 +152,11 @@ class AdaptData:
 
 def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
     """The training samples and the band statistics (dataset.json, or computed on a sample)."""
+    from geoexplora.io.remote import as_path
     from geoexplora.train.sampling import ChipSamples, SceneWindows
 
-    inputs = [Path(p) for p in cfg.inputs]
+    # URIs stay URIs (RemotePath); a STAC item found by a search stays the parsed item.
+    inputs = [p if isinstance(p, dict) else as_path(p) for p in cfg.inputs]
     if not inputs:
         raise UserError("no input scenes or chips dataset given")
     chips_inputs = [p for p in inputs if _is_chips_dataset(p)]
@@ -356,7 +368,7 @@ def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> di
             "lr", "warmup_steps", "drop_path", "seed", "settings_overrides")
     fp = {k: getattr(cfg, k) for k in keys}
     fp.update(objective=objective, world_size=world, steps=steps,
-              inputs=[str(Path(p).resolve()) for p in cfg.inputs])
+              inputs=[_input_name(p) for p in cfg.inputs])
     return fp
 
 

@@ -154,9 +154,12 @@ class ExistingDataset:
 
     # ------------------------------------------------------------------ sources and ids
 
-    def known_sources(self) -> set[Path]:
-        """Every file behind an existing chip, resolved."""
-        return {Path(p).resolve() for s in self.index["source"] for p in str(s).split(";") if p}
+    def known_sources(self) -> set:
+        """Every file behind an existing chip, resolved (a URI as it was given)."""
+        from geoexplora.io.remote import as_path
+
+        return {as_path(p).resolve() for s in self.index["source"] for p in str(s).split(";")
+                if p}
 
     def next_scene_number(self) -> int:
         numbers = [int(m.group(1)) for cid in self.index["chip_id"]

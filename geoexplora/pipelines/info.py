@@ -18,15 +18,20 @@ def is_chips_dataset(path: Path) -> bool:
     return path.is_dir() and (path / META_NAME).is_file()
 
 
-def raster_files(paths: list[Path]) -> list[Path]:
+def raster_files(paths: list) -> list:
     """Paths as given; a folder -> the model files in it and its rasters as every verb finds
     them (:func:`geoexplora.io.inputs.collect_inputs`: recursive, band files only where there
     are some); a chips dataset's folder stands for the dataset."""
     from geoexplora.io.inputs import collect_inputs
+    from geoexplora.io.remote import as_path, is_uri
     from geoexplora.io.scene import RASTER_SUFFIXES
 
     out = []
     for path in paths:
+        if is_uri(path):  # a remote file (or a STAC document), as given
+            out.append(as_path(path))
+            continue
+        path = Path(path)
         if path.is_dir() and not is_chips_dataset(path):
             models = sorted(p for p in path.iterdir() if p.is_file() and is_model_file(p))
             has_rasters = any(p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
@@ -39,13 +44,15 @@ def raster_files(paths: list[Path]) -> list[Path]:
     return out
 
 
-def describe(paths: list[Path], opts) -> dict:
-    """``files``: each raster, model file or chips dataset described; ``scenes``: the rasters'
-    places as the other verbs group them (one list of files per scene)."""
+def describe(paths: list, opts) -> dict:
+    """``files``: each raster, model file, chips dataset or STAC document (its items' band
+    mapping) described; ``scenes``: the rasters' places as the other verbs group them (one list
+    of files per scene)."""
     from geoexplora.io.inputs import group_by_place
 
-    docs = [describe_path(p, opts) for p in raster_files(paths)]
-    rasters = [Path(d["path"]) for d in docs if d["kind"] == "raster"]
+    files = raster_files(paths)
+    docs = [describe_path(p, opts) for p in files]
+    rasters = [p for p, d in zip(files, docs) if d["kind"] == "raster"]
     places = group_by_place(rasters).groups if rasters else ()
     return {"files": docs, "scenes": [[str(p) for p in group] for group in places]}
 
@@ -88,7 +95,11 @@ def describe_dataset(path: Path) -> dict:
     }
 
 
-def describe_path(path: Path, opts) -> dict:
+def describe_path(path, opts) -> dict:
+    from geoexplora.io import stac
+
+    if stac.is_stac_input(path):
+        return stac.describe_stac(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if is_chips_dataset(path):

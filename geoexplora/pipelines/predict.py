@@ -243,8 +243,13 @@ def memory_estimate(scene, plan, predictor, products, batch_size: int, prefetch:
 # --- one scene --------------------------------------------------------------------------------
 
 def job_fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) -> dict:
+    from geoexplora.io.remote import is_uri
+
     files = []
     for p in input_files(inputs):
+        if is_uri(p):  # a remote file: its URI (no stat without a request)
+            files.append({"path": str(p)})
+            continue
         st = Path(p).stat()
         files.append({"path": str(Path(p).resolve()), "size": st.st_size,
                       "mtime": int(st.st_mtime)})
@@ -373,11 +378,12 @@ def owned(scene, inputs: list):
 
 def input_files(inputs: list) -> list[Path]:
     """The files behind a job's inputs (an open Scene's source files)."""
+    from geoexplora.io.remote import as_path
     from geoexplora.io.scene import Scene
 
     if len(inputs) == 1 and isinstance(inputs[0], Scene):
         return list(dict.fromkeys(s.path for frame in inputs[0].sources for s in frame))
-    return [Path(p) for p in inputs]
+    return [as_path(p) for p in inputs]
 
 
 @reports_progress

@@ -16,6 +16,7 @@ import numpy as np
 from geoexplora.defaults import TILE
 from geoexplora.errors import UserError, opt
 from geoexplora.io import chips as C
+from geoexplora.io.remote import source_name
 from geoexplora.log import reports_progress
 from geoexplora.pipelines.tile.class_folders import import_class_folders
 from geoexplora.pipelines.tile.config import EDGES, TileConfig, TileResult
@@ -275,7 +276,7 @@ def execute(plan: TilePlan) -> TileResult:
         if not records:
             raise UserError(zero_chips_message(dropped, plan.n_candidates))
         _add_geometry(records, plan.scenes, work.crss)
-        sources = [os.path.abspath(p) for s in plan.scenes for p in s.paths]
+        sources = [source_name(p) for s in plan.scenes for p in s.paths]
         extra = {"split_block_px": plan.recorded_block, "crs": first.crs.to_string(),
                  "labels": str(cfg.labels or cfg.label_raster or "") or None}
         dataset = write_dataset(tmp, cfg, existing, records=records, index_crs=work.crss[0],
@@ -334,7 +335,7 @@ def write_crs(crs):
 def _add_geometry(records: list[dict], scenes: list, crss: list) -> None:
     from shapely import box
 
-    per_scene = [(c.to_string(), ";".join(os.path.abspath(p) for p in s.paths),
+    per_scene = [(c.to_string(), ";".join(source_name(p) for p in s.paths),
                   ";".join(d or "" for d in s.dates)) for s, c in zip(scenes, crss)]
     for r in records:
         i = r.pop("scene")
@@ -364,8 +365,10 @@ def _apply_aoi(cands: Candidates, aoi_path, crs) -> None:
     import geopandas as gpd
     import shapely
 
+    from geoexplora.io.remote import as_path
+
     try:
-        aoi = gpd.read_file(aoi_path)
+        aoi = gpd.read_file(as_path(aoi_path))  # a URI opens through GDAL's /vsi... path
     except Exception as exc:  # pyogrio's DataSourceError and friends
         raise UserError(f"{opt('aoi')} {aoi_path}: not a readable vector file "
                         f"({str(exc).splitlines()[0]})") from exc
