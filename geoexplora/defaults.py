@@ -63,6 +63,58 @@ DATA = DataDefaults()
 
 
 @dataclass(frozen=True)
+class ScaleDefaults:
+    """How big a run is, against the published one (``--preset``, ``--global-batch`` and the
+    budget ``--dry-run`` prints; geoexplora/pipelines/adapt.py)."""
+
+    published_global_batch: int = 1024  # recipe: 8 per GPU x 4 GPUs x 32 accumulation
+    published_steps: int = 150_000  # recipe: about 150k iterations
+    min_sinkhorn_batch: int = 32  # ours: below this many images per (all-ranks) micro-batch
+    # Sinkhorn-Knopp's targets have little to balance; the published run's is 32 (8 x 4 GPUs)
+    gpu_name: str = "H100/H200 SXM"  # the GPU class the GPU-hours estimate is for
+    gpu_peak_flops: float = 989e12  # its dense bf16 peak, FLOP/s (NVIDIA's data sheet)
+    mfu: float = 0.35  # ours: the model-FLOP utilisation assumed for the GPU-hours estimate
+    # (ViT-L/14 bf16 training reaches about 0.3-0.45 there; benchmarks/gpu.sh measures it)
+
+
+SCALE = ScaleDefaults()
+
+
+@dataclass(frozen=True)
+class AdaptPreset:
+    """One row of :data:`ADAPT_PRESETS`: what ``--preset NAME`` sets. Options given explicitly
+    override it; ``lr`` is not a column: the recipe's base lr is scaled to ``global_batch``
+    (DINOv2: sqrt(global_batch / 1024) x 1e-3)."""
+
+    batch_size: int  # images per device per micro-batch
+    global_batch: int  # images per optimiser step; accumulation = global / (devices x batch)
+    steps: int
+    head_prototypes: int | None  # None: by model width (dino_head_size)
+    local_crops: int
+    why: str
+
+
+# The presets, as a table (docs/recipe.md renders it).
+ADAPT_PRESETS: dict[str, AdaptPreset] = {
+    # recipe: every value of the published ViT-L/14 run (section 2): 8 images per GPU, an
+    # effective batch of 1024, ~150k iterations, 65 536 prototypes, 8 local crops; lr 1e-3.
+    "paper": AdaptPreset(batch_size=8, global_batch=1024, steps=150_000, head_prototypes=65536,
+                         local_crops=8,
+                         why="recipe: the published run (8/GPU x 4 GPUs x 32 accumulation = "
+                             "1024, ~150k steps, 65 536 prototypes, lr 1e-3); ~153.6M images"),
+    # ours: about one GPU-hour of a ViT-L/14 on an H100/H200 at the stated MFU (see the
+    # --dry-run budget): 64 images per micro-batch (what Sinkhorn-Knopp balances; ~45 GiB in
+    # bf16 for ViT-L), 256 per step (lr 5e-4 by sqrt scaling), 3000 steps = 768k images,
+    # 0.5 % of the published run.
+    "quick": AdaptPreset(batch_size=64, global_batch=256, steps=3000, head_prototypes=65536,
+                         local_crops=8,
+                         why="ours: ~1 GPU-hour for ViT-L/14 on one H100/H200 (768k images, "
+                             "0.5 % of the published run); micro-batch 64 keeps Sinkhorn-Knopp "
+                             "well above 32 images"),
+}
+
+
+@dataclass(frozen=True)
 class StallDefaults:
     """The "not learning" rule of geoexplora/train/diagnostics.py (all "ours": the recipe has
     none; a 150k-step run that learns nothing should say so in its first minutes)."""

@@ -23,7 +23,16 @@ from typing import Literal
 
 from geoexplora import bands as B
 from geoexplora.config_checks import one_of, path_list
-from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA, MAE, dino_head_size
+from geoexplora.defaults import (
+    ADAPT_PRESETS,
+    DATA,
+    DINOV2,
+    ENGINE,
+    EXPLORA,
+    MAE,
+    SCALE,
+    dino_head_size,
+)
 from geoexplora.devices import device_count, resolve_accelerator
 from geoexplora.errors import UserError, opt
 from geoexplora.log import Progress, logger, reports_progress
@@ -35,6 +44,7 @@ OBJECTIVES = ("dinov2", "mae")
 
 
 Objective = Literal["dinov2", "mae"]
+Preset = Literal["paper", "quick"]  # geoexplora.defaults.ADAPT_PRESETS
 SpectralTokens = Literal["bank", "groups"]  # geoexplora.models.geovit.SPECTRAL_TOKEN_MODES
 
 
@@ -57,8 +67,11 @@ class AdaptConfig:
     full: bool = False  # full-parameter extended pre-training (the comparison), not ExPLoRA
     steps: int | None = None
     epochs: float | None = None
-    batch_size: int = DATA.batch_size
-    accumulate: int = 1
+    # None: the preset's value, else DATA.batch_size / 1 (or what global_batch implies)
+    preset: Preset | None = None  # "paper" or "quick" (defaults.ADAPT_PRESETS)
+    batch_size: int | None = None
+    accumulate: int | None = None
+    global_batch: int | None = None  # images per step: accumulate = global / (world x batch)
     accelerator: str = "auto"
     devices: int | list[int] = 1  # how many, or which GPUs ([1]: the second)
     num_nodes: int = 1
@@ -72,7 +85,7 @@ class AdaptConfig:
     split: str | None = "train"  # chips: which split to adapt on (None: all chips)
     crop_size: int = DATA.crop_size
     local_crop_size: int | None = None  # None: DINOV2.local_crop_patches x patch
-    local_crops: int = DINOV2.local_crops
+    local_crops: int | None = None  # None: the preset's, else DINOV2.local_crops
     head_prototypes: int | None = None  # None: dino_head_size(embed_dim)
     head_hidden: int | None = None
     head_bottleneck: int | None = None
@@ -93,6 +106,7 @@ class AdaptConfig:
         self.inputs = path_list("inputs", self.inputs)
         one_of("objective", self.objective, Objective, optional=True)
         one_of("spectral_tokens", self.spectral_tokens, SpectralTokens)
+        one_of("preset", self.preset, Preset, optional=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,10 +374,62 @@ def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> di
     return fp
 
 
+def resolve_scale(cfg: AdaptConfig, world: int) -> AdaptConfig:
+    """``cfg`` with the run's size filled in: the options given, else the preset's values
+    (:data:`geoexplora.defaults.ADAPT_PRESETS`), else the defaults. A global batch (given, or
+    the preset's when ``accumulate`` is not) sets ``accumulate = global_batch / (world x
+    batch_size)``, which must be a whole number."""
+    preset = ADAPT_PRESETS[cfg.preset] if cfg.preset is not None else None
+    batch = given_or(cfg.batch_size, preset.batch_size if preset else DATA.batch_size)
+    target = cfg.global_batch
+    if target is None and preset is not None and cfg.accumulate is None:
+        target = preset.global_batch
+    per_micro = batch * world
+    if target is not None:
+        if target < 1 or target % per_micro:
+            raise UserError(f"{target} is not a whole number of micro-batches of "
+                            f"{opt('batch_size')} {batch} x {world} device(s) = {per_micro} "
+                            f"images; choose {opt('global_batch')}, {opt('batch_size')} and "
+                            f"{opt('devices')} so that it divides", option="global_batch")
+        accumulate = target // per_micro
+        if cfg.accumulate is not None and cfg.accumulate != accumulate:
+            raise UserError(f"{target} needs {opt('accumulate')} {accumulate} with "
+                            f"{opt('batch_size')} {batch} x {world} device(s), not "
+                            f"{cfg.accumulate}; give one of the two", option="global_batch")
+    else:
+        accumulate = given_or(cfg.accumulate, 1)
+    steps = cfg.steps
+    if steps is None and cfg.epochs is None and preset is not None:
+        steps = preset.steps
+    return dataclasses.replace(
+        cfg, batch_size=batch, accumulate=accumulate, global_batch=None, steps=steps,
+        head_prototypes=given_or(cfg.head_prototypes, preset.head_prototypes if preset else None),
+        local_crops=given_or(cfg.local_crops, preset.local_crops if preset
+                             else DINOV2.local_crops))
+
+
+def scale_warnings(cfg: AdaptConfig, objective: str, settings, world: int) -> list[str]:
+    """Warnings about the run's scale (logged once, and listed in the summary)."""
+    out = []
+    per_step = cfg.batch_size * world
+    if (objective == "dinov2" and settings.centering == "sinkhorn_knopp"
+            and per_step < SCALE.min_sinkhorn_batch):
+        out.append(f"Sinkhorn-Knopp balances the teacher's targets over {per_step} image(s) "
+                   f"per micro-batch (batch_size {cfg.batch_size} x {world} device(s)), below "
+                   f"{SCALE.min_sinkhorn_batch} (the published run's 8 x 4 GPUs): its targets "
+                   "have little to balance; raise batch_size or devices (accumulate does not "
+                   "help)")
+    return out
+
+
 def _validate(cfg: AdaptConfig) -> None:
     from geoexplora.train import engine as E
 
-    for name in ("batch_size", "accumulate", "num_nodes", "crop_size"):
+    for name in ("batch_size", "accumulate", "global_batch"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise UserError(f"must be at least 1, not {value}", option=name)
+    for name in ("num_nodes", "crop_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
                             f"{getattr(cfg, name)}")
@@ -374,7 +440,7 @@ def _validate(cfg: AdaptConfig) -> None:
     require_positive("--lr", cfg.lr)
     if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank must be 0 or more, not {cfg.lora_rank}")
-    if cfg.local_crops < 0:
+    if cfg.local_crops is not None and cfg.local_crops < 0:
         raise UserError(f"--local-crops must be 0 or more, not {cfg.local_crops}")
 
 
@@ -389,6 +455,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     from geoexplora.train import engine as E
 
     _validate(cfg)
+    cfg = resolve_scale(cfg, device_count(cfg.devices) * cfg.num_nodes)  # before any process
     output = Path(cfg.output)
     files = E.RunFiles(output)
     check_not_input([output, files.checkpoint, files.log, files.plot],
@@ -408,6 +475,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
         precision = cfg.precision or E.default_precision(resolve_accelerator(cfg.accelerator))
     objective = choose_objective(cfg)
     settings = run_settings(cfg, objective)
+    warnings = scale_warnings(cfg, objective, settings, world)
 
     # The patch size decides the crop sizes the data workers draw: build the model first, on
     # the data's bands and statistics (which need the data, but not its views).
@@ -418,6 +486,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     data.dataset.prepare = make_prepare(cfg, objective, settings, backbone.patch_size,
                                         backbone.num_groups, data.frames)
 
+    if fabric is None or fabric.is_global_zero:  # once the inputs are known to be good
+        for warning in warnings:
+            logger.warning("%s", warning)
     global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
     if data.description["kind"] == "chips" and cfg.batch_size * world > data.epoch_size:
         raise UserError(f"--batch-size {cfg.batch_size} x {world} device(s) is larger than the "
@@ -433,7 +504,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
             "world_size": world, "precision": precision, "lr": lr, "warmup_steps": warmup,
             "data": data.description,
             "bands": [b.key for b in data.bands], "frames": data.frames,
-            "stats_origin": data.stats["origin"]}
+            "stats_origin": data.stats["origin"], "preset": cfg.preset,
+            "batch_size_per_device": cfg.batch_size, "accumulate": cfg.accumulate,
+            "warnings": warnings}
     if objective == "mae":
         plan["mae_decoder"] = objective_module.decoder_source
     if cfg.dry_run:
@@ -476,4 +549,6 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
                "exported": "ema_teacher" if objective == "dinov2" else "model"}}
     save_model(output, export, meta, overwrite=cfg.overwrite)
     logger.info("wrote %s", output)
-    return AdaptResult.from_report({**plan, **summary, "output": str(output)})
+    warnings = plan["warnings"] + ([summary["stalled"]] if summary["stalled"] else [])
+    return AdaptResult.from_report({**plan, **summary, "output": str(output),
+                                    "warnings": warnings})
