@@ -100,3 +100,55 @@ def test_cli_refuses_a_global_batch_that_does_not_divide(tmp_path, tiny_weights)
     assert code == 2 and stdout == ""
     assert stderr.strip().splitlines()[-1].startswith("geoexplora: error: --global-batch: 100 ")
     assert list(tmp_path.iterdir()) == []
+
+
+class _LinearObjective(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(10, 20)
+
+    def forward(self, batch, step):
+        return {"loss": self.linear(batch["image"]).sum()}
+
+
+def test_step_flops_counts_forward_and_backward_per_image():
+    data = [{"image": torch.ones(10)} for _ in range(3)]
+    objective = _LinearObjective()
+    flops = A.step_flops(objective, data, micro_batch=3)
+    # forward 2*10*20 per image, backward the same for the weight gradient (the input needs none)
+    assert flops["per_image"] == 2 * 2 * 10 * 20
+    assert flops["by_op"] == {"addmm": 400.0, "mm": 400.0}
+    assert objective.linear.weight.grad is None  # gradients dropped
+
+
+def test_budget_arithmetic_against_the_published_run():
+    b = A.budget(1e12, steps=3000, global_batch=256)
+    assert b["images_seen"] == 768_000 and b["published_images_seen"] == 153_600_000
+    assert b["fraction_of_published"] == pytest.approx(0.005)
+    assert b["flops_per_step"] == 256e12
+    rate = SCALE.gpu_peak_flops * SCALE.mfu
+    assert b["gpu_hours"] == pytest.approx(768_000e12 / rate / 3600)
+    assert b["images_per_s"] == pytest.approx(rate / 1e12)
+
+
+def test_cli_dry_run_prints_the_budget_of_the_tiny_model(tmp_path, tiny_weights):
+    plan, _ = _dry_run(tmp_path, tiny_weights, "--steps", "100", "--batch-size", "4",
+                       "--global-batch", "8")
+    b = plan["budget"]
+    assert b["images_seen"] == 800 and plan["accumulate"] == 2
+    assert b["flops_per_step"] == pytest.approx(8 * b["flops_per_image"])
+    assert b["total_flops"] == pytest.approx(100 * b["flops_per_step"])
+    assert sum(b["flops_per_image_by_op"].values()) == pytest.approx(b["flops_per_image"])
+    # the tiny ViT (dim 64, depth 4, MLP x4): each block's linear layers cost 2 * 12 * D^2 per
+    # token; teacher and student both run the 2 global crops of 16 patches + 1 class token,
+    # the student also 2 local crops of 98 px (49 + 1 tokens) and a backward pass (at least as
+    # much again); the heads and attention add less than as much again
+    per_token = 4 * 2 * 12 * 64 ** 2
+    forward = per_token * (2 * 17 + 2 * 17 + 2 * 50)
+    assert 1.9 * forward < b["flops_per_image"] < 5 * forward
+    assert "memory_per_device" in plan
+    code, stdout, _ = run_cli(
+        "adapt", str(sample.slovenia_scenes()[0]), "-o", str(tmp_path / "plan.pt"),
+        "--bands", "B2,B3,B4,B8", "--init", TINY, "--init-weights", str(tiny_weights),
+        "--crop-size", "56", "--local-crops", "2", "--dry-run", "--steps", "100")
+    assert code == 0 and "GPU-hours" in stdout and "images seen" in stdout

@@ -165,6 +165,13 @@ def _render(summary: dict) -> None:
     if summary.get("dry_run"):
         mem = summary["memory_per_device"]
         rows.append(("memory per device", f"~{mem['total_gib']} GiB"))
+        b = summary["budget"]
+        rows += [("images seen", (f"{b['images_seen']:,} ({100 * b['fraction_of_published']:.3g} "
+                                 f"% of the published run's {b['published_images_seen']:,})")),
+                 ("compute", (f"{b['flops_per_step']:.3g} FLOP per step (fwd+bwd), "
+                             f"{b['total_flops']:.3g} in all")),
+                 ("GPU-hours", (f"~{b['gpu_hours']:.3g} on one {b['gpu']} at "
+                               f"{100 * b['mfu']:.0f} % MFU ({b['images_per_s']:.0f} images/s)"))]
     else:
         rows += [("loss", f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"),
                  ("learning", summary["stalled"] or "yes (the not-learning rule did not fire)"),

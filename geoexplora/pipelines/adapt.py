@@ -358,6 +358,52 @@ def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig
             "activations": activations, "total": total, "total_gib": round(total / 2**30, 3)}
 
 
+def step_flops(objective_module, dataset, micro_batch: int = 1) -> dict:
+    """Forward + backward FLOPs of the actual objective on ``micro_batch`` real samples (views,
+    masks and all), counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the CPU:
+    matrix products and convolutions (what the GPU spends its time on), student and teacher.
+    Returns per-image FLOPs (the count / ``micro_batch``); gradients are dropped afterwards."""
+    from torch.utils.data import default_collate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = default_collate([dataset[i] for i in range(micro_batch)])
+    was_training = objective_module.training
+    objective_module.train()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            out = objective_module(batch, 0)
+            out["loss"].backward()
+    finally:
+        objective_module.zero_grad(set_to_none=True)
+        objective_module.train(was_training)
+    by_op: dict[str, float] = {}
+    for op, count in counter.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[1] if str(op).count(".") >= 1 else str(op)  # aten.mm.default
+        by_op[name] = by_op.get(name, 0) + count / micro_batch
+    return {"per_image": counter.get_total_flops() / micro_batch,
+            "counted_on_images": micro_batch,
+            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+
+
+def budget(flops_per_image: float, steps: int, global_batch: int) -> dict:
+    """The run against the published one: images seen, FLOPs, and GPU-hours on
+    ``SCALE.gpu_name`` at ``SCALE.mfu`` of its bf16 peak."""
+    images = steps * global_batch
+    published = SCALE.published_steps * SCALE.published_global_batch
+    per_step = flops_per_image * global_batch
+    total = per_step * steps
+    rate = SCALE.gpu_peak_flops * SCALE.mfu
+    return {"images_seen": images, "published_images_seen": published,
+            "fraction_of_published": images / published,
+            "flops_per_image": flops_per_image, "flops_per_step": per_step,
+            "total_flops": total,
+            "gpu": SCALE.gpu_name, "gpu_peak_flops": SCALE.gpu_peak_flops, "mfu": SCALE.mfu,
+            "images_per_s": rate / flops_per_image if flops_per_image else None,
+            "gpu_hours": total / rate / 3600,
+            "published_gpu_hours": flops_per_image * published / rate / 3600}
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
@@ -512,6 +558,12 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     if cfg.dry_run:
         plan["memory_per_device"] = estimate_memory(backbone, objective_module, objective, cfg,
                                                     precision)
+        flops = step_flops(objective_module, data.dataset)
+        plan["budget"] = {**budget(flops["per_image"], steps, global_batch),
+                          "flops_counted": "forward + backward of one CPU micro-batch of "
+                                           f"{flops['counted_on_images']} image(s) "
+                                           "(torch.utils.flop_counter), x the global batch",
+                          "flops_per_image_by_op": flops["by_op"]}
         plan["dry_run"] = True
         return AdaptResult.from_report(plan)
     check_fits(estimate_memory(backbone, objective_module, objective, cfg, precision)["total"],
