@@ -122,6 +122,8 @@ class StallDefaults:
     window: int = 5  # logged records averaged at the start and at the end of the run so far
     min_records: int = 10  # records needed before the rule may fire (2 windows at least)
     min_drop: float = 0.02  # the learning signal must fall by 2 % (relative) to count as learning
+    uniform_tolerance: float = 0.01  # a student entropy within 1 % of ln K is a uniform output
+    collapse_mass: float = 0.5  # one prototype with half the teacher's mass is a collapse
 
 
 STALL = StallDefaults()

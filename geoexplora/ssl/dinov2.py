@@ -106,6 +106,19 @@ def cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 
 @torch.no_grad()
+def prototype_max_mass(teacher_probs: torch.Tensor) -> torch.Tensor:
+    """The largest share of the teacher targets' probability mass one prototype gets over the
+    (all-ranks) batch: ``max_k mean_n t_nk``. 1/K when the targets spread evenly over the
+    prototypes, 1.0 when one prototype takes everything (collapse). Sinkhorn-Knopp's targets
+    are balanced over the batch by construction (about 1/K; their failure mode is uniform rows,
+    which ``teacher_entropy`` near ln K shows); running-mean centring can collapse this way."""
+    mass = _all_reduce_(teacher_probs.float().sum(0))
+    count = _all_reduce_(torch.tensor(float(teacher_probs.shape[0]),
+                                      device=teacher_probs.device))
+    return (mass / count.clamp(min=1)).max()
+
+
+@torch.no_grad()
 def dino_diagnostics(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                      student_temp: float, n_global: int) -> dict[str, torch.Tensor]:
     """What the DINO loss is made of, to tell learning from stalling.
@@ -120,7 +133,8 @@ def dino_diagnostics(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     s_probs = F.softmax(student_logits.float() / student_temp, dim=-1)
     teacher_entropy = -(teacher_probs * teacher_probs.clamp(min=1e-12).log()).sum(-1).mean()
     student_entropy = -(s_probs * s_probs.clamp(min=1e-12).log()).sum(-1).mean()
-    out = {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy}
+    out = {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy,
+           "uniform_entropy": torch.tensor(math.log(student_logits.shape[-1]))}
     if n_global >= 2:
         first, second = teacher_probs.argmax(-1).chunk(n_global)[:2]
         out["view_agreement"] = (first == second).float().mean()
@@ -357,11 +371,23 @@ class DinoV2Objective(nn.Module):
         loss = s.dino_weight * loss_dino + s.ibot_weight * loss_ibot + s.koleo_weight * loss_koleo
         diagnostics = dino_diagnostics(s_logits, t_cls, s.student_temp, n_global)
         diagnostics["kl_dino"] = loss_dino.detach() - diagnostics["teacher_entropy"]
+        diagnostics["prototype_max_mass"] = prototype_max_mass(t_cls)
         return {"loss": loss, "loss_dino": loss_dino, "loss_ibot": loss_ibot,
                 "loss_koleo": loss_koleo, **diagnostics,
                 "teacher_temp": torch.tensor(temp), "momentum": torch.tensor(self.momentum(step))}
 
     # -- engine hooks ------------------------------------------------------------------------
+    def grad_norm_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The log's gradient-norm groups (:mod:`geoexplora.ssl.groups`)."""
+        from geoexplora.ssl.groups import grad_groups
+
+        return grad_groups(self.student["backbone"], self.student["head"])
+
+    def clip_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Clipped separately, as DINOv2 clips each student module (backbone, head) at 3.0."""
+        return {name: [p for p in module.parameters() if p.requires_grad]
+                for name, module in self.student.items()}
+
     def before_optimizer_step(self, step: int) -> None:
         if step < self.freeze_last_layer_steps:
             for param in self.student["head"].last_layer.parameters():

@@ -227,6 +227,13 @@ class MaeObjective(nn.Module):
                 masks.append(F.pad(ok, (0, pad), value=False))
         return torch.cat(outs, dim=1), torch.cat(masks, dim=1)
 
+    def grad_norm_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The log's gradient-norm groups (:mod:`geoexplora.ssl.groups`); the decoder is the
+        ``head``."""
+        from geoexplora.ssl.groups import grad_groups
+
+        return grad_groups(self.backbone, self.decoder)
+
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         vit = self.backbone
         params = {k: v[:, 0] for k, v in batch["view"].items()}
