@@ -183,7 +183,6 @@ def adapt_step(profile: Profile, model: str, mode: str, scene: Path, work: Path,
     def step(i: int) -> None:
         out = wrapped(batch, i)
         fabric.backward(out["loss"])
-        module.before_optimizer_step(i)
         fabric.clip_gradients(wrapped, optimizer, max_norm=settings.clip_grad,
                               error_if_nonfinite=False)
         optimizer.step()

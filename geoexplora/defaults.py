@@ -199,6 +199,11 @@ class DinoV2Defaults:
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     drop_path: float = 0.3
+    drop_path_uniform: bool = True  # recipe: DINOv2's drop_path_uniform, 0.3 in every block
+    # (timm's default is a linear ramp 0 -> 0.3 over the depth)
+    prototype_gain_trainable: bool = True  # recipe: DINOv2's weight_norm with a trainable g
+    separate_clips: bool = True  # recipe: DINOv2 clips the backbone and the head separately
+    # (each at clip_grad); False: one clip over all trainable parameters
 
 
 DINOV2 = DinoV2Defaults()
@@ -216,13 +221,13 @@ def dino_head_size(embed_dim: int) -> DinoHeadSize:
 
     The paper's head (hidden 2048, bottleneck 256, 65 536 prototypes) has 16.8M parameters in its
     last layer alone: right for ViT-L (18.7M trained backbone parameters), far too big for a
-    small model. Prototypes scale with the width; tiny test models get a tiny head so a CPU run
-    stays fast. ``--head-prototypes`` etc. override these.
+    small model. ViT-L and ViT-B get the recipe's head; smaller widths fewer prototypes (ours:
+    ViT-S 16 384; tiny test models a tiny head so a CPU run stays fast). ``--head-prototypes`` etc. override these.
     """
     if embed_dim >= 1024:  # ViT-L, ViT-g: the paper's values
         return DinoHeadSize(2048, 256, 65536)
-    if embed_dim >= 768:  # ViT-B
-        return DinoHeadSize(2048, 256, 32768)
+    if embed_dim >= 768:  # ViT-B: the recipe's 65 536 too
+        return DinoHeadSize(2048, 256, 65536)
     if embed_dim >= 384:  # ViT-S
         return DinoHeadSize(2048, 256, 16384)
     return DinoHeadSize(256, 64, 1024)  # tiny models (tests, CPU demos)

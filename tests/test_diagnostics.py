@@ -48,7 +48,6 @@ def _records(init_values, lr, images, steps=30):
     for step in range(steps):
         out = objective(_batch(views, images, step), step)
         out["loss"].backward()
-        objective.before_optimizer_step(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         objective.after_optimizer_step(step)
@@ -167,7 +166,6 @@ def _identical_views_run(steps=100, lr=1e-3):
         batch = _batch(views, images, step)
         out = objective(batch, step)
         out["loss"].backward()
-        objective.before_optimizer_step(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         objective.after_optimizer_step(step)

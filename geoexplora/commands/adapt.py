@@ -84,7 +84,7 @@ def adapt(
                               f"{DINOV2.local_crops}).")] = None,
     head_prototypes: Annotated[int | None, typer.Option(
         "--head-prototypes", help="dinov2 head prototypes (default by model width: 65536 for "
-                                  "ViT-L, 32768 ViT-B, 16384 ViT-S, 1024 tiny).")] = None,
+                                  "ViT-L and ViT-B, 16384 ViT-S, 1024 tiny).")] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", help="Peak learning rate (default: the recipe's, scaled to the global "
                      "batch).")] = None,
@@ -98,7 +98,8 @@ def adapt(
     seed: O.Seed = 0,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (parameter report, steps, memory per device) and "
-                          "stop.")] = False,
+                          "its budget (images seen vs the published run, FLOPs per step, "
+                          "GPU-hours) and stop.")] = False,
     stop_if_stalled: Annotated[bool, typer.Option(
         "--stop-if-stalled", help="End the run (exit 1, checkpoint kept) once it is not "
                                   "learning: its KL to the teacher (DINOv2) or its error vs "

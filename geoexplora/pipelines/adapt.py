@@ -267,6 +267,8 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
                               img_size=cfg.crop_size, num_frames=frames,
                               spectral_tokens=cfg.spectral_tokens, drop_path_rate=drop_path,
                               arch_overrides=cfg.arch_overrides)
+    if getattr(settings, "drop_path_uniform", False):
+        uniform_drop_path(backbone, drop_path)
     if cfg.crop_size % backbone.patch_size:
         raise UserError(f"--crop-size {cfg.crop_size} is not a multiple of the patch size "
                         f"{backbone.patch_size}")
@@ -282,6 +284,22 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
                                lora_dropout=EXPLORA.lora_dropout,
                                lora_targets=EXPLORA.lora_targets)
     return backbone, report
+
+
+def uniform_drop_path(model, rate: float) -> int:
+    """Give every residual branch of every transformer block the drop-path rate ``rate``
+    (DINOv2's ``drop_path_uniform``; timm ramps it linearly from 0 over the depth). Returns
+    the number of branches set."""
+    from timm.layers import DropPath
+    from torch import nn
+
+    count = 0
+    for block in model.modules():
+        for attr in ("drop_path1", "drop_path2"):
+            if isinstance(getattr(block, attr, None), (DropPath, nn.Identity)):
+                setattr(block, attr, DropPath(rate) if rate > 0 else nn.Identity())
+                count += 1
+    return count
 
 
 def local_crop_size(cfg: AdaptConfig, patch: int) -> int:
@@ -324,6 +342,29 @@ def base_lr(objective: str, settings, global_batch: int) -> float:
     """The recipe's scaling: DINOv2 sqrt(batch / 1024), MAE linear batch / 256."""
     return R.scaled_lr(settings.base_lr, settings.base_batch, global_batch,
                        "sqrt" if objective == "dinov2" else "linear")
+
+
+def optimizer_groups(objective_module, objective: str, settings, depth: int) -> list[dict]:
+    """AdamW groups: layer-wise lr decay and the patch-embedding multiplier (the engine's
+    :func:`~geoexplora.train.engine.param_groups`); for DINOv2 the prototypes in groups of
+    their own, marked ``frozen_until`` (their lr schedule, DINOv2's ``last_layer_lr``)."""
+    from geoexplora.train import engine as E
+
+    kw = {"num_blocks": depth, "layer_decay": settings.layer_decay,
+          "lr_multipliers": {"patch_embed": getattr(settings, "patch_embed_lr_mult", 1.0)}}
+    if objective != "dinov2":
+        return E.param_groups(objective_module, **kw)
+    last = {id(p) for p in objective_module.last_layer_parameters()}
+    named = dict(objective_module.named_parameters())
+
+    def is_last(name: str) -> bool:
+        return id(named[name]) in last
+
+    groups = E.param_groups(objective_module, exclude=is_last, **kw)
+    frozen = objective_module.freeze_last_layer_steps
+    return groups + [g | {"frozen_until": frozen}
+                     for g in E.param_groups(objective_module, exclude=lambda n: not is_last(n),
+                                             **kw)]
 
 
 def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig,
@@ -571,15 +612,16 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
                f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the global batch) "
                f"or {opt('crop_size')}", fabric.device)
 
-    groups = E.param_groups(objective_module, num_blocks=backbone.depth,
-                            layer_decay=settings.layer_decay,
-                            lr_multipliers={"patch_embed": getattr(settings,
-                                                                   "patch_embed_lr_mult", 1.0)})
-    optimizer = E.build_optimizer(groups, betas=settings.betas)
+    optimizer = E.build_optimizer(optimizer_groups(objective_module, objective, settings,
+                                                   backbone.depth), betas=settings.betas)
     wd = settings.weight_decay
     wd_start, wd_end = (wd, wd) if isinstance(wd, (int, float)) else wd
-    schedules = E.Schedules(total_steps=steps, lr=lr, min_lr=settings.min_lr,
-                            warmup_steps=warmup, weight_decay=wd_start, weight_decay_end=wd_end)
+    schedule_kind = E.Schedules
+    if objective == "dinov2":
+        from geoexplora.ssl.dinov2 import LastLayerSchedules as schedule_kind
+    schedules = schedule_kind(total_steps=steps, lr=lr, min_lr=settings.min_lr,
+                              warmup_steps=warmup, weight_decay=wd_start,
+                              weight_decay_end=wd_end)
     loop = E.TrainLoop(fabric, objective_module, optimizer, data.dataset,
                        E.LoopSettings(output=output, steps=steps, batch_size=cfg.batch_size,
                                       accumulate=cfg.accumulate, clip_grad=settings.clip_grad,

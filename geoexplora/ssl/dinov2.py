@@ -11,7 +11,10 @@ values in :data:`geoexplora.defaults.DINOV2`):
   and local crops, rendered on the device from parameters drawn per sample
   (:class:`DinoV2Views`); the teacher sees the unmasked global crops;
 * teacher targets by Sinkhorn-Knopp (or running-mean centring), teacher temperature warm-up,
-  cosine EMA momentum, the head's last layer frozen for the first steps.
+  cosine EMA momentum; the prototypes (weight-normalised, trainable gain) have their own lr
+  schedule, 0 for the first steps (:class:`LastLayerSchedules`, DINOv2's ``last_layer_lr``);
+* two gradient clips, the backbone's and the head's (``clip_groups``), as DINOv2 clips each
+  student module.
 
 Batch statistics that span samples (Sinkhorn sums, centres) are all-reduced across ranks, so N
 processes compute what one process with the global batch would; KoLeo (nearest neighbours) is,
@@ -32,7 +35,7 @@ from torch import nn
 from geoexplora.defaults import AUGMENT, DINOV2, AugmentDefaults, DinoHeadSize, DinoV2Defaults
 from geoexplora.ssl.augment import ViewSpec, draw_view, render_views, stack_views
 from geoexplora.ssl.heads import DinoHead
-from geoexplora.train.engine import cosine
+from geoexplora.train.engine import Schedules, cosine
 
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers
@@ -239,6 +242,21 @@ class DinoV2Views:
 # The objective
 # ---------------------------------------------------------------------------------------------
 
+@dataclass
+class LastLayerSchedules(Schedules):
+    """The engine's schedules, with DINOv2's ``last_layer_lr``: optimiser groups that carry
+    ``frozen_until`` (the prototypes') get lr 0 before that step, then the main schedule. Their
+    AdamW moments keep accumulating meanwhile, as in DINOv2 (a zero lr, not dropped
+    gradients)."""
+
+    def apply(self, optimizer, step: int) -> tuple[float, float]:
+        lr, wd = super().apply(optimizer, step)
+        for group in optimizer.param_groups:
+            if step < group.get("frozen_until", 0):
+                group["lr"] = 0.0
+        return lr, wd
+
+
 def share_frozen_parameters(teacher: nn.Module, student: nn.Module) -> None:
     """Point ``teacher``'s parameters at ``student``'s where the student's are frozen (they are
     equal and stay equal); the teacher's own copies of the trainable ones stay separate."""
@@ -265,7 +283,8 @@ class DinoV2Objective(nn.Module):
         self.student = nn.ModuleDict({
             "backbone": backbone,
             "head": DinoHead(backbone.embed_dim, head_size.prototypes, head_size.hidden,
-                             head_size.bottleneck)})
+                             head_size.bottleneck,
+                             trainable_gain=settings.prototype_gain_trainable)})
         teacher = copy.deepcopy(self.student)
         teacher.requires_grad_(False)
         share_frozen_parameters(teacher, self.student)
@@ -383,15 +402,19 @@ class DinoV2Objective(nn.Module):
 
         return grad_groups(self.student["backbone"], self.student["head"])
 
-    def clip_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Clipped separately, as DINOv2 clips each student module (backbone, head) at 3.0."""
+    def clip_groups(self) -> dict[str, list[nn.Parameter]] | None:
+        """Clipped separately, as DINOv2 clips each student module (backbone, head) at 3.0;
+        None (one joint clip) when ``settings.separate_clips`` is off."""
+        if not self.settings.separate_clips:
+            return None
         return {name: [p for p in module.parameters() if p.requires_grad]
                 for name, module in self.student.items()}
 
-    def before_optimizer_step(self, step: int) -> None:
-        if step < self.freeze_last_layer_steps:
-            for param in self.student["head"].last_layer.parameters():
-                param.grad = None
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The prototypes (direction and gain): DINOv2 gives them their own lr schedule, the
+        main one at 0 for the first ``freeze_last_layer_steps`` steps (``adapt`` puts them in
+        their own optimiser groups; see :class:`LastLayerSchedules`)."""
+        return [p for p in self.student["head"].last_layer.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
