@@ -131,9 +131,16 @@ STALL = StallDefaults()
 
 @dataclass(frozen=True)
 class AugmentDefaults:
-    """Multispectral-safe augmentation (ours, derived from DINOv2's): no hue, saturation,
-    grey-scale or solarisation, which only make sense for RGB. Geometric ops are exact for any
-    number of bands and dates; photometric ops scale each band (and the whole image)."""
+    """DINOv2's augmentations (recipe section 2), for any bands (geoexplora/ssl/augment.py).
+    Geometric ops are exact for any number of bands and dates. For RGB sources (the bands are
+    exactly red, green, blue) the colour ops are DINOv2's own: brightness, contrast, saturation
+    and hue jitter (p 0.8), grey-scale (p 0.2), solarisation (p 0.2, second global crop). For
+    multispectral inputs each has a spectral analogue (ours): saturation blends every band with
+    the "spectral grey" (each band's own mean and spread carrying the mean over bands of the
+    standardised bands: the spatial pattern without its spectral contrast), grey-scale replaces
+    the bands by it, solarisation inverts each band above the middle of its range in the view,
+    and hue, which has no multispectral meaning, is left out (the per-band gain plays its part
+    of shifting the colour balance)."""
 
     hflip_p: float = 0.5
     vflip_p: float = 0.5  # overhead imagery has no "up": vertical flips and 90-degree
@@ -141,10 +148,16 @@ class AugmentDefaults:
     jitter_p: float = 0.8  # DINOv2's colour-jitter probability
     brightness: float = 0.4  # whole-image gain in [1-b, 1+b] (DINOv2's brightness)
     contrast: float = 0.4  # contrast around each band's mean, in [1-c, 1+c] (DINOv2's)
-    band_gain: float = 0.1  # extra independent gain per band in [1-g, 1+g]
+    saturation: float = 0.2  # recipe: DINOv2's saturation jitter, factor in [1-s, 1+s]
+    hue: float = 0.1  # recipe: DINOv2's hue jitter, a turn of [-h, h] (RGB only)
+    band_gain: float = 0.1  # ours: extra independent gain per band in [1-g, 1+g]
+    grayscale_p: float = 0.2  # recipe: DINOv2's RandomGrayscale (every crop)
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels (DINOv2's GaussianBlur)
     blur_p_global: tuple[float, float] = (1.0, 0.1)  # DINOv2: first/second global crop
     blur_p_local: float = 0.5  # DINOv2
+    solarize_p_global: tuple[float, float] = (0.0, 0.2)  # recipe: DINOv2 solarises the second
+    # global crop only (threshold 128 of 255: the middle of the range)
+    solarize_p_local: float = 0.0  # recipe
 
 
 AUGMENT = AugmentDefaults()

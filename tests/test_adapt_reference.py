@@ -12,6 +12,7 @@ from factories import TINY, timm_model
 
 from geoexplora import sample
 from geoexplora.pipelines import adapt as A
+from geoexplora.ssl import augment as AUG
 from geoexplora.ssl import dinov2 as D
 
 
@@ -155,3 +156,102 @@ def test_backbone_and_head_are_clipped_separately(separate):
         scale = 3.0 / 101 ** 0.5
         assert (backbone, head) == (pytest.approx(10 * scale, rel=1e-5),
                                     pytest.approx(scale, rel=1e-5))
+
+
+# --- DINOv2's colour augmentations and their spectral analogues ---------------------------------
+
+IDENTITY = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def _params(bands, **extra):
+    base = {"theta": torch.tensor([IDENTITY]), "gain": torch.ones(1, bands),
+            "contrast": torch.ones(1), "sigma": torch.zeros(1)}
+    return base | {k: torch.tensor([float(v)]) for k, v in extra.items()}
+
+
+def _image(bands=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, 1, bands, 16, 16, generator=g) * 1000
+            + torch.arange(bands).view(1, 1, bands, 1, 1) * 500.0)
+
+
+def test_solarize_and_grayscale_are_drawn_for_the_right_crops_at_dinov2_rates():
+    import numpy as np
+
+    views = D.DinoV2Views(14, D.CropSizes(28, 14))
+    draws = [views(np.random.default_rng([7, i]), np.zeros((1, 4, 40, 40), np.float32))
+             for i in range(2000)]
+    solar = torch.stack([d["global"]["solarize"] for d in draws])  # (n, 2)
+    assert solar[:, 0].sum() == 0  # never the first global crop
+    assert solar[:, 1].mean().item() == pytest.approx(0.2, abs=0.02)
+    assert sum(d["local"]["solarize"].sum() for d in draws) == 0
+    gray = torch.cat([torch.cat([d["global"]["grayscale"], d["local"]["grayscale"]])
+                      for d in draws])
+    assert gray.mean().item() == pytest.approx(0.2, abs=0.01)
+    saturation = torch.stack([d["global"]["saturation"] for d in draws]).flatten()
+    jittered = saturation != 1
+    assert jittered.float().mean().item() == pytest.approx(0.8, abs=0.02)
+    assert saturation.min() >= 0.8 and saturation.max() <= 1.2
+
+
+def test_rgb_grayscale_is_the_luma_in_every_channel():
+    x = _image(3)
+    out = AUG.render_views(x, _params(3, grayscale=1), 16, rgb=(2, 1, 0))  # bands B, G, R
+    luma = 0.299 * x[:, :, 2] + 0.587 * x[:, :, 1] + 0.114 * x[:, :, 0]
+    for c in range(3):
+        torch.testing.assert_close(out[:, :, c], luma)
+
+
+def test_spectral_grayscale_keeps_each_bands_mean_and_spread_and_drops_spectral_contrast():
+    x = _image(5)
+    out = AUG.render_views(x, _params(5, grayscale=1), 16)[0, 0]
+    src = x[0, 0]
+    torch.testing.assert_close(out.mean(dim=(-2, -1)), src.mean(dim=(-2, -1)))
+    z = (out - out.mean(dim=(-2, -1), keepdim=True)) / out.std(dim=(-2, -1), keepdim=True)
+    for c in range(1, 5):  # every band shows one pattern
+        torch.testing.assert_close(z[c], z[0], atol=1e-4, rtol=0)
+    # the spread of each grey band is its own std times that of the mean z-score (< 1)
+    ratio = out.std(dim=(-2, -1)) / src.std(dim=(-2, -1))
+    assert torch.allclose(ratio, ratio[0].expand(5), atol=1e-4) and ratio[0] < 1
+
+
+def test_saturation_scales_the_distance_to_the_grey_image():
+    x = _image(4)
+    grey = AUG.render_views(x, _params(4, grayscale=1), 16)
+    for s in (0.0, 0.8, 1.2):
+        out = AUG.render_views(x, _params(4, saturation=s), 16)
+        torch.testing.assert_close(out - grey, s * (x - grey), atol=1e-2, rtol=1e-4)
+
+
+def test_hue_turns_rgb_chroma_keeps_luma_and_leaves_multispectral_alone():
+    x = _image(3)
+    half = AUG.render_views(x, _params(3, hue=0.5), 16, rgb=(0, 1, 2))
+    luma = lambda v: 0.299 * v[:, :, 0] + 0.587 * v[:, :, 1] + 0.114 * v[:, :, 2]
+    torch.testing.assert_close(luma(half), luma(x), atol=1e-2, rtol=1e-5)
+    assert (half - x).abs().mean() > 50  # the chroma turned
+    full = AUG.render_views(x, _params(3, hue=1.0), 16, rgb=(0, 1, 2))
+    torch.testing.assert_close(full, x, atol=1e-2, rtol=1e-5)
+    torch.testing.assert_close(AUG.render_views(x, _params(3, hue=0.5), 16), x, atol=1e-2,
+                               rtol=1e-5)
+
+
+def test_solarize_inverts_each_band_above_the_middle_of_its_range():
+    ramp = torch.linspace(0, 100, 16 * 16).view(1, 1, 1, 16, 16).repeat(1, 1, 2, 1, 1)
+    ramp[:, :, 1] += 1000  # another band, another range: its own middle
+    out = AUG.render_views(ramp, _params(2, solarize=1), 16)
+    for c, lo in ((0, 0.0), (1, 1000.0)):
+        band, src = out[0, 0, c], ramp[0, 0, c]
+        high = src >= lo + 50
+        torch.testing.assert_close(band[high], 2 * lo + 100 - src[high])
+        torch.testing.assert_close(band[~high], src[~high])
+        assert band.max().item() <= lo + 50 + 1e-3
+    torch.testing.assert_close(AUG.render_views(ramp, _params(2, solarize=0), 16), ramp,
+                               atol=1e-2, rtol=1e-5)
+
+
+def test_rgb_sources_get_the_rgb_colour_ops():
+    from geoexplora import bands as B
+
+    rgb = [B.find_band("sentinel2", b) for b in ("B4", "B3", "B2")]
+    assert A.rgb_indices(rgb) == (0, 1, 2)
+    assert A.rgb_indices([B.find_band("sentinel2", b) for b in ("B2", "B3", "B4", "B8")]) is None

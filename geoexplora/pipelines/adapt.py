@@ -309,7 +309,17 @@ def local_crop_size(cfg: AdaptConfig, patch: int) -> int:
     return size
 
 
-def make_objective(cfg: AdaptConfig, objective: str, settings, backbone, total_steps: int):
+def rgb_indices(bands) -> tuple[int, int, int] | None:
+    """The positions of red, green and blue when the bands are exactly those three (RGB colour
+    augmentation), else None (the multispectral analogues)."""
+    names = [getattr(b, "common_name", None) for b in bands]
+    if len(names) == 3 and set(names) == {"red", "green", "blue"}:
+        return names.index("red"), names.index("green"), names.index("blue")
+    return None
+
+
+def make_objective(cfg: AdaptConfig, objective: str, settings, backbone, total_steps: int,
+                   bands=()):
     if objective == "dinov2":
         from geoexplora.defaults import DinoHeadSize
         from geoexplora.ssl.dinov2 import CropSizes, DinoV2Objective
@@ -318,7 +328,8 @@ def make_objective(cfg: AdaptConfig, objective: str, settings, backbone, total_s
         size = DinoHeadSize(cfg.head_hidden or size.hidden, cfg.head_bottleneck or size.bottleneck,
                             cfg.head_prototypes or size.prototypes)
         crops = CropSizes(cfg.crop_size, local_crop_size(cfg, backbone.patch_size))
-        return DinoV2Objective(backbone, size, crops, total_steps, settings)
+        return DinoV2Objective(backbone, size, crops, total_steps, settings,
+                               rgb=rgb_indices(bands))
     from geoexplora.ssl.mae import MaeObjective
 
     return MaeObjective(backbone, cfg.crop_size, settings, lora_alpha=cfg.lora_alpha)
@@ -581,7 +592,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
         raise UserError(f"--batch-size {cfg.batch_size} x {world} device(s) is larger than the "
                         f"chips dataset ({data.epoch_size} chips)")
     steps = R.steps_for_images(cfg.steps, cfg.epochs, data.epoch_size, global_batch, DATA.steps)
-    objective_module = make_objective(cfg, objective, settings, backbone, steps)
+    objective_module = make_objective(cfg, objective, settings, backbone, steps, data.bands)
     lr = cfg.lr if cfg.lr is not None else base_lr(objective, settings, global_batch)
     warmup = R.warmup_from_fraction(cfg.warmup_steps, settings.warmup_fraction, steps)
     head_params = sum(p.numel() for n, p in objective_module.named_parameters()

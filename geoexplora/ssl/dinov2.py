@@ -215,10 +215,15 @@ class DinoV2Views:
                                  f"size {patch_size}")
         self.settings, self.aug, self.crops = settings, aug, crops
         self.grid = crops.global_size // patch_size
+        def nth(values, i):  # per global crop; the last value for any further crops
+            return values[min(i, len(values) - 1)]
+
         self.global_specs = [ViewSpec(crops.global_size, settings.global_crops_scale,
-                                      aug.blur_p_global[min(i, len(aug.blur_p_global) - 1)])
+                                      nth(aug.blur_p_global, i),
+                                      solarize_p=nth(aug.solarize_p_global, i))
                              for i in range(settings.global_crops)]
-        self.local_spec = ViewSpec(crops.local_size, settings.local_crops_scale, aug.blur_p_local)
+        self.local_spec = ViewSpec(crops.local_size, settings.local_crops_scale, aug.blur_p_local,
+                                   solarize_p=aug.solarize_p_local)
 
     def __call__(self, rng: np.random.Generator, image: np.ndarray) -> dict:
         _, c, h, w = image.shape
@@ -275,9 +280,11 @@ class DinoV2Objective(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head_size: DinoHeadSize, crops: CropSizes,
-                 total_steps: int, settings: DinoV2Defaults = DINOV2):
+                 total_steps: int, settings: DinoV2Defaults = DINOV2,
+                 rgb: tuple[int, int, int] | None = None):
         super().__init__()
         self.settings = settings
+        self.rgb = rgb  # indices of red, green, blue: RGB colour ops (else spectral analogues)
         self.crops = crops
         self.total_steps = total_steps
         self.student = nn.ModuleDict({
@@ -322,11 +329,11 @@ class DinoV2Objective(nn.Module):
         update_center(center, logits, self.settings.center_momentum)
         return probs
 
-    @staticmethod
-    def _views(images: torch.Tensor, params: dict, size: int) -> torch.Tensor:
+    def _views(self, images: torch.Tensor, params: dict, size: int) -> torch.Tensor:
         """All views, view-major: ``(V*B, T, C, size, size)``."""
         n_views = params["theta"].shape[1]
-        return torch.cat([render_views(images, {k: v[:, i] for k, v in params.items()}, size)
+        return torch.cat([render_views(images, {k: v[:, i] for k, v in params.items()}, size,
+                                       rgb=self.rgb)
                           for i in range(n_views)])
 
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:

@@ -148,7 +148,7 @@ class MaeViews:
 
     def __init__(self, size: int, num_tokens: int, aug: AugmentDefaults = AUGMENT):
         self.spec = ViewSpec(size, MAE_CROP_SCALE, blur_p=0.0)
-        self.aug = dataclasses.replace(aug, jitter_p=0.0)
+        self.aug = dataclasses.replace(aug, jitter_p=0.0, grayscale_p=0.0)
         self.num_tokens = num_tokens
 
     def __call__(self, rng: np.random.Generator, image: np.ndarray) -> dict:
