@@ -52,7 +52,10 @@ EXPLORA = ExploraDefaults()
 @dataclass(frozen=True)
 class DataDefaults:
     batch_size: int = 8  # recipe: 8 per GPU (x 4 GPUs x 32 accumulation = 1024 effective)
-    crop_size: int = 224  # recipe: training window / global crop (DINOv2) / image (MAE), px
+    crop_size: int = 224  # recipe: global crop (DINOv2) / image (MAE) size, px
+    context_factor: float = 2.0  # DINOv2 crops (global and local) are drawn from a window of
+    # this x crop_size where the scenes allow (DINOv2: RandomResizedCrop over the whole image,
+    # ~2x 224 px for ImageNet), else from the largest that fits; 1: from a crop_size window
     min_valid_fraction: float = 0.5  # ours: a window needs half its pixels valid to be used
     stats_sample_windows: int = 64  # ours: windows read to compute band statistics
     valid_map_cell: int = 256  # ours: pixel size of the cells of the valid-area map

@@ -255,3 +255,23 @@ def test_rgb_sources_get_the_rgb_colour_ops():
     rgb = [B.find_band("sentinel2", b) for b in ("B4", "B3", "B2")]
     assert A.rgb_indices(rgb) == (0, 1, 2)
     assert A.rgb_indices([B.find_band("sentinel2", b) for b in ("B2", "B3", "B4", "B8")]) is None
+
+
+def test_crops_are_drawn_from_a_2x_context_window_where_the_scene_allows(tmp_path):
+    from geoexplora.defaults import DATA
+
+    scene = sample.slovenia_scenes()[:1]  # 100 x 101 px
+    assert DATA.context_factor == 2.0
+
+    def data(crop, factor):
+        cfg = A.AdaptConfig(inputs=scene, output=tmp_path / "x.pt", bands=["B2", "B3", "B4"],
+                            crop_size=crop)
+        return A.load_data(cfg, crop, context=factor)
+
+    wide = data(28, 2.0)
+    assert wide.description["window"] == 56 and wide.description["crop"] == 28
+    assert wide.dataset[0]["image"].shape[-2:] == (56, 56)
+    assert wide.epoch_size == data(28, 1.0).epoch_size  # an epoch: valid area / crop area
+    assert data(42, 2.0).description["window"] == 84
+    assert data(56, 2.0).description["window"] == 100  # 112 does not fit: the largest that does
+    assert data(56, 1.0).description["window"] == 56

@@ -77,6 +77,11 @@ def adapt(
     crop_size: Annotated[int, typer.Option(
         "--crop-size", help="Training window and global crop size in pixels (a multiple of "
                             "the patch size).")] = DATA.crop_size,
+    context_factor: Annotated[float, typer.Option(
+        "--context-factor", help="dinov2 on scenes: cut the global and local crops from a "
+                                 "window of this x --crop-size where the scenes allow (DINOv2 "
+                                 "crops the whole image); 1: from a --crop-size window.")
+    ] = DATA.context_factor,
     local_crop_size: Annotated[int | None, typer.Option(
         "--local-crop-size", help="dinov2 local crop size (default 7 patches: 98 px).")] = None,
     local_crops: Annotated[int | None, typer.Option(
@@ -136,7 +141,7 @@ def adapt(
         preset=preset, batch_size=batch_size, accumulate=accumulate, global_batch=global_batch, accelerator=accelerator, devices=devices,
         num_nodes=num_nodes, strategy=strategy, precision=precision, unfreeze_blocks=blocks,
         lora_rank=lora_rank, lora_alpha=lora_alpha, frames=frames,
-        spectral_tokens=spectral_tokens, crop_size=crop_size,
+        spectral_tokens=spectral_tokens, crop_size=crop_size, context_factor=context_factor,
         local_crop_size=local_crop_size, local_crops=local_crops,
         head_prototypes=head_prototypes, lr=lr, warmup_steps=warmup_steps,
         checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed, dry_run=dry_run,

@@ -84,6 +84,7 @@ class AdaptConfig:
     spectral_tokens: SpectralTokens = "bank"  # or "groups": SatMAE's band-group tokens
     split: str | None = "train"  # chips: which split to adapt on (None: all chips)
     crop_size: int = DATA.crop_size
+    context_factor: float = DATA.context_factor  # dinov2 on scenes: crops from a larger window
     local_crop_size: int | None = None  # None: DINOV2.local_crop_patches x patch
     local_crops: int | None = None  # None: the preset's, else DINOV2.local_crops
     head_prototypes: int | None = None  # None: dino_head_size(embed_dim)
@@ -154,8 +155,23 @@ class AdaptData:
     epoch_size: int  # samples per "epoch" (chips; valid area / window area for scenes)
 
 
-def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
-    """The training samples and the band statistics (dataset.json, or computed on a sample)."""
+def context_window(scenes: list, crop: int, factor: float, frames: int) -> int:
+    """The window views are cut from: ``factor x crop`` px where every scene is that big,
+    else the largest that fits (never below ``crop``: too small a scene is refused later)."""
+    from geoexplora.train.sampling import single_date_scenes
+
+    if factor <= 1:
+        return crop
+    parts = [s for scene in scenes for s in (single_date_scenes(scene) if frames == 1
+                                               else [scene])]
+    fits = min(min(s.width, s.height) for s in parts)
+    return max(crop, min(round(factor * crop), fits))
+
+
+def load_data(cfg: AdaptConfig, window: int, prepare=None, context: float = 1.0) -> AdaptData:
+    """The training samples and the band statistics (dataset.json, or computed on a sample).
+    Scenes: windows of ``context x window`` px where they allow (:func:`context_window`); an
+    "epoch" stays the valid area over ``window`` squared."""
     from geoexplora.train.sampling import ChipSamples, SceneWindows
 
     inputs = [Path(p) for p in cfg.inputs]
@@ -198,6 +214,8 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
             raise UserError(f"--frames {frames} encodes dates; {', '.join(undated)} have none "
                             "(name them with a date or pass scenes with date tags)")
     logger.info("measuring the valid area of %d scene(s)", len(scenes))
+    crop = window
+    window = context_window(scenes, crop, context, frames)
     data = SceneWindows(scenes, window, cfg.seed, prepare, frames)
     stats = robust_band_stats(data.pixel_stream(DATA.stats_sample_windows, cfg.seed),
                               seed=cfg.seed)
@@ -206,7 +224,8 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
                      {"kind": "scenes", "files": sorted({str(p) for s in scenes
                                                          for p in s.paths}),
                       "scenes": len(data.scenes), "valid_pixels": data.valid_pixels,
-                      "window": window}, len(data))
+                      "window": window, "crop": crop},
+                     max(1, data.valid_pixels // (crop * crop)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +482,7 @@ def budget(flops_per_image: float, steps: int, global_batch: int) -> dict:
 def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> dict:
     keys = ("bands", "sensor", "init", "init_weights", "arch_overrides", "full", "batch_size",
             "accumulate", "unfreeze_blocks", "lora_rank", "lora_alpha", "frames",
-            "spectral_tokens", "split", "crop_size",
+            "spectral_tokens", "split", "crop_size", "context_factor",
             "local_crop_size", "local_crops", "head_prototypes", "head_hidden", "head_bottleneck",
             "lr", "warmup_steps", "drop_path", "seed", "settings_overrides")
     fp = {k: getattr(cfg, k) for k in keys}
@@ -527,6 +546,8 @@ def _validate(cfg: AdaptConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UserError(f"must be at least 1, not {value}", option=name)
+    if not cfg.context_factor >= 1:
+        raise UserError(f"must be 1 or more, not {cfg.context_factor}", option="context_factor")
     for name in ("num_nodes", "crop_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
@@ -578,7 +599,8 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     # The patch size decides the crop sizes the data workers draw: build the model first, on
     # the data's bands and statistics (which need the data, but not its views).
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg, cfg.crop_size)
+    data = load_data(cfg, cfg.crop_size,
+                     context=cfg.context_factor if objective == "dinov2" else 1.0)
     backbone, report = build_model(cfg, objective, settings, data.bands, data.stats,
                                    data.frames)
     data.dataset.prepare = make_prepare(cfg, objective, settings, backbone.patch_size,
