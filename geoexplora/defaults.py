@@ -123,8 +123,11 @@ class StallDefaults:
     none; a 150k-step run that learns nothing should say so in its first minutes)."""
 
     window: int = 5  # logged records averaged at the start and at the end of the run so far
+    # (at least; a quarter of the records once there are more)
     min_records: int = 10  # records needed before the rule may fire (2 windows at least)
     min_drop: float = 0.02  # the learning signal must fall by 2 % (relative) to count as learning
+    noise_sigmas: float = 2.0  # ... and by twice the standard error of the two windows' means
+    # (a stationary but noisy signal, e.g. of a batch of 2, falls by chance)
     uniform_tolerance: float = 0.01  # a student entropy within 1 % of ln K is a uniform output
     collapse_mass: float = 0.5  # one prototype with half the teacher's mass is a collapse
 

@@ -108,6 +108,17 @@ def cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return -(teacher_probs * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(-1)
 
 
+def dino_loss(s_logits: torch.Tensor, t_probs: torch.Tensor, b: int, n_global: int,
+              student_temp: float) -> torch.Tensor:
+    """DINO's term: every student crop (view-major, ``b`` images a view) against every teacher
+    (global) crop but itself, the mean cross-entropy."""
+    n_views = s_logits.shape[0] // b
+    terms = [cross_entropy(s_logits[sv * b:(sv + 1) * b], t_probs[tv * b:(tv + 1) * b],
+                           student_temp)
+             for sv in range(n_views) for tv in range(n_global) if sv != tv]
+    return torch.stack(terms).mean(dim=0).mean()
+
+
 @torch.no_grad()
 def prototype_max_mass(teacher_probs: torch.Tensor) -> torch.Tensor:
     """The largest share of the teacher targets' probability mass one prototype gets over the
@@ -329,6 +340,22 @@ class DinoV2Objective(nn.Module):
         update_center(center, logits, self.settings.center_momentum)
         return probs
 
+    @torch.no_grad()
+    def _reference_kl(self, s_logits, t_logits, temp, kl, b, n_global) -> torch.Tensor:
+        """``kl_dino`` against the targets at the *final* teacher temperature: while the
+        temperature warms up the targets soften by themselves and ``kl_dino`` falls without
+        any learning; this one moves only when the student (or the teacher's EMA) does. The
+        "not learning" rule watches it."""
+        end = self.settings.teacher_temp[1]
+        if temp == end:
+            return kl
+        if self.settings.centering == "sinkhorn_knopp":
+            ref = sinkhorn_knopp(t_logits, end, self.settings.sinkhorn_iterations)
+        else:
+            ref = centred_softmax(t_logits, self.dino_center, end)
+        entropy = -(ref * ref.clamp(min=1e-12).log()).sum(-1).mean()
+        return dino_loss(s_logits, ref, b, n_global, self.settings.student_temp) - entropy
+
     def _views(self, images: torch.Tensor, params: dict, size: int) -> torch.Tensor:
         """All views, view-major: ``(V*B, T, C, size, size)``."""
         n_views = params["theta"].shape[1]
@@ -371,15 +398,7 @@ class DinoV2Objective(nn.Module):
             s_logits.append(student_head(s_local[:, 0]))
         s_logits = torch.cat(s_logits).float()
 
-        # DINO: every student crop against every teacher (global) crop but itself.
-        n_views = s_logits.shape[0] // b
-        dino_terms = []
-        for sv in range(n_views):
-            for tv in range(n_global):
-                if sv != tv:
-                    dino_terms.append(cross_entropy(s_logits[sv * b:(sv + 1) * b],
-                                                    t_cls[tv * b:(tv + 1) * b], s.student_temp))
-        loss_dino = torch.stack(dino_terms).mean(dim=0).mean()
+        loss_dino = dino_loss(s_logits, t_cls, b, n_global, s.student_temp)
 
         # iBOT: masked patch tokens, each masked image weighing the same; the mean over the
         # masked images of all ranks (the rank's share scaled by the world size, as DDP averages
@@ -397,6 +416,8 @@ class DinoV2Objective(nn.Module):
         loss = s.dino_weight * loss_dino + s.ibot_weight * loss_ibot + s.koleo_weight * loss_koleo
         diagnostics = dino_diagnostics(s_logits, t_cls, s.student_temp, n_global)
         diagnostics["kl_dino"] = loss_dino.detach() - diagnostics["teacher_entropy"]
+        diagnostics["kl_dino_ref"] = self._reference_kl(s_logits.detach(), t_cls_logits, temp,
+                                                        diagnostics["kl_dino"], b, n_global)
         diagnostics["prototype_max_mass"] = prototype_max_mass(t_cls)
         return {"loss": loss, "loss_dino": loss_dino, "loss_ibot": loss_ibot,
                 "loss_koleo": loss_koleo, **diagnostics,

@@ -4,7 +4,9 @@ Every objective logs, beside its loss, a *learning signal*: the part of its loss
 still reduce. For DINOv2 that is ``kl_dino`` = ``loss_dino - teacher_entropy``, the KL divergence
 of the student from the teacher (the teacher's entropy alone can fall without any learning, e.g.
 while its temperature warms up, and a uniform teacher sits at ``ln K`` whatever the student
-does); for MAE it is ``mae_vs_baseline``, the reconstruction error over that of predicting each
+does), measured against the targets at the *final* teacher temperature (``kl_dino_ref``:
+while the temperature warms up, the softening targets lower ``kl_dino`` by themselves, and a
+run at a zero learning rate would look as if it learned); for MAE it is ``mae_vs_baseline``, the reconstruction error over that of predicting each
 image's mean masked patch. Objectives without either fall back to ``loss``.
 
 The rule, on the JSONL records logged so far (``w`` = ``window`` records; settings in
@@ -20,7 +22,12 @@ The rule, on the JSONL records logged so far (``w`` = ``window`` records; settin
    before: the student outputs the uniform distribution, which scores exactly ``ln K`` against
    any balanced targets, and has stopped moving away from it;
 3. **no fall** (every objective, from ``max(min_records, 2w)`` records): the mean signal over the
-   last ``w`` records is not at least ``min_drop`` (relative) below its mean over the first ``w``.
+   last ``n`` records (``n`` = ``w``, or a quarter of the records once there are more) is not
+   below its mean over the first ``n`` by at least ``min_drop`` (relative) and
+   ``noise_sigmas`` standard errors of the difference of the two means (a noisy but
+   stationary signal falls a little by chance).
+
+"Falls" in rule 2 is the same test on the last two windows of ``w``.
 
 A run whose loss is flat because its learning rate is zero, its inputs are identical, or its
 targets carry no information trips rule 3 (and 2 where its student is uniform); a run whose
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 from geoexplora.defaults import STALL, StallDefaults
 
-LEARNING_SIGNALS = ("kl_dino", "mae_vs_baseline", "loss")
+LEARNING_SIGNALS = ("kl_dino_ref", "kl_dino", "mae_vs_baseline", "loss")
 
 
 def learning_signal(record: dict) -> str:
@@ -43,6 +50,18 @@ def learning_signal(record: dict) -> str:
 
 def _mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
+
+
+def _fell(before: list[float], after: list[float], settings: StallDefaults) -> bool:
+    """Whether the mean of ``after`` lies below that of ``before`` by ``min_drop`` (relative)
+    and by ``noise_sigmas`` standard errors of the difference of the two means."""
+    def mean_var(v):
+        m = sum(v) / len(v)
+        return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1) if len(v) > 1 else 0.0)
+
+    (m0, v0), (m1, v1) = mean_var(before), mean_var(after)
+    noise = (v0 / len(before) + v1 / len(after)) ** 0.5
+    return m1 < m0 - max(settings.min_drop * abs(m0), settings.noise_sigmas * noise)
 
 
 def _span(records: list[dict]) -> str:
@@ -69,17 +88,19 @@ def stall_reason(records: list[dict], settings: StallDefaults = STALL) -> str | 
         now = _mean(last, key)
         entropy, uniform = _mean(last, "student_entropy"), _mean(last, "uniform_entropy")
         if (entropy >= (1 - settings.uniform_tolerance) * uniform
-                and now >= before - settings.min_drop * abs(before)):
+                and not _fell([r[key] for r in records[-2 * w:-w]], [r[key] for r in last],
+                              settings)):
             return (f"not learning: the student's output is uniform (entropy {entropy:.4g}, "
                     f"ln K = {uniform:.4g}) and {key} is not falling ({before:.4g} -> "
                     f"{now:.4g} over {_span(records[-2 * w:])})")
     values = [r[key] for r in records if key in r]
     if len(values) < max(settings.min_records, 2 * w):
         return None
-    start = sum(values[:w]) / w
-    end = sum(values[-w:]) / w
-    if end < start - settings.min_drop * abs(start):
+    span = max(w, len(values) // 4)
+    if _fell(values[:span], values[-span:], settings):
         return None
+    start, end = sum(values[:span]) / span, sum(values[-span:]) / span
     return (f"not learning: {key} went from {start:.4g} to {end:.4g} over steps "
             f"{records[0]['step']}-{records[-1]['step']} (a fall of at least "
-            f"{settings.min_drop:.0%} is expected)")
+            f"{settings.min_drop:.0%} and {settings.noise_sigmas:g} standard errors is "
+            "expected)")
