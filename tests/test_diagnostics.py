@@ -183,3 +183,27 @@ def test_identical_views_control_learns_and_the_stall_rule_stays_silent():
     assert records[-1]["kl_dino"] < 0.5 * records[0]["kl_dino"]
     for n in range(10, len(records) + 1, 10):  # as the engine checks it, record by record
         assert stall_reason(records[:n]) is None, n
+
+
+def test_a_noisy_but_stationary_signal_is_not_learning_and_a_noisy_fall_is():
+    import random
+
+    rng = random.Random(0)
+    flat = _synthetic(40, kl_dino=lambda i: 1.2 + rng.gauss(0, 0.2))
+    assert stall_reason(flat).startswith("not learning: kl_dino went from")
+    falling = _synthetic(40, kl_dino=lambda i: 1.2 - 0.02 * i + rng.gauss(0, 0.2))
+    assert stall_reason(falling) is None
+
+
+def test_the_reference_kl_ignores_the_teacher_temperature_warm_up():
+    """kl_dino_ref uses the targets at the final teacher temperature: during the warm-up it
+    differs from kl_dino, and at a zero learning rate it does not drift with the temperature."""
+    objective, views = _tiny_scratch_objective(1.0, steps=20)
+    images = _distinct_images()
+    with torch.no_grad():
+        early = objective(_batch(views, images, 0), 0)
+        late = objective(_batch(views, images, 0), 10)  # same batch, warm-up over (30 % of 20)
+    assert objective.teacher_temp(0) == 0.04 and objective.teacher_temp(10) == 0.07
+    assert abs(early["kl_dino"] - early["kl_dino_ref"]) > 1e-3
+    assert late["kl_dino"] == late["kl_dino_ref"]
+    torch.testing.assert_close(early["kl_dino_ref"], late["kl_dino_ref"])
