@@ -16,9 +16,10 @@ The rule, on the JSONL records logged so far (``w`` = ``window`` records; settin
    ``prototype_max_mass`` of the last ``w`` records is at least ``collapse_mass``: one
    prototype takes most of the teacher targets' mass over the batch (every image gets the same
    target; running-mean centring can do this, Sinkhorn-Knopp balances it away);
-2. **uniform student** (DINOv2, from ``max(min_records, 2w)`` records): the mean ``student_entropy`` of the last
-   ``w`` records is within ``uniform_tolerance`` (relative) of ``ln K`` (``uniform_entropy``),
-   and the signal over those ``w`` records is not ``min_drop`` below its mean over the ``w``
+2. **uniform student** (DINOv2, from ``max(min_records, 2w)`` records): the mean
+   ``student_entropy`` of the last ``w`` records is within ``uniform_tolerance`` (relative) of
+   ``ln K`` (``uniform_entropy``), and the signal over the last ``n`` records (``n`` = ``w``, or
+   a quarter of the records once there are more) has not fallen below its mean over the ``n``
    before: the student outputs the uniform distribution, which scores exactly ``ln K`` against
    any balanced targets, and has stopped moving away from it;
 3. **no fall** (every objective, from ``max(min_records, 2w)`` records): the mean signal over the
@@ -27,7 +28,7 @@ The rule, on the JSONL records logged so far (``w`` = ``window`` records; settin
    ``noise_sigmas`` standard errors of the difference of the two means (a noisy but
    stationary signal falls a little by chance).
 
-"Falls" in rule 2 is the same test on the last two windows of ``w``.
+"Falls" in rule 2 is the same test on the last two spans of ``n`` records.
 
 A run whose loss is flat because its learning rate is zero, its inputs are identical, or its
 targets carry no information trips rule 3 (and 2 where its student is uniform); a run whose
@@ -82,17 +83,17 @@ def stall_reason(records: list[dict], settings: StallDefaults = STALL) -> str | 
                     f"mass over {_span(last)} (at least {settings.collapse_mass:.0%} counts as "
                     "collapse)")
     key = learning_signal(records[-1])
-    if all("student_entropy" in r and "uniform_entropy" in r
-                                      and key in r for r in records[-2 * w:]):
-        before = _mean(records[-2 * w:-w], key)
-        now = _mean(last, key)
+    n = max(w, len(records) // 4)
+    recent, earlier = records[-n:], records[-2 * n:-n]
+    if all("student_entropy" in r and "uniform_entropy" in r and key in r
+           for r in earlier + recent):
+        before, now = _mean(earlier, key), _mean(recent, key)
         entropy, uniform = _mean(last, "student_entropy"), _mean(last, "uniform_entropy")
         if (entropy >= (1 - settings.uniform_tolerance) * uniform
-                and not _fell([r[key] for r in records[-2 * w:-w]], [r[key] for r in last],
-                              settings)):
+                and not _fell([r[key] for r in earlier], [r[key] for r in recent], settings)):
             return (f"not learning: the student's output is uniform (entropy {entropy:.4g}, "
                     f"ln K = {uniform:.4g}) and {key} is not falling ({before:.4g} -> "
-                    f"{now:.4g} over {_span(records[-2 * w:])})")
+                    f"{now:.4g} over {_span(earlier + recent)})")
     values = [r[key] for r in records if key in r]
     if len(values) < max(settings.min_records, 2 * w):
         return None
