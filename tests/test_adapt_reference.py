@@ -275,3 +275,15 @@ def test_crops_are_drawn_from_a_2x_context_window_where_the_scene_allows(tmp_pat
     assert data(42, 2.0).description["window"] == 84
     assert data(56, 2.0).description["window"] == 100  # 112 does not fit: the largest that does
     assert data(56, 1.0).description["window"] == 56
+
+
+def test_a_peak_lr_below_the_recipes_floor_never_rises(tmp_path, tiny_weights):
+    out = tmp_path / "tiny-lr.pt"
+    A.adapt(A.AdaptConfig(inputs=sample.slovenia_scenes()[:1], output=out,
+                          bands=["B2", "B3", "B4", "B8"], init=TINY,
+                          init_weights=str(tiny_weights), steps=4, batch_size=2, crop_size=56,
+                          local_crop_size=28, local_crops=0, num_workers=0, lr=1e-12,
+                          warmup_steps=0, progress=False))
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "tiny-lr.log.jsonl").read_text()
+           .splitlines()]
+    assert max(lrs) <= 1e-12

@@ -652,7 +652,8 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     schedule_kind = E.Schedules
     if objective == "dinov2":
         from geoexplora.ssl.dinov2 import LastLayerSchedules as schedule_kind
-    schedules = schedule_kind(total_steps=steps, lr=lr, min_lr=settings.min_lr,
+    # min(...): a peak below the recipe's floor (e.g. --lr 1e-12) must not rise towards it
+    schedules = schedule_kind(total_steps=steps, lr=lr, min_lr=min(settings.min_lr, lr),
                               warmup_steps=warmup, weight_decay=wd_start,
                               weight_decay_end=wd_end)
     loop = E.TrainLoop(fabric, objective_module, optimizer, data.dataset,
