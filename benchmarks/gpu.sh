@@ -2,15 +2,25 @@
 # GPU check, in one go (< 8 min on one H200): installs geoexplora from this source tree with the
 # carried wheels, then benchmarks/gpu_bench.py prints JSON lines:
 #   adapt images/s, peak memory and model-FLOP utilisation for ViT-B/14 and ViT-L/14 (DINOv2
-#   objective, bf16, 224 px), ExPLoRA vs full-parameter (target: ViT-L/14 ExPLoRA >= 35 % MFU);
-#   adapt() end to end vs its step alone; predict megapixels/s for ViT-B/14; a 2-step DDP run
+#   objective, bf16, 224 px), ExPLoRA vs full-parameter (target: ViT-L/14 ExPLoRA >= 35 % MFU),
+#   and ExPLoRA at --preset paper's micro-batch (8 per GPU); adapt() end to end vs its step
+#   alone; the learning diagnostics (loss terms, teacher/student entropy, kl_dino, view
+#   agreement, prototype mass, per-group grad norms, stall verdict) of the first 300 steps of a
+#   ViT-B/14 on real Sentinel-2 L2A scenes; predict megapixels/s for ViT-B/14; a 2-step DDP run
 #   when there is more than one GPU. Record the lines in docs/benchmarks.md.
+#
+# The real scenes of the diagnostics run travel in .bench-data/ (ignored, like .whl/):
+#   mkdir -p .bench-data && cp ../shared/data/s2-l2a-29RKH-2020-02-19/*_12band_200m.tif \
+#     .bench-data/ && echo /.bench-data/ >> .git/info/exclude
+# (with the bundled 256 px crop of the same tile that makes two scenes; --target A.tif,B.tif
+# names others). Then carry [".whl", ".bench-data"].
 #
 # Usage:
 #   bash benchmarks/gpu.sh              # on the GPU machine, from the repository root
 #   bash benchmarks/gpu.sh --dry-run    # here, on CPU: tiny configurations, no install
 #   GEOEXPLORA_GPU_DRY_RUN=1 bash benchmarks/gpu.sh   # the same
-#   extra arguments go to gpu_bench.py (e.g. --skip e2e,predict, --peak-tflops 989)
+#   extra arguments go to gpu_bench.py (e.g. --skip e2e,predict, --peak-tflops 989,
+#   --target a.tif,b.tif)
 #
 # The GPU machine (see /work/.library/device/README.md): python3 3.12 with torch, timm, peft,
 # lightning, typer, rich, xarray, pyarrow, matplotlib, safetensors, requests; no network. The
@@ -29,7 +39,7 @@
 # are fetched without --platform; `unzip -p .whl/NAME-*.whl '*/METADATA' | grep ^Requires-Dist`
 # lists each one's needs; one `python3 -m pip show` there tells which are already present; keep
 # one version of each.) Then run, with the device tool:
-#   carry [".whl"], command: bash benchmarks/gpu.sh
+#   carry [".whl", ".bench-data"], command: bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

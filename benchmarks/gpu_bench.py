@@ -9,6 +9,16 @@
   FLOPs per image (counted by ``torch.utils.flop_counter`` over one step: what this
   configuration executes, so ExPLoRA's frozen weights cost no weight gradients) and model-FLOP
   utilisation = FLOPs per step / seconds per step / peak. Target ViT-L/14 ExPLoRA >= 35 %.
+  Each model also at ``--preset paper``'s micro-batch (8 images per GPU: what the published run
+  executes per step, ``"micro_batch": "paper"``); both with the run's separate backbone/head
+  clips.
+* ``gpu_adapt_diagnostics``: ``adapt()`` for the first few hundred steps of a ViT-B/14 on a real
+  multi-scene target (``--target``; default the Sentinel-2 L2A scenes of ``.bench-data/`` or of
+  ``$GEOEXPLORA_SHARED_DATA``, plus the bundled crop): the learning diagnostics of its log (loss
+  terms, teacher/student entropy, ``kl_dino``, view agreement, prototype mass, per-group
+  gradient norms) averaged over its first and last tenth, the stall rule's verdict and the
+  run's warnings. Random weights (no network there) with LayerScale 1.0, so the numbers say
+  whether the objective learns from scratch on this data, not what a DINOv2 source does.
 * ``gpu_adapt_end_to_end``: ``adapt()`` itself on a synthetic Sentinel-2 scene (data loading,
   crops, logging, checkpoint): steady-state images/s from its log vs the step alone.
 * ``gpu_predict``: ``predict()`` of a ViT-B/14 segmentation model over a synthetic scene,
@@ -53,17 +63,26 @@ class Profile:
     predict_batch: int
     matmul_size: int
     lora_rank: int  # the recipe's 64 (for width 1024); the tiny dry-run model is 64 wide
+    paper_batch: int  # --preset paper's micro-batch (8 per GPU)
+    diag_model: str
+    diag_batch: int  # what Sinkhorn-Knopp balances per step (the published run's 8 x 4 GPUs)
+    diag_steps: int
+    diag_bands: str
 
 
 GPU = Profile(models=("vit_base_patch14_dinov2", "vit_large_patch14_dinov2"),
               accelerator="gpu", precision="bf16-mixed", crop=224, local_crop=98, local_crops=8,
               batch_size={"vit_base_patch14_dinov2": 64, "vit_large_patch14_dinov2": 32},
               warmup_steps=3, timed_steps=10, end_to_end_steps=40, scene_size=2048,
-              predict_size=4096, predict_batch=64, matmul_size=8192, lora_rank=64)
+              predict_size=4096, predict_batch=64, matmul_size=8192, lora_rank=64,
+              paper_batch=8, diag_model="vit_base_patch14_dinov2", diag_batch=32, diag_steps=300,
+              diag_bands="B4,B3,B2")
 DRY = Profile(models=("geo_vit_tiny_patch14",), accelerator="cpu", precision="32-true", crop=56,
               local_crop=28, local_crops=2, batch_size={"geo_vit_tiny_patch14": 4},
               warmup_steps=1, timed_steps=2, end_to_end_steps=3, scene_size=256,
-              predict_size=256, predict_batch=8, matmul_size=512, lora_rank=4)
+              predict_size=256, predict_batch=8, matmul_size=512, lora_rank=4, paper_batch=2,
+              diag_model="geo_vit_tiny_patch14", diag_batch=4, diag_steps=4,
+              diag_bands="B4,B3,B2")
 
 
 def emit(doc: dict) -> None:
@@ -140,12 +159,12 @@ def synthetic_scene(path: Path, size: int, seed: int = 0) -> Path:
 
 
 def adapt_config(profile: Profile, model: str, mode: str, scene: Path, output: Path,
-                 steps: int, num_workers: int | None):
+                 steps: int, num_workers: int | None, batch_size: int | None = None):
     from geoexplora.pipelines.adapt import AdaptConfig
 
     return AdaptConfig(inputs=[scene], output=output, sensor="sentinel2", init=model,
                        init_weights="random", full=mode == "full", steps=steps,
-                       batch_size=profile.batch_size[model], crop_size=profile.crop,
+                       batch_size=batch_size or profile.batch_size[model], crop_size=profile.crop,
                        local_crop_size=profile.local_crop, local_crops=profile.local_crops,
                        lora_rank=profile.lora_rank, accelerator=profile.accelerator,
                        precision=profile.precision,
@@ -153,7 +172,7 @@ def adapt_config(profile: Profile, model: str, mode: str, scene: Path, output: P
 
 
 def adapt_step(profile: Profile, model: str, mode: str, scene: Path, work: Path,
-               peaks: dict) -> dict:
+               peaks: dict, batch_size: int | None = None) -> dict:
     """The optimiser step of ``adapt``, timed on one batch kept on the device."""
     import torch
     from torch.utils.data import default_collate
@@ -163,19 +182,21 @@ def adapt_step(profile: Profile, model: str, mode: str, scene: Path, work: Path,
     from geoexplora.train import engine as E
 
     steps = profile.warmup_steps + profile.timed_steps + 1
-    cfg = adapt_config(profile, model, mode, scene, work / "step.pt", steps, 0)
+    cfg = A.resolve_scale(adapt_config(profile, model, mode, scene, work / "step.pt", steps, 0,
+                                       batch_size), world=1)
     objective = A.choose_objective(cfg)
     settings = A.objective_settings(objective, {})
     fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, 1, 1, "auto", cfg.precision))
     torch.manual_seed(0)
-    data = A.load_data(cfg, cfg.crop_size)
+    data = A.load_data(cfg, cfg.crop_size, context=cfg.context_factor)
     backbone, report = A.build_model(cfg, objective, settings, data.bands, data.stats,
                                      data.frames)
     data.dataset.prepare = A.make_prepare(cfg, objective, settings, backbone.patch_size,
                                           backbone.num_groups, data.frames)
-    module = A.make_objective(cfg, objective, settings, backbone, steps)
-    groups = E.param_groups(module, num_blocks=backbone.depth, layer_decay=settings.layer_decay)
-    optimizer = E.build_optimizer(groups, betas=settings.betas)
+    module = A.make_objective(cfg, objective, settings, backbone, steps, data.bands)
+    optimizer = E.build_optimizer(A.optimizer_groups(module, objective, settings, backbone.depth),
+                                  betas=settings.betas)
+    clips = module.clip_groups() or {"all": [p for p in module.parameters() if p.requires_grad]}
     wrapped, optimizer = fabric.setup(module, optimizer)
     batch = fabric.to_device(default_collate([data.dataset[i] for i in range(cfg.batch_size)]))
     device = fabric.device
@@ -183,9 +204,8 @@ def adapt_step(profile: Profile, model: str, mode: str, scene: Path, work: Path,
     def step(i: int) -> None:
         out = wrapped(batch, i)
         fabric.backward(out["loss"])
-        module.before_optimizer_step(i)
-        fabric.clip_gradients(wrapped, optimizer, max_norm=settings.clip_grad,
-                              error_if_nonfinite=False)
+        for params in clips.values():  # as the engine: backbone and head clipped separately
+            torch.nn.utils.clip_grad_norm_(params, settings.clip_grad, error_if_nonfinite=False)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module.after_optimizer_step(i)
@@ -206,6 +226,7 @@ def adapt_step(profile: Profile, model: str, mode: str, scene: Path, work: Path,
     flops = counter.get_total_flops()
     peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     doc = {"benchmark": "gpu_adapt_step", "model": model, "mode": mode,
+           "micro_batch": "paper" if batch_size == profile.paper_batch else "throughput",
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "precision": cfg.precision, "batch_size": cfg.batch_size,
            "crops": {"global": [2, cfg.crop_size], "local": [cfg.local_crops,
@@ -247,6 +268,62 @@ def adapt_end_to_end(profile: Profile, model: str, scene: Path, work: Path,
            "peak_memory_gib": round(peak / 2**30, 2) if peak else None,
            "ratio_steady_to_step_alone": round(steady / step_images_per_s, 3)}
     return doc
+
+
+DIAGNOSTICS = ("loss", "loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy",
+               "student_entropy", "uniform_entropy", "kl_dino", "view_agreement",
+               "prototype_max_mass", "grad_norm", "grad_norm_lora", "grad_norm_blocks",
+               "grad_norm_norms_embedding", "grad_norm_head", "lr", "images_per_s")
+
+
+def default_target(profile: Profile) -> list[Path]:
+    """Real Sentinel-2 L2A scenes: ``.bench-data/*.tif`` (copied there to travel with the
+    tree), else the shared full tile, plus the bundled crop; the dry run: the bundled 5-date
+    Sentinel-2 L1C series (small scenes, small crops)."""
+    import os
+
+    from geoexplora import sample
+
+    if profile.accelerator != "gpu":
+        return sample.slovenia_scenes()
+    local = sorted((ROOT / ".bench-data").glob("*.tif"))
+    shared = Path(os.environ.get("GEOEXPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    tile = shared / "s2-l2a-29RKH-2020-02-19" / "S2A_29RKH_20200219_L2A_12band_200m.tif"
+    return (local or ([tile] if tile.exists() else [])) + [sample.s2_tile_crop()]
+
+
+def adapt_diagnostics(profile: Profile, target: list[Path], work: Path) -> dict:
+    """The first ``diag_steps`` steps of ``adapt()`` on ``target``: its log's diagnostics."""
+    from geoexplora.pipelines.adapt import AdaptConfig, adapt
+    from geoexplora.train.engine import RunFiles, read_log
+
+    output = work / "diagnostics.pt"
+    cfg = AdaptConfig(inputs=target, output=output, bands=profile.diag_bands.split(","),
+                      init=profile.diag_model, init_weights="random",
+                      arch_overrides={"init_values": 1.0}, steps=profile.diag_steps,
+                      batch_size=profile.diag_batch, crop_size=profile.crop,
+                      local_crop_size=profile.local_crop, local_crops=profile.local_crops,
+                      lora_rank=profile.lora_rank, accelerator=profile.accelerator,
+                      precision=profile.precision, overwrite=True, checkpoint_every=10**9,
+                      progress=False)
+    start = time.perf_counter()
+    summary = adapt(cfg).report
+    wall = time.perf_counter() - start
+    records = read_log(RunFiles(output).log)
+    tenth = max(1, len(records) // 10)
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if key in r]
+        return sig(sum(values) / len(values)) if values else None
+
+    release_memory()
+    return {"benchmark": "gpu_adapt_diagnostics", "model": profile.diag_model,
+            "target": [p.name for p in target], "bands": profile.diag_bands,
+            "steps": summary["steps"], "global_batch": summary["global_batch"],
+            "window": summary["data"].get("window"), "wall_s": round(wall, 1),
+            "first": {k: mean(records[:tenth], k) for k in DIAGNOSTICS},
+            "last": {k: mean(records[-tenth:], k) for k in DIAGNOSTICS},
+            "stalled": summary["stalled"], "warnings": summary["warnings"]}
 
 
 def predict_throughput(profile: Profile, work: Path) -> dict:
@@ -321,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny configurations on CPU (checks the script, not the GPU)")
     parser.add_argument("--peak-tflops", type=float, default=SPEC_BF16_TFLOPS,
                         help="the GPU's spec peak for MFU (default: H100/H200 dense bf16)")
-    parser.add_argument("--skip", default="", help="comma-separated: step,e2e,predict,ddp")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: step,paper,e2e,diagnostics,predict,ddp")
+    parser.add_argument("--target", default=None,
+                        help="comma-separated scenes for the diagnostics run (default: see "
+                             "default_target)")
     args = parser.parse_args(argv)
     profile = DRY if args.dry_run else GPU
     skip = {s for s in args.skip.split(",") if s}
@@ -352,8 +433,16 @@ def main(argv: list[str] | None = None) -> int:
                 release_memory()
                 step_rate = step_rate or doc["images_per_s"]
                 emit(doc)
+            if "paper" not in skip:
+                emit(adapt_step(profile, model, "explora", scene, work, peaks,
+                                batch_size=profile.paper_batch))
+                release_memory()
             if "e2e" not in skip and step_rate:
                 emit(adapt_end_to_end(profile, model, scene, work, step_rate))
+        if "diagnostics" not in skip:
+            target = ([Path(p) for p in args.target.split(",")] if args.target
+                      else default_target(profile))
+            emit(adapt_diagnostics(profile, target, work))
         if "predict" not in skip:
             emit(predict_throughput(profile, work))
         if "ddp" not in skip:

@@ -52,7 +52,10 @@ EXPLORA = ExploraDefaults()
 @dataclass(frozen=True)
 class DataDefaults:
     batch_size: int = 8  # recipe: 8 per GPU (x 4 GPUs x 32 accumulation = 1024 effective)
-    crop_size: int = 224  # recipe: training window / global crop (DINOv2) / image (MAE), px
+    crop_size: int = 224  # recipe: global crop (DINOv2) / image (MAE) size, px
+    context_factor: float = 2.0  # DINOv2 crops (global and local) are drawn from a window of
+    # this x crop_size where the scenes allow (DINOv2: RandomResizedCrop over the whole image,
+    # ~2x 224 px for ImageNet), else from the largest that fits; 1: from a crop_size window
     min_valid_fraction: float = 0.5  # ours: a window needs half its pixels valid to be used
     stats_sample_windows: int = 64  # ours: windows read to compute band statistics
     valid_map_cell: int = 256  # ours: pixel size of the cells of the valid-area map
@@ -63,13 +66,70 @@ DATA = DataDefaults()
 
 
 @dataclass(frozen=True)
+class ScaleDefaults:
+    """How big a run is, against the published one (``--preset``, ``--global-batch`` and the
+    budget ``--dry-run`` prints; geoexplora/pipelines/adapt.py)."""
+
+    published_global_batch: int = 1024  # recipe: 8 per GPU x 4 GPUs x 32 accumulation
+    published_steps: int = 150_000  # recipe: about 150k iterations
+    min_sinkhorn_batch: int = 32  # ours: below this many images per (all-ranks) micro-batch
+    # Sinkhorn-Knopp's targets have little to balance; the published run's is 32 (8 x 4 GPUs)
+    gpu_name: str = "H100/H200 SXM"  # the GPU class the GPU-hours estimate is for
+    gpu_peak_flops: float = 989e12  # its dense bf16 peak, FLOP/s (NVIDIA's data sheet)
+    mfu: float = 0.35  # ours: the model-FLOP utilisation assumed for the GPU-hours estimate
+    # (ViT-L/14 bf16 training reaches about 0.3-0.45 there; benchmarks/gpu.sh measures it)
+
+
+SCALE = ScaleDefaults()
+
+
+@dataclass(frozen=True)
+class AdaptPreset:
+    """One row of :data:`ADAPT_PRESETS`: what ``--preset NAME`` sets. Options given explicitly
+    override it; ``lr`` is not a column: the recipe's base lr is scaled to ``global_batch``
+    (DINOv2: sqrt(global_batch / 1024) x 1e-3)."""
+
+    batch_size: int  # images per device per micro-batch
+    global_batch: int  # images per optimiser step; accumulation = global / (devices x batch)
+    steps: int
+    head_prototypes: int | None  # None: by model width (dino_head_size)
+    local_crops: int
+    why: str
+
+
+# The presets, as a table (docs/recipe.md renders it).
+ADAPT_PRESETS: dict[str, AdaptPreset] = {
+    # recipe: every value of the published ViT-L/14 run (section 2): 8 images per GPU, an
+    # effective batch of 1024, ~150k iterations, 65 536 prototypes, 8 local crops; lr 1e-3.
+    "paper": AdaptPreset(batch_size=8, global_batch=1024, steps=150_000, head_prototypes=65536,
+                         local_crops=8,
+                         why="recipe: the published run (8/GPU x 4 GPUs x 32 accumulation = "
+                             "1024, ~150k steps, 65 536 prototypes, lr 1e-3); ~153.6M images"),
+    # ours: about one GPU-hour of a ViT-L/14 on an H100/H200 at the stated MFU (see the
+    # --dry-run budget): 64 images per micro-batch (what Sinkhorn-Knopp balances; ~45 GiB in
+    # bf16 for ViT-L), 256 per step (lr 5e-4 by sqrt scaling), 3000 steps = 768k images,
+    # 0.5 % of the published run.
+    "quick": AdaptPreset(batch_size=64, global_batch=256, steps=3000, head_prototypes=65536,
+                         local_crops=8,
+                         why="ours: ~1 GPU-hour for ViT-L/14 on one H100/H200 (768k images, "
+                             "0.5 % of the published run); micro-batch 64 keeps Sinkhorn-Knopp "
+                             "well above 32 images"),
+}
+
+
+@dataclass(frozen=True)
 class StallDefaults:
     """The "not learning" rule of geoexplora/train/diagnostics.py (all "ours": the recipe has
     none; a 150k-step run that learns nothing should say so in its first minutes)."""
 
     window: int = 5  # logged records averaged at the start and at the end of the run so far
+    # (at least; a quarter of the records once there are more)
     min_records: int = 10  # records needed before the rule may fire (2 windows at least)
     min_drop: float = 0.02  # the learning signal must fall by 2 % (relative) to count as learning
+    noise_sigmas: float = 2.0  # ... and by twice the standard error of the two windows' means
+    # (a stationary but noisy signal, e.g. of a batch of 2, falls by chance)
+    uniform_tolerance: float = 0.01  # a student entropy within 1 % of ln K is a uniform output
+    collapse_mass: float = 0.5  # one prototype with half the teacher's mass is a collapse
 
 
 STALL = StallDefaults()
@@ -77,9 +137,16 @@ STALL = StallDefaults()
 
 @dataclass(frozen=True)
 class AugmentDefaults:
-    """Multispectral-safe augmentation (ours, derived from DINOv2's): no hue, saturation,
-    grey-scale or solarisation, which only make sense for RGB. Geometric ops are exact for any
-    number of bands and dates; photometric ops scale each band (and the whole image)."""
+    """DINOv2's augmentations (recipe section 2), for any bands (geoexplora/ssl/augment.py).
+    Geometric ops are exact for any number of bands and dates. For RGB sources (the bands are
+    exactly red, green, blue) the colour ops are DINOv2's own: brightness, contrast, saturation
+    and hue jitter (p 0.8), grey-scale (p 0.2), solarisation (p 0.2, second global crop). For
+    multispectral inputs each has a spectral analogue (ours): saturation blends every band with
+    the "spectral grey" (each band's own mean and spread carrying the mean over bands of the
+    standardised bands: the spatial pattern without its spectral contrast), grey-scale replaces
+    the bands by it, solarisation inverts each band above the middle of its range in the view,
+    and hue, which has no multispectral meaning, is left out (the per-band gain plays its part
+    of shifting the colour balance)."""
 
     hflip_p: float = 0.5
     vflip_p: float = 0.5  # overhead imagery has no "up": vertical flips and 90-degree
@@ -87,10 +154,16 @@ class AugmentDefaults:
     jitter_p: float = 0.8  # DINOv2's colour-jitter probability
     brightness: float = 0.4  # whole-image gain in [1-b, 1+b] (DINOv2's brightness)
     contrast: float = 0.4  # contrast around each band's mean, in [1-c, 1+c] (DINOv2's)
-    band_gain: float = 0.1  # extra independent gain per band in [1-g, 1+g]
+    saturation: float = 0.2  # recipe: DINOv2's saturation jitter, factor in [1-s, 1+s]
+    hue: float = 0.1  # recipe: DINOv2's hue jitter, a turn of [-h, h] (RGB only)
+    band_gain: float = 0.1  # ours: extra independent gain per band in [1-g, 1+g]
+    grayscale_p: float = 0.2  # recipe: DINOv2's RandomGrayscale (every crop)
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels (DINOv2's GaussianBlur)
     blur_p_global: tuple[float, float] = (1.0, 0.1)  # DINOv2: first/second global crop
     blur_p_local: float = 0.5  # DINOv2
+    solarize_p_global: tuple[float, float] = (0.0, 0.2)  # recipe: DINOv2 solarises the second
+    # global crop only (threshold 128 of 255: the middle of the range)
+    solarize_p_local: float = 0.0  # recipe
 
 
 AUGMENT = AugmentDefaults()
@@ -145,6 +218,11 @@ class DinoV2Defaults:
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     drop_path: float = 0.3
+    drop_path_uniform: bool = True  # recipe: DINOv2's drop_path_uniform, 0.3 in every block
+    # (timm's default is a linear ramp 0 -> 0.3 over the depth)
+    prototype_gain_trainable: bool = True  # recipe: DINOv2's weight_norm with a trainable g
+    separate_clips: bool = True  # recipe: DINOv2 clips the backbone and the head separately
+    # (each at clip_grad); False: one clip over all trainable parameters
 
 
 DINOV2 = DinoV2Defaults()
@@ -162,13 +240,13 @@ def dino_head_size(embed_dim: int) -> DinoHeadSize:
 
     The paper's head (hidden 2048, bottleneck 256, 65 536 prototypes) has 16.8M parameters in its
     last layer alone: right for ViT-L (18.7M trained backbone parameters), far too big for a
-    small model. Prototypes scale with the width; tiny test models get a tiny head so a CPU run
-    stays fast. ``--head-prototypes`` etc. override these.
+    small model. ViT-L and ViT-B get the recipe's head; smaller widths fewer prototypes (ours:
+    ViT-S 16 384; tiny test models a tiny head so a CPU run stays fast). ``--head-prototypes`` etc. override these.
     """
     if embed_dim >= 1024:  # ViT-L, ViT-g: the paper's values
         return DinoHeadSize(2048, 256, 65536)
-    if embed_dim >= 768:  # ViT-B
-        return DinoHeadSize(2048, 256, 32768)
+    if embed_dim >= 768:  # ViT-B: the recipe's 65 536 too
+        return DinoHeadSize(2048, 256, 65536)
     if embed_dim >= 384:  # ViT-S
         return DinoHeadSize(2048, 256, 16384)
     return DinoHeadSize(256, 64, 1024)  # tiny models (tests, CPU demos)

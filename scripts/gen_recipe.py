@@ -83,6 +83,29 @@ def _instance_names(tree: ast.Module) -> dict[str, str]:
     return names
 
 
+def _presets(tree: ast.Module) -> list[str]:
+    """The ``ADAPT_PRESETS`` table (``--preset``): one row per preset, one column per field."""
+    for node in tree.body:
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and node.target.id == "ADAPT_PRESETS" and isinstance(node.value, ast.Dict)):
+            rows = [(ast.literal_eval(k), {kw.arg: ast.literal_eval(kw.value)
+                                           for kw in v.keywords})
+                    for k, v in zip(node.value.keys, node.value.values, strict=True)]
+            fields = [f for f in rows[0][1] if f != "why"]
+            out = ["## `ADAPT_PRESETS` (`adapt --preset NAME`)", "",
+                   ("What each preset sets; options given explicitly override it. The lr is the "
+                   "recipe's base lr scaled to the global batch (DINOv2: 1e-3 x sqrt(global / "
+                   "1024)); accumulation = global batch / (devices x nodes x batch size)."), "",
+                   "| preset | " + " | ".join(f"`{f}`" for f in fields) + " | source / why |",
+                   "|---|" + "---|" * len(fields) + "---|"]
+            for name, values in rows:
+                cells = " | ".join(f"`{values[f]!r}`" for f in fields)
+                why = values["why"].replace("|", "\\|")
+                out.append(f"| `{name}` | {cells} | {why} |")
+            return out + [""]
+    return []
+
+
 def render(path: Path = DEFAULTS) -> str:
     source = path.read_text(encoding="utf-8")
     tree = ast.parse(source)
@@ -98,6 +121,8 @@ def render(path: Path = DEFAULTS) -> str:
             note = note.replace("|", "\\|")
             out.append(f"| `{name}` | `{value}` | {note} |")
         out.append("")
+        if cls == "ScaleDefaults":
+            out += _presets(tree)
     return "\n".join(out)
 
 

@@ -130,8 +130,8 @@ def test_teacher_shares_the_frozen_weights_and_copies_the_trainable_ones(tiny_di
 
 
 def test_ema_moves_the_teacher_towards_the_student_by_the_momentum(tiny_dinov2):
-    student = tiny_dinov2.student["head"].last_layer.weight
-    teacher = tiny_dinov2.teacher["head"].last_layer.weight
+    student = tiny_dinov2.student["head"].direction
+    teacher = tiny_dinov2.teacher["head"].direction
     with torch.no_grad():
         student.add_(1.0)
     before = teacher.detach().clone()
@@ -141,7 +141,7 @@ def test_ema_moves_the_teacher_towards_the_student_by_the_momentum(tiny_dinov2):
     torch.testing.assert_close(teacher, m * before + (1 - m) * student.detach())
 
 
-def test_forward_returns_finite_terms_and_the_last_layer_freeze_drops_its_gradients():
+def test_forward_returns_finite_terms_and_the_prototypes_get_gradients():
     from geoexplora.models import apply_explora, build_backbone
 
     torch.manual_seed(0)
@@ -160,10 +160,11 @@ def test_forward_returns_finite_terms_and_the_last_layer_freeze_drops_its_gradie
         (out["loss_dino"] + out["loss_ibot"] + 0.1 * out["loss_koleo"]).item())
     out["loss"].backward()
     assert objective.freeze_last_layer_steps == 4  # 2 % of 200 steps
-    last = objective.student["head"].last_layer.weight
-    assert last.grad is not None
-    objective.before_optimizer_step(3)
-    assert last.grad is None
+    head = objective.student["head"]
+    assert head.direction.grad is not None and head.gain.grad is not None
+    assert head.gain.grad.abs().sum() > 0
+    assert {id(p) for p in objective.last_layer_parameters()} == {id(head.direction),
+                                                                  id(head.gain)}
 
 
 def _tiny_scratch_objective(init_values, prototypes=16, steps=30, seed=0):
@@ -230,7 +231,6 @@ def test_dino_loss_of_a_random_vit_falls_below_the_uniform_level_when_it_learns(
     for step in range(30):
         out = objective(_batch(views, images, step), step)
         out["loss"].backward()
-        objective.before_optimizer_step(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         objective.after_optimizer_step(step)

@@ -92,19 +92,42 @@ def gpu_dry_run() -> list[dict]:
 
 def test_gpu_dry_run_measures_every_part(gpu_dry_run):
     kinds = [d["benchmark"] for d in gpu_dry_run]
-    assert kinds == ["gpu_peak", "gpu_adapt_step", "gpu_adapt_step", "gpu_adapt_end_to_end",
-                     "gpu_predict", "gpu_ddp"]
+    assert kinds == ["gpu_peak", "gpu_adapt_step", "gpu_adapt_step", "gpu_adapt_step",
+                     "gpu_adapt_end_to_end", "gpu_adapt_diagnostics", "gpu_predict", "gpu_ddp"]
     assert all(math.isfinite(x) for d in gpu_dry_run for x in _numbers(d))
     assert gpu_dry_run[-1]["skipped"].startswith("0 GPU")
 
 
 def test_gpu_dry_run_explora_trains_and_computes_less_than_full(gpu_dry_run):
-    explora, full = [d for d in gpu_dry_run if d["benchmark"] == "gpu_adapt_step"]
+    explora, full = [d for d in gpu_dry_run if d["benchmark"] == "gpu_adapt_step"
+                     and d["micro_batch"] == "throughput"]
     assert (explora["mode"], full["mode"]) == ("explora", "full")
     assert explora["trainable_params"] < full["trainable_params"] == full["total_params"]
     # Frozen weights need no weight gradients: fewer FLOPs per image.
     assert explora["gflops_per_image"] < full["gflops_per_image"]
     assert explora["images_per_s"] > 0 and full["images_per_s"] > 0
+
+
+def test_gpu_dry_run_times_the_paper_micro_batch(gpu_dry_run):
+    (paper,) = [d for d in gpu_dry_run if d.get("micro_batch") == "paper"]
+    assert paper["mode"] == "explora" and paper["batch_size"] == 2  # the dry run's "8"
+    assert paper["images_per_s"] > 0 and paper["gflops_per_image"] > 0
+
+
+def test_gpu_dry_run_reports_the_learning_diagnostics_of_a_real_multi_scene_run(gpu_dry_run):
+    (diag,) = [d for d in gpu_dry_run if d["benchmark"] == "gpu_adapt_diagnostics"]
+    assert len(diag["target"]) == 5 and diag["steps"] == 4 and diag["window"] == 100
+    for part in ("first", "last"):
+        values = diag[part]
+        for key in ("loss_dino", "teacher_entropy", "student_entropy", "kl_dino",
+                    "view_agreement", "prototype_max_mass", "grad_norm_lora", "grad_norm_head"):
+            assert math.isfinite(values[key]), (part, key)
+        assert values["kl_dino"] == pytest.approx(values["loss_dino"]
+                                                  - values["teacher_entropy"], rel=1e-2)
+        assert 0 <= values["view_agreement"] <= 1
+        assert values["student_entropy"] <= values["uniform_entropy"] + 1e-6
+    assert diag["stalled"] is None  # 4 steps: too early for the rule
+    assert any("Sinkhorn-Knopp" in w for w in diag["warnings"])  # 4 images per step
 
 
 def test_tile_benchmark_prints_rates_and_ratios_against_both_baselines(tmp_path):

@@ -48,7 +48,6 @@ def _records(init_values, lr, images, steps=30):
     for step in range(steps):
         out = objective(_batch(views, images, step), step)
         out["loss"].backward()
-        objective.before_optimizer_step(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         objective.after_optimizer_step(step)
@@ -95,3 +94,116 @@ def test_stop_if_stalled_ends_a_run_at_a_vanishing_lr_with_exit_1_and_keeps_the_
     assert (tmp_path / "stalled.ckpt").is_file() and not out.exists()
     ckpt = torch.load(tmp_path / "stalled.ckpt", weights_only=True)
     assert ckpt["step"] < 30
+
+
+def test_prototype_max_mass_is_one_over_k_when_spread_and_one_when_collapsed():
+    k = 8
+    assert D.prototype_max_mass(torch.full((6, k), 1 / k)).item() == pytest.approx(1 / k)
+    assert D.prototype_max_mass(torch.eye(k)).item() == pytest.approx(1 / k)
+    collapsed = torch.zeros(6, k)
+    collapsed[:, 3] = 1.0
+    assert D.prototype_max_mass(collapsed).item() == pytest.approx(1.0)
+    half = torch.eye(k)[[0, 0, 0, 1, 2, 3]]
+    assert D.prototype_max_mass(half).item() == pytest.approx(0.5)
+    # Sinkhorn-Knopp's (3 iterations) pull the mass a raw teacher puts on one prototype back
+    # towards 1/K
+    logits = torch.randn(32, k, generator=torch.Generator().manual_seed(0))
+    logits[:, 0] += 5.0
+    assert D.prototype_max_mass(torch.softmax(logits / 0.1, dim=-1)).item() > 0.99
+    assert D.prototype_max_mass(D.sinkhorn_knopp(logits, 0.1)).item() == pytest.approx(0.281,
+                                                                                        abs=1e-3)
+
+
+def _synthetic(n, **columns):
+    return [{"step": i + 1, **{k: (v(i) if callable(v) else v) for k, v in columns.items()}}
+            for i in range(n)]
+
+
+def test_stall_rule_flags_collapse_once_there_are_enough_records():
+    records = _synthetic(12, kl_dino=lambda i: 2.0 - 0.1 * i, prototype_max_mass=0.8,
+                         student_entropy=1.0, uniform_entropy=math.log(16))
+    assert stall_reason(records[:9]) is None  # too early
+    reason = stall_reason(records)
+    assert reason.startswith("not learning: collapsed, one prototype takes 80%")
+    healthy = _synthetic(12, kl_dino=lambda i: 2.0 - 0.1 * i, prototype_max_mass=1 / 16,
+                         student_entropy=1.0, uniform_entropy=math.log(16))
+    assert stall_reason(healthy) is None
+
+
+def test_stall_rule_flags_a_uniform_student_whose_kl_stopped_falling():
+    ln_k = math.log(16)
+    # KL fell a lot early (the whole-run rule is satisfied) but the last 10 records sit still
+    # with a student at ln K
+    records = _synthetic(20, kl_dino=lambda i: 2.0 if i < 5 else 0.5,
+                         student_entropy=0.995 * ln_k, uniform_entropy=ln_k,
+                         prototype_max_mass=1 / 16)
+    reason = stall_reason(records)
+    assert reason.startswith("not learning: the student's output is uniform")
+    assert "ln K = 2.773" in reason
+    # the same KL curve with a student that is not uniform: learning (then converged)
+    confident = [dict(r, student_entropy=0.9 * ln_k) for r in records]
+    assert stall_reason(confident) is None
+
+
+def _identical_views_run(steps=100, lr=1e-3):
+    """The identical-views control: no augmentation, both global crops the whole image (one
+    crop, seen by student and teacher alike), distinct images, LayerScale 1.0."""
+    import dataclasses
+
+    from geoexplora.defaults import AUGMENT
+
+    objective, _ = _tiny_scratch_objective(1.0, steps=steps)
+    settings = dataclasses.replace(objective.settings, global_crops_scale=(1.0, 1.0))
+    objective.settings = settings
+    no_aug = dataclasses.replace(AUGMENT, hflip_p=0.0, vflip_p=0.0, rot90_p=0.0, jitter_p=0.0,
+                                 blur_p_global=(0.0, 0.0), blur_p_local=0.0)
+    views = D.DinoV2Views(14, D.CropSizes(28, 14), settings, no_aug)
+    images = _distinct_images()
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad],
+                                  lr=lr, weight_decay=0.0)
+    records = []
+    for step in range(steps):
+        batch = _batch(views, images, step)
+        out = objective(batch, step)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.after_optimizer_step(step)
+        records.append({"step": step + 1, **{k: v.item() for k, v in out.items()}})
+    return batch, records
+
+
+def test_identical_views_control_learns_and_the_stall_rule_stays_silent():
+    batch, records = _identical_views_run()
+    torch.testing.assert_close(batch["global"]["theta"][:, 0], batch["global"]["theta"][:, 1])
+    ln_k = math.log(16)
+    first_below = next(r["step"] for r in records if r["loss_dino"] < ln_k - 0.1)
+    assert first_below <= 100
+    assert records[-1]["view_agreement"] == 1.0  # both crops are one image
+    assert records[-1]["kl_dino"] < 0.5 * records[0]["kl_dino"]
+    for n in range(10, len(records) + 1, 10):  # as the engine checks it, record by record
+        assert stall_reason(records[:n]) is None, n
+
+
+def test_a_noisy_but_stationary_signal_is_not_learning_and_a_noisy_fall_is():
+    import random
+
+    rng = random.Random(0)
+    flat = _synthetic(40, kl_dino=lambda i: 1.2 + rng.gauss(0, 0.2))
+    assert stall_reason(flat).startswith("not learning: kl_dino went from")
+    falling = _synthetic(40, kl_dino=lambda i: 1.2 - 0.02 * i + rng.gauss(0, 0.2))
+    assert stall_reason(falling) is None
+
+
+def test_the_reference_kl_ignores_the_teacher_temperature_warm_up():
+    """kl_dino_ref uses the targets at the final teacher temperature: during the warm-up it
+    differs from kl_dino, and at a zero learning rate it does not drift with the temperature."""
+    objective, views = _tiny_scratch_objective(1.0, steps=20)
+    images = _distinct_images()
+    with torch.no_grad():
+        early = objective(_batch(views, images, 0), 0)
+        late = objective(_batch(views, images, 0), 10)  # same batch, warm-up over (30 % of 20)
+    assert objective.teacher_temp(0) == 0.04 and objective.teacher_temp(10) == 0.07
+    assert abs(early["kl_dino"] - early["kl_dino_ref"]) > 1e-3
+    assert late["kl_dino"] == late["kl_dino_ref"]
+    torch.testing.assert_close(early["kl_dino_ref"], late["kl_dino_ref"])

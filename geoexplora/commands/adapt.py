@@ -31,14 +31,24 @@ def adapt(
         "--full", help="Train every parameter (full extended pre-training, for comparison) "
                        "instead of ExPLoRA.")] = False,
     steps: Annotated[int | None, typer.Option(
-        "--steps", help=f"Optimiser steps (default {DATA.steps}).")] = None,
+        "--steps", help=f"Optimiser steps (default: the preset's, else {DATA.steps}).")] = None,
     epochs: Annotated[float | None, typer.Option(
         "--epochs", help="Passes over the data instead of --steps (for scenes: valid area / "
                          "window area).")] = None,
-    batch_size: Annotated[int, typer.Option(
-        "--batch-size", help="Images per device per micro-batch.")] = DATA.batch_size,
-    accumulate: Annotated[int, typer.Option(
-        "--accumulate", help="Micro-batches per optimiser step (gradient accumulation).")] = 1,
+    preset: Annotated[str | None, typer.Option(
+        "--preset", help="paper (the published run: global batch 1024, 150k steps, 65536 "
+                         "prototypes, lr 1e-3) or quick (about one GPU-hour of a ViT-L/14); "
+                         "options given explicitly override its values (docs/recipe.md).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help=f"Images per device per micro-batch (default: the preset's, else "
+                             f"{DATA.batch_size}).")] = None,
+    accumulate: Annotated[int | None, typer.Option(
+        "--accumulate", help="Micro-batches per optimiser step (gradient accumulation; "
+                             "default: what --global-batch needs, else 1).")] = None,
+    global_batch: Annotated[int | None, typer.Option(
+        "--global-batch", help="Images per optimiser step; sets --accumulate to GLOBAL / "
+                               "(devices x nodes x batch size), which must divide.")] = None,
     accelerator: Annotated[str, typer.Option(
         "--accelerator", help="auto, cpu or gpu.")] = "auto",
     devices: Annotated[int, typer.Option("--devices", help="Devices (GPUs) per node.")] = 1,
@@ -68,13 +78,19 @@ def adapt(
     crop_size: Annotated[int, typer.Option(
         "--crop-size", help="Training window and global crop size in pixels (a multiple of "
                             "the patch size).")] = DATA.crop_size,
+    context_factor: Annotated[float, typer.Option(
+        "--context-factor", help="dinov2 on scenes: cut the global and local crops from a "
+                                 "window of this x --crop-size where the scenes allow (DINOv2 "
+                                 "crops the whole image); 1: from a --crop-size window.")
+    ] = DATA.context_factor,
     local_crop_size: Annotated[int | None, typer.Option(
         "--local-crop-size", help="dinov2 local crop size (default 7 patches: 98 px).")] = None,
-    local_crops: Annotated[int, typer.Option(
-        "--local-crops", help="dinov2 local crops per image.")] = DINOV2.local_crops,
+    local_crops: Annotated[int | None, typer.Option(
+        "--local-crops", help=f"dinov2 local crops per image (default: the preset's, else "
+                              f"{DINOV2.local_crops}).")] = None,
     head_prototypes: Annotated[int | None, typer.Option(
         "--head-prototypes", help="dinov2 head prototypes (default by model width: 65536 for "
-                                  "ViT-L, 32768 ViT-B, 16384 ViT-S, 1024 tiny).")] = None,
+                                  "ViT-L and ViT-B, 16384 ViT-S, 1024 tiny).")] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", help="Peak learning rate (default: the recipe's, scaled to the global "
                      "batch).")] = None,
@@ -88,7 +104,8 @@ def adapt(
     seed: O.Seed = 0,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (parameter report, steps, memory per device) and "
-                          "stop.")] = False,
+                          "its budget (images seen vs the published run, FLOPs per step, "
+                          "GPU-hours) and stop.")] = False,
     stop_if_stalled: Annotated[bool, typer.Option(
         "--stop-if-stalled", help="End the run (exit 1, checkpoint kept) once it is not "
                                   "learning: its KL to the teacher (DINOv2) or its error vs "
@@ -127,10 +144,10 @@ def adapt(
         inputs=O.inputs_with_search(inputs, stac_search, collection, bbox, datetime, max_items), output=output, bands=opts.bands, sensor=opts.sensor,
         band_map=opts.band_map, nodata=nodata, s2_offset=s2_offset, init=init,
         init_weights=init_weights, objective=objective, full=full, steps=steps, epochs=epochs,
-        batch_size=batch_size, accumulate=accumulate, accelerator=accelerator, devices=devices,
+        preset=preset, batch_size=batch_size, accumulate=accumulate, global_batch=global_batch, accelerator=accelerator, devices=devices,
         num_nodes=num_nodes, strategy=strategy, precision=precision, unfreeze_blocks=blocks,
         lora_rank=lora_rank, lora_alpha=lora_alpha, frames=frames,
-        spectral_tokens=spectral_tokens, crop_size=crop_size,
+        spectral_tokens=spectral_tokens, crop_size=crop_size, context_factor=context_factor,
         local_crop_size=local_crop_size, local_crops=local_crops,
         head_prototypes=head_prototypes, lr=lr, warmup_steps=warmup_steps,
         checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed, dry_run=dry_run,
@@ -160,12 +177,20 @@ def _render(summary: dict) -> None:
     if summary.get("dry_run"):
         mem = summary["memory_per_device"]
         rows.append(("memory per device", f"~{mem['total_gib']} GiB"))
+        b = summary["budget"]
+        rows += [("images seen", (f"{b['images_seen']:,} ({100 * b['fraction_of_published']:.3g} "
+                                 f"% of the published run's {b['published_images_seen']:,})")),
+                 ("compute", (f"{b['flops_per_step']:.3g} FLOP per step (fwd+bwd), "
+                             f"{b['total_flops']:.3g} in all")),
+                 ("GPU-hours", (f"~{b['gpu_hours']:.3g} on one {b['gpu']} at "
+                               f"{100 * b['mfu']:.0f} % MFU ({b['images_per_s']:.0f} images/s)"))]
     else:
         rows += [("loss", f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"),
                  ("learning", summary["stalled"] or "yes (the not-learning rule did not fire)"),
                  ("speed", (f"{summary['images_per_s']:.1f} images/s, "
                             f"{100 * summary['data_wait_fraction']:.0f} % waiting for data")),
                  ("output", summary["output"])]
+    rows += [("warning", w) for w in summary.get("warnings", [])]
     for key, value in rows:
         table.add_row(key, str(value))
     Console().print(table)

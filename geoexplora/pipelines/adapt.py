@@ -23,7 +23,16 @@ from typing import Literal
 
 from geoexplora import bands as B
 from geoexplora.config_checks import one_of, path_list
-from geoexplora.defaults import DATA, DINOV2, ENGINE, EXPLORA, MAE, dino_head_size
+from geoexplora.defaults import (
+    ADAPT_PRESETS,
+    DATA,
+    DINOV2,
+    ENGINE,
+    EXPLORA,
+    MAE,
+    SCALE,
+    dino_head_size,
+)
 from geoexplora.devices import device_count, resolve_accelerator
 from geoexplora.errors import UserError, opt
 from geoexplora.log import Progress, logger, reports_progress
@@ -35,6 +44,7 @@ OBJECTIVES = ("dinov2", "mae")
 
 
 Objective = Literal["dinov2", "mae"]
+Preset = Literal["paper", "quick"]  # geoexplora.defaults.ADAPT_PRESETS
 SpectralTokens = Literal["bank", "groups"]  # geoexplora.models.geovit.SPECTRAL_TOKEN_MODES
 
 
@@ -57,8 +67,11 @@ class AdaptConfig:
     full: bool = False  # full-parameter extended pre-training (the comparison), not ExPLoRA
     steps: int | None = None
     epochs: float | None = None
-    batch_size: int = DATA.batch_size
-    accumulate: int = 1
+    # None: the preset's value, else DATA.batch_size / 1 (or what global_batch implies)
+    preset: Preset | None = None  # "paper" or "quick" (defaults.ADAPT_PRESETS)
+    batch_size: int | None = None
+    accumulate: int | None = None
+    global_batch: int | None = None  # images per step: accumulate = global / (world x batch)
     accelerator: str = "auto"
     devices: int | list[int] = 1  # how many, or which GPUs ([1]: the second)
     num_nodes: int = 1
@@ -71,8 +84,9 @@ class AdaptConfig:
     spectral_tokens: SpectralTokens = "bank"  # or "groups": SatMAE's band-group tokens
     split: str | None = "train"  # chips: which split to adapt on (None: all chips)
     crop_size: int = DATA.crop_size
+    context_factor: float = DATA.context_factor  # dinov2 on scenes: crops from a larger window
     local_crop_size: int | None = None  # None: DINOV2.local_crop_patches x patch
-    local_crops: int = DINOV2.local_crops
+    local_crops: int | None = None  # None: the preset's, else DINOV2.local_crops
     head_prototypes: int | None = None  # None: dino_head_size(embed_dim)
     head_hidden: int | None = None
     head_bottleneck: int | None = None
@@ -93,6 +107,7 @@ class AdaptConfig:
         self.inputs = path_list("inputs", self.inputs)
         one_of("objective", self.objective, Objective, optional=True)
         one_of("spectral_tokens", self.spectral_tokens, SpectralTokens)
+        one_of("preset", self.preset, Preset, optional=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +165,23 @@ class AdaptData:
     epoch_size: int  # samples per "epoch" (chips; valid area / window area for scenes)
 
 
-def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
-    """The training samples and the band statistics (dataset.json, or computed on a sample)."""
+def context_window(scenes: list, crop: int, factor: float, frames: int) -> int:
+    """The window views are cut from: ``factor x crop`` px where every scene is that big,
+    else the largest that fits (never below ``crop``: too small a scene is refused later)."""
+    from geoexplora.train.sampling import single_date_scenes
+
+    if factor <= 1:
+        return crop
+    parts = [s for scene in scenes for s in (single_date_scenes(scene) if frames == 1
+                                               else [scene])]
+    fits = min(min(s.width, s.height) for s in parts)
+    return max(crop, min(round(factor * crop), fits))
+
+
+def load_data(cfg: AdaptConfig, window: int, prepare=None, context: float = 1.0) -> AdaptData:
+    """The training samples and the band statistics (dataset.json, or computed on a sample).
+    Scenes: windows of ``context x window`` px where they allow (:func:`context_window`); an
+    "epoch" stays the valid area over ``window`` squared."""
     from geoexplora.io.remote import as_path
     from geoexplora.train.sampling import ChipSamples, SceneWindows
 
@@ -196,6 +226,8 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
             raise UserError(f"--frames {frames} encodes dates; {', '.join(undated)} have none "
                             "(name them with a date or pass scenes with date tags)")
     logger.info("measuring the valid area of %d scene(s)", len(scenes))
+    crop = window
+    window = context_window(scenes, crop, context, frames)
     data = SceneWindows(scenes, window, cfg.seed, prepare, frames)
     stats = robust_band_stats(data.pixel_stream(DATA.stats_sample_windows, cfg.seed),
                               seed=cfg.seed)
@@ -204,7 +236,8 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None) -> AdaptData:
                      {"kind": "scenes", "files": sorted({str(p) for s in scenes
                                                          for p in s.paths}),
                       "scenes": len(data.scenes), "valid_pixels": data.valid_pixels,
-                      "window": window}, len(data))
+                      "window": window, "crop": crop},
+                     max(1, data.valid_pixels // (crop * crop)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +298,8 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
                               img_size=cfg.crop_size, num_frames=frames,
                               spectral_tokens=cfg.spectral_tokens, drop_path_rate=drop_path,
                               arch_overrides=cfg.arch_overrides)
+    if getattr(settings, "drop_path_uniform", False):
+        uniform_drop_path(backbone, drop_path)
     if cfg.crop_size % backbone.patch_size:
         raise UserError(f"--crop-size {cfg.crop_size} is not a multiple of the patch size "
                         f"{backbone.patch_size}")
@@ -282,6 +317,22 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
     return backbone, report
 
 
+def uniform_drop_path(model, rate: float) -> int:
+    """Give every residual branch of every transformer block the drop-path rate ``rate``
+    (DINOv2's ``drop_path_uniform``; timm ramps it linearly from 0 over the depth). Returns
+    the number of branches set."""
+    from timm.layers import DropPath
+    from torch import nn
+
+    count = 0
+    for block in model.modules():
+        for attr in ("drop_path1", "drop_path2"):
+            if isinstance(getattr(block, attr, None), (DropPath, nn.Identity)):
+                setattr(block, attr, DropPath(rate) if rate > 0 else nn.Identity())
+                count += 1
+    return count
+
+
 def local_crop_size(cfg: AdaptConfig, patch: int) -> int:
     size = cfg.local_crop_size or DINOV2.local_crop_patches * patch
     if size % patch:
@@ -289,7 +340,17 @@ def local_crop_size(cfg: AdaptConfig, patch: int) -> int:
     return size
 
 
-def make_objective(cfg: AdaptConfig, objective: str, settings, backbone, total_steps: int):
+def rgb_indices(bands) -> tuple[int, int, int] | None:
+    """The positions of red, green and blue when the bands are exactly those three (RGB colour
+    augmentation), else None (the multispectral analogues)."""
+    names = [getattr(b, "common_name", None) for b in bands]
+    if len(names) == 3 and set(names) == {"red", "green", "blue"}:
+        return names.index("red"), names.index("green"), names.index("blue")
+    return None
+
+
+def make_objective(cfg: AdaptConfig, objective: str, settings, backbone, total_steps: int,
+                   bands=()):
     if objective == "dinov2":
         from geoexplora.defaults import DinoHeadSize
         from geoexplora.ssl.dinov2 import CropSizes, DinoV2Objective
@@ -298,7 +359,8 @@ def make_objective(cfg: AdaptConfig, objective: str, settings, backbone, total_s
         size = DinoHeadSize(cfg.head_hidden or size.hidden, cfg.head_bottleneck or size.bottleneck,
                             cfg.head_prototypes or size.prototypes)
         crops = CropSizes(cfg.crop_size, local_crop_size(cfg, backbone.patch_size))
-        return DinoV2Objective(backbone, size, crops, total_steps, settings)
+        return DinoV2Objective(backbone, size, crops, total_steps, settings,
+                               rgb=rgb_indices(bands))
     from geoexplora.ssl.mae import MaeObjective
 
     return MaeObjective(backbone, cfg.crop_size, settings, lora_alpha=cfg.lora_alpha)
@@ -322,6 +384,29 @@ def base_lr(objective: str, settings, global_batch: int) -> float:
     """The recipe's scaling: DINOv2 sqrt(batch / 1024), MAE linear batch / 256."""
     return R.scaled_lr(settings.base_lr, settings.base_batch, global_batch,
                        "sqrt" if objective == "dinov2" else "linear")
+
+
+def optimizer_groups(objective_module, objective: str, settings, depth: int) -> list[dict]:
+    """AdamW groups: layer-wise lr decay and the patch-embedding multiplier (the engine's
+    :func:`~geoexplora.train.engine.param_groups`); for DINOv2 the prototypes in groups of
+    their own, marked ``frozen_until`` (their lr schedule, DINOv2's ``last_layer_lr``)."""
+    from geoexplora.train import engine as E
+
+    kw = {"num_blocks": depth, "layer_decay": settings.layer_decay,
+          "lr_multipliers": {"patch_embed": getattr(settings, "patch_embed_lr_mult", 1.0)}}
+    if objective != "dinov2":
+        return E.param_groups(objective_module, **kw)
+    last = {id(p) for p in objective_module.last_layer_parameters()}
+    named = dict(objective_module.named_parameters())
+
+    def is_last(name: str) -> bool:
+        return id(named[name]) in last
+
+    groups = E.param_groups(objective_module, exclude=is_last, **kw)
+    frozen = objective_module.freeze_last_layer_steps
+    return groups + [g | {"frozen_until": frozen}
+                     for g in E.param_groups(objective_module, exclude=lambda n: not is_last(n),
+                                             **kw)]
 
 
 def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig,
@@ -356,6 +441,52 @@ def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig
             "activations": activations, "total": total, "total_gib": round(total / 2**30, 3)}
 
 
+def step_flops(objective_module, dataset, micro_batch: int = 1) -> dict:
+    """Forward + backward FLOPs of the actual objective on ``micro_batch`` real samples (views,
+    masks and all), counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the CPU:
+    matrix products and convolutions (what the GPU spends its time on), student and teacher.
+    Returns per-image FLOPs (the count / ``micro_batch``); gradients are dropped afterwards."""
+    from torch.utils.data import default_collate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = default_collate([dataset[i] for i in range(micro_batch)])
+    was_training = objective_module.training
+    objective_module.train()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            out = objective_module(batch, 0)
+            out["loss"].backward()
+    finally:
+        objective_module.zero_grad(set_to_none=True)
+        objective_module.train(was_training)
+    by_op: dict[str, float] = {}
+    for op, count in counter.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[1] if str(op).count(".") >= 1 else str(op)  # aten.mm.default
+        by_op[name] = by_op.get(name, 0) + count / micro_batch
+    return {"per_image": counter.get_total_flops() / micro_batch,
+            "counted_on_images": micro_batch,
+            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+
+
+def budget(flops_per_image: float, steps: int, global_batch: int) -> dict:
+    """The run against the published one: images seen, FLOPs, and GPU-hours on
+    ``SCALE.gpu_name`` at ``SCALE.mfu`` of its bf16 peak."""
+    images = steps * global_batch
+    published = SCALE.published_steps * SCALE.published_global_batch
+    per_step = flops_per_image * global_batch
+    total = per_step * steps
+    rate = SCALE.gpu_peak_flops * SCALE.mfu
+    return {"images_seen": images, "published_images_seen": published,
+            "fraction_of_published": images / published,
+            "flops_per_image": flops_per_image, "flops_per_step": per_step,
+            "total_flops": total,
+            "gpu": SCALE.gpu_name, "gpu_peak_flops": SCALE.gpu_peak_flops, "mfu": SCALE.mfu,
+            "images_per_s": rate / flops_per_image if flops_per_image else None,
+            "gpu_hours": total / rate / 3600,
+            "published_gpu_hours": flops_per_image * published / rate / 3600}
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +494,7 @@ def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig
 def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> dict:
     keys = ("bands", "sensor", "init", "init_weights", "arch_overrides", "full", "batch_size",
             "accumulate", "unfreeze_blocks", "lora_rank", "lora_alpha", "frames",
-            "spectral_tokens", "split", "crop_size",
+            "spectral_tokens", "split", "crop_size", "context_factor",
             "local_crop_size", "local_crops", "head_prototypes", "head_hidden", "head_bottleneck",
             "lr", "warmup_steps", "drop_path", "seed", "settings_overrides")
     fp = {k: getattr(cfg, k) for k in keys}
@@ -372,10 +503,64 @@ def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> di
     return fp
 
 
+def resolve_scale(cfg: AdaptConfig, world: int) -> AdaptConfig:
+    """``cfg`` with the run's size filled in: the options given, else the preset's values
+    (:data:`geoexplora.defaults.ADAPT_PRESETS`), else the defaults. A global batch (given, or
+    the preset's when ``accumulate`` is not) sets ``accumulate = global_batch / (world x
+    batch_size)``, which must be a whole number."""
+    preset = ADAPT_PRESETS[cfg.preset] if cfg.preset is not None else None
+    batch = given_or(cfg.batch_size, preset.batch_size if preset else DATA.batch_size)
+    target = cfg.global_batch
+    if target is None and preset is not None and cfg.accumulate is None:
+        target = preset.global_batch
+    per_micro = batch * world
+    if target is not None:
+        if target < 1 or target % per_micro:
+            raise UserError(f"{target} is not a whole number of micro-batches of "
+                            f"{opt('batch_size')} {batch} x {world} device(s) = {per_micro} "
+                            f"images; choose {opt('global_batch')}, {opt('batch_size')} and "
+                            f"{opt('devices')} so that it divides", option="global_batch")
+        accumulate = target // per_micro
+        if cfg.accumulate is not None and cfg.accumulate != accumulate:
+            raise UserError(f"{target} needs {opt('accumulate')} {accumulate} with "
+                            f"{opt('batch_size')} {batch} x {world} device(s), not "
+                            f"{cfg.accumulate}; give one of the two", option="global_batch")
+    else:
+        accumulate = given_or(cfg.accumulate, 1)
+    steps = cfg.steps
+    if steps is None and cfg.epochs is None and preset is not None:
+        steps = preset.steps
+    return dataclasses.replace(
+        cfg, batch_size=batch, accumulate=accumulate, global_batch=None, steps=steps,
+        head_prototypes=given_or(cfg.head_prototypes, preset.head_prototypes if preset else None),
+        local_crops=given_or(cfg.local_crops, preset.local_crops if preset
+                             else DINOV2.local_crops))
+
+
+def scale_warnings(cfg: AdaptConfig, objective: str, settings, world: int) -> list[str]:
+    """Warnings about the run's scale (logged once, and listed in the summary)."""
+    out = []
+    per_step = cfg.batch_size * world
+    if (objective == "dinov2" and settings.centering == "sinkhorn_knopp"
+            and per_step < SCALE.min_sinkhorn_batch):
+        out.append(f"Sinkhorn-Knopp balances the teacher's targets over {per_step} image(s) "
+                   f"per micro-batch (batch_size {cfg.batch_size} x {world} device(s)), below "
+                   f"{SCALE.min_sinkhorn_batch} (the published run's 8 x 4 GPUs): its targets "
+                   "have little to balance; raise batch_size or devices (accumulate does not "
+                   "help)")
+    return out
+
+
 def _validate(cfg: AdaptConfig) -> None:
     from geoexplora.train import engine as E
 
-    for name in ("batch_size", "accumulate", "num_nodes", "crop_size"):
+    for name in ("batch_size", "accumulate", "global_batch"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise UserError(f"must be at least 1, not {value}", option=name)
+    if not cfg.context_factor >= 1:
+        raise UserError(f"must be 1 or more, not {cfg.context_factor}", option="context_factor")
+    for name in ("num_nodes", "crop_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
                             f"{getattr(cfg, name)}")
@@ -386,7 +571,7 @@ def _validate(cfg: AdaptConfig) -> None:
     require_positive("--lr", cfg.lr)
     if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank must be 0 or more, not {cfg.lora_rank}")
-    if cfg.local_crops < 0:
+    if cfg.local_crops is not None and cfg.local_crops < 0:
         raise UserError(f"--local-crops must be 0 or more, not {cfg.local_crops}")
 
 
@@ -401,6 +586,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     from geoexplora.train import engine as E
 
     _validate(cfg)
+    cfg = resolve_scale(cfg, device_count(cfg.devices) * cfg.num_nodes)  # before any process
     output = Path(cfg.output)
     files = E.RunFiles(output)
     check_not_input([output, files.checkpoint, files.log, files.plot],
@@ -420,22 +606,27 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
         precision = cfg.precision or E.default_precision(resolve_accelerator(cfg.accelerator))
     objective = choose_objective(cfg)
     settings = run_settings(cfg, objective)
+    warnings = scale_warnings(cfg, objective, settings, world)
 
     # The patch size decides the crop sizes the data workers draw: build the model first, on
     # the data's bands and statistics (which need the data, but not its views).
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg, cfg.crop_size)
+    data = load_data(cfg, cfg.crop_size,
+                     context=cfg.context_factor if objective == "dinov2" else 1.0)
     backbone, report = build_model(cfg, objective, settings, data.bands, data.stats,
                                    data.frames)
     data.dataset.prepare = make_prepare(cfg, objective, settings, backbone.patch_size,
                                         backbone.num_groups, data.frames)
 
+    if fabric is None or fabric.is_global_zero:  # once the inputs are known to be good
+        for warning in warnings:
+            logger.warning("%s", warning)
     global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
     if data.description["kind"] == "chips" and cfg.batch_size * world > data.epoch_size:
         raise UserError(f"--batch-size {cfg.batch_size} x {world} device(s) is larger than the "
                         f"chips dataset ({data.epoch_size} chips)")
     steps = R.steps_for_images(cfg.steps, cfg.epochs, data.epoch_size, global_batch, DATA.steps)
-    objective_module = make_objective(cfg, objective, settings, backbone, steps)
+    objective_module = make_objective(cfg, objective, settings, backbone, steps, data.bands)
     lr = cfg.lr if cfg.lr is not None else base_lr(objective, settings, global_batch)
     warmup = R.warmup_from_fraction(cfg.warmup_steps, settings.warmup_fraction, steps)
     head_params = sum(p.numel() for n, p in objective_module.named_parameters()
@@ -445,12 +636,20 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
             "world_size": world, "precision": precision, "lr": lr, "warmup_steps": warmup,
             "data": data.description,
             "bands": [b.key for b in data.bands], "frames": data.frames,
-            "stats_origin": data.stats["origin"]}
+            "stats_origin": data.stats["origin"], "preset": cfg.preset,
+            "batch_size_per_device": cfg.batch_size, "accumulate": cfg.accumulate,
+            "warnings": warnings}
     if objective == "mae":
         plan["mae_decoder"] = objective_module.decoder_source
     if cfg.dry_run:
         plan["memory_per_device"] = estimate_memory(backbone, objective_module, objective, cfg,
                                                     precision)
+        flops = step_flops(objective_module, data.dataset)
+        plan["budget"] = {**budget(flops["per_image"], steps, global_batch),
+                          "flops_counted": "forward + backward of one CPU micro-batch of "
+                                           f"{flops['counted_on_images']} image(s) "
+                                           "(torch.utils.flop_counter), x the global batch",
+                          "flops_per_image_by_op": flops["by_op"]}
         plan["dry_run"] = True
         return AdaptResult.from_report(plan)
     check_fits(estimate_memory(backbone, objective_module, objective, cfg, precision)["total"],
@@ -458,15 +657,17 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
                f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the global batch) "
                f"or {opt('crop_size')}", fabric.device)
 
-    groups = E.param_groups(objective_module, num_blocks=backbone.depth,
-                            layer_decay=settings.layer_decay,
-                            lr_multipliers={"patch_embed": getattr(settings,
-                                                                   "patch_embed_lr_mult", 1.0)})
-    optimizer = E.build_optimizer(groups, betas=settings.betas)
+    optimizer = E.build_optimizer(optimizer_groups(objective_module, objective, settings,
+                                                   backbone.depth), betas=settings.betas)
     wd = settings.weight_decay
     wd_start, wd_end = (wd, wd) if isinstance(wd, (int, float)) else wd
-    schedules = E.Schedules(total_steps=steps, lr=lr, min_lr=settings.min_lr,
-                            warmup_steps=warmup, weight_decay=wd_start, weight_decay_end=wd_end)
+    schedule_kind = E.Schedules
+    if objective == "dinov2":
+        from geoexplora.ssl.dinov2 import LastLayerSchedules as schedule_kind
+    # min(...): a peak below the recipe's floor (e.g. --lr 1e-12) must not rise towards it
+    schedules = schedule_kind(total_steps=steps, lr=lr, min_lr=min(settings.min_lr, lr),
+                              warmup_steps=warmup, weight_decay=wd_start,
+                              weight_decay_end=wd_end)
     loop = E.TrainLoop(fabric, objective_module, optimizer, data.dataset,
                        E.LoopSettings(output=output, steps=steps, batch_size=cfg.batch_size,
                                       accumulate=cfg.accumulate, clip_grad=settings.clip_grad,
@@ -488,4 +689,6 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
                "exported": "ema_teacher" if objective == "dinov2" else "model"}}
     save_model(output, export, meta, overwrite=cfg.overwrite)
     logger.info("wrote %s", output)
-    return AdaptResult.from_report({**plan, **summary, "output": str(output)})
+    warnings = plan["warnings"] + ([summary["stalled"]] if summary["stalled"] else [])
+    return AdaptResult.from_report({**plan, **summary, "output": str(output),
+                                    "warnings": warnings})

@@ -11,7 +11,10 @@ values in :data:`geoexplora.defaults.DINOV2`):
   and local crops, rendered on the device from parameters drawn per sample
   (:class:`DinoV2Views`); the teacher sees the unmasked global crops;
 * teacher targets by Sinkhorn-Knopp (or running-mean centring), teacher temperature warm-up,
-  cosine EMA momentum, the head's last layer frozen for the first steps.
+  cosine EMA momentum; the prototypes (weight-normalised, trainable gain) have their own lr
+  schedule, 0 for the first steps (:class:`LastLayerSchedules`, DINOv2's ``last_layer_lr``);
+* two gradient clips, the backbone's and the head's (``clip_groups``), as DINOv2 clips each
+  student module.
 
 Batch statistics that span samples (Sinkhorn sums, centres) are all-reduced across ranks, so N
 processes compute what one process with the global batch would; KoLeo (nearest neighbours) is,
@@ -32,7 +35,7 @@ from torch import nn
 from geoexplora.defaults import AUGMENT, DINOV2, AugmentDefaults, DinoHeadSize, DinoV2Defaults
 from geoexplora.ssl.augment import ViewSpec, draw_view, render_views, stack_views
 from geoexplora.ssl.heads import DinoHead
-from geoexplora.train.engine import cosine
+from geoexplora.train.engine import Schedules, cosine
 
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers
@@ -105,6 +108,30 @@ def cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return -(teacher_probs * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(-1)
 
 
+def dino_loss(s_logits: torch.Tensor, t_probs: torch.Tensor, b: int, n_global: int,
+              student_temp: float) -> torch.Tensor:
+    """DINO's term: every student crop (view-major, ``b`` images a view) against every teacher
+    (global) crop but itself, the mean cross-entropy."""
+    n_views = s_logits.shape[0] // b
+    terms = [cross_entropy(s_logits[sv * b:(sv + 1) * b], t_probs[tv * b:(tv + 1) * b],
+                           student_temp)
+             for sv in range(n_views) for tv in range(n_global) if sv != tv]
+    return torch.stack(terms).mean(dim=0).mean()
+
+
+@torch.no_grad()
+def prototype_max_mass(teacher_probs: torch.Tensor) -> torch.Tensor:
+    """The largest share of the teacher targets' probability mass one prototype gets over the
+    (all-ranks) batch: ``max_k mean_n t_nk``. 1/K when the targets spread evenly over the
+    prototypes, 1.0 when one prototype takes everything (collapse). Sinkhorn-Knopp's targets
+    are balanced over the batch by construction (about 1/K; their failure mode is uniform rows,
+    which ``teacher_entropy`` near ln K shows); running-mean centring can collapse this way."""
+    mass = _all_reduce_(teacher_probs.float().sum(0))
+    count = _all_reduce_(torch.tensor(float(teacher_probs.shape[0]),
+                                      device=teacher_probs.device))
+    return (mass / count.clamp(min=1)).max()
+
+
 @torch.no_grad()
 def dino_diagnostics(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                      student_temp: float, n_global: int) -> dict[str, torch.Tensor]:
@@ -120,7 +147,8 @@ def dino_diagnostics(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     s_probs = F.softmax(student_logits.float() / student_temp, dim=-1)
     teacher_entropy = -(teacher_probs * teacher_probs.clamp(min=1e-12).log()).sum(-1).mean()
     student_entropy = -(s_probs * s_probs.clamp(min=1e-12).log()).sum(-1).mean()
-    out = {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy}
+    out = {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy,
+           "uniform_entropy": torch.tensor(math.log(student_logits.shape[-1]))}
     if n_global >= 2:
         first, second = teacher_probs.argmax(-1).chunk(n_global)[:2]
         out["view_agreement"] = (first == second).float().mean()
@@ -198,10 +226,15 @@ class DinoV2Views:
                                  f"size {patch_size}")
         self.settings, self.aug, self.crops = settings, aug, crops
         self.grid = crops.global_size // patch_size
+        def nth(values, i):  # per global crop; the last value for any further crops
+            return values[min(i, len(values) - 1)]
+
         self.global_specs = [ViewSpec(crops.global_size, settings.global_crops_scale,
-                                      aug.blur_p_global[min(i, len(aug.blur_p_global) - 1)])
+                                      nth(aug.blur_p_global, i),
+                                      solarize_p=nth(aug.solarize_p_global, i))
                              for i in range(settings.global_crops)]
-        self.local_spec = ViewSpec(crops.local_size, settings.local_crops_scale, aug.blur_p_local)
+        self.local_spec = ViewSpec(crops.local_size, settings.local_crops_scale, aug.blur_p_local,
+                                   solarize_p=aug.solarize_p_local)
 
     def __call__(self, rng: np.random.Generator, image: np.ndarray) -> dict:
         _, c, h, w = image.shape
@@ -225,6 +258,21 @@ class DinoV2Views:
 # The objective
 # ---------------------------------------------------------------------------------------------
 
+@dataclass
+class LastLayerSchedules(Schedules):
+    """The engine's schedules, with DINOv2's ``last_layer_lr``: optimiser groups that carry
+    ``frozen_until`` (the prototypes') get lr 0 before that step, then the main schedule. Their
+    AdamW moments keep accumulating meanwhile, as in DINOv2 (a zero lr, not dropped
+    gradients)."""
+
+    def apply(self, optimizer, step: int) -> tuple[float, float]:
+        lr, wd = super().apply(optimizer, step)
+        for group in optimizer.param_groups:
+            if step < group.get("frozen_until", 0):
+                group["lr"] = 0.0
+        return lr, wd
+
+
 def share_frozen_parameters(teacher: nn.Module, student: nn.Module) -> None:
     """Point ``teacher``'s parameters at ``student``'s where the student's are frozen (they are
     equal and stay equal); the teacher's own copies of the trainable ones stay separate."""
@@ -243,15 +291,18 @@ class DinoV2Objective(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head_size: DinoHeadSize, crops: CropSizes,
-                 total_steps: int, settings: DinoV2Defaults = DINOV2):
+                 total_steps: int, settings: DinoV2Defaults = DINOV2,
+                 rgb: tuple[int, int, int] | None = None):
         super().__init__()
         self.settings = settings
+        self.rgb = rgb  # indices of red, green, blue: RGB colour ops (else spectral analogues)
         self.crops = crops
         self.total_steps = total_steps
         self.student = nn.ModuleDict({
             "backbone": backbone,
             "head": DinoHead(backbone.embed_dim, head_size.prototypes, head_size.hidden,
-                             head_size.bottleneck)})
+                             head_size.bottleneck,
+                             trainable_gain=settings.prototype_gain_trainable)})
         teacher = copy.deepcopy(self.student)
         teacher.requires_grad_(False)
         share_frozen_parameters(teacher, self.student)
@@ -289,11 +340,27 @@ class DinoV2Objective(nn.Module):
         update_center(center, logits, self.settings.center_momentum)
         return probs
 
-    @staticmethod
-    def _views(images: torch.Tensor, params: dict, size: int) -> torch.Tensor:
+    @torch.no_grad()
+    def _reference_kl(self, s_logits, t_logits, temp, kl, b, n_global) -> torch.Tensor:
+        """``kl_dino`` against the targets at the *final* teacher temperature: while the
+        temperature warms up the targets soften by themselves and ``kl_dino`` falls without
+        any learning; this one moves only when the student (or the teacher's EMA) does. The
+        "not learning" rule watches it."""
+        end = self.settings.teacher_temp[1]
+        if temp == end:
+            return kl
+        if self.settings.centering == "sinkhorn_knopp":
+            ref = sinkhorn_knopp(t_logits, end, self.settings.sinkhorn_iterations)
+        else:
+            ref = centred_softmax(t_logits, self.dino_center, end)
+        entropy = -(ref * ref.clamp(min=1e-12).log()).sum(-1).mean()
+        return dino_loss(s_logits, ref, b, n_global, self.settings.student_temp) - entropy
+
+    def _views(self, images: torch.Tensor, params: dict, size: int) -> torch.Tensor:
         """All views, view-major: ``(V*B, T, C, size, size)``."""
         n_views = params["theta"].shape[1]
-        return torch.cat([render_views(images, {k: v[:, i] for k, v in params.items()}, size)
+        return torch.cat([render_views(images, {k: v[:, i] for k, v in params.items()}, size,
+                                       rgb=self.rgb)
                           for i in range(n_views)])
 
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -331,15 +398,7 @@ class DinoV2Objective(nn.Module):
             s_logits.append(student_head(s_local[:, 0]))
         s_logits = torch.cat(s_logits).float()
 
-        # DINO: every student crop against every teacher (global) crop but itself.
-        n_views = s_logits.shape[0] // b
-        dino_terms = []
-        for sv in range(n_views):
-            for tv in range(n_global):
-                if sv != tv:
-                    dino_terms.append(cross_entropy(s_logits[sv * b:(sv + 1) * b],
-                                                    t_cls[tv * b:(tv + 1) * b], s.student_temp))
-        loss_dino = torch.stack(dino_terms).mean(dim=0).mean()
+        loss_dino = dino_loss(s_logits, t_cls, b, n_global, s.student_temp)
 
         # iBOT: masked patch tokens, each masked image weighing the same; the mean over the
         # masked images of all ranks (the rank's share scaled by the world size, as DDP averages
@@ -357,15 +416,33 @@ class DinoV2Objective(nn.Module):
         loss = s.dino_weight * loss_dino + s.ibot_weight * loss_ibot + s.koleo_weight * loss_koleo
         diagnostics = dino_diagnostics(s_logits, t_cls, s.student_temp, n_global)
         diagnostics["kl_dino"] = loss_dino.detach() - diagnostics["teacher_entropy"]
+        diagnostics["kl_dino_ref"] = self._reference_kl(s_logits.detach(), t_cls_logits, temp,
+                                                        diagnostics["kl_dino"], b, n_global)
+        diagnostics["prototype_max_mass"] = prototype_max_mass(t_cls)
         return {"loss": loss, "loss_dino": loss_dino, "loss_ibot": loss_ibot,
                 "loss_koleo": loss_koleo, **diagnostics,
                 "teacher_temp": torch.tensor(temp), "momentum": torch.tensor(self.momentum(step))}
 
     # -- engine hooks ------------------------------------------------------------------------
-    def before_optimizer_step(self, step: int) -> None:
-        if step < self.freeze_last_layer_steps:
-            for param in self.student["head"].last_layer.parameters():
-                param.grad = None
+    def grad_norm_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The log's gradient-norm groups (:mod:`geoexplora.ssl.groups`)."""
+        from geoexplora.ssl.groups import grad_groups
+
+        return grad_groups(self.student["backbone"], self.student["head"])
+
+    def clip_groups(self) -> dict[str, list[nn.Parameter]] | None:
+        """Clipped separately, as DINOv2 clips each student module (backbone, head) at 3.0;
+        None (one joint clip) when ``settings.separate_clips`` is off."""
+        if not self.settings.separate_clips:
+            return None
+        return {name: [p for p in module.parameters() if p.requires_grad]
+                for name, module in self.student.items()}
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The prototypes (direction and gain): DINOv2 gives them their own lr schedule, the
+        main one at 0 for the first ``freeze_last_layer_steps`` steps (``adapt`` puts them in
+        their own optimiser groups; see :class:`LastLayerSchedules`)."""
+        return [p for p in self.student["head"].last_layer.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:

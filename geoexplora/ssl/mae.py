@@ -148,7 +148,7 @@ class MaeViews:
 
     def __init__(self, size: int, num_tokens: int, aug: AugmentDefaults = AUGMENT):
         self.spec = ViewSpec(size, MAE_CROP_SCALE, blur_p=0.0)
-        self.aug = dataclasses.replace(aug, jitter_p=0.0)
+        self.aug = dataclasses.replace(aug, jitter_p=0.0, grayscale_p=0.0)
         self.num_tokens = num_tokens
 
     def __call__(self, rng: np.random.Generator, image: np.ndarray) -> dict:
@@ -226,6 +226,13 @@ class MaeObjective(nn.Module):
                 outs.append(F.pad(target, (0, pad)))
                 masks.append(F.pad(ok, (0, pad), value=False))
         return torch.cat(outs, dim=1), torch.cat(masks, dim=1)
+
+    def grad_norm_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The log's gradient-norm groups (:mod:`geoexplora.ssl.groups`); the decoder is the
+        ``head``."""
+        from geoexplora.ssl.groups import grad_groups
+
+        return grad_groups(self.backbone, self.decoder)
 
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         vit = self.backbone

@@ -503,6 +503,12 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+def grad_norm(params) -> torch.Tensor:
+    """The L2 norm of the gradients of ``params`` (those without a gradient count as 0)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
 def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -534,6 +540,9 @@ class TrainLoop:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
                                 f"{getattr(settings, name)}")
         self.objective = objective  # unwrapped: what the caller exports
+        self._grad_groups = (objective.grad_norm_groups()
+                             if hasattr(objective, "grad_norm_groups") else None)
+        self._clip_groups = objective.clip_groups() if hasattr(objective, "clip_groups") else None
         self.module, self.optimizer = fabric.setup(objective, optimizer)
         self.step = 0
         self.elapsed = 0.0
@@ -637,16 +646,39 @@ class TrainLoop:
         hook = getattr(self.objective, "before_optimizer_step", None)
         if hook is not None:
             hook(self.step)
-        if s.clip_grad:
-            terms["grad_norm"] = fabric.clip_gradients(
-                self.module, self.optimizer, max_norm=s.clip_grad,
-                error_if_nonfinite=False).detach().float()
+        terms.update(self._clip_and_measure())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         hook = getattr(self.objective, "after_optimizer_step", None)
         if hook is not None:
             hook(self.step)
         return terms, waited
+
+    def _clip_and_measure(self) -> dict[str, torch.Tensor]:
+        """Gradient norms per group of the objective's ``grad_norm_groups()`` (before clipping)
+        as ``grad_norm_<group>``, then the clip: per group of ``clip_groups()`` when the
+        objective has them (each at ``clip_grad``), else one clip over everything;
+        ``grad_norm`` is the total norm before clipping."""
+        s, fabric = self.settings, self.fabric
+        groups, clips = self._grad_groups, self._clip_groups if s.clip_grad else None
+        if not groups and not clips:
+            if not s.clip_grad:
+                return {}
+            return {"grad_norm": fabric.clip_gradients(
+                self.module, self.optimizer, max_norm=s.clip_grad,
+                error_if_nonfinite=False).detach().float()}
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        fabric.strategy.precision.unscale_gradients(optimizer)  # once (16-bit's loss scale)
+        out = {f"grad_norm_{name}": grad_norm(params) for name, params in (groups or {}).items()}
+        if clips:
+            norms = [torch.nn.utils.clip_grad_norm_(params, s.clip_grad, error_if_nonfinite=False)
+                     for params in clips.values()]
+            out["grad_norm"] = torch.stack([n.float() for n in norms]).norm()
+        elif s.clip_grad:
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                fabric.strategy.precision.main_params(optimizer), s.clip_grad,
+                error_if_nonfinite=False).detach().float()
+        return {k: v.detach().float() for k, v in out.items()}
 
     def run(self, resume: bool = False) -> dict:
         """Train to ``settings.steps``; returns the summary (see the module docs)."""
