@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rasterio.windows import Window
 
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io.chips import IGNORE_INDEX, class_color, window_bounds, window_transform
 from geoexplora.io.remote import as_path
 
@@ -58,18 +58,18 @@ class VectorLabels:
             gdf = gpd.read_file(self.path, layer=layer)
         except Exception as exc:  # pyogrio raises DataSourceError and friends
             if not self.path.exists():
-                raise UserError(f"--labels {self.path}: no such file") from exc
-            raise UserError(f"--labels {self.path}: not a readable vector file "
+                raise UserError(f"{opt('labels')} {self.path}: no such file") from exc
+            raise UserError(f"{opt('labels')} {self.path}: not a readable vector file "
                             f"({str(exc).splitlines()[0]})") from exc
         fields = [c for c in gdf.columns if c != gdf.geometry.name]
         if not field:
-            raise UserError(f"--labels {self.path}: pass --label-field, one of: "
+            raise UserError(f"{opt('labels')} {self.path}: pass {opt('label_field')}, one of: "
                             f"{', '.join(fields)}")
         if field not in gdf.columns:
-            raise UserError(f"--label-field {field}: not a field of {self.path.name}; its fields "
+            raise UserError(f"{opt('label_field')} {field}: not a field of {self.path.name}; its fields "
                             f"are: {', '.join(fields)}")
         if gdf.crs is None:
-            raise UserError(f"--labels {self.path}: has no CRS")
+            raise UserError(f"{opt('labels')} {self.path}: has no CRS")
         shaped = gdf.geometry.notna() & ~gdf.geometry.is_empty
         unnamed = int((shaped & gdf[field].isna()).sum())
         if unnamed:
@@ -77,13 +77,13 @@ class VectorLabels:
                         self.path.name, unnamed, int(shaped.sum()), field)
         gdf = gdf[shaped & gdf[field].notna()]
         if gdf.empty:
-            raise UserError(f"--labels {self.path}: no features with a geometry and a "
+            raise UserError(f"{opt('labels')} {self.path}: no features with a geometry and a "
                             f"'{field}' value")
         if not _same_crs(gdf.crs, crs):
             source_crs = gdf.crs.to_string()
             gdf = gdf.to_crs(crs.to_wkt())
             if not np.isfinite(gdf.total_bounds).all():
-                raise UserError(f"--labels {self.path}: its coordinates do not fit its CRS "
+                raise UserError(f"{opt('labels')} {self.path}: its coordinates do not fit its CRS "
                                 f"{source_crs} (GeoJSON without a 'crs' member is lon/lat "
                                 "WGS 84); give the file its real CRS")
             log.warning("labels %s: reprojected from %s to %s", self.path.name, source_crs,
@@ -93,7 +93,7 @@ class VectorLabels:
         names = gdf[field].map(_class_name)
         ordered = sorted(set(names), key=natural_key)
         if len(ordered) > MAX_CLASSES:
-            raise UserError(f"--label-field {field}: {len(ordered)} classes, at most {MAX_CLASSES}")
+            raise UserError(f"{opt('label_field')} {field}: {len(ordered)} classes, at most {MAX_CLASSES}")
         self.classes = [LabelClass(i, n, class_color(i)) for i, n in enumerate(ordered)]
         ids = {c.name: c.id for c in self.classes}
         self.field = field
@@ -144,7 +144,7 @@ class RasterLabels:
         try:
             with rasterio.open(self.path) as src:
                 if src.crs is None:
-                    raise UserError(f"--label-raster {self.path}: has no CRS")
+                    raise UserError(f"{opt('label_raster')} {self.path}: has no CRS")
                 self.crs, self.nodata = src.crs, src.nodata
                 self.transform, self.width, self.height = src.transform, src.width, src.height
                 self.bounds = tuple(src.bounds)
@@ -152,13 +152,13 @@ class RasterLabels:
                 values = self._scan_values(src)
                 cmap = _colormap(src)
         except rasterio.errors.RasterioIOError as exc:
-            raise UserError(f"--label-raster {self.path}: not a readable raster "
+            raise UserError(f"{opt('label_raster')} {self.path}: not a readable raster "
                             f"({str(exc).splitlines()[0]})") from exc
         values = [v for v in values if names.get(v, "").lower() not in _NO_DATA_NAMES]
         if not values:
-            raise UserError(f"--label-raster {self.path}: holds no class values besides nodata")
+            raise UserError(f"{opt('label_raster')} {self.path}: holds no class values besides nodata")
         if len(values) > MAX_CLASSES:
-            raise UserError(f"--label-raster {self.path}: {len(values)} distinct values, at most "
+            raise UserError(f"{opt('label_raster')} {self.path}: {len(values)} distinct values, at most "
                             f"{MAX_CLASSES} classes; is it a class raster?")
         self.classes = [LabelClass(i, names.get(v, str(v)), cmap.get(v, class_color(i)), v)
                         for i, v in enumerate(values)]
@@ -178,7 +178,7 @@ class RasterLabels:
             found.update(np.unique(data[valid]).tolist())
         ints = sorted(int(v) for v in found)
         if any(float(v) != float(i) for v, i in zip(sorted(found), ints)):
-            raise UserError(f"--label-raster {self.path}: holds non-integer values; a class "
+            raise UserError(f"{opt('label_raster')} {self.path}: holds non-integer values; a class "
                             "raster is needed")
         return ints
 
@@ -281,13 +281,13 @@ def open_labels(vector: str | os.PathLike | None, field: str | None,
                 raster: str | os.PathLike | None, crs, layer: str | None = None):
     """The label source the options name (or None); both at once is a usage error."""
     if vector and raster:
-        raise UserError("--labels and --label-raster are exclusive; pass one")
+        raise UserError(f"{opt('labels')} and {opt('label_raster')} are exclusive; pass one")
     if vector:
         return VectorLabels(vector, field, crs, layer)
     if raster:
         if field:
-            raise UserError("--label-field applies to --labels (vector), not --label-raster")
+            raise UserError(f"{opt('label_field')} applies to {opt('labels')} (vector), not {opt('label_raster')}")
         return RasterLabels(raster)
     if field:
-        raise UserError("--label-field needs --labels PATH")
+        raise UserError(f"{opt('label_field')} needs {opt('labels')} PATH")
     return None

@@ -28,7 +28,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from geoexplora import bands as B
-from geoexplora.errors import UserError
+from geoexplora.errors import UserError, opt
 from geoexplora.io.remote import as_path, is_uri, read_error
 
 log = logging.getLogger("geoexplora")
@@ -135,7 +135,7 @@ def parse_dates_option(text: str | None) -> list[str] | None:
     for item in text.split(","):
         date = parse_date(item.strip())
         if date is None:
-            raise UserError(f"--dates entry '{item}' is not a date (YYYY-MM-DD)")
+            raise UserError(f"{opt('dates')} entry '{item}' is not a date (YYYY-MM-DD)")
         out.append(date)
     return out
 
@@ -217,7 +217,7 @@ def _band_map_for(path: Path, band_map: dict[str, str] | None, count: int) -> di
             continue
         i = int(idx)
         if not 1 <= i <= count:
-            raise UserError(f"--band-map {key}={name}: {path} has {count} band(s)")
+            raise UserError(f"{opt('band_map')} {key}={name}: {path} has {count} band(s)")
         out[i] = name
     return out
 
@@ -253,8 +253,8 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
             if sep:  # sensor-qualified: 1=sentinel2:B2
                 named_sensor = B.canonical_sensor(named_sensor)
                 if sensor not in (None, named_sensor):
-                    raise UserError(f"--band-map {i}={name}: {path.name} is {sensor} "
-                                    f"(from --sensor or its name), not {named_sensor}")
+                    raise UserError(f"{opt('band_map')} {i}={name}: {path.name} is {sensor} "
+                                    f"(from {opt('sensor')} or its name), not {named_sensor}")
                 sensor, name = named_sensor, band_name
             tokens[i - 1] = name
     elif all(info["descriptions"]) and info["count"] > 0:
@@ -274,10 +274,10 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
         unknown = [n for n in explicit.values()
                    if not any(B.find_band(s, n) for s in B.SENSORS)]
         if unknown:
-            raise UserError(f"--band-map names {', '.join(unknown)}: not a band of any sensor "
+            raise UserError(f"{opt('band_map')} names {', '.join(unknown)}: not a band of any sensor "
                             f"({path.name})")
-        raise UserError(f"--band-map {', '.join(f'{i}={n}' for i, n in explicit.items())}: "
-                        f"these names fit several sensors ({path.name}); pass --sensor, or "
+        raise UserError(f"{opt('band_map')} {', '.join(f'{i}={n}' for i, n in explicit.items())}: "
+                        f"these names fit several sensors ({path.name}); pass {opt('sensor')}, or "
                         "qualify them (1=sentinel2:B2)")
     identified: list[B.Band | None] = []
     for t in tokens:
@@ -286,7 +286,7 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
             continue
         band = B.find_band(sensor, t)
         if band is None and explicit:
-            raise UserError(f"--band-map names '{t}', which is not a {sensor} band")
+            raise UserError(f"{opt('band_map')} names '{t}', which is not a {sensor} band")
         identified.append(band)
     date = None
     for tag in _DATE_TAGS:
@@ -310,8 +310,8 @@ def _refuse_preset_mismatch(path: Path, sensor: str, count: int) -> None:
     else:
         example = "1=B1,2=B2,..."
     stacks = " or ".join(f"{n}-band" for n in sizes) or "no"
-    raise UserError(f"--sensor {sensor}: the preset describes a {stacks} stack, {path.name} "
-                    f"has {count} band(s) without descriptions; name them with --band-map "
+    raise UserError(f"{opt('sensor')} {sensor}: the preset describes a {stacks} stack, {path.name} "
+                    f"has {count} band(s) without descriptions; name them with {opt('band_map')} "
                     f"{example}")
 
 
@@ -319,7 +319,7 @@ def _s2_offset(rf: RasterFile, opts: SceneOptions) -> float:
     if opts.s2_offset in ("0", "1000"):
         return float(opts.s2_offset)
     if opts.s2_offset != "auto":
-        raise UserError(f"--s2-offset must be auto, 0 or 1000, not '{opts.s2_offset}'")
+        raise UserError(f"{opt('s2_offset')} must be auto, 0 or 1000, not '{opts.s2_offset}'")
     for tag in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
         if tag in rf.tags:
             return abs(float(rf.tags[tag]))
@@ -603,14 +603,14 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
 
     if opts.dates:
         if len(opts.dates) != len(files):
-            raise UserError(f"--dates has {len(opts.dates)} dates for {len(files)} files")
+            raise UserError(f"{opt('dates')} has {len(opts.dates)} dates for {len(files)} files")
         for rf, d in zip(files, opts.dates):
             rf.date = d
     dated = {rf.date for rf in files}
     if None in dated and len(dated) > 1:
         undated = [rf.path.name for rf in files if rf.date is None]
         raise UserError(f"cannot tell the date of {', '.join(undated)} while other files have "
-                        "dates; pass --dates")
+                        f"dates; pass {opt('dates')}")
     groups: dict[str | None, list[RasterFile]] = {}
     for rf in files:
         groups.setdefault(rf.date, []).append(rf)
@@ -626,7 +626,7 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
             found = [t for t in named[0].tokens if t is not None]  # all of them (``all`` above)
             raise UserError(
                 f"{named[0].path.name}: band names {', '.join(found)} fit several sensors "
-                "(Sentinel-2 and Landsat number bands differently); pass --sensor")
+                f"(Sentinel-2 and Landsat number bands differently); pass {opt('sensor')}")
         blank = [rf for rf in first if not any(rf.tokens)]
         if opts.sensor and blank:  # the preset did not fit the file's band count
             _refuse_preset_mismatch(blank[0].path, B.canonical_sensor(opts.sensor),
@@ -634,7 +634,7 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
         if unknown:
             raise UserError(
                 f"cannot tell which bands {', '.join(unknown)} hold(s) (no band descriptions, no "
-                "band token in the name); pass --sensor for a full stack, or --band-map 1=B2,...")
+                f"band token in the name); pass {opt('sensor')} for a full stack, or {opt('band_map')} 1=B2,...")
         # Every band of the first date is identified here (``unknown`` is empty).
         identified = [b for rf in first for b in rf.bands if b is not None]
         wanted_tokens = [b.name for b in identified]
@@ -664,9 +664,9 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
                         raise UserError(f"band {token} appears {len(matches)} times: {where}; "
                                         "give one file per band and date")
                     raise UserError(f"band {token} appears {len(matches)} times: {where}; say "
-                                    "which band each one is with --band-map (e.g. --band-map "
+                                    f"which band each one is with {opt('band_map')} (e.g. {opt('band_map')} "
                                     "1=B2,2=B3,...)")
-                raise UserError(f"band {token} is ambiguous: {where}; pass --sensor or --band-map")
+                raise UserError(f"band {token} is ambiguous: {where}; pass {opt('sensor')} or {opt('band_map')}")
             rf, idx, band = matches[0]
             scale, add = conversion_for(rf, idx, opts)
             nodata = opts.nodata if opts.nodata is not None else rf.nodata
@@ -700,7 +700,7 @@ def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodat
         try:
             CRS.from_user_input(crs)
         except CRSError as exc:
-            raise UserError(f"--crs {crs}: not a coordinate reference system PROJ knows "
+            raise UserError(f"{opt('crs')} {crs}: not a coordinate reference system PROJ knows "
                             "(e.g. EPSG:32633)") from exc
     bm = None
     if band_map:
@@ -709,7 +709,7 @@ def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodat
             key, eq, name = item.partition("=")
             idx = key.rpartition(":")[2]
             if not eq or not idx.strip().isdigit() or not name.strip():
-                raise UserError(f"--band-map entry '{item}' is not INDEX=BAND or FILE:INDEX=BAND "
+                raise UserError(f"{opt('band_map')} entry '{item}' is not INDEX=BAND or FILE:INDEX=BAND "
                                 "(e.g. 1=B2)")
             bm[key.strip()] = name.strip()
     return SceneOptions(bands=B.parse_band_list(bands), sensor=sensor, band_map=bm,

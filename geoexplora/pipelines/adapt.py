@@ -138,7 +138,7 @@ def _chip_band_indices(chips, wanted: list[str] | None) -> list[int]:
         match = [i for i, b in enumerate(chips.bands) if B.find_band(b.sensor, token) == b]
         if not match:
             have = ", ".join(b.name for b in chips.bands)
-            raise UserError(f"--bands {token}: not in the chips dataset {chips.root} "
+            raise UserError(f"{opt('bands')} {token}: not in the chips dataset {chips.root} "
                             f"(has: {have})")
         out.append(match[0])
     B.check_distinct(wanted, [chips.bands[i] for i in out])
@@ -204,7 +204,7 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None, context: float = 1.0)
         indices = _chip_band_indices(chips, cfg.bands)
         frames = given_or(cfg.frames, chips.num_frames)
         if frames != chips.num_frames:
-            raise UserError(f"--frames {frames}: the chips dataset {inputs[0]} has "
+            raise UserError(f"{opt('frames')} {frames}: the chips dataset {inputs[0]} has "
                             f"{chips.num_frames} date(s) per chip")
         stats = {k: [chips.stats[k][i] for i in indices] for k in ("mean", "std")}
         data = ChipSamples(chips, indices, cfg.seed, prepare)
@@ -223,7 +223,7 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None, context: float = 1.0)
     if frames > 1:
         undated = [p.name for s in scenes if None in s.dates for p in s.paths]
         if undated:
-            raise UserError(f"--frames {frames} encodes dates; {', '.join(undated)} have none "
+            raise UserError(f"{opt('frames')} {frames} encodes dates; {', '.join(undated)} have none "
                             "(name them with a date or pass scenes with date tags)")
     logger.info("measuring the valid area of %d scene(s)", len(scenes))
     crop = window
@@ -248,7 +248,7 @@ def choose_objective(cfg: AdaptConfig) -> str:
     """``--objective``, else the source's family (MAE sources -> mae, everything else dinov2)."""
     if cfg.objective is not None:
         if cfg.objective not in OBJECTIVES:
-            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not "
+            raise UserError(f"{opt('objective')} must be one of {', '.join(OBJECTIVES)}, not "
                             f"'{cfg.objective}'")
         return cfg.objective
     from geoexplora.models.registry import get_architecture, resolve_init, source_family
@@ -301,7 +301,7 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
     if getattr(settings, "drop_path_uniform", False):
         uniform_drop_path(backbone, drop_path)
     if cfg.crop_size % backbone.patch_size:
-        raise UserError(f"--crop-size {cfg.crop_size} is not a multiple of the patch size "
+        raise UserError(f"{opt('crop_size')} {cfg.crop_size} is not a multiple of the patch size "
                         f"{backbone.patch_size}")
     if cfg.full:
         backbone.requires_grad_(True)
@@ -336,7 +336,7 @@ def uniform_drop_path(model, rate: float) -> int:
 def local_crop_size(cfg: AdaptConfig, patch: int) -> int:
     size = cfg.local_crop_size or DINOV2.local_crop_patches * patch
     if size % patch:
-        raise UserError(f"--local-crop-size {size} is not a multiple of the patch size {patch}")
+        raise UserError(f"{opt('local_crop_size')} {size} is not a multiple of the patch size {patch}")
     return size
 
 
@@ -565,14 +565,14 @@ def _validate(cfg: AdaptConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
                             f"{getattr(cfg, name)}")
     if device_count(cfg.devices) < 1:
-        raise UserError(f"--devices must be at least 1, not {cfg.devices}")
+        raise UserError(f"{opt('devices')} must be at least 1, not {cfg.devices}")
     E.check_duration(cfg.steps, cfg.epochs)
     require_at_least("--frames", cfg.frames)
     require_positive("--lr", cfg.lr)
     if cfg.lora_rank < 0:
-        raise UserError(f"--lora-rank must be 0 or more, not {cfg.lora_rank}")
+        raise UserError(f"{opt('lora_rank')} must be 0 or more, not {cfg.lora_rank}")
     if cfg.local_crops is not None and cfg.local_crops < 0:
-        raise UserError(f"--local-crops must be 0 or more, not {cfg.local_crops}")
+        raise UserError(f"{opt('local_crops')} must be 0 or more, not {cfg.local_crops}")
 
 
 @reports_progress
@@ -623,7 +623,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
             logger.warning("%s", warning)
     global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
     if data.description["kind"] == "chips" and cfg.batch_size * world > data.epoch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} x {world} device(s) is larger than the "
+        raise UserError(f"{opt('batch_size')} {cfg.batch_size} x {world} device(s) is larger than the "
                         f"chips dataset ({data.epoch_size} chips)")
     steps = R.steps_for_images(cfg.steps, cfg.epochs, data.epoch_size, global_batch, DATA.steps)
     objective_module = make_objective(cfg, objective, settings, backbone, steps, data.bands)

@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from geoexplora.defaults import ENGINE
-from geoexplora.errors import RuntimeFailure, UserError
+from geoexplora.errors import RuntimeFailure, UserError, opt
 from geoexplora.log import logger, make_progress
 from geoexplora.train.diagnostics import learning_signal, stall_reason
 from geoexplora.train.tracking import log_record
@@ -112,11 +112,11 @@ def make_fabric(settings: FabricSettings, launch: bool = True):
     accelerator = resolve_accelerator(settings.accelerator)
     devices = settings.devices
     if isinstance(devices, int) and devices < 1:
-        raise UserError(f"--devices must be at least 1, not {devices}")
+        raise UserError(f"{opt('devices')} must be at least 1, not {devices}")
     if settings.num_nodes < 1:
-        raise UserError(f"--num-nodes must be at least 1, not {settings.num_nodes}")
+        raise UserError(f"{opt('num_nodes')} must be at least 1, not {settings.num_nodes}")
     if accelerator == "cuda" and isinstance(devices, int) and devices > torch.cuda.device_count():
-        raise UserError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) here")
+        raise UserError(f"{opt('devices')} {devices}: only {torch.cuda.device_count()} GPU(s) here")
     strategy = settings.strategy
     many = device_count(devices) > 1 or settings.num_nodes > 1
     if strategy == "auto" and many:
@@ -354,7 +354,7 @@ class RunFiles:
 
         if resume:
             if not self.checkpoint.exists():
-                raise UserError(f"--resume: no checkpoint {self.checkpoint}")
+                raise UserError(f"{opt('resume')}: no checkpoint {self.checkpoint}")
             return
         # A log or plot with neither a checkpoint nor an output beside it is what a run that
         # failed before its first checkpoint (a full disk, say) left: nothing to continue.
@@ -363,19 +363,19 @@ class RunFiles:
             if path.exists() and not overwrite and unfinished and path in (self.log, self.plot):
                 logger.warning("%s: left by a run that wrote no checkpoint; replacing it", path)
             elif path.exists() and not overwrite:
-                raise UserError(f"{path} exists (an earlier run's; --resume continues it); pass "
-                                "--overwrite to start afresh")
+                raise UserError(f"{path} exists (an earlier run's; {opt('resume')} continues it); pass "
+                                f"{opt('overwrite')} to start afresh")
             check_output(path, True)
 
 
 def check_duration(steps: int | None, epochs: float | None) -> None:
     """A run is sized by ``--steps`` or ``--epochs`` (or neither: the command's default)."""
     if steps is not None and epochs is not None:
-        raise UserError("give --steps or --epochs, not both")
+        raise UserError(f"give {opt('steps')} or {opt('epochs')}, not both")
     if steps is not None and steps < 1:
-        raise UserError(f"--steps must be at least 1, not {steps}")
+        raise UserError(f"{opt('steps')} must be at least 1, not {steps}")
     if epochs is not None and not epochs > 0:
-        raise UserError(f"--epochs must be positive, not {epochs}")
+        raise UserError(f"{opt('epochs')} must be positive, not {epochs}")
 
 
 def progress_info(record: dict, lr: float, width: int) -> str:
@@ -515,6 +515,46 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+@dataclass
+class _RunState:
+    """What one :meth:`TrainLoop.run` call tracks across its steps."""
+
+    start_step: int
+    history: list[dict]
+    first: dict | None
+    last: dict | None
+    stopped_early_at: int | None = None
+    stalled: str | None = None  # why the run is not learning, once it is found so
+    wait_total: float = 0.0  # seconds waiting for data
+    seconds: float = 0.0
+
+
+class _Interval:
+    """The loss terms and timings summed since the last logged record."""
+
+    def __init__(self, start: float):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.start, self.wait = start, 0.0
+
+    def add(self, terms: dict[str, torch.Tensor], waited: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+        self.wait += waited
+
+    def close(self, step: int, lr: float, wd: float, images_per_step: int, elapsed: float,
+              now: float) -> dict:
+        """The interval's record (means of its terms, rates), and a fresh interval from now."""
+        span = max(now - self.start, 1e-9)
+        record = {"step": step, **{k: v.item() / self.count for k, v in self.sums.items()},
+                  "lr": lr, "weight_decay": wd,
+                  "images_per_s": self.count * images_per_step / span,
+                  "data_wait_fraction": self.wait / span, "time": elapsed}
+        self.__init__(now)
+        return record
+
+
 class TrainLoop:
     """Runs ``steps`` optimiser steps of ``objective`` on ``dataset`` (see the module docs).
 
@@ -571,21 +611,21 @@ class TrainLoop:
     def load_checkpoint(self) -> None:
         path = self.files.checkpoint
         if not path.exists():
-            raise UserError(f"--resume: no checkpoint {path} (the run writes one every "
+            raise UserError(f"{opt('resume')}: no checkpoint {path} (the run writes one every "
                             f"{self.settings.checkpoint_every} steps and when interrupted)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError,
                 zipfile.BadZipFile) as exc:
-            raise UserError(f"--resume: {path} is not a readable checkpoint ({exc})") from exc
+            raise UserError(f"{opt('resume')}: {path} is not a readable checkpoint ({exc})") from exc
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"--resume: {path} is not a geoexplora training checkpoint")
+            raise UserError(f"{opt('resume')}: {path} is not a geoexplora training checkpoint")
         differ = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
                         if state["fingerprint"].get(k) != self.fingerprint.get(k))
         if differ:
             detail = ", ".join(f"{k}: {state['fingerprint'].get(k)!r} -> "
                                f"{self.fingerprint.get(k)!r}" for k in differ[:4])
-            raise UserError(f"--resume: {path} was written by a different run ({detail})")
+            raise UserError(f"{opt('resume')}: {path} was written by a different run ({detail})")
         self.objective.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
@@ -682,39 +722,18 @@ class TrainLoop:
 
     def run(self, resume: bool = False) -> dict:
         """Train to ``settings.steps``; returns the summary (see the module docs)."""
-        s = self.settings
-        fabric = self.fabric
-        if resume:
-            self.load_checkpoint()
-        elif fabric.is_global_zero and self.files.checkpoint.exists():
-            logger.warning("starting afresh: %s will be replaced (--resume continues it)",
-                           self.files.checkpoint)
-        kept: list[dict] = []
-        if fabric.is_global_zero:  # a fresh run starts a fresh log; a resumed one cuts it back
-            self.files.log.parent.mkdir(parents=True, exist_ok=True)
-            kept = read_log(self.files.log, upto_step=self.step) if resume else []
-            self.files.log.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            if not resume and self.files.plot.exists():
-                self.files.plot.unlink()
-        start_step = self.step
-        stopped_early_at = None
-        history: list[dict] = list(kept)
-        stalled: str | None = None
-        halt = False
+        s, fabric = self.settings, self.fabric
+        kept = self._start_log(resume)
+        run = _RunState(start_step=self.step, history=list(kept),
+                        first=kept[0] if kept else None,  # a resumed run reports the same
+                        last=kept[-1] if kept else None)  # first loss as an uninterrupted one
         self.objective.train()  # load_model returns eval-mode modules: drop-path must be on
         log_every = self._log_every()
         images_per_step = s.batch_size * s.accumulate * fabric.world_size
         if fabric.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(fabric.device)
-
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        wait_total = 0.0
         run_start = mark = time.perf_counter()
-        interval_start, interval_wait = run_start, 0.0
-        # A resumed run reports the same first loss as an uninterrupted one (from the log).
-        first: dict | None = kept[0] if kept else None
-        last: dict | None = kept[-1] if kept else None  # a resume with no step left: the log's
+        interval = _Interval(run_start)
         progress = make_progress() if fabric.is_global_zero else None
         log_file = (open(self.files.log, "a")  # noqa: SIM115 - closed in the finally below
                     if fabric.is_global_zero else None)
@@ -729,58 +748,33 @@ class TrainLoop:
                 while self.step < s.steps:
                     lr, wd = self.schedules.apply(self.optimizer, self.step)
                     terms, waited = self._train_step(loader_iter)
-                    wait_total += waited
-                    interval_wait += waited
+                    run.wait_total += waited
                     self.step += 1
-                    for k, v in terms.items():
-                        sums[k] = sums[k] + v if k in sums else v
-                    count += 1
-
+                    interval.add(terms, waited)
                     stop = self._stop_requested(flag)
                     checkpoint = (stop or self.step % s.checkpoint_every == 0
                                   or self.step == s.steps)
-                    if count == log_every or checkpoint:
+                    halt = False
+                    if interval.count == log_every or checkpoint:
                         now = time.perf_counter()
-                        span = max(now - interval_start, 1e-9)
-                        record = {"step": self.step,
-                                  **{k: v.item() / count for k, v in sums.items()},
-                                  "lr": lr, "weight_decay": wd,
-                                  "images_per_s": count * images_per_step / span,
-                                  "data_wait_fraction": interval_wait / span,
-                                  "time": round(self.elapsed + now - mark, 3)}
-                        if not math.isfinite(record["loss"]):
-                            raise RuntimeFailure(
-                                f"the loss is {record['loss']} at step {self.step}; lower the "
-                                "learning rate or check the input data")
-                        first = first or record
-                        last = record
-                        history.append(record)
-                        if stalled is None:
-                            stalled = self._check_stall(history)
-                            halt = stalled is not None and s.stop_if_stalled
-                            checkpoint = checkpoint or halt
-                        if log_file is not None:
-                            log_file.write(json.dumps(record) + "\n")
-                            log_file.flush()
-                            log_record(record)  # to the --logger trackers too
-                        if progress is not None:
-                            progress.update(task, completed=self.step,
-                                            info=progress_info(record, lr, progress.console.width))
-                        sums, count = {}, 0
-                        interval_start, interval_wait = now, 0.0
+                        record = interval.close(self.step, lr, wd, images_per_step,
+                                                round(self.elapsed + now - mark, 3), now)
+                        halt = self._record(run, record)
+                        checkpoint = checkpoint or halt
+                        self._emit(record, log_file, progress, task, lr)
                     if checkpoint:
                         now = time.perf_counter()
                         self.elapsed += now - mark
                         mark = now
                         if self.save_checkpoint() and not stop and not halt:
-                            stopped_early_at = self.step
+                            run.stopped_early_at = self.step
                             break
                     if stop:
                         raise Interrupted(f"interrupted at step {self.step}/{s.steps}: checkpoint "
-                                          f"{self.files.checkpoint}; continue with --resume")
+                                          f"{self.files.checkpoint}; continue with {opt('resume')}")
                     if halt:
-                        raise RuntimeFailure(f"{stalled}; stopped at step {self.step}/{s.steps} "
-                                             f"(--stop-if-stalled), checkpoint "
+                        raise RuntimeFailure(f"{run.stalled}; stopped at step {self.step}/"
+                                             f"{s.steps} ({opt('stop_if_stalled')}), checkpoint "
                                              f"{self.files.checkpoint}")
         finally:
             if progress is not None:
@@ -788,19 +782,66 @@ class TrainLoop:
             if log_file is not None:
                 log_file.close()
             del loader_iter
-        run_seconds = max(time.perf_counter() - run_start, 1e-9)
+        run.seconds = max(time.perf_counter() - run_start, 1e-9)
         self.elapsed += time.perf_counter() - mark
-        run_steps = self.step - start_step
+        return self._summary(run, resume, images_per_step)
+
+    def _start_log(self, resume: bool) -> list[dict]:
+        """Resume from the checkpoint, or say that a fresh run replaces it; a fresh run starts a
+        fresh JSONL log (and drops the old plot), a resumed one cuts the log back to the
+        checkpoint's step. Returns the records kept (rank 0; none elsewhere)."""
+        if resume:
+            self.load_checkpoint()
+        elif self.fabric.is_global_zero and self.files.checkpoint.exists():
+            logger.warning("starting afresh: %s will be replaced (--resume continues it)",
+                           self.files.checkpoint)
+        kept: list[dict] = []
+        if self.fabric.is_global_zero:
+            self.files.log.parent.mkdir(parents=True, exist_ok=True)
+            kept = read_log(self.files.log, upto_step=self.step) if resume else []
+            self.files.log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if not resume and self.files.plot.exists():
+                self.files.plot.unlink()
+        return kept
+
+    def _record(self, run: _RunState, record: dict) -> bool:
+        """Keep a logged record; check the loss is a number and, until the run is found
+        stalled, the not-learning rule. Whether the run must halt here (``stop_if_stalled``)."""
+        if not math.isfinite(record["loss"]):
+            raise RuntimeFailure(f"the loss is {record['loss']} at step {self.step}; lower the "
+                                 "learning rate or check the input data")
+        run.first = run.first or record
+        run.last = record
+        run.history.append(record)
+        if run.stalled is not None:
+            return False
+        run.stalled = self._check_stall(run.history)
+        return run.stalled is not None and self.settings.stop_if_stalled
+
+    def _emit(self, record: dict, log_file, progress, task, lr: float) -> None:
+        """A record to the JSONL log, the trackers and the progress line (rank 0)."""
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            log_record(record)  # to the experiment trackers too
+        if progress is not None:
+            progress.update(task, completed=self.step,
+                            info=progress_info(record, lr, progress.console.width))
+
+    def _summary(self, run: _RunState, resume: bool, images_per_step: int) -> dict:
+        s, fabric = self.settings, self.fabric
+        run_steps = self.step - run.start_step
         checksums = replica_checksums(fabric, self.objective)
         if len(set(checksums)) > 1:
             raise RuntimeFailure(f"the {fabric.world_size} model replicas differ after training "
                                  f"(checksums {checksums}); the distributed set-up is broken")
+        first, last = run.first, run.last
         return {
             "steps": s.steps,
             "steps_this_run": run_steps,
-            "stopped_early_at": stopped_early_at,
-            "stalled": stalled,
-            "resumed_from_step": start_step if resume else None,
+            "stopped_early_at": run.stopped_early_at,
+            "stalled": run.stalled,
+            "resumed_from_step": run.start_step if resume else None,
             "batch_size_per_device": s.batch_size,
             "accumulate": s.accumulate,
             "world_size": fabric.world_size,
@@ -810,8 +851,8 @@ class TrainLoop:
             "first_loss": first["loss"] if first else None,
             "last_loss": last["loss"] if last else None,
             "seconds": round(self.elapsed, 3),
-            "images_per_s": run_steps * images_per_step / run_seconds,
-            "data_wait_fraction": wait_total / run_seconds,
+            "images_per_s": run_steps * images_per_step / run.seconds,
+            "data_wait_fraction": run.wait_total / run.seconds,
             "peak_memory_bytes": peak_memory_bytes(fabric.device),
             "replica_checksums": checksums,
             "files": {"checkpoint": str(self.files.checkpoint), "log": str(self.files.log),
