@@ -1126,3 +1126,17 @@ def test_a_real_full_disk_gives_one_line_and_no_traceback(model, scene, labelled
     if verb in logs:  # a log without a checkpoint does not block a plain rerun
         run()
     assert digest(scene, labelled_chips, model) == inputs
+
+
+def test_finetune_with_a_batch_far_larger_than_its_train_split_is_refused(model, labelled_chips,
+                                                                          tmp_path):
+    """A batch that fits in memory but repeats a few chips 100 000 times a step ran for hours
+    (the issue's ``--batch-size 100000`` on a machine with the memory for it)."""
+    before = digest(tmp_path)
+    code, _, err = run_cli("-q", "finetune", str(model), str(labelled_chips), "-o",
+                           str(tmp_path / "f.pt"), "--batch-size", "5000", "--num-workers", "1")
+    line = error_line(err)
+    assert code == 2 and line.startswith("geoexplora: error: --batch-size: 5000 is larger than "
+                                          "the train split of ")
+    assert line.endswith("labelled chips)")
+    assert digest(tmp_path) == before

@@ -653,6 +653,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     check_training_memory(objective, objective.model.backbone,
                           ModelInputs(train, band_index)[data.indices["train"][0]],
                           train.chip_size, cfg.batch_size, fabric, cfg.num_workers)
+    # A batch larger than the train split repeats chips in every step (and one of 100 000 chips
+    # runs for hours); up to the default batch it is allowed, so small datasets take defaults.
+    if cfg.batch_size > max(len(data.indices["train"]), FINETUNE.batch_size):
+        raise UserError(f"{cfg.batch_size} is larger than the train split of {cfg.chips} "
+                        f"({len(data.indices['train'])} labelled chips)", option="batch_size")
     plan = finetune_schedule(cfg, len(data.indices["train"]), fabric.world_size)
     inputs = {name: ModelInputs(ds, band_index) for name, ds in data.splits.items()}
     train_stream = TrainStream(inputs["train"], data.indices["train"], cfg.seed, cfg.augment)
