@@ -47,8 +47,12 @@ SHARED = Path(os.environ.get("GEOEXPLORA_SHARED_DATA", ROOT.parent / "shared" / 
 L7 = SHARED / "landsat7-nc-2000"
 L7_SCENE = L7 / "landsat_multiband.tif"
 L7_POINTS = L7 / "landsat96_points.shp"
-L7_OPTS = {"sensor": "landsat7", "band_map": {str(i): f"B{i}" for i in range(1, 6)},
-           "bands": ["B1", "B2", "B3"], "nodata": -99999.0}
+L7_OPTS = {
+    "sensor": "landsat7",
+    "band_map": {str(i): f"B{i}" for i in range(1, 6)},
+    "bands": ["B1", "B2", "B3"],
+    "nodata": -99999.0,
+}
 
 # skimage.data functions; RGB photographs, then grey-scale ones (repeated on R, G, B).
 PHOTOS_RGB = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
@@ -121,9 +125,15 @@ def write_photos(folder: Path) -> list[str]:
     names = []
     for i, (name, image) in enumerate(photos().items()):
         height, width, _ = image.shape
-        profile = {"driver": "GTiff", "width": width, "height": height, "count": 3,
-                   "dtype": "uint8", "crs": "EPSG:3857",
-                   "transform": from_origin(10_000.0 * i, 0.0, 1.0, 1.0)}
+        profile = {
+            "driver": "GTiff",
+            "width": width,
+            "height": height,
+            "count": 3,
+            "dtype": "uint8",
+            "crs": "EPSG:3857",
+            "transform": from_origin(10_000.0 * i, 0.0, 1.0, 1.0),
+        }
         with rasterio.open(folder / f"{name}.tif", "w", **profile) as dst:
             dst.write(image.transpose(2, 0, 1))
             dst.descriptions = ("red", "green", "blue")
@@ -135,9 +145,21 @@ def probe_chips(out: Path, budget: Budget):
     """The labelled Landsat-7 chips (tile library): majority point label per chip."""
     from geoexplora.pipelines.tile import TileConfig, tile
 
-    return tile(TileConfig(inputs=[L7_SCENE], output=out, size=budget.chip, **L7_OPTS,
-                           labels=L7_POINTS, label_field="label", task="classification",
-                           val_fraction=0.2, test_fraction=0.3, seed=0, progress=False))
+    return tile(
+        TileConfig(
+            inputs=[L7_SCENE],
+            output=out,
+            size=budget.chip,
+            **L7_OPTS,
+            labels=L7_POINTS,
+            label_field="label",
+            task="classification",
+            val_fraction=0.2,
+            test_fraction=0.3,
+            seed=0,
+            progress=False,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------- arms
@@ -146,11 +168,21 @@ def probe_chips(out: Path, budget: Budget):
 def adapt_config(budget: Budget, inputs: list[Path], output: Path, seed: int, **kw):
     from geoexplora.pipelines.adapt import AdaptConfig
 
-    return AdaptConfig(inputs=inputs, output=output, steps=kw.pop("steps", budget.steps),
-                       batch_size=budget.batch_size, crop_size=budget.crop,
-                       local_crop_size=budget.local_crop, local_crops=budget.local_crops,
-                       accelerator="cpu", num_workers=0, seed=seed, overwrite=True,
-                       checkpoint_every=10**9, **kw)
+    return AdaptConfig(
+        inputs=inputs,
+        output=output,
+        steps=kw.pop("steps", budget.steps),
+        batch_size=budget.batch_size,
+        crop_size=budget.crop,
+        local_crop_size=budget.local_crop,
+        local_crops=budget.local_crops,
+        accelerator="cpu",
+        num_workers=0,
+        seed=seed,
+        overwrite=True,
+        checkpoint_every=10**9,
+        **kw,
+    )
 
 
 def run_adapt(cfg) -> dict:
@@ -163,25 +195,55 @@ def run_adapt(cfg) -> dict:
 
 def source_model(work: Path, budget: Budget) -> tuple[Path, dict]:
     """The source checkpoint: reused when one with the same settings exists under ``work``."""
-    key = hashlib.sha256(json.dumps([ARCH, SCRATCH_ARCH, sorted(PHOTOS_RGB),
-                                     sorted(PHOTOS_GREY),
-                                     budget.source_steps, budget.source_lr, budget.batch_size,
-                                     budget.crop, budget.local_crop,
-                                     budget.local_crops]).encode())
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                ARCH,
+                SCRATCH_ARCH,
+                sorted(PHOTOS_RGB),
+                sorted(PHOTOS_GREY),
+                budget.source_steps,
+                budget.source_lr,
+                budget.batch_size,
+                budget.crop,
+                budget.local_crop,
+                budget.local_crops,
+            ]
+        ).encode()
+    )
     path = work / f"source-{key.hexdigest()[:12]}.pt"
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
         return path, {**json.loads(info_path.read_text()), "cached": True}
     names = write_photos(work / "photos")
-    run = run_adapt(adapt_config(budget, [work / "photos"], path, seed=0, sensor="rgb",
-                                 init=ARCH, init_weights="random", full=True,
-                                 arch_overrides=SCRATCH_ARCH,
-                                 steps=budget.source_steps, lr=budget.source_lr))
+    run = run_adapt(
+        adapt_config(
+            budget,
+            [work / "photos"],
+            path,
+            seed=0,
+            sensor="rgb",
+            init=ARCH,
+            init_weights="random",
+            full=True,
+            arch_overrides=SCRATCH_ARCH,
+            steps=budget.source_steps,
+            lr=budget.source_lr,
+        )
+    )
     s = run["summary"]
-    info = {"photos": names, "steps": s["steps"], "lr": s["lr"], "wall_s": run["wall_s"],
-            "first_loss": s["first_loss"], "last_loss": s["last_loss"],
-            "first_loss_dino": s["first"]["loss_dino"], "last_loss_dino": s["last"]["loss_dino"],
-            "parameters": s["parameters"]["total"], "embedding_parameters": embedding_params(path)}
+    info = {
+        "photos": names,
+        "steps": s["steps"],
+        "lr": s["lr"],
+        "wall_s": run["wall_s"],
+        "first_loss": s["first_loss"],
+        "last_loss": s["last_loss"],
+        "first_loss_dino": s["first"]["loss_dino"],
+        "last_loss_dino": s["last"]["loss_dino"],
+        "parameters": s["parameters"]["total"],
+        "embedding_parameters": embedding_params(path),
+    }
     info_path.write_text(json.dumps(info))
     return path, {**info, "cached": False}
 
@@ -208,14 +270,21 @@ def random_model(path: Path, chips_root: Path, seed: int, img_size: int) -> dict
 
     meta = load_dataset_meta(chips_root)
     torch.manual_seed(seed)
-    vit = build_backbone(init=ARCH, init_weights="random",
-                         bands=[b["key"] for b in meta["bands"]],
-                         stats={"mean": meta["stats"]["mean"], "std": meta["stats"]["std"]},
-                         img_size=img_size, arch_overrides=SCRATCH_ARCH)
-    save_model(path, vit, {"provenance": {"command": "benchmarks/domain_shift.py (random)"}},
-               overwrite=True)
-    return {"trainable": 0, "total": parameter_report(vit)["total"], "fraction": 0.0,
-            "groups": {}}
+    vit = build_backbone(
+        init=ARCH,
+        init_weights="random",
+        bands=[b["key"] for b in meta["bands"]],
+        stats={"mean": meta["stats"]["mean"], "std": meta["stats"]["std"]},
+        img_size=img_size,
+        arch_overrides=SCRATCH_ARCH,
+    )
+    save_model(
+        path,
+        vit,
+        {"provenance": {"command": "benchmarks/domain_shift.py (random)"}},
+        overwrite=True,
+    )
+    return {"trainable": 0, "total": parameter_report(vit)["total"], "fraction": 0.0, "groups": {}}
 
 
 def adapt_arm(arm: str, source: Path, out: Path, budget: Budget, seed: int) -> dict:
@@ -224,28 +293,48 @@ def adapt_arm(arm: str, source: Path, out: Path, budget: Budget, seed: int) -> d
         "explora": {"init": str(source), "unfreeze_blocks": [-1], "lora_rank": rank},
         "lora_only": {"init": str(source), "unfreeze_blocks": [], "lora_rank": rank},
         "full": {"init": str(source), "full": True},
-        "scratch": {"init": ARCH, "init_weights": "random", "full": True,
-                    "arch_overrides": SCRATCH_ARCH},
+        "scratch": {
+            "init": ARCH,
+            "init_weights": "random",
+            "full": True,
+            "arch_overrides": SCRATCH_ARCH,
+        },
     }[arm]
     run = run_adapt(adapt_config(budget, [L7_SCENE], out, seed, **L7_OPTS, **kwargs))
     s = run["summary"]
     report = s["parameters"]
-    return {"trainable": report["trainable"], "total": report["total"],
-            "fraction": report["fraction"], "groups": report["groups"],
-            "ssl_head_parameters": s["ssl_head_parameters"], "lr": s["lr"],
-            "adapt_wall_s": run["wall_s"], "images_per_s": s["images_per_s"],
-            "first_loss": s["first_loss"], "last_loss": s["last_loss"],
-            "last_loss_dino": s["last"]["loss_dino"], "steps": s["steps"]}
+    return {
+        "trainable": report["trainable"],
+        "total": report["total"],
+        "fraction": report["fraction"],
+        "groups": report["groups"],
+        "ssl_head_parameters": s["ssl_head_parameters"],
+        "lr": s["lr"],
+        "adapt_wall_s": run["wall_s"],
+        "images_per_s": s["images_per_s"],
+        "first_loss": s["first_loss"],
+        "last_loss": s["last_loss"],
+        "last_loss_dino": s["last"]["loss_dino"],
+        "steps": s["steps"],
+    }
 
 
-def probe(models: dict[str, Path], chips_root: Path, budget: Budget,
-          seed: int) -> tuple[dict[str, dict], dict]:
+def probe(
+    models: dict[str, Path], chips_root: Path, budget: Budget, seed: int
+) -> tuple[dict[str, dict], dict]:
     """Every arm probed together (one grid per model, same chips and seed): (per arm, doc)."""
     from geoexplora.pipelines.probe import ProbeConfig
     from geoexplora.pipelines.probe import probe as run_probe
 
-    doc = run_probe(ProbeConfig(models=list(models.values()), chips=chips_root,
-                                steps=budget.probe_steps, seed=seed, device="cpu")).report
+    doc = run_probe(
+        ProbeConfig(
+            models=list(models.values()),
+            chips=chips_root,
+            steps=budget.probe_steps,
+            seed=seed,
+            device="cpu",
+        )
+    ).report
     by_path = {m["model"]: m for m in doc["models"]}
     return {arm: by_path[str(path)] for arm, path in models.items()}, doc
 
@@ -254,9 +343,12 @@ def probe(models: dict[str, Path], chips_root: Path, budget: Budget,
 
 
 def spread(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-            "min": round(min(values), 4), "max": round(max(values), 4)}
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
 
 
 def verdict(rows: list[dict]) -> dict:
@@ -264,6 +356,7 @@ def verdict(rows: list[dict]) -> dict:
     seeds' spread (paired by seed: mean lift > its std); (2) it is close to full extended
     pre-training (full's mean minus ExPLoRA's is below half of ExPLoRA's lift); (3) it trains
     a smaller fraction of the parameters than full."""
+
     def metric(arm, key):
         return {r["seed"]: r[key] for r in rows if r["arm"] == arm}
 
@@ -277,11 +370,18 @@ def verdict(rows: list[dict]) -> dict:
         gap = statistics.fmean(full.values()) - statistics.fmean(exp.values())
         lifted = lift > 0 and lift > lift_std
         close = lift > 0 and gap < 0.5 * lift
-        out[key] = {"explora_minus_source": round(lift, 4), "lift_std": round(lift_std, 4),
-                    "full_minus_explora": round(gap, 4), "lifted": lifted, "close_to_full": close}
+        out[key] = {
+            "explora_minus_source": round(lift, 4),
+            "lift_std": round(lift_std, 4),
+            "full_minus_explora": round(gap, 4),
+            "lifted": lifted,
+            "close_to_full": close,
+        }
         held = held and lifted and close
-    fractions = {arm: statistics.fmean(r["trainable_fraction"] for r in rows if r["arm"] == arm)
-                 for arm in ("explora", "full")}
+    fractions = {
+        arm: statistics.fmean(r["trainable_fraction"] for r in rows if r["arm"] == arm)
+        for arm in ("explora", "full")
+    }
     out["trainable_fraction"] = {k: round(v, 4) for k, v in fractions.items()}
     out["fewer_parameters"] = fractions["explora"] < fractions["full"]
     out["claim_held"] = held and out["fewer_parameters"]
@@ -299,24 +399,37 @@ def run(budget: Budget, work: Path) -> list[dict]:
         raise SystemExit(f"domain_shift needs the real data at {L7} (the project's ../shared/data)")
     start = time.perf_counter()
     source, info = source_model(work, budget)
-    emit({"benchmark": "domain_shift", "what": "source", "arch": ARCH, "path": str(source),
-          **info})
+    emit({"benchmark": "domain_shift", "what": "source", "arch": ARCH, "path": str(source), **info})
     chips_root = work / f"chips-l7-{budget.chip}"
     if not (chips_root / "dataset.json").is_file():
         probe_chips(chips_root, budget)
     from geoexplora.io.chips import load_dataset_meta
 
     meta = load_dataset_meta(chips_root)
-    emit({"benchmark": "domain_shift", "what": "probe_chips", "path": str(chips_root),
-          "chip_size": meta["chip_size"], "bands": [b["key"] for b in meta["bands"]],
-          **meta["counts"]})
+    emit(
+        {
+            "benchmark": "domain_shift",
+            "what": "probe_chips",
+            "path": str(chips_root),
+            "chip_size": meta["chip_size"],
+            "bands": [b["key"] for b in meta["bands"]],
+            **meta["counts"],
+        }
+    )
     rows = []
     for seed in range(budget.seeds):
         seed_dir = work / f"seed{seed}-{budget.steps}steps"
         seed_dir.mkdir(parents=True, exist_ok=True)
         models = {"source": source}
-        details = {"source": {"trainable": 0, "total": info["parameters"], "fraction": 0.0,
-                              "groups": {}, "adapt_wall_s": 0.0}}
+        details = {
+            "source": {
+                "trainable": 0,
+                "total": info["parameters"],
+                "fraction": 0.0,
+                "groups": {},
+                "adapt_wall_s": 0.0,
+            }
+        }
         for arm in ("explora", "lora_only", "full", "scratch"):
             models[arm] = seed_dir / f"{arm}.pt"
             details[arm] = adapt_arm(arm, source, models[arm], budget, seed)
@@ -328,20 +441,37 @@ def run(budget: Budget, work: Path) -> list[dict]:
         probe_s = time.perf_counter() - t0
         for arm in ARMS:
             r, d = results[arm], details[arm]
-            row = {"benchmark": "domain_shift", "what": "arm", "arm": arm, "seed": seed,
-                   "top1": round(r["top1"], 4), "balanced_accuracy": round(
-                       r["balanced_accuracy"], 4), "knn_top1": round(r["knn_top1"], 4),
-                   "head": r["chosen_head"]["features"],
-                   "trainable_params": d["trainable"], "total_params": d["total"],
-                   "trainable_fraction": round(d["fraction"], 4),
-                   "trainable_fraction_without_embedding": round(
-                       (d["trainable"] - d["groups"].get("embedding", 0))
-                       / (d["total"] - info["embedding_parameters"]), 4),
-                   "trainable_groups": d["groups"],
-                   "adapt_wall_s": d["adapt_wall_s"],
-                   "evaluated_on": doc["evaluated_on"], "test_chips": r["split_sizes"]["test"]}
-            for key in ("steps", "lr", "first_loss", "last_loss", "last_loss_dino", "images_per_s",
-                        "ssl_head_parameters"):
+            row = {
+                "benchmark": "domain_shift",
+                "what": "arm",
+                "arm": arm,
+                "seed": seed,
+                "top1": round(r["top1"], 4),
+                "balanced_accuracy": round(r["balanced_accuracy"], 4),
+                "knn_top1": round(r["knn_top1"], 4),
+                "head": r["chosen_head"]["features"],
+                "trainable_params": d["trainable"],
+                "total_params": d["total"],
+                "trainable_fraction": round(d["fraction"], 4),
+                "trainable_fraction_without_embedding": round(
+                    (d["trainable"] - d["groups"].get("embedding", 0))
+                    / (d["total"] - info["embedding_parameters"]),
+                    4,
+                ),
+                "trainable_groups": d["groups"],
+                "adapt_wall_s": d["adapt_wall_s"],
+                "evaluated_on": doc["evaluated_on"],
+                "test_chips": r["split_sizes"]["test"],
+            }
+            for key in (
+                "steps",
+                "lr",
+                "first_loss",
+                "last_loss",
+                "last_loss_dino",
+                "images_per_s",
+                "ssl_head_parameters",
+            ):
                 if key in d:
                     row[key] = round(d[key], 4) if isinstance(d[key], float) else d[key]
             row["probe_s_all_arms"] = round(probe_s, 2)
@@ -349,17 +479,31 @@ def run(budget: Budget, work: Path) -> list[dict]:
             rows.append(row)
     for arm in ARMS:
         mine = [r for r in rows if r["arm"] == arm]
-        emit({"benchmark": "domain_shift", "what": "summary", "arm": arm, "seeds": len(mine),
-              "top1": spread([r["top1"] for r in mine]),
-              "balanced_accuracy": spread([r["balanced_accuracy"] for r in mine]),
-              "knn_top1": spread([r["knn_top1"] for r in mine]),
-              "trainable_params": mine[0]["trainable_params"],
-              "trainable_fraction": mine[0]["trainable_fraction"],
-              "trainable_fraction_without_embedding":
-                  mine[0]["trainable_fraction_without_embedding"],
-              "adapt_wall_s": spread([r["adapt_wall_s"] for r in mine])})
-    emit({**verdict(rows), "seeds": budget.seeds, "steps": budget.steps,
-          "wall_s": round(time.perf_counter() - start, 1)})
+        emit(
+            {
+                "benchmark": "domain_shift",
+                "what": "summary",
+                "arm": arm,
+                "seeds": len(mine),
+                "top1": spread([r["top1"] for r in mine]),
+                "balanced_accuracy": spread([r["balanced_accuracy"] for r in mine]),
+                "knn_top1": spread([r["knn_top1"] for r in mine]),
+                "trainable_params": mine[0]["trainable_params"],
+                "trainable_fraction": mine[0]["trainable_fraction"],
+                "trainable_fraction_without_embedding": mine[0][
+                    "trainable_fraction_without_embedding"
+                ],
+                "adapt_wall_s": spread([r["adapt_wall_s"] for r in mine]),
+            }
+        )
+    emit(
+        {
+            **verdict(rows),
+            "seeds": budget.seeds,
+            "steps": budget.steps,
+            "wall_s": round(time.perf_counter() - start, 1),
+        }
+    )
     return rows
 
 
@@ -369,24 +513,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=400, help="steps per adapted arm")
     parser.add_argument("--source-steps", type=int, default=1500)
     parser.add_argument("--probe-steps", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: tiny models on a shared machine run faster "
-                             "single-threaded)")
-    parser.add_argument("--work", type=Path, default=default_work(),
-                        help="cache/output folder: the source checkpoint (reused while its "
-                             "settings are the same), probe chips, arm models")
-    parser.add_argument("--smoke", action="store_true",
-                        help="2 steps per arm, one seed, a short probe (the test suite's run)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: tiny models on a shared machine run faster single-threaded)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=default_work(),
+        help="cache/output folder: the source checkpoint (reused while its "
+        "settings are the same), probe chips, arm models",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="2 steps per arm, one seed, a short probe (the test suite's run)",
+    )
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     if args.smoke:
-        budget = Budget(seeds=1, steps=2, source_steps=2, batch_size=4, local_crops=2,
-                        probe_steps=20)
+        budget = Budget(
+            seeds=1, steps=2, source_steps=2, batch_size=4, local_crops=2, probe_steps=20
+        )
     else:
-        budget = Budget(seeds=args.seeds, steps=args.steps, source_steps=args.source_steps,
-                        probe_steps=args.probe_steps)
+        budget = Budget(
+            seeds=args.seeds,
+            steps=args.steps,
+            source_steps=args.source_steps,
+            probe_steps=args.probe_steps,
+        )
     args.work.mkdir(parents=True, exist_ok=True)
     run(budget, args.work)
 

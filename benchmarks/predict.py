@@ -39,22 +39,26 @@ def mosaic_vrt(source: Path, size: int, path: Path) -> Path:
 
     with rasterio.open(source) as src:
         w, h, t, crs, names = src.width, src.height, src.transform, src.crs, src.descriptions
-    lines = [f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">',
-             f"<SRS>{escape(crs.to_wkt())}</SRS>",
-             f"<GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>"]
+    lines = [
+        f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">',
+        f"<SRS>{escape(crs.to_wkt())}</SRS>",
+        f"<GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>",
+    ]
     wanted = [(i, n) for i, n in enumerate(names, start=1) if n in ("B02", "B03", "B04", "B08")]
     for k, (band, name) in enumerate(wanted, start=1):
         lines.append(f'<VRTRasterBand dataType="UInt16" band="{k}">')
         lines.append(f"<Description>{name}</Description><NoDataValue>0</NoDataValue>")
         for y in range(0, size, h):
             for x in range(0, size, w):
-                lines.append(f'<SimpleSource><SourceFilename relativeToVRT="0">{source}'
-                             f"</SourceFilename><SourceBand>{band}</SourceBand>"
-                             f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
-                             f'<DstRect xOff="{x}" yOff="{y}" xSize="{w}" ySize="{h}"/>'
-                             "</SimpleSource>")
+                lines.append(
+                    f'<SimpleSource><SourceFilename relativeToVRT="0">{source}'
+                    f"</SourceFilename><SourceBand>{band}</SourceBand>"
+                    f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                    f'<DstRect xOff="{x}" yOff="{y}" xSize="{w}" ySize="{h}"/>'
+                    "</SimpleSource>"
+                )
         lines.append("</VRTRasterBand>")
-    path.write_text("\n".join(lines + ["</VRTDataset>"]))
+    path.write_text("\n".join([*lines, "</VRTDataset>"]))
     return path
 
 
@@ -69,9 +73,17 @@ def _config(args, raster: Path, output: Path, shard: str | None = None):
     from geoexplora.io.scene import SceneOptions
     from geoexplora.pipelines.predict import PredictConfig
 
-    return PredictConfig(model=Path(args.model), inputs=[raster], output=output,
-                         window=args.window, batch_size=args.batch_size, device=args.device,
-                         shard=shard, overwrite=True, scene=SceneOptions(sensor="sentinel2"))
+    return PredictConfig(
+        model=Path(args.model),
+        inputs=[raster],
+        output=output,
+        window=args.window,
+        batch_size=args.batch_size,
+        device=args.device,
+        shard=shard,
+        overwrite=True,
+        scene=SceneOptions(sensor="sentinel2"),
+    )
 
 
 def throughput(args, work: Path) -> dict:
@@ -93,8 +105,9 @@ def throughput(args, work: Path) -> dict:
     end_to_end = time.perf_counter() - t0
 
     model = load_model(args.model)
-    scene, read, _ = open_model_scene([raster], _config(args, raster, work / "x").scene,
-                                      model.meta, args.model)
+    scene, read, _ = open_model_scene(
+        [raster], _config(args, raster, work / "x").scene, model.meta, args.model
+    )
     device = resolve_devices(args.device, None)[0]
     predictor = predictor_from_model(model, read.days)
     plan = make_plan(scene, predictor, args.window, None, False)
@@ -107,25 +120,33 @@ def throughput(args, work: Path) -> dict:
             current = []
         current.append(tile)
     batches.append(current)
-    data = [np.stack([scene.read(Window(t.col, t.row, plan.window, plan.window)) for t in b])
-            for b in batches]
+    data = [
+        np.stack([scene.read(Window(t.col, t.row, plan.window, plan.window)) for t in b])
+        for b in batches
+    ]
     runner = engine._Runner(forward, device, plan.tile_out_size)
     # In a worker thread, as in the engine: torch's CPU threading differs between the main
     # thread and others (on a loaded machine by several times), so the same thread kind is fair.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(runner, data[0]).result()  # warm-up
         forward_only = sum(pool.submit(runner, x).result()[1] for x in data)
-    pixels = args.size ** 2
-    return {"benchmark": "predict_throughput", "size": args.size, "windows": len(tiles),
-            "window": plan.window, "batch_size": args.batch_size, "device": str(device),
-            "end_to_end_s": round(end_to_end, 3),
-            "engine_wall_s": result["timings"]["wall_s"],
-            "forward_only_s": round(forward_only, 3),
-            "end_to_end_px_per_s": round(pixels / end_to_end),
-            "forward_only_px_per_s": round(pixels / forward_only),
-            "ratio": round(forward_only / end_to_end, 3),
-            "engine_ratio": round(forward_only / result["timings"]["wall_s"], 3),
-            "target": ">= 0.85"}
+    pixels = args.size**2
+    return {
+        "benchmark": "predict_throughput",
+        "size": args.size,
+        "windows": len(tiles),
+        "window": plan.window,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "end_to_end_s": round(end_to_end, 3),
+        "engine_wall_s": result["timings"]["wall_s"],
+        "forward_only_s": round(forward_only, 3),
+        "end_to_end_px_per_s": round(pixels / end_to_end),
+        "forward_only_px_per_s": round(pixels / forward_only),
+        "ratio": round(forward_only / end_to_end, 3),
+        "engine_ratio": round(forward_only / result["timings"]["wall_s"], 3),
+        "target": ">= 0.85",
+    }
 
 
 def child(args) -> None:
@@ -157,12 +178,18 @@ def child(args) -> None:
     result = predict(cfg)[0].report
     stop.set()
     sampler.join()
-    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                           / 1024, 1),
-                      "rss_before_predict_mb": round(baseline, 1),
-                      "peak_rss_during_predict_mb": round(peak[0], 1),
-                      "seconds": round(time.perf_counter() - t0, 2), "shard": shard,
-                      "windows": result["timings"]["windows"]}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "rss_before_predict_mb": round(baseline, 1),
+                "peak_rss_during_predict_mb": round(peak[0], 1),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "shard": shard,
+                "windows": result["timings"]["windows"],
+            }
+        )
+    )
 
 
 def _rss_mb() -> float:
@@ -174,9 +201,21 @@ def _rss_mb() -> float:
 
 
 def peak_rss(args, size: int, rows: int | None, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--size", str(size), "--work", str(work),
-           "--model", str(args.model), "--scene", str(args.scene),
-           "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--size",
+        str(size),
+        "--work",
+        str(work),
+        "--model",
+        str(args.model),
+        "--scene",
+        str(args.scene),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     cmd += ["--rows", str(rows)] if rows else []
     cmd += ["--window", str(args.window)] if args.window else []
     cmd += ["--device", args.device] if args.device else []
@@ -209,17 +248,29 @@ def main() -> None:
             args.model = str(tiny_model(work / "tiny.pt"))
         print(json.dumps(throughput(args, work)), flush=True)
         small = peak_rss(args, args.size, None, work)
-        print(json.dumps({"benchmark": "predict_peak_rss", "size": args.size, **small}),
-              flush=True)
+        print(json.dumps({"benchmark": "predict_peak_rss", "size": args.size, **small}), flush=True)
         large = peak_rss(args, args.large_size, args.large_rows, work)
-        print(json.dumps({"benchmark": "predict_peak_rss", "size": args.large_size,
-                          "rows_predicted": args.large_rows, **large,
-                          "ratio_to_small": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
-                          "growth_ratio_to_small": round(
-                              (large["peak_rss_during_predict_mb"] - large["rss_before_predict_mb"])
-                              / max(1.0, small["peak_rss_during_predict_mb"]
-                                    - small["rss_before_predict_mb"]), 3),
-                          "target": "<= 1.25"}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "predict_peak_rss",
+                    "size": args.large_size,
+                    "rows_predicted": args.large_rows,
+                    **large,
+                    "ratio_to_small": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+                    "growth_ratio_to_small": round(
+                        (large["peak_rss_during_predict_mb"] - large["rss_before_predict_mb"])
+                        / max(
+                            1.0,
+                            small["peak_rss_during_predict_mb"] - small["rss_before_predict_mb"],
+                        ),
+                        3,
+                    ),
+                    "target": "<= 1.25",
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

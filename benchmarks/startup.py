@@ -22,6 +22,15 @@ def timed(cmd: list[str], repeats: int = 7) -> float:
 if __name__ == "__main__":
     bare = timed([sys.executable, "-c", "pass"])
     help_s = timed([str(EXE), "--help"])
-    print(json.dumps({"bench": "startup", "help_s": round(help_s, 3),
-                      "python_bare_s": round(bare, 3), "ratio_vs_bare": round(help_s / bare, 2),
-                      "target_s": 0.5, "ok": help_s < 0.5}))
+    print(
+        json.dumps(
+            {
+                "bench": "startup",
+                "help_s": round(help_s, 3),
+                "python_bare_s": round(bare, 3),
+                "ratio_vs_bare": round(help_s / bare, 2),
+                "target_s": 0.5,
+                "ok": help_s < 0.5,
+            }
+        )
+    )

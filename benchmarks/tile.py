@@ -45,8 +45,13 @@ from geoexplora import sample
 from geoexplora.io.chips import window_transform
 from geoexplora.pipelines.tile import TileConfig, tile, window_offsets
 
-L8 = ROOT.parent / "shared" / "data" / "landsat8-224078-2020-05-18" / \
-    "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+L8 = (
+    ROOT.parent
+    / "shared"
+    / "data"
+    / "landsat8-224078-2020-05-18"
+    / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+)
 L8_OPTS = {"band_map": {"1": "B2", "2": "B3", "3": "B4"}, "nodata": 0, "sensor": "landsat8"}
 
 
@@ -86,9 +91,16 @@ def naive(scene: Path, size: int, out: Path, nodata: float | None) -> tuple[int,
                 data = src.read(window=Window(col, row, size, size)).astype(np.float32)
                 if nodata is not None:
                     data[data == nodata] = np.nan
-                profile = {"driver": "GTiff", "width": size, "height": size, "count": count,
-                           "dtype": "float32", "crs": src.crs, "nodata": float("nan"),
-                           "transform": window_transform(src.transform, col, row)}
+                profile = {
+                    "driver": "GTiff",
+                    "width": size,
+                    "height": size,
+                    "count": count,
+                    "dtype": "float32",
+                    "crs": src.crs,
+                    "nodata": float("nan"),
+                    "transform": window_transform(src.transform, col, row),
+                }
                 with rasterio.open(out / f"{row}_{col}.tif", "w", **profile) as dst:
                     dst.write(data)
             n += 1
@@ -97,8 +109,18 @@ def naive(scene: Path, size: int, out: Path, nodata: float | None) -> tuple[int,
 
 def run_tile(scene: Path, size: int, out: Path, workers: int, opts: dict) -> tuple[int, float]:
     start = time.perf_counter()
-    result = tile(TileConfig(inputs=[scene], output=out, size=size, max_nodata=1.0, val_fraction=0,
-                             workers=workers, progress=False, **opts))
+    result = tile(
+        TileConfig(
+            inputs=[scene],
+            output=out,
+            size=size,
+            max_nodata=1.0,
+            val_fraction=0,
+            workers=workers,
+            progress=False,
+            **opts,
+        )
+    )
     return result.chips, time.perf_counter() - start
 
 
@@ -111,6 +133,7 @@ def measure(workload: str, scene: Path, opts: dict, args, tmp: Path) -> None:
         def read(threads):
             seconds, mb = raw_read(scene, threads)
             return mb / chip_mb, seconds
+
         yield "raw_read", lambda: read("1")
         yield "raw_read_threads", lambda: read("ALL_CPUS")
         yield "naive", lambda: naive(scene, args.size, tmp / "naive", opts.get("nodata"))
@@ -129,23 +152,49 @@ def measure(workload: str, scene: Path, opts: dict, args, tmp: Path) -> None:
     rates = {}
     for name, (chips, seconds) in best.items():
         rates[name] = chips * chip_mb / seconds
-        emit({"benchmark": "tile", "workload": workload, "what": name, "scene": scene.name,
-              "size": args.size, "chips": round(chips, 1), "seconds": round(seconds, 3),
-              "chips_per_s": round(chips / seconds, 1), "mb_per_s": round(rates[name], 1)})
+        emit(
+            {
+                "benchmark": "tile",
+                "workload": workload,
+                "what": name,
+                "scene": scene.name,
+                "size": args.size,
+                "chips": round(chips, 1),
+                "seconds": round(seconds, 3),
+                "chips_per_s": round(chips / seconds, 1),
+                "mb_per_s": round(rates[name], 1),
+            }
+        )
     tiled = max((k for k in rates if k.startswith("tile_")), key=rates.get)
-    emit({"benchmark": "tile", "workload": workload, "what": "ratios", "best_tile": tiled,
-          "tile_vs_naive": round(rates[tiled] / rates["naive"], 2),
-          "tile_vs_raw_read": round(rates[tiled] / rates["raw_read"], 2),
-          "tile_vs_raw_read_threads": round(rates[tiled] / rates["raw_read_threads"], 2),
-          "targets": {"tile_vs_naive": 3.0, "tile_vs_raw_read": 0.5}})
+    emit(
+        {
+            "benchmark": "tile",
+            "workload": workload,
+            "what": "ratios",
+            "best_tile": tiled,
+            "tile_vs_naive": round(rates[tiled] / rates["naive"], 2),
+            "tile_vs_raw_read": round(rates[tiled] / rates["raw_read"], 2),
+            "tile_vs_raw_read_threads": round(rates[tiled] / rates["raw_read_threads"], 2),
+            "targets": {"tile_vs_naive": 3.0, "tile_vs_raw_read": 0.5},
+        }
+    )
 
 
 def measure_append(mosaic: Path, scene: Path, opts: dict, args, tmp: Path) -> None:
     def run(scenes, out, **kw):
         os.sync()
         start = time.perf_counter()
-        result = tile(TileConfig(inputs=scenes, output=out, size=args.size, max_nodata=1.0,
-                                 progress=False, **opts, **kw))
+        result = tile(
+            TileConfig(
+                inputs=scenes,
+                output=out,
+                size=args.size,
+                max_nodata=1.0,
+                progress=False,
+                **opts,
+                **kw,
+            )
+        )
         return result, time.perf_counter() - start
 
     best: dict[str, float] = {}
@@ -158,12 +207,19 @@ def measure_append(mosaic: Path, scene: Path, opts: dict, args, tmp: Path) -> No
         if attempt:
             best["append"] = min(best.get("append", math.inf), append_s)
             best["scratch"] = min(best.get("scratch", math.inf), scratch_s)
-    emit({"benchmark": "tile", "workload": "append", "what": "ratios",
-          "dataset_chips_before": appended.dataset_chips - appended.chips,
-          "chips_added": appended.chips, "chips_from_scratch": scratch.chips,
-          "append_seconds": round(best["append"], 3),
-          "from_scratch_seconds": round(best["scratch"], 3),
-          "append_vs_from_scratch": round(best["append"] / best["scratch"], 2)})
+    emit(
+        {
+            "benchmark": "tile",
+            "workload": "append",
+            "what": "ratios",
+            "dataset_chips_before": appended.dataset_chips - appended.chips,
+            "chips_added": appended.chips,
+            "chips_from_scratch": scratch.chips,
+            "append_seconds": round(best["append"], 3),
+            "from_scratch_seconds": round(best["scratch"], 3),
+            "append_vs_from_scratch": round(best["append"] / best["scratch"], 2),
+        }
+    )
 
 
 def main() -> None:
@@ -179,8 +235,10 @@ def main() -> None:
         if args.scene:
             workloads = [("scene", args.scene, {"sensor": args.sensor} if args.sensor else {})]
         elif L8.exists():
-            workloads = [("scene", L8, L8_OPTS),
-                         ("mosaic", make_mosaic(L8, work / "LC08_mosaic_3x3.tif"), L8_OPTS)]
+            workloads = [
+                ("scene", L8, L8_OPTS),
+                ("mosaic", make_mosaic(L8, work / "LC08_mosaic_3x3.tif"), L8_OPTS),
+            ]
         else:
             workloads = [("scene", sample.s2_tile_crop(), {})]
         for workload, scene, opts in workloads:

@@ -47,11 +47,33 @@ _API = {
 }
 
 __all__ = [  # the names of _API (tests/test_api.py checks that the two agree)
-    "AdaptConfig", "AdaptResult", "EmbedConfig", "ExportConfig", "ExportResult",
-    "FinetuneConfig", "FinetuneResult", "PredictConfig", "ProbeConfig", "ProbeResult",
-    "RasterResult", "RuntimeFailure", "Scene", "SceneOptions", "TileConfig", "TileResult",
-    "UserError", "__version__", "adapt", "embed", "export", "finetune", "load_model",
-    "open_scene", "predict", "probe", "tile",
+    "AdaptConfig",
+    "AdaptResult",
+    "EmbedConfig",
+    "ExportConfig",
+    "ExportResult",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "PredictConfig",
+    "ProbeConfig",
+    "ProbeResult",
+    "RasterResult",
+    "RuntimeFailure",
+    "Scene",
+    "SceneOptions",
+    "TileConfig",
+    "TileResult",
+    "UserError",
+    "__version__",
+    "adapt",
+    "embed",
+    "export",
+    "finetune",
+    "load_model",
+    "open_scene",
+    "predict",
+    "probe",
+    "tile",
 ]
 
 if TYPE_CHECKING:

@@ -100,7 +100,7 @@ def _tm_like(sensor: str) -> list[Band]:
     ]
 
 
-_L7 = _tm_like("landsat7") + [_b("landsat7", "B8", 710, 380, 15, "pan", ["B08", "pan"])]
+_L7 = [*_tm_like("landsat7"), _b("landsat7", "B8", 710, 380, 15, "pan", ["B08", "pan"])]
 
 # Generic aerial imagery (NAIP-like): 8- or 16-bit DNs, statistics always computed from data.
 _RGB = [
@@ -118,7 +118,9 @@ _RGBN = [
 SENSORS: dict[str, tuple[Band, ...]] = {
     "sentinel2": tuple(_S2),
     "landsat8": tuple(_L8),
-    "landsat9": tuple(Band(**{**asdict(b), "sensor": "landsat9", "aliases": b.aliases}) for b in _L8),
+    "landsat9": tuple(
+        Band(**{**asdict(b), "sensor": "landsat9", "aliases": b.aliases}) for b in _L8
+    ),
     "landsat7": tuple(_L7),
     "landsat5": tuple(_tm_like("landsat5")),
     "landsat4": tuple(_tm_like("landsat4")),
@@ -127,13 +129,28 @@ SENSORS: dict[str, tuple[Band, ...]] = {
 }
 
 SENSOR_ALIASES = {
-    "s2": "sentinel2", "sentinel-2": "sentinel2", "sentinel_2": "sentinel2", "msi": "sentinel2",
-    "l8": "landsat8", "landsat-8": "landsat8", "oli": "landsat8",
-    "l9": "landsat9", "landsat-9": "landsat9",
-    "l7": "landsat7", "landsat-7": "landsat7", "etm": "landsat7", "etm+": "landsat7",
-    "l5": "landsat5", "landsat-5": "landsat5", "tm": "landsat5",
-    "l4": "landsat4", "landsat-4": "landsat4",
-    "aerial": "rgb", "naip": "rgbn", "rgb-nir": "rgbn", "rgbnir": "rgbn",
+    "s2": "sentinel2",
+    "sentinel-2": "sentinel2",
+    "sentinel_2": "sentinel2",
+    "msi": "sentinel2",
+    "l8": "landsat8",
+    "landsat-8": "landsat8",
+    "oli": "landsat8",
+    "l9": "landsat9",
+    "landsat-9": "landsat9",
+    "l7": "landsat7",
+    "landsat-7": "landsat7",
+    "etm": "landsat7",
+    "etm+": "landsat7",
+    "l5": "landsat5",
+    "landsat-5": "landsat5",
+    "tm": "landsat5",
+    "l4": "landsat4",
+    "landsat-4": "landsat4",
+    "aerial": "rgb",
+    "naip": "rgbn",
+    "rgb-nir": "rgbn",
+    "rgbnir": "rgbn",
 }
 
 # Reference wavelengths of the band-aware patch embedding's kernel bank: the 13 Sentinel-2 centres.
@@ -144,7 +161,9 @@ RGB_WAVELENGTHS_NM: tuple[float, float, float] = (664.6, 559.8, 492.7)
 
 # SatMAE / ExPLoRA multispectral band groups (Sentinel-2 names).
 DEFAULT_SPECTRAL_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("B2", "B3", "B4", "B8"), ("B5", "B6", "B7", "B8A"), ("B11", "B12"),
+    ("B2", "B3", "B4", "B8"),
+    ("B5", "B6", "B7", "B8A"),
+    ("B11", "B12"),
 )
 
 # The date after which Sentinel-2 products carry the +1000 DN offset (processing baseline 04.00).
@@ -210,9 +229,11 @@ def parse_band_list(text: str | None) -> list[str] | None:
     for t in items:
         canonical = _canonical_band_name(t)
         if canonical in seen:
-            raise UserError(f"{opt('bands')} '{text}' names {seen[canonical]} twice"
-                            + ("" if t == seen[canonical] else f" (as {t})")
-                            + "; give each band once")
+            raise UserError(
+                f"{opt('bands')} '{text}' names {seen[canonical]} twice"
+                + ("" if t == seen[canonical] else f" (as {t})")
+                + "; give each band once"
+            )
         seen[canonical] = t
     return items
 
@@ -223,13 +244,16 @@ def check_distinct(tokens: list[str], bands: list[Band], option: str = "--bands"
     first: dict[str, str] = {}
     for token, band in zip(tokens, bands):
         if band.key in first:
-            raise UserError(f"{option} names {band.key} twice ({first[band.key]} and {token}); "
-                            "give each band once")
+            raise UserError(
+                f"{option} names {band.key} twice ({first[band.key]} and {token}); "
+                "give each band once"
+            )
         first[band.key] = token
 
 
-def interpolation_weights(wavelength_nm: float,
-                          nodes_nm: tuple[float, ...] = REFERENCE_WAVELENGTHS_NM) -> list[float]:
+def interpolation_weights(
+    wavelength_nm: float, nodes_nm: tuple[float, ...] = REFERENCE_WAVELENGTHS_NM
+) -> list[float]:
     """Piecewise-linear weights over the kernel-bank nodes in log-wavelength.
 
     A band on a node takes that node; a band between two nodes is split between them; a band

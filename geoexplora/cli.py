@@ -48,8 +48,8 @@ app = typer.Typer(
     cls=_Group,
     name="geoexplora",
     help="ExPLoRA for satellite imagery: adapt a natural-image ViT to your scenes, then probe, "
-         "fine-tune and predict georeferenced rasters.\n\n"
-         "Example: geoexplora adapt --bands B2,B3,B4,B8 ./scenes -o adapted.pt",
+    "fine-tune and predict georeferenced rasters.\n\n"
+    "Example: geoexplora adapt --bands B2,B3,B4,B8 ./scenes -o adapted.pt",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -58,8 +58,18 @@ app = typer.Typer(
 )
 
 # One module per command, in pipeline order; each module has ``register(app)``.
-COMMANDS = ("info", "tile", "adapt", "probe", "finetune", "predict", "embed", "demo", "models",
-            "export")
+COMMANDS = (
+    "info",
+    "tile",
+    "adapt",
+    "probe",
+    "finetune",
+    "predict",
+    "embed",
+    "demo",
+    "models",
+    "export",
+)
 
 
 def _version(value: bool) -> None:
@@ -70,11 +80,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
-                                         help=VERBOSE_HELP)] = 0,
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help=VERBOSE_HELP)] = 0,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help=QUIET_HELP)] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     from geoexplora.log import set_verbosity
 

@@ -16,8 +16,10 @@ from geoexplora.errors import UserError
 def path_list(name: str, value: Any) -> list:
     """``value`` as a list of paths or strings; a single path or string is refused."""
     if isinstance(value, (str, bytes, os.PathLike)):
-        raise UserError(f"expects a list of inputs, not the single {value!r}: pass "
-                        f"[{str(value)!r}]", option=name)
+        raise UserError(
+            f"expects a list of inputs, not the single {value!r}: pass [{str(value)!r}]",
+            option=name,
+        )
     if not isinstance(value, Iterable):
         raise UserError(f"expects a list of inputs, not {type(value).__name__}", option=name)
     return list(value)
@@ -29,8 +31,9 @@ def one_of(name: str, value: Any, choices: Any, optional: bool = False) -> None:
     if value is None and optional:
         return
     if value not in allowed:
-        raise UserError(f"must be one of {', '.join(map(str, allowed))}, not {value!r}",
-                        option=name)
+        raise UserError(
+            f"must be one of {', '.join(map(str, allowed))}, not {value!r}", option=name
+        )
 
 
 def scene_options(name: str, value: Any):
@@ -45,8 +48,11 @@ def scene_options(name: str, value: Any):
         known = {f.name for f in fields(SceneOptions)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise UserError(f"unknown scene option(s) {', '.join(unknown)}; known: "
-                            f"{', '.join(sorted(known))}", option=name)
+            raise UserError(
+                f"unknown scene option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                option=name,
+            )
         return SceneOptions(**value)
-    raise UserError(f"expects SceneOptions or a dict of its fields, not "
-                    f"{type(value).__name__}", option=name)
+    raise UserError(
+        f"expects SceneOptions or a dict of its fields, not {type(value).__name__}", option=name
+    )

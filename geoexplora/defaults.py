@@ -35,6 +35,7 @@ ENGINE = EngineDefaults()
 # ADAPT: geoexplora/commands/adapt.py, geoexplora/ssl/
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ExploraDefaults:
     """Which parameters train (recipe section 1)."""
@@ -101,19 +102,29 @@ class AdaptPreset:
 ADAPT_PRESETS: dict[str, AdaptPreset] = {
     # recipe: every value of the published ViT-L/14 run (section 2): 8 images per GPU, an
     # effective batch of 1024, ~150k iterations, 65 536 prototypes, 8 local crops; lr 1e-3.
-    "paper": AdaptPreset(batch_size=8, global_batch=1024, steps=150_000, head_prototypes=65536,
-                         local_crops=8,
-                         why="recipe: the published run (8/GPU x 4 GPUs x 32 accumulation = "
-                             "1024, ~150k steps, 65 536 prototypes, lr 1e-3); ~153.6M images"),
+    "paper": AdaptPreset(
+        batch_size=8,
+        global_batch=1024,
+        steps=150_000,
+        head_prototypes=65536,
+        local_crops=8,
+        why="recipe: the published run (8/GPU x 4 GPUs x 32 accumulation = "
+        "1024, ~150k steps, 65 536 prototypes, lr 1e-3); ~153.6M images",
+    ),
     # ours: about one GPU-hour of a ViT-L/14 on an H100/H200 at the stated MFU (see the
     # --dry-run budget): 64 images per micro-batch (what Sinkhorn-Knopp balances; ~45 GiB in
     # bf16 for ViT-L), 256 per step (lr 5e-4 by sqrt scaling), 3000 steps = 768k images,
     # 0.5 % of the published run.
-    "quick": AdaptPreset(batch_size=64, global_batch=256, steps=3000, head_prototypes=65536,
-                         local_crops=8,
-                         why="ours: ~1 GPU-hour for ViT-L/14 on one H100/H200 (768k images, "
-                             "0.5 % of the published run); micro-batch 64 keeps Sinkhorn-Knopp "
-                             "well above 32 images"),
+    "quick": AdaptPreset(
+        batch_size=64,
+        global_batch=256,
+        steps=3000,
+        head_prototypes=65536,
+        local_crops=8,
+        why="ours: ~1 GPU-hour for ViT-L/14 on one H100/H200 (768k images, "
+        "0.5 % of the published run); micro-batch 64 keeps Sinkhorn-Knopp "
+        "well above 32 images",
+    ),
 }
 
 
@@ -319,8 +330,18 @@ class ProbeDefaults:
     geoexplora/pipelines/probe.py."""
 
     features: tuple[str, ...] = ("cls", "cls4", "cls+mean", "cls4+mean")  # DINOv2's grid
-    learning_rates: tuple[float, ...] = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
-                                         0.1)  # recipe: {1e-4 ... 0.1} x batch/256
+    learning_rates: tuple[float, ...] = (
+        1e-4,
+        2e-4,
+        5e-4,
+        1e-3,
+        2e-3,
+        5e-3,
+        1e-2,
+        2e-2,
+        5e-2,
+        0.1,
+    )  # recipe: {1e-4 ... 0.1} x batch/256
     momentum: float = 0.9  # recipe (SGD, no weight decay, cosine)
     head_init_std: float = 0.01  # recipe
     batch_size: int = 256  # the lr grid's reference batch (capped by the training set)

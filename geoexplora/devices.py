@@ -60,8 +60,9 @@ def resolve_accelerator(accelerator: str | None) -> Accelerator:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"{accelerator}: no CUDA GPU is available on this machine",
-                            option="accelerator")
+            raise UserError(
+                f"{accelerator}: no CUDA GPU is available on this machine", option="accelerator"
+            )
         return "cuda"
     if accelerator == "cpu":
         return "cpu"

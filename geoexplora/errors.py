@@ -82,6 +82,7 @@ class RuntimeFailure(Exception):
     def __str__(self) -> str:
         return self.render()
 
+
 def raise_storage_failure(exc: OSError) -> None:
     """Re-raise a full or read-only disk met while writing as a RuntimeFailure (a failure of the
     run, not a bug: no traceback); any other OSError is re-raised as it is. The writers have
@@ -89,11 +90,16 @@ def raise_storage_failure(exc: OSError) -> None:
     keeps (predict's strips, adapt's and finetune's last checkpoint) stays for ``--resume``."""
     import errno
 
-    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system"}
+    reasons = {
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+    }
     reason = reasons.get(exc.errno)
     if reason is None:
         raise exc
     where = f"{exc.filename}: " if exc.filename else ""
-    raise RuntimeFailure(f"{where}{reason}; free some space and run again (--resume continues "
-                         "an interrupted predict, embed, adapt or finetune)") from exc
+    raise RuntimeFailure(
+        f"{where}{reason}; free some space and run again (--resume continues "
+        "an interrupted predict, embed, adapt or finetune)"
+    ) from exc

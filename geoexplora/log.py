@@ -127,17 +127,30 @@ class CallbackProgress:
     def stop(self) -> None:
         return None
 
-    def add_task(self, description: str, total: float | None = None, info: str = "",
-                 **_fields) -> int:
+    def add_task(
+        self, description: str, total: float | None = None, info: str = "", **_fields
+    ) -> int:
         task_id = len(self._tasks)
-        self._tasks[task_id] = {"description": description, "completed": 0, "total": total,
-                                "info": info}
+        self._tasks[task_id] = {
+            "description": description,
+            "completed": 0,
+            "total": total,
+            "info": info,
+        }
         self._emit(task_id)
         return task_id
 
-    def update(self, task_id: int, *, completed: float | None = None,
-               advance: float | None = None, total: float | None = None,
-               description: str | None = None, info: str | None = None, **_fields) -> None:
+    def update(
+        self,
+        task_id: int,
+        *,
+        completed: float | None = None,
+        advance: float | None = None,
+        total: float | None = None,
+        description: str | None = None,
+        info: str | None = None,
+        **_fields,
+    ) -> None:
         task = self._tasks[task_id]
         if completed is not None:
             task["completed"] = completed
@@ -175,11 +188,19 @@ def make_progress(transient: bool = False):
     # The bar, counts and times keep their width; a long description or info text (loss terms)
     # is cut with an ellipsis rather than squeezing the bar out of an 80-column terminal.
     return Progress(
-        TextColumn("[bold]{task.description}", table_column=Column(
-            no_wrap=True, overflow="ellipsis", max_width=28)),
-        BarColumn(bar_width=24), MofNCompleteColumn(), TaskProgressColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}", table_column=Column(
-            no_wrap=True, overflow="ellipsis", ratio=1)),
-        console=stderr, disable=not (target and progress_enabled()), transient=transient,
+        TextColumn(
+            "[bold]{task.description}",
+            table_column=Column(no_wrap=True, overflow="ellipsis", max_width=28),
+        ),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn(
+            "{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)
+        ),
+        console=stderr,
+        disable=not (target and progress_enabled()),
+        transient=transient,
     )

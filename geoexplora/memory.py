@@ -47,11 +47,14 @@ def check_fits(planned_bytes: int, what: str, hint: str, device=None) -> None:
     if available is None:
         return
     if planned_bytes > MEMORY.usable_fraction * available:
-        raise UserError(f"{what} needs about {gib(planned_bytes)} of memory; {where} has "
-                        f"{gib(available)} available; {hint}")
+        raise UserError(
+            f"{what} needs about {gib(planned_bytes)} of memory; {where} has "
+            f"{gib(available)} available; {hint}"
+        )
 
 
 # --- training and feature extraction: what a step of a ViT holds ------------------------------
+
 
 def vit_tokens(backbone, size: int) -> int:
     """Tokens of one ``size`` x ``size`` px sample through a GeoViT's blocks (prefix tokens and
@@ -60,8 +63,9 @@ def vit_tokens(backbone, size: int) -> int:
     return backbone.num_prefix_tokens + backbone.num_groups * backbone.num_frames * h * w
 
 
-def activation_bytes(backbone, batch_size: int, tokens: int, bytes_per_value: int,
-                     backward: bool) -> int:
+def activation_bytes(
+    backbone, batch_size: int, tokens: int, bytes_per_value: int, backward: bool
+) -> int:
     """Activations of ``batch_size`` samples of ``tokens`` tokens: Korthikanti et al. (2022)'s
     34 * D bytes per token per block in 16-bit (attention with a fused kernel), scaled to
     ``bytes_per_value``. Kept for every block when gradients flow back through them, else one
@@ -75,18 +79,30 @@ def batches_in_flight(num_workers: int, prefetch_factor: int) -> int:
     return num_workers * prefetch_factor + 1 if num_workers > 0 else 1
 
 
-def training_estimate(module, backbone, batch_size: int, sample_bytes: int, tokens: int,
-                      precision: str, loader_batches: int) -> dict:
+def training_estimate(
+    module,
+    backbone,
+    batch_size: int,
+    sample_bytes: int,
+    tokens: int,
+    precision: str,
+    loader_batches: int,
+) -> dict:
     """Bytes one training process holds: the weights, gradients and AdamW state of the trainable
     parameters, the activations of a step, and the input batches in flight."""
     params = {id(p): p for p in module.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     backward = any(p.requires_grad for p in backbone.vit.blocks.parameters())
-    parts = {"weights": weights, "gradients": trainable * 4, "optimizer_state": trainable * 8,
-             "activations": activation_bytes(backbone, batch_size, tokens,
-                                             2 if "16" in str(precision) else 4, backward),
-             "input_batches": loader_batches * batch_size * sample_bytes}
+    parts = {
+        "weights": weights,
+        "gradients": trainable * 4,
+        "optimizer_state": trainable * 8,
+        "activations": activation_bytes(
+            backbone, batch_size, tokens, 2 if "16" in str(precision) else 4, backward
+        ),
+        "input_batches": loader_batches * batch_size * sample_bytes,
+    }
     return {**{f"{k}_bytes": v for k, v in parts.items()}, "total_bytes": sum(parts.values())}
 
 
@@ -107,8 +123,9 @@ def sample_bytes(item: dict) -> int:
     return sum(int(v.nbytes) for v in item.values() if hasattr(v, "nbytes"))
 
 
-def check_training_memory(module, backbone, sample: dict, size: int, batch_size: int, fabric,
-                          num_workers: int | None) -> dict:
+def check_training_memory(
+    module, backbone, sample: dict, size: int, batch_size: int, fabric, num_workers: int | None
+) -> dict:
     """Refuse, before its first batch is drawn, a training run whose step cannot fit: ``module``
     is what trains (its trainable parameters set), ``sample`` one dataset item of ``size`` px.
     Returns the estimate."""
@@ -118,29 +135,46 @@ def check_training_memory(module, backbone, sample: dict, size: int, batch_size:
 
     precision = str(getattr(fabric.strategy.precision, "precision", ""))
     estimate = training_estimate(
-        module, backbone, batch_size, sample_bytes(sample), vit_tokens(backbone, size), precision,
-        batches_in_flight(resolve_num_workers(num_workers), ENGINE.prefetch_factor))
-    check_training_fits(estimate, fabric.device,
-                        f"training {size} px chips with {opt('batch_size')} {batch_size}",
-                        f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the "
-                        "global batch)")
+        module,
+        backbone,
+        batch_size,
+        sample_bytes(sample),
+        vit_tokens(backbone, size),
+        precision,
+        batches_in_flight(resolve_num_workers(num_workers), ENGINE.prefetch_factor),
+    )
+    check_training_fits(
+        estimate,
+        fabric.device,
+        f"training {size} px chips with {opt('batch_size')} {batch_size}",
+        f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the global batch)",
+    )
     return estimate
 
 
-def check_extraction_memory(backbone, sample: dict, size: int, batch_size: int, device,
-                            num_workers: int) -> dict:
+def check_extraction_memory(
+    backbone, sample: dict, size: int, batch_size: int, device, num_workers: int
+) -> dict:
     """Refuse feature extraction (a frozen backbone, no gradients) whose batch cannot fit: the
     weights, one block's activations and the input batches in flight. Returns the estimate."""
     from geoexplora.errors import opt
 
     weights = sum(p.numel() * p.element_size() for p in backbone.parameters())
-    activations = activation_bytes(backbone, batch_size, vit_tokens(backbone, size), 4,
-                                   backward=False)
-    inputs = (batches_in_flight(num_workers, 2)  # a plain DataLoader: prefetch_factor 2
-              * batch_size * sample_bytes(sample))
+    activations = activation_bytes(
+        backbone, batch_size, vit_tokens(backbone, size), 4, backward=False
+    )
+    inputs = (
+        batches_in_flight(num_workers, 2)  # a plain DataLoader: prefetch_factor 2
+        * batch_size
+        * sample_bytes(sample)
+    )
     what = f"extracting features of {size} px chips with {opt('extract_batch_size')} {batch_size}"
     hint = f"use a smaller {opt('extract_batch_size')}"
-    estimate = {"weights_bytes": weights, "activations_bytes": activations,
-                "input_batches_bytes": inputs, "total_bytes": weights + activations + inputs}
+    estimate = {
+        "weights_bytes": weights,
+        "activations_bytes": activations,
+        "input_batches_bytes": inputs,
+        "total_bytes": weights + activations + inputs,
+    }
     check_training_fits(estimate, device, what, hint)
     return estimate

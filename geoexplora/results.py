@@ -36,13 +36,18 @@ class AdaptResult(Result):
     @classmethod
     def from_report(cls, doc: dict) -> AdaptResult:
         dry = bool(doc.get("dry_run"))
-        return cls(report=doc, output=None if dry else Path(doc["output"]),
-                   objective=doc["objective"], steps=doc["steps"],
-                   global_batch=doc["global_batch"],
-                   trainable_parameters=doc["parameters"]["trainable"],
-                   total_parameters=doc["parameters"]["total"],
-                   first_loss=doc.get("first_loss"), last_loss=doc.get("last_loss"),
-                   dry_run=dry)
+        return cls(
+            report=doc,
+            output=None if dry else Path(doc["output"]),
+            objective=doc["objective"],
+            steps=doc["steps"],
+            global_batch=doc["global_batch"],
+            trainable_parameters=doc["parameters"]["trainable"],
+            total_parameters=doc["parameters"]["total"],
+            first_loss=doc.get("first_loss"),
+            last_loss=doc.get("last_loss"),
+            dry_run=dry,
+        )
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,16 @@ class ProbeResult(Result):
 
     @classmethod
     def from_report(cls, doc: dict) -> ProbeResult:
-        return cls(report=doc, chips=Path(doc["chips"]), task=doc["task"],
-                   classes=tuple(doc["classes"]),
-                   models=tuple(ProbeScores(m["name"], Path(m["model"]), m["linear"], m["knn"])
-                                for m in doc["models"]))
+        return cls(
+            report=doc,
+            chips=Path(doc["chips"]),
+            task=doc["task"],
+            classes=tuple(doc["classes"]),
+            models=tuple(
+                ProbeScores(m["name"], Path(m["model"]), m["linear"], m["knn"])
+                for m in doc["models"]
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -87,9 +98,15 @@ class RasterResult(Result):
     @classmethod
     def from_report(cls, doc: dict, dry_run: bool) -> RasterResult:
         inputs = doc.get("input", doc.get("inputs", []))
-        return cls(report=doc, inputs=tuple(str(p) for p in inputs),
-                   output=Path(doc["output"]), dry_run=dry_run, status=doc.get("status"),
-                   valid_pixels=doc.get("valid_pixels"), outputs=dict(doc.get("outputs", {})))
+        return cls(
+            report=doc,
+            inputs=tuple(str(p) for p in inputs),
+            output=Path(doc["output"]),
+            dry_run=dry_run,
+            status=doc.get("status"),
+            valid_pixels=doc.get("valid_pixels"),
+            outputs=dict(doc.get("outputs", {})),
+        )
 
 
 @dataclass(frozen=True)
@@ -108,9 +125,16 @@ class FinetuneResult(Result):
     @classmethod
     def from_report(cls, doc: dict) -> FinetuneResult:
         metrics = doc["metrics"]
-        return cls(report=doc, output=Path(doc["output"]), task=doc["task"], mode=doc["mode"],
-                   steps=doc["training"]["steps"], monitor=metrics["monitor"],
-                   val=metrics["val"], test=metrics["test"])
+        return cls(
+            report=doc,
+            output=Path(doc["output"]),
+            task=doc["task"],
+            mode=doc["mode"],
+            steps=doc["training"]["steps"],
+            monitor=metrics["monitor"],
+            val=metrics["val"],
+            test=metrics["test"],
+        )
 
 
 @dataclass(frozen=True)
@@ -126,6 +150,11 @@ class ExportResult(Result):
     @classmethod
     def from_report(cls, doc: dict) -> ExportResult:
         check = doc.get("check") or {}
-        return cls(report=doc, output=Path(doc["output"]), format=doc["format"],
-                   kind=doc["kind"], sidecar=Path(doc["sidecar"]) if doc.get("sidecar") else None,
-                   max_abs_diff=check.get("max_abs_diff"))
+        return cls(
+            report=doc,
+            output=Path(doc["output"]),
+            format=doc["format"],
+            kind=doc["kind"],
+            sidecar=Path(doc["sidecar"]) if doc.get("sidecar") else None,
+            max_abs_diff=check.get("max_abs_diff"),
+        )

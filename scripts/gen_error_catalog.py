@@ -57,11 +57,17 @@ def _field_templates(part: ast.expr) -> list[str]:
     if isinstance(part, ast.Constant):
         return [str(part.value)]
     value = part.value  # a FormattedValue
-    if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "opt"
-            and value.args and isinstance(value.args[0], ast.Constant)):
+    if (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id == "opt"
+        and value.args
+        and isinstance(value.args[0], ast.Constant)
+    ):
         return [cli_flag(value.args[0].value)]  # errors.opt("name"): the CLI prints the flag
     if isinstance(value, (ast.JoinedStr, ast.IfExp)) or (
-            isinstance(value, ast.Constant) and isinstance(value.value, str)):
+        isinstance(value, ast.Constant) and isinstance(value.value, str)
+    ):
         return message_templates(value)
     return ["{" + ast.unparse(value) + "}"]
 
@@ -77,20 +83,31 @@ def error_classes(trees: list[ast.Module]) -> dict[str, int]:
     """``{class name: exit code}`` of UserError, RuntimeFailure and their subclasses in the
     package (a subclass may set its own ``exit_code``)."""
     codes = dict(BASE_ERRORS)
-    defs = {node.name: node for tree in trees for node in ast.walk(tree)
-            if isinstance(node, ast.ClassDef) and node.name not in BASE_ERRORS}
+    defs = {
+        node.name: node
+        for tree in trees
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and node.name not in BASE_ERRORS
+    }
     changed = True
     while changed:
         changed = False
         for name, node in defs.items():
-            parent = next((b.id for b in node.bases if isinstance(b, ast.Name) and b.id in codes),
-                          None)
+            parent = next(
+                (b.id for b in node.bases if isinstance(b, ast.Name) and b.id in codes), None
+            )
             if name in codes or parent is None:
                 continue
-            codes[name] = next((stmt.value.value for stmt in node.body
-                                if isinstance(stmt, ast.Assign)
-                                and any(getattr(t, "id", None) == "exit_code" for t in stmt.targets)
-                                and isinstance(stmt.value, ast.Constant)), codes[parent])
+            codes[name] = next(
+                (
+                    stmt.value.value
+                    for stmt in node.body
+                    if isinstance(stmt, ast.Assign)
+                    and any(getattr(t, "id", None) == "exit_code" for t in stmt.targets)
+                    and isinstance(stmt.value, ast.Constant)
+                ),
+                codes[parent],
+            )
             changed = True
     return codes
 
@@ -116,13 +133,19 @@ class _Collector(ast.NodeVisitor):
             kind = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
             if kind in self.codes:
                 where = ".".join(self.scope) or "<module>"
-                option = next((kw.value.value for kw in call.keywords if kw.arg == "option"
-                               and isinstance(kw.value, ast.Constant)), None)
+                option = next(
+                    (
+                        kw.value.value
+                        for kw in call.keywords
+                        if kw.arg == "option" and isinstance(kw.value, ast.Constant)
+                    ),
+                    None,
+                )
                 prefix = f"{cli_flag(option)}: " if option else ""
-                self.sites += [ErrorSite(self.module, where, kind, self.codes[kind],
-                                         prefix + template)
-                               for template in
-                               message_templates(call.args[0] if call.args else None)]
+                self.sites += [
+                    ErrorSite(self.module, where, kind, self.codes[kind], prefix + template)
+                    for template in message_templates(call.args[0] if call.args else None)
+                ]
         self.generic_visit(node)
 
 
@@ -134,8 +157,9 @@ def collect(package: Path = PACKAGE) -> list[ErrorSite]:
     codes = error_classes(trees)
     sites: list[ErrorSite] = []
     for path, tree in zip(paths, trees):
-        collector = _Collector(".".join(path.relative_to(package.parent).with_suffix("").parts),
-                               codes)
+        collector = _Collector(
+            ".".join(path.relative_to(package.parent).with_suffix("").parts), codes
+        )
         collector.visit(tree)
         sites += collector.sites
     return list(dict.fromkeys(sites))
@@ -165,21 +189,35 @@ def _code(text: str) -> str:
 def render(package: Path = PACKAGE) -> str:
     sites = collect(package)
     kinds = {site.kind: site.exit_code for site in sites}
-    meaning = {"UserError": "bad input or usage; nothing was written",
-               "RuntimeFailure": "the run itself failed"}
-    lines = ["# Error catalogue", "",
-             "Generated from the source by `scripts/gen_error_catalog.py`; do not edit by hand.",
-             "Every message below is printed on stderr as `geoexplora: error: MESSAGE` (its first",
-             "line only; `-v` adds the traceback). `{...}` marks a part filled in at run time: a",
-             "path, band, option value or number.", ""]
+    meaning = {
+        "UserError": "bad input or usage; nothing was written",
+        "RuntimeFailure": "the run itself failed",
+    }
+    lines = [
+        "# Error catalogue",
+        "",
+        "Generated from the source by `scripts/gen_error_catalog.py`; do not edit by hand.",
+        "Every message below is printed on stderr as `geoexplora: error: MESSAGE` (its first",
+        "line only; `-v` adds the traceback). `{...}` marks a part filled in at run time: a",
+        "path, band, option value or number.",
+        "",
+    ]
     order = [*BASE_ERRORS, *sorted(set(kinds) - set(BASE_ERRORS))]
     for kind in (k for k in order if k in kinds):
         count = sum(site.kind == kind for site in sites)
         what = meaning.get(kind) or _class_summary(kind, package).rstrip(".")
-        lines.append(f"- **{kind}** (exit code {kinds[kind]}): {what}. "
-                     f"{count} message{'s' if count != 1 else ''}.")
-    lines += ["", ("Common ones, with their fixes, are explained in "
-                   "[troubleshooting.md](troubleshooting.md)."), ""]
+        lines.append(
+            f"- **{kind}** (exit code {kinds[kind]}): {what}. "
+            f"{count} message{'s' if count != 1 else ''}."
+        )
+    lines += [
+        "",
+        (
+            "Common ones, with their fixes, are explained in "
+            "[troubleshooting.md](troubleshooting.md)."
+        ),
+        "",
+    ]
     by_module: dict[str, list[ErrorSite]] = {}
     for site in sites:
         by_module.setdefault(site.module, []).append(site)
@@ -190,8 +228,9 @@ def render(package: Path = PACKAGE) -> str:
         for site in by_module[module]:
             first, *rest = site.template.splitlines() or [""]
             more = " (continues on further lines, not printed)" if rest else ""
-            lines.append(f"- {_code(first)}: {site.kind}, exit {site.exit_code}; "
-                         f"in `{site.function}`{more}")
+            lines.append(
+                f"- {_code(first)}: {site.kind}, exit {site.exit_code}; in `{site.function}`{more}"
+            )
         lines.append("")
     return "\n".join(lines)
 

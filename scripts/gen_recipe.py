@@ -64,10 +64,13 @@ def _sections(tree: ast.Module, lines: list[str]) -> list[tuple[str, str, list[t
         if not isinstance(node, ast.ClassDef) or not node.name.endswith("Defaults"):
             continue
         doc = " ".join((ast.get_docstring(node) or "").split("\n\n")[0].split())
-        rows = [(stmt.target.id, ast.unparse(stmt.value), _comment(lines, stmt))
-                for stmt in node.body
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and stmt.value is not None]
+        rows = [
+            (stmt.target.id, ast.unparse(stmt.value), _comment(lines, stmt))
+            for stmt in node.body
+            if isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and stmt.value is not None
+        ]
         out.append((node.name, doc, rows))
     return out
 
@@ -76,9 +79,13 @@ def _instance_names(tree: ast.Module) -> dict[str, str]:
     """``{"DinoV2Defaults": "DINOV2"}``: the module constant each section is read through."""
     names = {}
     for node in tree.body:
-        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-                and isinstance(node.value.func, ast.Name) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+        ):
             names[node.value.func.id] = node.targets[0].id
     return names
 
@@ -86,23 +93,34 @@ def _instance_names(tree: ast.Module) -> dict[str, str]:
 def _presets(tree: ast.Module) -> list[str]:
     """The ``ADAPT_PRESETS`` table (``--preset``): one row per preset, one column per field."""
     for node in tree.body:
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and node.target.id == "ADAPT_PRESETS" and isinstance(node.value, ast.Dict)):
-            rows = [(ast.literal_eval(k), {kw.arg: ast.literal_eval(kw.value)
-                                           for kw in v.keywords})
-                    for k, v in zip(node.value.keys, node.value.values, strict=True)]
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and node.target.id == "ADAPT_PRESETS"
+            and isinstance(node.value, ast.Dict)
+        ):
+            rows = [
+                (ast.literal_eval(k), {kw.arg: ast.literal_eval(kw.value) for kw in v.keywords})
+                for k, v in zip(node.value.keys, node.value.values, strict=True)
+            ]
             fields = [f for f in rows[0][1] if f != "why"]
-            out = ["## `ADAPT_PRESETS` (`adapt --preset NAME`)", "",
-                   ("What each preset sets; options given explicitly override it. The lr is the "
-                   "recipe's base lr scaled to the global batch (DINOv2: 1e-3 x sqrt(global / "
-                   "1024)); accumulation = global batch / (devices x nodes x batch size)."), "",
-                   "| preset | " + " | ".join(f"`{f}`" for f in fields) + " | source / why |",
-                   "|---|" + "---|" * len(fields) + "---|"]
+            out = [
+                "## `ADAPT_PRESETS` (`adapt --preset NAME`)",
+                "",
+                (
+                    "What each preset sets; options given explicitly override it. The lr is the "
+                    "recipe's base lr scaled to the global batch (DINOv2: 1e-3 x sqrt(global / "
+                    "1024)); accumulation = global batch / (devices x nodes x batch size)."
+                ),
+                "",
+                "| preset | " + " | ".join(f"`{f}`" for f in fields) + " | source / why |",
+                "|---|" + "---|" * len(fields) + "---|",
+            ]
             for name, values in rows:
                 cells = " | ".join(f"`{values[f]!r}`" for f in fields)
                 why = values["why"].replace("|", "\\|")
                 out.append(f"| `{name}` | {cells} | {why} |")
-            return out + [""]
+            return [*out, ""]
     return []
 
 

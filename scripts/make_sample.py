@@ -34,15 +34,25 @@ s2 = out / "s2-29RKH"
 s2.mkdir(parents=True, exist_ok=True)
 window = Window(150, 150, 256, 256)
 for src_path, name in (
-    (shared / "s2-l2a-29RKH-2020-02-19" / "S2A_29RKH_20200219_L2A_12band_200m.tif",
-     "S2A_29RKH_20200219_L2A_12band_200m_crop.tif"),
-    (shared / "s2-l2a-29RKH-2020-02-19" / "original" / "SCL.tif", "S2A_29RKH_20200219_SCL_crop.tif"),
+    (
+        shared / "s2-l2a-29RKH-2020-02-19" / "S2A_29RKH_20200219_L2A_12band_200m.tif",
+        "S2A_29RKH_20200219_L2A_12band_200m_crop.tif",
+    ),
+    (
+        shared / "s2-l2a-29RKH-2020-02-19" / "original" / "SCL.tif",
+        "S2A_29RKH_20200219_SCL_crop.tif",
+    ),
 ):
     with rasterio.open(src_path) as src:
-        profile = src.profile | {"width": 256, "height": 256,
-                                 "transform": src.window_transform(window),
-                                 "compress": "deflate", "tiled": True, "blockxsize": 128,
-                                 "blockysize": 128}
+        profile = src.profile | {
+            "width": 256,
+            "height": 256,
+            "transform": src.window_transform(window),
+            "compress": "deflate",
+            "tiled": True,
+            "blockxsize": 128,
+            "blockysize": 128,
+        }
         profile.pop("photometric", None)
         with rasterio.open(s2 / name, "w", **profile) as dst:
             dst.write(src.read(window=window))

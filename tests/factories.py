@@ -47,23 +47,48 @@ KINDS = ("classification", "segmentation", "temporal_segmentation", "multilabel"
 def kind_config(out: Path, kind: str, size: int = 32) -> TileConfig:
     single_date = sample.slovenia_scenes()[:1]
     # Half-overlapping chips; seed 1 gives train and val chips with two majority classes.
-    common = {"output": out, "size": size, "stride": size // 2, "split_block": size,
-              "val_fraction": 0.4, "seed": 1, "progress": False, "overwrite": True}
+    common = {
+        "output": out,
+        "size": size,
+        "stride": size // 2,
+        "split_block": size,
+        "val_fraction": 0.4,
+        "seed": 1,
+        "progress": False,
+        "overwrite": True,
+    }
     if kind == "classification":
-        return TileConfig(inputs=single_date, label_raster=sample.slovenia_labels(),
-                          task="classification", **common)
+        return TileConfig(
+            inputs=single_date,
+            label_raster=sample.slovenia_labels(),
+            task="classification",
+            **common,
+        )
     if kind == "segmentation":
-        return TileConfig(inputs=single_date, label_raster=sample.slovenia_labels(),
-                          task="segmentation", **common)
+        return TileConfig(
+            inputs=single_date, label_raster=sample.slovenia_labels(), task="segmentation", **common
+        )
     if kind == "temporal_segmentation":
-        return TileConfig(inputs=sample.slovenia_scenes(), label_raster=sample.slovenia_labels(),
-                          task="segmentation", **common)
+        return TileConfig(
+            inputs=sample.slovenia_scenes(),
+            label_raster=sample.slovenia_labels(),
+            task="segmentation",
+            **common,
+        )
     if kind == "multilabel":
-        return TileConfig(inputs=single_date, label_raster=sample.slovenia_labels(),
-                          task="multilabel", min_label_fraction=0.02, **common)
+        return TileConfig(
+            inputs=single_date,
+            label_raster=sample.slovenia_labels(),
+            task="multilabel",
+            min_label_fraction=0.02,
+            **common,
+        )
     if kind == "unlabeled":
-        return TileConfig(inputs=[sample.s2_tile_crop()], task="none",
-                          **{**common, "stride": size, "split_block": 2 * size, "seed": 0})
+        return TileConfig(
+            inputs=[sample.s2_tile_crop()],
+            task="none",
+            **{**common, "stride": size, "split_block": 2 * size, "seed": 0},
+        )
     raise ValueError(f"unknown kind '{kind}'; one of {', '.join(KINDS)}")
 
 
@@ -108,8 +133,9 @@ def timm_model(arch_name: str, img_size: int = 56, seed: int = 0, **extra):
     import timm
 
     arch = ARCHITECTURES[arch_name]
-    kwargs = arch.timm_kwargs(dict(num_classes=0, img_size=img_size, dynamic_img_size=True,
-                                   **extra))
+    kwargs = arch.timm_kwargs(
+        dict(num_classes=0, img_size=img_size, dynamic_img_size=True, **extra)
+    )
     return randomise(timm.create_model(arch.timm_name, pretrained=False, **kwargs), seed).eval()
 
 
@@ -133,11 +159,13 @@ def mae_decoder_state(dim_dec: int = 32, patch: int = 16, chans: int = 3, n_toke
     r = lambda *s: 0.05 * torch.randn(*s, generator=gen)
     return {
         "mask_token": r(1, 1, dim_dec),
-        "decoder_embed.weight": r(dim_dec, 64), "decoder_embed.bias": r(dim_dec),
+        "decoder_embed.weight": r(dim_dec, 64),
+        "decoder_embed.bias": r(dim_dec),
         "decoder_pos_embed": r(1, n_tokens, dim_dec),
-        "decoder_blocks.0.norm1.weight": r(dim_dec), "decoder_blocks.0.attn.qkv.weight":
-            r(3 * dim_dec, dim_dec),
-        "decoder_norm.weight": r(dim_dec), "decoder_norm.bias": r(dim_dec),
+        "decoder_blocks.0.norm1.weight": r(dim_dec),
+        "decoder_blocks.0.attn.qkv.weight": r(3 * dim_dec, dim_dec),
+        "decoder_norm.weight": r(dim_dec),
+        "decoder_norm.bias": r(dim_dec),
         "decoder_pred.weight": r(patch * patch * chans, dim_dec),
         "decoder_pred.bias": r(patch * patch * chans),
     }
@@ -154,8 +182,6 @@ def zscore(x: torch.Tensor, bands) -> torch.Tensor:
 NC_BANDS = {str(i): f"B{i}" for i in range(1, 6)}  # landsat_multiband.tif holds ETM+ B1..B5
 
 
-
-
 def tile_once(base: Path, name: str, **config) -> Path:
     """``tile(TileConfig(**config))`` into ``base/name``, unless an earlier test built it."""
     from geoexplora.pipelines.tile import TileConfig, tile
@@ -166,27 +192,49 @@ def tile_once(base: Path, name: str, **config) -> Path:
     return out
 
 
-def nc_landsat7_chips(base: Path, shared: Path, stride: int = 28, val_fraction: float = 0.2,
-                      test_fraction: float = 0.2) -> Path:
+def nc_landsat7_chips(
+    base: Path,
+    shared: Path,
+    stride: int = 28,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+) -> Path:
     """Landsat-7 ETM+ North Carolina (B1..B5), 28 px chips labelled by the 7-class pixel raster
     (the chip's majority class), spatially blocked splits."""
     d = shared / "landsat7-nc-2000"
-    return tile_once(base, f"nc_landsat7_{stride}_{val_fraction}_{test_fraction}",
-                     inputs=[d / "landsat_multiband.tif"], sensor="landsat7", band_map=NC_BANDS,
-                     label_raster=d / "landsat96_labelled_pixels.tif", task="classification",
-                     size=28, stride=stride, val_fraction=val_fraction,
-                     test_fraction=test_fraction)
+    return tile_once(
+        base,
+        f"nc_landsat7_{stride}_{val_fraction}_{test_fraction}",
+        inputs=[d / "landsat_multiband.tif"],
+        sensor="landsat7",
+        band_map=NC_BANDS,
+        label_raster=d / "landsat96_labelled_pixels.tif",
+        task="classification",
+        size=28,
+        stride=stride,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
 
 
 def landsat8_polygon_chips(base: Path, shared: Path) -> Path:
     """Landsat-8 OLI (B2, B3, B4), 28 px chips labelled by the land-cover polygons."""
     d = shared / "landsat8-224078-2020-05-18"
     stem = "LC08_L1TP_224078_20200518_20200518_01_RT"
-    return tile_once(base, "landsat8_polygons", inputs=[d / f"{stem}.TIF"], sensor="landsat8",
-                     band_map={"1": "B2", "2": "B3", "3": "B4"},
-                     labels=d / f"{stem}_polygons.gpkg", label_field="name",
-                     task="classification", size=28, stride=28, val_fraction=0.2,
-                     test_fraction=0.2)
+    return tile_once(
+        base,
+        "landsat8_polygons",
+        inputs=[d / f"{stem}.TIF"],
+        sensor="landsat8",
+        band_map={"1": "B2", "2": "B3", "3": "B4"},
+        labels=d / f"{stem}_polygons.gpkg",
+        label_field="name",
+        task="classification",
+        size=28,
+        stride=28,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
 
 
 def bigearthnet_chips(base: Path, shared: Path, size: int = 32) -> Path:
@@ -210,8 +258,10 @@ def bigearthnet_chips(base: Path, shared: Path, size: int = 32) -> Path:
 
     root = shared / "bigearthnet-s2-examples"
     patches = sorted(p for p in root.iterdir() if p.is_dir())
-    labels = {p.name: json.loads(next(p.glob("*_labels_metadata.json")).read_text())["labels"]
-              for p in patches}
+    labels = {
+        p.name: json.loads(next(p.glob("*_labels_metadata.json")).read_text())["labels"]
+        for p in patches
+    }
     names = sorted({name for v in labels.values() for name in v})
     (out / C.CHIPS_DIR).mkdir(parents=True)
     records, pixels = [], []
@@ -223,40 +273,65 @@ def bigearthnet_chips(base: Path, shared: Path, size: int = 32) -> Path:
         window = Window(off, off, size, size)
         data = scene.read(window)
         path = f"{C.CHIPS_DIR}/{patch.name}.tif"
-        C.write_chip(out / path, data, window_transform(window, scene.transform), scene.crs,
-                     scene.bands, scene.dates)
+        C.write_chip(
+            out / path,
+            data,
+            window_transform(window, scene.transform),
+            scene.crs,
+            scene.bands,
+            scene.dates,
+        )
         pixels.append(data.reshape(-1, size * size))
-        records.append({
-            "chip_id": patch.name, "path": path, "mask_path": None,
-            "geometry": box(*bounds(window, scene.transform)), "crs": scene.crs.to_string(),
-            "source": patch.name, "col_off": off, "row_off": off, "width": size,
-            "height": size, "dates": ";".join(d or "" for d in scene.dates), "label": -1,
-            "labels": ";".join(str(names.index(n)) for n in labels[patch.name]),
-            "nodata_fraction": 0.0, "split": split})
+        records.append(
+            {
+                "chip_id": patch.name,
+                "path": path,
+                "mask_path": None,
+                "geometry": box(*bounds(window, scene.transform)),
+                "crs": scene.crs.to_string(),
+                "source": patch.name,
+                "col_off": off,
+                "row_off": off,
+                "width": size,
+                "height": size,
+                "dates": ";".join(d or "" for d in scene.dates),
+                "label": -1,
+                "labels": ";".join(str(names.index(n)) for n in labels[patch.name]),
+                "nodata_fraction": 0.0,
+                "split": split,
+            }
+        )
     # Each patch has its own UTM zone: footprints are stored in WGS84.
-    frames = [gpd.GeoDataFrame([r], geometry="geometry", crs=r["crs"]).to_crs(4326)
-              for r in records]
-    index = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
-                             crs=4326)
+    frames = [
+        gpd.GeoDataFrame([r], geometry="geometry", crs=r["crs"]).to_crs(4326) for r in records
+    ]
+    index = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=4326)
     index.to_parquet(out / C.INDEX_NAME, index=False)
     values = np.concatenate(pixels, axis=1)
     meta = {
-        "format_version": C.FORMAT_VERSION, "task": "multilabel",
-        "bands": [{**b.to_dict(), "key": b.key} for b in scene.bands], "num_frames": 1,
-        "chip_size": size, "units": C.UNITS,
-        "stats": {"mean": values.mean(1).tolist(), "std": values.std(1).tolist(),
-                  "p2": np.percentile(values, 2, axis=1).tolist(),
-                  "p98": np.percentile(values, 98, axis=1).tolist()},
+        "format_version": C.FORMAT_VERSION,
+        "task": "multilabel",
+        "bands": [{**b.to_dict(), "key": b.key} for b in scene.bands],
+        "num_frames": 1,
+        "chip_size": size,
+        "units": C.UNITS,
+        "stats": {
+            "mean": values.mean(1).tolist(),
+            "std": values.std(1).tolist(),
+            "p2": np.percentile(values, 2, axis=1).tolist(),
+            "p98": np.percentile(values, 98, axis=1).tolist(),
+        },
         "classes": [{"id": i, "name": n, "color": C.class_color(i)} for i, n in enumerate(names)],
-        "counts": {}, "provenance": {"tool": "tests/factories.py", "sources": [
-            str(p) for p in patches]},
+        "counts": {},
+        "provenance": {"tool": "tests/factories.py", "sources": [str(p) for p in patches]},
     }
     (out / C.META_NAME).write_text(json.dumps(meta, indent=2))
     return out
 
 
-def tiny_model_file(path: Path, chips: Path, arch: str = "geo_vit_tiny_patch14", seed: int = 0,
-                    **arch_overrides) -> Path:
+def tiny_model_file(
+    path: Path, chips: Path, arch: str = "geo_vit_tiny_patch14", seed: int = 0, **arch_overrides
+) -> Path:
     """A random-init tiny GeoViT (dim 64, depth 4) for the chips' bands, dates and size."""
     import torch
 
@@ -266,24 +341,36 @@ def tiny_model_file(path: Path, chips: Path, arch: str = "geo_vit_tiny_patch14",
 
     meta = load_dataset_meta(chips)
     torch.manual_seed(seed)
-    vit = build_backbone(arch, init_weights="random", bands=[b["key"] for b in meta["bands"]],
-                         stats={"mean": meta["stats"]["mean"], "std": meta["stats"]["std"]},
-                         img_size=meta["chip_size"], num_frames=meta["num_frames"],
-                         arch_overrides=arch_overrides or None)
+    vit = build_backbone(
+        arch,
+        init_weights="random",
+        bands=[b["key"] for b in meta["bands"]],
+        stats={"mean": meta["stats"]["mean"], "std": meta["stats"]["std"]},
+        img_size=meta["chip_size"],
+        num_frames=meta["num_frames"],
+        arch_overrides=arch_overrides or None,
+    )
     save_model(path, vit)
     return path
 
 
 # --- task model files (predict, embed) -----------------------------------------------------------
 
-CLASSES = [{"id": 0, "name": "water", "color": "#0000ff"},
-           {"id": 1, "name": "crop", "color": "#ffff00"},
-           {"id": 2, "name": "tree", "color": None}]
+CLASSES = [
+    {"id": 0, "name": "water", "color": "#0000ff"},
+    {"id": 1, "name": "crop", "color": "#ffff00"},
+    {"id": 2, "name": "tree", "color": None},
+]
 
 
-def make_model(path: Path, task: str = "segmentation", bands=("sentinel2:B2", "sentinel2:B3",
-               "sentinel2:B4", "sentinel2:B8"), frames: int = 1, img_size: int = 56,
-               seed: int = 0) -> Path:
+def make_model(
+    path: Path,
+    task: str = "segmentation",
+    bands=("sentinel2:B2", "sentinel2:B3", "sentinel2:B4", "sentinel2:B8"),
+    frames: int = 1,
+    img_size: int = 56,
+    seed: int = 0,
+) -> Path:
     """A tiny random model file (depth 2, dim 32, patch 14) with a task head, or a backbone
     (task None)."""
     import torch
@@ -294,14 +381,19 @@ def make_model(path: Path, task: str = "segmentation", bands=("sentinel2:B2", "s
     from geoexplora.models.heads import TaskModel, build_head
 
     torch.manual_seed(seed)
-    vit = build_backbone("geo_vit_tiny_patch14", init_weights="random",
-                         bands=[band_from_key(b) for b in bands], img_size=img_size,
-                         num_frames=frames,
-                         arch_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2})
+    vit = build_backbone(
+        "geo_vit_tiny_patch14",
+        init_weights="random",
+        bands=[band_from_key(b) for b in bands],
+        img_size=img_size,
+        num_frames=frames,
+        arch_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2},
+    )
     if task is None:
         return save_model(path, vit)
-    head = build_head(task, vit.embed_dim, len(CLASSES),
-                      **({"hidden": 16} if task == "segmentation" else {}))
+    head = build_head(
+        task, vit.embed_dim, len(CLASSES), **({"hidden": 16} if task == "segmentation" else {})
+    )
     with torch.no_grad():  # a random head predicts one class everywhere; make it vary
         for p in head.parameters():
             p.normal_(0, 0.5)

@@ -21,8 +21,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, body: bytes, ctype: str = "application/octet-stream",
-              extra: dict | None = None, head: bool = False) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        ctype: str = "application/octet-stream",
+        extra: dict | None = None,
+        head: bool = False,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -41,15 +47,32 @@ class _Handler(BaseHTTPRequestHandler):
         base = f"http://127.0.0.1:{self.server.server_port}/stac"
         path = urlparse(self.path).path
         if path.rstrip("/") == "/stac":
-            doc = {"type": "Catalog", "stac_version": "1.0.0", "id": "stub", "description": "stub",
-                   "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
-                                  "https://api.stacspec.org/v1.0.0/item-search"],
-                   "links": [{"rel": "self", "href": base + "/"},
-                             {"rel": "root", "href": base + "/"},
-                             {"rel": "search", "href": base + "/search",
-                              "type": "application/geo+json", "method": "GET"},
-                             {"rel": "search", "href": base + "/search",
-                              "type": "application/geo+json", "method": "POST"}]}
+            doc = {
+                "type": "Catalog",
+                "stac_version": "1.0.0",
+                "id": "stub",
+                "description": "stub",
+                "conformsTo": [
+                    "https://api.stacspec.org/v1.0.0/core",
+                    "https://api.stacspec.org/v1.0.0/item-search",
+                ],
+                "links": [
+                    {"rel": "self", "href": base + "/"},
+                    {"rel": "root", "href": base + "/"},
+                    {
+                        "rel": "search",
+                        "href": base + "/search",
+                        "type": "application/geo+json",
+                        "method": "GET",
+                    },
+                    {
+                        "rel": "search",
+                        "href": base + "/search",
+                        "type": "application/geo+json",
+                        "method": "POST",
+                    },
+                ],
+            }
         else:
             self.server.searches.append(query)
             items = self.server.stac_items
@@ -92,14 +115,24 @@ class _Handler(BaseHTTPRequestHandler):
             spans.append((start, end))
         if len(spans) == 1:
             start, end = spans[0]
-            return self._send(206, data[start:end + 1], ctype,
-                              {"Content-Range": f"bytes {start}-{end}/{len(data)}",
-                               "Accept-Ranges": "bytes"}, head)
+            return self._send(
+                206,
+                data[start : end + 1],
+                ctype,
+                {"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"},
+                head,
+            )
         boundary = "RANGEBOUNDARY"
         out = b""
         for start, end in spans:
-            out += (f"--{boundary}\r\nContent-Type: {ctype}\r\nContent-Range: bytes "
-                    f"{start}-{end}/{len(data)}\r\n\r\n").encode() + data[start:end + 1] + b"\r\n"
+            out += (
+                (
+                    f"--{boundary}\r\nContent-Type: {ctype}\r\nContent-Range: bytes "
+                    f"{start}-{end}/{len(data)}\r\n\r\n"
+                ).encode()
+                + data[start : end + 1]
+                + b"\r\n"
+            )
         out += f"--{boundary}--\r\n".encode()
         self._send(206, out, f"multipart/byteranges; boundary={boundary}", head=head)
 

@@ -37,10 +37,21 @@ def adapt_report(cfg: A.AdaptConfig) -> dict:
 
 
 def config(out: Path, weights: Path, **kw) -> A.AdaptConfig:
-    base = {"inputs": sample.slovenia_scenes()[:2], "output": out, "bands": BANDS, "init": TINY,
-            "init_weights": str(weights), "steps": STEPS, "batch_size": 4, "crop_size": 56,
-            "local_crop_size": 28, "local_crops": 2, "lr": 1e-3, "num_workers": 0,
-            "checkpoint_every": 100}
+    base = {
+        "inputs": sample.slovenia_scenes()[:2],
+        "output": out,
+        "bands": BANDS,
+        "init": TINY,
+        "init_weights": str(weights),
+        "steps": STEPS,
+        "batch_size": 4,
+        "crop_size": 56,
+        "local_crop_size": 28,
+        "local_crops": 2,
+        "lr": 1e-3,
+        "num_workers": 0,
+        "checkpoint_every": 100,
+    }
     return A.AdaptConfig(**{**base, **kw})
 
 
@@ -65,8 +76,13 @@ def initial_backbone(weights: Path, summary: dict):
     from geoexplora.models import build_backbone
 
     stats = A.load_data(config(Path("unused.pt"), weights), 56).stats
-    return build_backbone(init=TINY, init_weights=str(weights),
-                          bands=[f"sentinel2:{b}" for b in BANDS], stats=stats, img_size=56)
+    return build_backbone(
+        init=TINY,
+        init_weights=str(weights),
+        bands=[f"sentinel2:{b}" for b in BANDS],
+        stats=stats,
+        img_size=56,
+    )
 
 
 def test_losses_are_finite_and_the_total_decreases(run):
@@ -102,18 +118,28 @@ def test_only_the_explora_parameters_change(run, tiny_weights):
     after = load_model(out).state_dict()
     assert set(before) == set(after)
     dim = before["vit.cls_token"].shape[-1]
-    unchanged = ["vit.pos_embed", "mask_token", "vit.blocks.0.mlp.fc1.weight",
-                 "vit.blocks.2.attn.proj.weight", "vit.blocks.1.ls1.gamma"]
+    unchanged = [
+        "vit.pos_embed",
+        "mask_token",
+        "vit.blocks.0.mlp.fc1.weight",
+        "vit.blocks.2.attn.proj.weight",
+        "vit.blocks.1.ls1.gamma",
+    ]
     for name in unchanged:
         assert torch.equal(before[name], after[name]), name
     for block in range(3):  # LoRA blocks: K (middle third of qkv) untouched, Q and V updated
         name = f"vit.blocks.{block}.attn.qkv.weight"
-        assert torch.equal(before[name][dim:2 * dim], after[name][dim:2 * dim]), name
+        assert torch.equal(before[name][dim : 2 * dim], after[name][dim : 2 * dim]), name
         assert not torch.equal(before[name][:dim], after[name][:dim]), name
-        assert not torch.equal(before[name][2 * dim:], after[name][2 * dim:]), name
-    changed = ["vit.cls_token", "vit.blocks.3.mlp.fc1.weight", "vit.blocks.3.attn.proj.weight",
-               "vit.blocks.0.norm1.weight", "vit.norm.weight",
-               "vit.patch_embed.proj.banks.0.kernels"]  # new bands: the embedding trains
+        assert not torch.equal(before[name][2 * dim :], after[name][2 * dim :]), name
+    changed = [
+        "vit.cls_token",
+        "vit.blocks.3.mlp.fc1.weight",
+        "vit.blocks.3.attn.proj.weight",
+        "vit.blocks.0.norm1.weight",
+        "vit.norm.weight",
+        "vit.patch_embed.proj.banks.0.kernels",
+    ]  # new bands: the embedding trains
     for name in changed:
         assert not torch.equal(before[name], after[name]), name
     report = summary["parameters"]
@@ -129,10 +155,10 @@ def test_exported_model_is_the_merged_ema_teacher(run, tiny_weights):
     out, _ = run
     cfg = config(out, tiny_weights)
     data = A.load_data(cfg, cfg.crop_size)
-    backbone, _ = A.build_model(cfg, "dinov2", A.objective_settings("dinov2", {}), data.bands,
-                                data.stats, 1)
-    objective = A.make_objective(cfg, "dinov2", A.objective_settings("dinov2", {}), backbone,
-                                 STEPS)
+    backbone, _ = A.build_model(
+        cfg, "dinov2", A.objective_settings("dinov2", {}), data.bands, data.stats, 1
+    )
+    objective = A.make_objective(cfg, "dinov2", A.objective_settings("dinov2", {}), backbone, STEPS)
     assert isinstance(objective, DinoV2Objective)
     state = torch.load(RunFiles(out).checkpoint, weights_only=True)
     objective.load_state_dict(state["module"])
@@ -159,7 +185,8 @@ def sample_window():
 
 
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(
-        run, tiny_weights, tmp_path, monkeypatch):
+    run, tiny_weights, tmp_path, monkeypatch
+):
     from geoexplora.models.file import load_model
     from geoexplora.ssl.dinov2 import DinoV2Objective
 
@@ -189,7 +216,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(
 def test_resume_with_other_options_is_refused(run, tiny_weights, tmp_path):
     out = tmp_path / "adapted.pt"
     shutil.copy(RunFiles(run[0]).checkpoint, RunFiles(out).checkpoint)
-    with pytest.raises(UserError, match="different run.*lora_rank"):
+    with pytest.raises(UserError, match=r"different run.*lora_rank"):
         adapt_report(config(out, tiny_weights, resume=True, lora_rank=4))
     assert not out.exists()
 
@@ -229,8 +256,17 @@ def test_temporal_scenes_adapt_with_the_date_encoding(tmp_path, tiny_weights):
     from geoexplora.models.file import load_model
 
     out = tmp_path / "temporal.pt"
-    summary = adapt_report(config(out, tiny_weights, inputs=sample.slovenia_scenes()[:2], frames=2,
-                             steps=2, batch_size=2, local_crops=0))
+    summary = adapt_report(
+        config(
+            out,
+            tiny_weights,
+            inputs=sample.slovenia_scenes()[:2],
+            frames=2,
+            steps=2,
+            batch_size=2,
+            local_crops=0,
+        )
+    )
     assert summary["frames"] == 2
     assert summary["parameters"]["groups"]["embedding"] > 0
     model = load_model(out)
@@ -241,16 +277,35 @@ def test_temporal_scenes_adapt_with_the_date_encoding(tmp_path, tiny_weights):
 def test_dry_run_reports_the_plan_and_writes_nothing(tmp_path, tiny_weights):
     out = tmp_path / "planned.pt"
     code, stdout, stderr = run_cli(
-        "adapt", *map(str, sample.slovenia_scenes()[:1]), "-o", str(out), "--bands", "B2,B3,B4,B8",
-        "--init", TINY, "--init-weights", str(tiny_weights), "--crop-size", "56",
-        "--batch-size", "4", "--accumulate", "2", "--devices", "1", "--dry-run", "--json")
+        "adapt",
+        *map(str, sample.slovenia_scenes()[:1]),
+        "-o",
+        str(out),
+        "--bands",
+        "B2,B3,B4,B8",
+        "--init",
+        TINY,
+        "--init-weights",
+        str(tiny_weights),
+        "--crop-size",
+        "56",
+        "--batch-size",
+        "4",
+        "--accumulate",
+        "2",
+        "--devices",
+        "1",
+        "--dry-run",
+        "--json",
+    )
     assert code == 0, stderr
     plan = json.loads(stdout)
     assert plan["steps"] == 1000 and plan["global_batch"] == 8
     assert plan["parameters"]["unfrozen_block_indices"] == [3]
     memory = plan["memory_per_device"]
-    assert memory["total"] == sum(memory[k] for k in ("weights", "gradients", "optimizer_state",
-                                                       "activations"))
+    assert memory["total"] == sum(
+        memory[k] for k in ("weights", "gradients", "optimizer_state", "activations")
+    )
     assert memory["optimizer_state"] == 2 * memory["gradients"]
     assert list(tmp_path.iterdir()) == []
 
@@ -258,10 +313,34 @@ def test_dry_run_reports_the_plan_and_writes_nothing(tmp_path, tiny_weights):
 def test_cli_json_summary(tmp_path, tiny_weights):
     out = tmp_path / "cli.pt"
     code, stdout, stderr = run_cli(
-        "adapt", "--bands", "B2,B3,B4,B8", *map(str, sample.slovenia_scenes()[:1]), "-o", str(out),
-        "--init", TINY, "--init-weights", str(tiny_weights), "--steps", "2", "--batch-size", "2",
-        "--crop-size", "56", "--local-crop-size", "28", "--local-crops", "1", "--num-workers",
-        "0", "--lora-rank", "4", "--unfreeze-blocks", "0,-1", "--json")
+        "adapt",
+        "--bands",
+        "B2,B3,B4,B8",
+        *map(str, sample.slovenia_scenes()[:1]),
+        "-o",
+        str(out),
+        "--init",
+        TINY,
+        "--init-weights",
+        str(tiny_weights),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "56",
+        "--local-crop-size",
+        "28",
+        "--local-crops",
+        "1",
+        "--num-workers",
+        "0",
+        "--lora-rank",
+        "4",
+        "--unfreeze-blocks",
+        "0,-1",
+        "--json",
+    )
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["steps"] == 2 and doc["output"] == str(out)
@@ -272,11 +351,26 @@ def test_cli_json_summary(tmp_path, tiny_weights):
 
 # --- bad input ---------------------------------------------------------------------------------
 
+
 def _cli(tmp_path, weights, *args, inputs=None):
     inputs = inputs or [str(sample.slovenia_scenes()[0])]
-    return run_cli("adapt", *inputs, "--init", TINY, "--init-weights", str(weights),
-                   "--steps", "1", "--batch-size", "2", "--crop-size", "56", "--num-workers",
-                   "0", *args)
+    return run_cli(
+        "adapt",
+        *inputs,
+        "--init",
+        TINY,
+        "--init-weights",
+        str(weights),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "56",
+        "--num-workers",
+        "0",
+        *args,
+    )
 
 
 def test_scene_without_valid_pixels_is_refused(tmp_path, tiny_weights):
@@ -289,19 +383,32 @@ def test_scene_without_valid_pixels_is_refused(tmp_path, tiny_weights):
         profile = ds.profile
         descriptions = ds.descriptions
     with rasterio.open(empty, "w", **profile) as dst:
-        dst.write(np.full((profile["count"], profile["height"], profile["width"]), np.nan,
-                          dtype=profile["dtype"]))
+        dst.write(
+            np.full(
+                (profile["count"], profile["height"], profile["width"]),
+                np.nan,
+                dtype=profile["dtype"],
+            )
+        )
         dst.descriptions = descriptions
-    code, _, stderr = _cli(tmp_path, tiny_weights, "-o", str(tmp_path / "m.pt"), "--bands",
-                           "B2,B3,B4,B8", inputs=[str(empty)])
+    code, _, stderr = _cli(
+        tmp_path,
+        tiny_weights,
+        "-o",
+        str(tmp_path / "m.pt"),
+        "--bands",
+        "B2,B3,B4,B8",
+        inputs=[str(empty)],
+    )
     assert code == 2
     assert "no valid pixels" in stderr and empty.name in stderr
     assert not (tmp_path / "m.pt").exists()
 
 
 def test_missing_band_is_refused(tmp_path, tiny_weights):
-    code, _, stderr = _cli(tmp_path, tiny_weights, "-o", str(tmp_path / "m.pt"), "--bands",
-                           "B2,B3,B4,B13")
+    code, _, stderr = _cli(
+        tmp_path, tiny_weights, "-o", str(tmp_path / "m.pt"), "--bands", "B2,B3,B4,B13"
+    )
     assert code == 2 and stderr.startswith("geoexplora: error:") and "B13" in stderr
     assert not (tmp_path / "m.pt").exists()
 
@@ -316,16 +423,18 @@ def test_band_missing_from_a_chips_dataset_is_refused(tmp_path, tiny_weights, ch
 def test_unwritable_output_is_refused(tmp_path, tiny_weights):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    code, _, stderr = _cli(tmp_path, tiny_weights, "-o", str(locked / "m.pt"), "--bands",
-                           "B2,B3,B4,B8")
+    code, _, stderr = _cli(
+        tmp_path, tiny_weights, "-o", str(locked / "m.pt"), "--bands", "B2,B3,B4,B8"
+    )
     assert code == 2 and "not writable" in stderr
 
 
 def test_output_in_a_file_instead_of_a_folder_is_refused(tmp_path, tiny_weights):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, stderr = _cli(tmp_path, tiny_weights, "-o", str(blocker / "m.pt"), "--bands",
-                           "B2,B3,B4,B8")
+    code, _, stderr = _cli(
+        tmp_path, tiny_weights, "-o", str(blocker / "m.pt"), "--bands", "B2,B3,B4,B8"
+    )
     assert code == 2 and "is not a folder" in stderr
 
 
@@ -339,16 +448,37 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_weights):
 
 def test_batch_larger_than_the_chips_dataset_is_refused(tmp_path, tiny_weights, chips):
     root = chips
-    code, _, stderr = run_cli("adapt", str(root), "-o", str(tmp_path / "m.pt"), "--init", TINY,
-                              "--init-weights", str(tiny_weights), "--batch-size", "500",
-                              "--crop-size", "56", "--bands", "B2,B3,B4,B8")
+    code, _, stderr = run_cli(
+        "adapt",
+        str(root),
+        "-o",
+        str(tmp_path / "m.pt"),
+        "--init",
+        TINY,
+        "--init-weights",
+        str(tiny_weights),
+        "--batch-size",
+        "500",
+        "--crop-size",
+        "56",
+        "--bands",
+        "B2,B3,B4,B8",
+    )
     assert code == 2 and "larger than the chips dataset" in stderr
     assert not (tmp_path / "m.pt").exists()
 
 
 def test_scene_smaller_than_the_window_is_refused(tmp_path, tiny_weights):
-    code, _, stderr = _cli(tmp_path, tiny_weights, "-o", str(tmp_path / "m.pt"), "--bands",
-                           "B2,B3,B4,B8", "--crop-size", "224")
+    code, _, stderr = _cli(
+        tmp_path,
+        tiny_weights,
+        "-o",
+        str(tmp_path / "m.pt"),
+        "--bands",
+        "B2,B3,B4,B8",
+        "--crop-size",
+        "224",
+    )
     assert code == 2 and "smaller than the 224 px training window" in stderr
 
 
@@ -358,12 +488,27 @@ def test_arch_option_overrides_the_architecture(tmp_path):
     from geoexplora.sample import s2_tile_crop
 
     code, out, err = run_cli(
-        "adapt", str(s2_tile_crop()), "--bands", "B2,B3,B4", "--init", "geo_vit_tiny_patch14",
-        "--init-weights", "random", "--arch", "depth=2", "--arch", "init_values=1.0",
-        "--dry-run", "--json", "-o", str(tmp_path / "a.pt"))
+        "adapt",
+        str(s2_tile_crop()),
+        "--bands",
+        "B2,B3,B4",
+        "--init",
+        "geo_vit_tiny_patch14",
+        "--init-weights",
+        "random",
+        "--arch",
+        "depth=2",
+        "--arch",
+        "init_values=1.0",
+        "--dry-run",
+        "--json",
+        "-o",
+        str(tmp_path / "a.pt"),
+    )
     assert code == 0, err
     assert json.loads(out)["parameters"]["unfrozen_block_indices"] == [1]  # the last of 2
     assert not (tmp_path / "a.pt").exists()
-    code, _, err = run_cli("adapt", str(s2_tile_crop()), "--arch", "depth", "-o",
-                           str(tmp_path / "b.pt"))
+    code, _, err = run_cli(
+        "adapt", str(s2_tile_crop()), "--arch", "depth", "-o", str(tmp_path / "b.pt")
+    )
     assert code == 2 and "--arch 'depth' is not KEY=VALUE" in err

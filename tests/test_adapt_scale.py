@@ -29,8 +29,9 @@ def test_paper_preset_reaches_1024_by_accumulation_over_devices_and_batch():
 
 
 def test_explicit_options_override_the_preset():
-    cfg = A.resolve_scale(_cfg(preset="paper", batch_size=16, steps=10, head_prototypes=256,
-                               local_crops=2), world=2)
+    cfg = A.resolve_scale(
+        _cfg(preset="paper", batch_size=16, steps=10, head_prototypes=256, local_crops=2), world=2
+    )
     assert (cfg.batch_size, cfg.accumulate, cfg.steps) == (16, 32, 10)
     assert (cfg.head_prototypes, cfg.local_crops) == (256, 2)
     # --accumulate alone replaces the preset's global batch
@@ -58,10 +59,14 @@ def test_a_global_batch_that_does_not_divide_is_refused_naming_the_options():
 def test_the_small_batch_warning_counts_all_ranks():
     small = A.resolve_scale(_cfg(batch_size=8), world=2)
     (warning,) = A.scale_warnings(small, "dinov2", DINOV2, world=2)
-    assert "over 16 image(s) per micro-batch" in warning and f"below {SCALE.min_sinkhorn_batch}" \
-        in warning
-    assert A.scale_warnings(A.resolve_scale(_cfg(batch_size=8), world=4), "dinov2", DINOV2,
-                            world=4) == []
+    assert (
+        "over 16 image(s) per micro-batch" in warning
+        and f"below {SCALE.min_sinkhorn_batch}" in warning
+    )
+    assert (
+        A.scale_warnings(A.resolve_scale(_cfg(batch_size=8), world=4), "dinov2", DINOV2, world=4)
+        == []
+    )
     assert A.scale_warnings(small, "mae", None, world=2) == []
 
 
@@ -74,16 +79,32 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 def _dry_run(tmp_path, weights, *args):
     code, stdout, stderr = run_cli(
-        "adapt", str(sample.slovenia_scenes()[0]), "-o", str(tmp_path / "plan.pt"),
-        "--bands", "B2,B3,B4,B8", "--init", TINY, "--init-weights", str(weights),
-        "--crop-size", "56", "--local-crops", "2", "--dry-run", "--json", *args)
+        "adapt",
+        str(sample.slovenia_scenes()[0]),
+        "-o",
+        str(tmp_path / "plan.pt"),
+        "--bands",
+        "B2,B3,B4,B8",
+        "--init",
+        TINY,
+        "--init-weights",
+        str(weights),
+        "--crop-size",
+        "56",
+        "--local-crops",
+        "2",
+        "--dry-run",
+        "--json",
+        *args,
+    )
     assert code == 0, stderr
     return json.loads(stdout), stderr
 
 
 def test_cli_preset_with_explicit_overrides_and_the_warning_in_the_plan(tmp_path, tiny_weights):
-    plan, stderr = _dry_run(tmp_path, tiny_weights, "--preset", "paper", "--batch-size", "4",
-                            "--head-prototypes", "64")
+    plan, stderr = _dry_run(
+        tmp_path, tiny_weights, "--preset", "paper", "--batch-size", "4", "--head-prototypes", "64"
+    )
     assert plan["preset"] == "paper" and plan["global_batch"] == 1024
     assert plan["accumulate"] == 256 and plan["batch_size_per_device"] == 4
     assert plan["steps"] == 150_000 and plan["lr"] == pytest.approx(1e-3)
@@ -94,9 +115,20 @@ def test_cli_preset_with_explicit_overrides_and_the_warning_in_the_plan(tmp_path
 
 def test_cli_refuses_a_global_batch_that_does_not_divide(tmp_path, tiny_weights):
     code, stdout, stderr = run_cli(
-        "adapt", str(sample.slovenia_scenes()[0]), "-o", str(tmp_path / "x.pt"),
-        "--init", TINY, "--init-weights", str(tiny_weights), "--batch-size", "3",
-        "--global-batch", "100", "--dry-run")
+        "adapt",
+        str(sample.slovenia_scenes()[0]),
+        "-o",
+        str(tmp_path / "x.pt"),
+        "--init",
+        TINY,
+        "--init-weights",
+        str(tiny_weights),
+        "--batch-size",
+        "3",
+        "--global-batch",
+        "100",
+        "--dry-run",
+    )
     assert code == 2 and stdout == ""
     assert stderr.strip().splitlines()[-1].startswith("geoexplora: error: --global-batch: 100 ")
     assert list(tmp_path.iterdir()) == []
@@ -132,8 +164,9 @@ def test_budget_arithmetic_against_the_published_run():
 
 
 def test_cli_dry_run_prints_the_budget_of_the_tiny_model(tmp_path, tiny_weights):
-    plan, _ = _dry_run(tmp_path, tiny_weights, "--steps", "100", "--batch-size", "4",
-                       "--global-batch", "8")
+    plan, _ = _dry_run(
+        tmp_path, tiny_weights, "--steps", "100", "--batch-size", "4", "--global-batch", "8"
+    )
     b = plan["budget"]
     assert b["images_seen"] == 800 and plan["accumulate"] == 2
     assert b["flops_per_step"] == pytest.approx(8 * b["flops_per_image"])
@@ -143,12 +176,27 @@ def test_cli_dry_run_prints_the_budget_of_the_tiny_model(tmp_path, tiny_weights)
     # token; teacher and student both run the 2 global crops of 16 patches + 1 class token,
     # the student also 2 local crops of 98 px (49 + 1 tokens) and a backward pass (at least as
     # much again); the heads and attention add less than as much again
-    per_token = 4 * 2 * 12 * 64 ** 2
+    per_token = 4 * 2 * 12 * 64**2
     forward = per_token * (2 * 17 + 2 * 17 + 2 * 50)
     assert 1.9 * forward < b["flops_per_image"] < 5 * forward
     assert "memory_per_device" in plan
     code, stdout, _ = run_cli(
-        "adapt", str(sample.slovenia_scenes()[0]), "-o", str(tmp_path / "plan.pt"),
-        "--bands", "B2,B3,B4,B8", "--init", TINY, "--init-weights", str(tiny_weights),
-        "--crop-size", "56", "--local-crops", "2", "--dry-run", "--steps", "100")
+        "adapt",
+        str(sample.slovenia_scenes()[0]),
+        "-o",
+        str(tmp_path / "plan.pt"),
+        "--bands",
+        "B2,B3,B4,B8",
+        "--init",
+        TINY,
+        "--init-weights",
+        str(tiny_weights),
+        "--crop-size",
+        "56",
+        "--local-crops",
+        "2",
+        "--dry-run",
+        "--steps",
+        "100",
+    )
     assert code == 0 and "GPU-hours" in stdout and "images seen" in stdout

@@ -15,15 +15,19 @@ from geoexplora.ssl import mae as M
 
 
 def params(theta, bands=1, gain=None, contrast=1.0, sigma=0.0, batch=1):
-    return {"theta": torch.as_tensor(theta, dtype=torch.float32).expand(batch, 2, 3),
-            "gain": torch.ones(batch, bands) if gain is None else torch.as_tensor(gain),
-            "contrast": torch.full((batch,), contrast), "sigma": torch.full((batch,), sigma)}
+    return {
+        "theta": torch.as_tensor(theta, dtype=torch.float32).expand(batch, 2, 3),
+        "gain": torch.ones(batch, bands) if gain is None else torch.as_tensor(gain),
+        "contrast": torch.full((batch,), contrast),
+        "sigma": torch.full((batch,), sigma),
+    }
 
 
 IDENTITY = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
 
 
 # --- augmentation ------------------------------------------------------------------------------
+
 
 def test_identity_view_returns_the_image_and_keeps_nodata():
     x = torch.rand(1, 2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1000
@@ -46,8 +50,12 @@ def test_rotation_matrices_render_exact_90_degree_rotations(k):
 def test_horizontal_flip_and_crop_of_the_left_half():
     x = torch.arange(32.0).view(1, 1, 1, 4, 8)
     flipped = AUG.render_views(x, params([[-1.0, 0, 0], [0, 1.0, 0]]), 4)
-    assert torch.equal(flipped, torch.nn.functional.interpolate(
-        x.flip(-1)[0], size=(4, 4), mode="bilinear", align_corners=False)[None])
+    assert torch.equal(
+        flipped,
+        torch.nn.functional.interpolate(
+            x.flip(-1)[0], size=(4, 4), mode="bilinear", align_corners=False
+        )[None],
+    )
     left = AUG.render_views(x, params([[0.5, 0, -0.5], [0, 1.0, 0]]), 4)
     assert torch.equal(left, x[..., :4])
 
@@ -81,6 +89,7 @@ def test_drawn_views_are_reproducible_and_stay_inside_the_image():
 
 
 # --- DINOv2 ------------------------------------------------------------------------------------
+
 
 def test_sinkhorn_targets_are_distributions_that_use_all_prototypes_equally():
     logits = torch.randn(64, 8) + 0.3 * torch.arange(8.0)  # prototype 7 favoured
@@ -116,8 +125,9 @@ def tiny_dinov2():
     torch.manual_seed(0)
     vit = build_backbone(init="geo_vit_tiny_patch14", init_weights="random", img_size=28)
     apply_explora(vit, lora_rank=4)
-    objective = D.DinoV2Objective(vit, D.DinoHeadSize(32, 16, 64), D.CropSizes(28, 14),
-                                  total_steps=100)
+    objective = D.DinoV2Objective(
+        vit, D.DinoHeadSize(32, 16, 64), D.CropSizes(28, 14), total_steps=100
+    )
     return objective
 
 
@@ -147,8 +157,9 @@ def test_forward_returns_finite_terms_and_the_prototypes_get_gradients():
     torch.manual_seed(0)
     vit = build_backbone(init="geo_vit_tiny_patch14", init_weights="random", img_size=28)
     apply_explora(vit, lora_rank=4)
-    objective = D.DinoV2Objective(vit, D.DinoHeadSize(32, 16, 64), D.CropSizes(28, 14),
-                                  total_steps=200)
+    objective = D.DinoV2Objective(
+        vit, D.DinoHeadSize(32, 16, 64), D.CropSizes(28, 14), total_steps=200
+    )
     views = D.DinoV2Views(14, D.CropSizes(28, 14))
     images = torch.rand(3, 1, 3, 40, 40) * 3000
     samples = [views(np.random.default_rng(i), images[i].numpy()) for i in range(3)]
@@ -157,14 +168,14 @@ def test_forward_returns_finite_terms_and_the_prototypes_get_gradients():
     out = objective(batch, step=0)
     assert all(torch.isfinite(v) for v in out.values())
     assert out["loss"].item() == pytest.approx(
-        (out["loss_dino"] + out["loss_ibot"] + 0.1 * out["loss_koleo"]).item())
+        (out["loss_dino"] + out["loss_ibot"] + 0.1 * out["loss_koleo"]).item()
+    )
     out["loss"].backward()
     assert objective.freeze_last_layer_steps == 4  # 2 % of 200 steps
     head = objective.student["head"]
     assert head.direction.grad is not None and head.gain.grad is not None
     assert head.gain.grad.abs().sum() > 0
-    assert {id(p) for p in objective.last_layer_parameters()} == {id(head.direction),
-                                                                  id(head.gain)}
+    assert {id(p) for p in objective.last_layer_parameters()} == {id(head.direction), id(head.gain)}
 
 
 def _tiny_scratch_objective(init_values, prototypes=16, steps=30, seed=0):
@@ -175,25 +186,36 @@ def _tiny_scratch_objective(init_values, prototypes=16, steps=30, seed=0):
     from geoexplora.models import build_backbone
 
     torch.manual_seed(seed)
-    vit = build_backbone(init="geo_vit_tiny_patch14", init_weights="random", img_size=28,
-                         arch_overrides={"init_values": init_values})
+    vit = build_backbone(
+        init="geo_vit_tiny_patch14",
+        init_weights="random",
+        img_size=28,
+        arch_overrides={"init_values": init_values},
+    )
     vit.requires_grad_(True)
-    settings = dataclasses.replace(D.DINOV2, local_crops=0, mask_probability=0.0,
-                                   koleo_weight=0.0)
-    objective = D.DinoV2Objective(vit, D.DinoHeadSize(32, 16, prototypes), D.CropSizes(28, 14),
-                                  total_steps=steps, settings=settings)
+    settings = dataclasses.replace(D.DINOV2, local_crops=0, mask_probability=0.0, koleo_weight=0.0)
+    objective = D.DinoV2Objective(
+        vit,
+        D.DinoHeadSize(32, 16, prototypes),
+        D.CropSizes(28, 14),
+        total_steps=steps,
+        settings=settings,
+    )
     return objective, D.DinoV2Views(14, D.CropSizes(28, 14), settings)
 
 
 def _distinct_images(n=8):
     g = torch.Generator().manual_seed(0)
-    return (torch.rand(n, 1, 3, 42, 42, generator=g) * 2000
-            + torch.rand(n, 1, 3, 1, 1, generator=g) * 8000)
+    return (
+        torch.rand(n, 1, 3, 42, 42, generator=g) * 2000
+        + torch.rand(n, 1, 3, 1, 1, generator=g) * 8000
+    )
 
 
 def _batch(views, images, step):
-    samples = [views(np.random.default_rng([step, i]), images[i].numpy())
-               for i in range(len(images))]
+    samples = [
+        views(np.random.default_rng([step, i]), images[i].numpy()) for i in range(len(images))
+    ]
     batch = torch.utils.data.default_collate(samples)
     batch["image"] = images
     return batch
@@ -201,7 +223,8 @@ def _batch(views, images, step):
 
 @pytest.mark.parametrize("init_values, uniform", [(1e-5, True), (1.0, False)])
 def test_teacher_targets_of_a_random_vit_are_uniform_when_layer_scale_mutes_the_blocks(
-        init_values, uniform):
+    init_values, uniform
+):
     """LayerScale 1e-5 (timm's DINOv2 value, right for fine-tuning) makes a randomly initialised
     ViT nearly the identity: every image's class token is the same, Sinkhorn-Knopp spreads each
     target over all prototypes, and DINO has nothing to learn (the loss sits at ln K)."""
@@ -225,8 +248,9 @@ def test_teacher_targets_of_a_random_vit_are_uniform_when_layer_scale_mutes_the_
 def test_dino_loss_of_a_random_vit_falls_below_the_uniform_level_when_it_learns():
     objective, views = _tiny_scratch_objective(1.0, steps=30)
     images = _distinct_images()
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad],
-                                  lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0
+    )
     losses = []
     for step in range(30):
         out = objective(_batch(views, images, step), step)
@@ -251,9 +275,15 @@ def test_arch_overrides_reach_the_backbone(tmp_path):
     from geoexplora.bands import get_band
     from geoexplora.pipelines.adapt import AdaptConfig, build_model, run_settings
 
-    cfg = AdaptConfig(inputs=[], output=tmp_path / "m.pt", init="geo_vit_tiny_patch14",
-                      init_weights="random", crop_size=28, full=True,
-                      arch_overrides={"init_values": 0.5})
+    cfg = AdaptConfig(
+        inputs=[],
+        output=tmp_path / "m.pt",
+        init="geo_vit_tiny_patch14",
+        init_weights="random",
+        crop_size=28,
+        full=True,
+        arch_overrides={"init_values": 0.5},
+    )
     bands = [get_band("sentinel2", b) for b in ("B4", "B3", "B2")]
     stats = {"mean": [1000.0] * 3, "std": [500.0] * 3}
     backbone, _ = build_model(cfg, "dinov2", run_settings(cfg, "dinov2"), bands, stats, 1)
@@ -262,6 +292,7 @@ def test_arch_overrides_reach_the_backbone(tmp_path):
 
 
 # --- MAE ---------------------------------------------------------------------------------------
+
 
 def test_patchify_orders_pixels_as_mae_does():
     x = torch.arange(2 * 4 * 4.0).view(1, 2, 4, 4)
@@ -279,19 +310,22 @@ def test_mae_loss_leaves_nodata_out():
     objective = M.MaeObjective(vit, 32)
     assert objective.decoder_source == "new"
     image = torch.rand(2, 1, 3, 32, 32) * 3000
-    batch = {"view": {k: v.unsqueeze(1) for k, v in params(IDENTITY, 3, batch=2).items()},
-             "noise": torch.rand(2, 4)}
+    batch = {
+        "view": {k: v.unsqueeze(1) for k, v in params(IDENTITY, 3, batch=2).items()},
+        "noise": torch.rand(2, 4),
+    }
     clean = objective({**batch, "image": image}, 0)["loss"]
     spoiled = image.clone()
     order = torch.argsort(batch["noise"], dim=1)
     masked_token = order[0, -1].item()  # a masked token of image 0: its pixels -> garbage, nodata
     row, col = divmod(masked_token, 2)
-    spoiled[0, 0, :, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = float("nan")
+    spoiled[0, 0, :, row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16] = float("nan")
     out = objective({**batch, "image": spoiled}, 0)["loss"]
     assert torch.isfinite(out) and not torch.isclose(out, clean)
 
 
 # --- sampling ----------------------------------------------------------------------------------
+
 
 def test_windows_come_from_the_valid_area(tmp_path):
     import rasterio
@@ -316,8 +350,7 @@ def test_windows_come_from_the_valid_area(tmp_path):
         image = windows[i]["image"]
         assert image.shape == (1, 4, 16, 16)
         assert valid_fraction(image.numpy()) >= 0.5
-    assert torch.equal(torch.nan_to_num(windows[3]["image"]),
-                       torch.nan_to_num(windows[3]["image"]))
+    assert torch.equal(torch.nan_to_num(windows[3]["image"]), torch.nan_to_num(windows[3]["image"]))
 
 
 def test_windows_of_a_real_scene_with_a_nodata_collar(shared_data):
@@ -331,7 +364,13 @@ def test_windows_of_a_real_scene_with_a_nodata_collar(shared_data):
     valid = np.isfinite(full).all(axis=1).all(axis=0)
     assert windows.valid_pixels == int(valid.sum())
     assert 0.3 < valid.mean() < 0.9  # the collar is real
-    assert sum(p for c, p in zip(windows.cells, windows.probs)
-               if not valid[c.row:c.row + c.height, c.col:c.col + c.width].any()) == 0
+    assert (
+        sum(
+            p
+            for c, p in zip(windows.cells, windows.probs)
+            if not valid[c.row : c.row + c.height, c.col : c.col + c.width].any()
+        )
+        == 0
+    )
     fractions = [valid_fraction(windows[i]["image"].numpy()) for i in range(12)]
     assert min(fractions) >= 0.5

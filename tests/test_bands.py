@@ -38,7 +38,7 @@ def test_landsat_collection_names_and_gsd():
 
 
 def test_unknown_band_error_lists_the_sensor_bands():
-    with pytest.raises(UserError, match="B13.*not a sentinel2 band.*B8A"):
+    with pytest.raises(UserError, match=r"B13.*not a sentinel2 band.*B8A"):
         B.get_band("sentinel2", "B13")
 
 

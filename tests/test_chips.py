@@ -27,13 +27,16 @@ def test_every_kind_has_train_and_val_chips(built, kind):
     assert set(index["split"]) == {"train", "val"}
 
 
-@pytest.mark.parametrize("kind, frames, bands, keys", [
-    ("classification", 1, 13, {"image", "label", "chip_id"}),
-    ("segmentation", 1, 13, {"image", "label", "mask", "chip_id"}),
-    ("temporal_segmentation", 5, 13, {"image", "label", "mask", "chip_id"}),
-    ("multilabel", 1, 13, {"image", "label", "labels", "chip_id"}),
-    ("unlabeled", 1, 12, {"image", "label", "chip_id"}),
-])
+@pytest.mark.parametrize(
+    "kind, frames, bands, keys",
+    [
+        ("classification", 1, 13, {"image", "label", "chip_id"}),
+        ("segmentation", 1, 13, {"image", "label", "mask", "chip_id"}),
+        ("temporal_segmentation", 5, 13, {"image", "label", "mask", "chip_id"}),
+        ("multilabel", 1, 13, {"image", "label", "labels", "chip_id"}),
+        ("unlabeled", 1, 12, {"image", "label", "chip_id"}),
+    ],
+)
 def test_items_have_the_documented_keys_shapes_and_dtypes(built, kind, frames, bands, keys):
     ds = ChipsDataset(built[kind])
     item = ds[0]
@@ -49,8 +52,7 @@ def test_items_have_the_documented_keys_shapes_and_dtypes(built, kind, frames, b
 
 
 def test_a_dataloader_batches_items(built):
-    loader = torch.utils.data.DataLoader(ChipsDataset(built["temporal_segmentation"]),
-                                         batch_size=4)
+    loader = torch.utils.data.DataLoader(ChipsDataset(built["temporal_segmentation"]), batch_size=4)
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 5, 13, 32, 32)
     assert batch["mask"].shape == (4, 32, 32)
@@ -95,19 +97,40 @@ def test_dataset_json_describes_bands_stats_and_classes(built):
     assert meta["task"] == "segmentation" and meta["chip_size"] == 32 and meta["num_frames"] == 1
     assert meta["bands"][1]["key"] == "sentinel2:B2" and meta["bands"][1]["center_nm"] == 492.7
     assert all(len(meta["stats"][k]) == 13 for k in ("mean", "std", "p2", "p98"))
-    assert all(p2 < m < p98 for p2, m, p98 in
-               zip(meta["stats"]["p2"], meta["stats"]["mean"], meta["stats"]["p98"]))
+    assert all(
+        p2 < m < p98
+        for p2, m, p98 in zip(meta["stats"]["p2"], meta["stats"]["mean"], meta["stats"]["p98"])
+    )
     assert [c["name"] for c in meta["classes"]] == [
-        "cultivated_land", "forest", "grassland", "shrubland", "artificial_surface"]
+        "cultivated_land",
+        "forest",
+        "grassland",
+        "shrubland",
+        "artificial_surface",
+    ]
     assert [c["id"] for c in meta["classes"]] == [0, 1, 2, 3, 4]
     assert all(c["color"].startswith("#") and len(c["color"]) == 7 for c in meta["classes"])
 
 
 def test_index_is_geoparquet_with_the_documented_columns(built):
     ds = ChipsDataset(built["multilabel"])
-    for column in ("chip_id", "path", "mask_path", "geometry", "crs", "source", "col_off",
-                   "row_off", "width", "height", "dates", "label", "labels", "nodata_fraction",
-                   "split"):
+    for column in (
+        "chip_id",
+        "path",
+        "mask_path",
+        "geometry",
+        "crs",
+        "source",
+        "col_off",
+        "row_off",
+        "width",
+        "height",
+        "dates",
+        "label",
+        "labels",
+        "nodata_fraction",
+        "split",
+    ):
         assert column in ds.index.columns
     assert ds.index.crs.to_epsg() == 32633
     assert (ds.index["crs"] == "EPSG:32633").all()
@@ -122,7 +145,7 @@ def test_multilabel_targets_match_the_labels_column(built):
 
 def test_a_folder_without_dataset_json_is_not_a_dataset(built, tmp_path):
     (tmp_path / "chips").mkdir()
-    with pytest.raises(UserError, match="dataset.json missing"):
+    with pytest.raises(UserError, match=r"dataset.json missing"):
         ChipsDataset(tmp_path)
 
 
@@ -149,15 +172,23 @@ def test_chips_written_from_a_template_read_back_like_gdal_writes(tmp_path, opti
     for k in range(3):  # the first write makes the template, the next ones patch it
         data = (pixels + k)[None].astype(np.float32)
         transform = Affine(10, 0, 465_000 + 240 * k, 0, -10, 5_080_000 - 160 * k)
-        write_chip(tmp_path / f"{k}.tif", data, transform, CRS.from_epsg(32633), bands,
-                   ["2015-07-11"], options)
+        write_chip(
+            tmp_path / f"{k}.tif",
+            data,
+            transform,
+            CRS.from_epsg(32633),
+            bands,
+            ["2015-07-11"],
+            options,
+        )
         image, dates = read_chip(tmp_path / f"{k}.tif")
         np.testing.assert_array_equal(image, data)
         with rasterio.open(tmp_path / f"{k}.tif") as chip:
             assert chip.transform == transform and chip.crs.to_epsg() == 32633
             assert chip.descriptions == ("B2@2015-07-11", "B3@2015-07-11", "B4@2015-07-11")
-            assert chip.compression == (None if options is None else
-                                        rasterio.enums.Compression.deflate)
+            assert chip.compression == (
+                None if options is None else rasterio.enums.Compression.deflate
+            )
         assert dates == ["2015-07-11"]
 
 

@@ -16,11 +16,12 @@ def test_version():
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = ("import sys, time; t = time.time(); from geoexplora.cli import main; "
-            "main(['--help']); print('TORCH', 'torch' in sys.modules, 'rasterio' in sys.modules)")
+    code = (
+        "import sys, time; t = time.time(); from geoexplora.cli import main; "
+        "main(['--help']); print('TORCH', 'torch' in sys.modules, 'rasterio' in sys.modules)"
+    )
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - start
     assert "TORCH False False" in proc.stdout
     assert elapsed < 2.0  # the target is 0.5 s; generous for a loaded 2-core CI machine
@@ -52,7 +53,9 @@ def test_info_json_describes_bands_crs_and_dates(shared_data):
 
 
 def test_info_band_map_identifies_landsat_bands(shared_data):
-    path = shared_data / "landsat8-224078-2020-05-18" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+    path = (
+        shared_data / "landsat8-224078-2020-05-18" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+    )
     code, out, _ = run_cli("info", str(path), "--band-map", "1=B2,2=B3,3=B4", "--json")
     doc = json.loads(out)["files"][0]
     assert code == 0
@@ -61,8 +64,9 @@ def test_info_band_map_identifies_landsat_bands(shared_data):
 
 
 def test_info_table_on_stdout(sample_data):
-    code, out, _ = run_cli("info", str(sample_data / "s2-29RKH" /
-                                      "S2A_29RKH_20200219_L2A_12band_200m_crop.tif"))
+    code, out, _ = run_cli(
+        "info", str(sample_data / "s2-29RKH" / "S2A_29RKH_20200219_L2A_12band_200m_crop.tif")
+    )
     assert code == 0 and "EPSG:32629" in out and "B8A" in out
 
 
@@ -81,8 +85,9 @@ def test_not_a_raster_exits_2(tmp_path):
 
 
 def test_bad_band_map_exits_2(sample_data):
-    code, _, err = run_cli("info", str(sample_data / "slovenia" / "LULC.tif"),
-                           "--band-map", "one=B2")
+    code, _, err = run_cli(
+        "info", str(sample_data / "slovenia" / "LULC.tif"), "--band-map", "one=B2"
+    )
     assert code == 2 and "--band-map entry 'one=B2'" in err
 
 
@@ -101,8 +106,12 @@ def test_info_on_a_model_file_prints_its_card(tmp_path):
     from geoexplora.models import build_backbone
     from geoexplora.models.file import save_model
 
-    vit = build_backbone(init="geo_vit_tiny_patch14", init_weights="random",
-                         bands=["sentinel2:B4", "sentinel2:B3", "sentinel2:B2"], img_size=28)
+    vit = build_backbone(
+        init="geo_vit_tiny_patch14",
+        init_weights="random",
+        bands=["sentinel2:B4", "sentinel2:B3", "sentinel2:B2"],
+        img_size=28,
+    )
     path = save_model(tmp_path / "m.pt", vit)
     code, out, err = run_cli("info", str(path))
     assert code == 0, err
@@ -117,8 +126,10 @@ def test_a_file_that_is_not_a_model_is_a_one_line_error(tmp_path, sample_data):
     fake = tmp_path / "x.pt"
     fake.write_text("hello")
     scene = next(sample_data.glob("slovenia/S2L1C_*.tif"))
-    for args in (("info", str(fake)), ("embed", str(fake), str(scene), "-o",
-                                       str(tmp_path / "e.tif"))):
+    for args in (
+        ("info", str(fake)),
+        ("embed", str(fake), str(scene), "-o", str(tmp_path / "e.tif")),
+    ):
         code, _, err = run_cli(*args)
         assert code == 2, args
         assert f"{fake}: not a readable model file" in err and "Traceback" not in err
@@ -146,9 +157,19 @@ def test_band_map_naming_an_unknown_band_is_refused(sample_data):
 
 def test_info_on_a_chips_dataset_summarises_it(sample_data, tmp_path):
     out_dir = str(tmp_path / "chips")
-    assert run_cli("tile", str(sample_data / "slovenia" / "S2L1C_2015-07-11_13band_10m.tif"),
-                   "--label-raster", str(sample_data / "slovenia" / "LULC.tif"), "--size", "32",
-                   "-o", out_dir)[0] == 0
+    assert (
+        run_cli(
+            "tile",
+            str(sample_data / "slovenia" / "S2L1C_2015-07-11_13band_10m.tif"),
+            "--label-raster",
+            str(sample_data / "slovenia" / "LULC.tif"),
+            "--size",
+            "32",
+            "-o",
+            out_dir,
+        )[0]
+        == 0
+    )
     code, out, _ = run_cli("info", out_dir, "--json")
     (doc,) = json.loads(out)["files"]
     assert code == 0 and doc["kind"] == "chips" and doc["task"] == "segmentation"
@@ -176,10 +197,18 @@ def test_quiet_and_verbose_are_accepted_after_the_verb(tmp_path):
 
 
 def test_python_dash_m_runs_the_cli():
-    proc = subprocess.run([sys.executable, "-m", "geoexplora", "--version"], check=False,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "geoexplora", "--version"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == f"geoexplora {__version__}"
-    proc = subprocess.run([sys.executable, "-m", "geoexplora", "info", "/no/such.tif", "-q"],
-                          check=False, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "geoexplora", "info", "/no/such.tif", "-q"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "geoexplora: error: /no/such.tif: no such file"

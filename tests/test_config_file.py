@@ -49,8 +49,7 @@ def test_print_config_includes_defaults_and_flags_override_the_file(tmp_path):
     args = _args(tmp_path)["adapt"]
     path = tmp_path / "adapt.yaml"
     path.write_text("lr: 0.002\nbatch_size: 4\nseed: 7\n")
-    code, out, err = run_cli("adapt", *args, "--seed", "3", "--config", str(path),
-                             "--print-config")
+    code, out, err = run_cli("adapt", *args, "--seed", "3", "--config", str(path), "--print-config")
     assert code == 0, err
     resolved = yaml.safe_load(out)
     assert resolved["lr"] == 0.002 and resolved["batch_size"] == 4  # from the file
@@ -59,13 +58,16 @@ def test_print_config_includes_defaults_and_flags_override_the_file(tmp_path):
     assert resolved["output"] == args[-1]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("batchsize: 4\n", "unknown key 'batchsize' for 'geoexplora adapt'"),
-    ("batch_size: many\n", "key 'batch_size': Input should be a valid integer"),
-    ("full: maybe\n", "key 'full': Input should be a valid boolean"),
-    ("- lr\n", "expected a mapping of option names to values"),
-    ("lr: [1\n", "not YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("batchsize: 4\n", "unknown key 'batchsize' for 'geoexplora adapt'"),
+        ("batch_size: many\n", "key 'batch_size': Input should be a valid integer"),
+        ("full: maybe\n", "key 'full': Input should be a valid boolean"),
+        ("- lr\n", "expected a mapping of option names to values"),
+        ("lr: [1\n", "not YAML"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_key_and_the_file(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -96,7 +98,8 @@ def test_a_run_keeps_its_resolved_config_next_to_its_output_and_reruns_from_it(t
     code, _, err = run_cli("tile", "--config", str(sidecar), "-o", str(tmp_path / "again"))
     assert code == 0, err
     assert yaml.safe_load((tmp_path / "again.config.yaml").read_text())["output"] == str(
-        tmp_path / "again")
+        tmp_path / "again"
+    )
 
 
 def test_a_failed_run_writes_no_config(tmp_path):
@@ -115,10 +118,27 @@ def test_an_adapted_model_file_carries_the_resolved_config_in_its_provenance(tmp
     weights = tmp_path / "tiny.pth"
     torch.save(timm_model(TINY, img_size=56).state_dict(), weights)
     out = tmp_path / "adapted.pt"
-    code, _, err = run_cli("adapt", str(sample.slovenia_scenes()[0]), "-o", str(out), "--init",
-                           TINY, "--init-weights", str(weights), "--steps", "1", "--batch-size",
-                           "2", "--crop-size", "56", "--num-workers", "0", "--bands",
-                           "B2,B3,B4,B8", "-q")
+    code, _, err = run_cli(
+        "adapt",
+        str(sample.slovenia_scenes()[0]),
+        "-o",
+        str(out),
+        "--init",
+        TINY,
+        "--init-weights",
+        str(weights),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "56",
+        "--num-workers",
+        "0",
+        "--bands",
+        "B2,B3,B4,B8",
+        "-q",
+    )
     assert code == 0, err
     config = read_model_meta(out)["provenance"]["config"]
     assert config["command"] == "adapt"

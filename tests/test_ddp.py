@@ -24,12 +24,25 @@ TINY = "geo_vit_tiny_patch14"
 
 
 def ddp_config(out: Path, weights: Path, batch_size: int, devices: int) -> AdaptConfig:
-    return AdaptConfig(inputs=sample.slovenia_scenes()[:2], output=out,
-                       bands=["B2", "B3", "B4", "B8"], init=TINY, init_weights=str(weights),
-                       steps=3, batch_size=batch_size, crop_size=56, local_crop_size=28,
-                       local_crops=1, lr=1e-3, drop_path=0.0, num_workers=0,
-                       accelerator="cpu", devices=devices, checkpoint_every=100,
-                       settings_overrides={"koleo_weight": 0.0})
+    return AdaptConfig(
+        inputs=sample.slovenia_scenes()[:2],
+        output=out,
+        bands=["B2", "B3", "B4", "B8"],
+        init=TINY,
+        init_weights=str(weights),
+        steps=3,
+        batch_size=batch_size,
+        crop_size=56,
+        local_crop_size=28,
+        local_crops=1,
+        lr=1e-3,
+        drop_path=0.0,
+        num_workers=0,
+        accelerator="cpu",
+        devices=devices,
+        checkpoint_every=100,
+        settings_overrides={"koleo_weight": 0.0},
+    )
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
@@ -42,8 +55,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     ddp_out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
-    proc = subprocess.run([sys.executable, __file__, str(ddp_out), str(weights)], env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(ddp_out), str(weights)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads(ddp_out.with_suffix(".json").read_text())
     assert ddp["world_size"] == 2 and ddp["global_batch"] == 4
@@ -59,7 +78,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
         moved += name.removeprefix("vit.") in initial and not torch.equal(
-            tensor, initial[name.removeprefix("vit.")])
+            tensor, initial[name.removeprefix("vit.")]
+        )
     assert moved > 10  # the comparison is between trained models, not two copies of the init
 
 

@@ -24,8 +24,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
     """Every file under ``folder``: relative path -> (size, mtime_ns, bytes)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,11 @@ def small_probe():
     from geoexplora.pipelines import probe
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(probe, "ProbeConfig", functools.partial(
-            probe.ProbeConfig, learning_rates=(0.01,), features=("cls",)))
+        patch.setattr(
+            probe,
+            "ProbeConfig",
+            functools.partial(probe.ProbeConfig, learning_rates=(0.01,), features=("cls",)),
+        )
         yield
 
 
@@ -43,9 +49,20 @@ def small_probe():
 def demo(tmp_path_factory, small_probe):
     """(exit code, stdout, stderr, output folder) of the tiny demo run."""
     out = tmp_path_factory.mktemp("demo") / "demo-out"
-    code, stdout, stderr = run_cli("demo", "--out", str(out), "--adapt-steps", "3",
-                                   "--finetune-steps", "3", "--probe-steps", "20",
-                                   "--device", "cpu", "--json")
+    code, stdout, stderr = run_cli(
+        "demo",
+        "--out",
+        str(out),
+        "--adapt-steps",
+        "3",
+        "--finetune-steps",
+        "3",
+        "--probe-steps",
+        "20",
+        "--device",
+        "cpu",
+        "--json",
+    )
     return code, stdout, stderr, out
 
 
@@ -75,15 +92,31 @@ def test_demo_prints_one_json_summary_of_every_step(doc, demo):
     assert [m["name"] for m in doc["probe"]["models"]] == ["source", "adapted"]
     assert doc["finetune"]["path"] == str(out / "model.pt")
     assert doc["predict"]["valid_pixels"] == 100 * 101  # the labelled scene has no nodata
-    assert set(doc["seconds"]) == {"tile", "source model", "adapt", "probe", "finetune",
-                                   "predict", "quicklook"}
+    assert set(doc["seconds"]) == {
+        "tile",
+        "source model",
+        "adapt",
+        "probe",
+        "finetune",
+        "predict",
+        "quicklook",
+    }
 
 
 def test_demo_writes_every_output_into_the_folder(demo):
     out = demo[3]
-    for name in ("chips/dataset.json", "chips/index.parquet", "source.pt", "adapted.pt",
-                 "adapted.loss.png", "model.pt", "prediction.tif", "prediction.tif.json",
-                 "quicklook.png", "summary.json"):
+    for name in (
+        "chips/dataset.json",
+        "chips/index.parquet",
+        "source.pt",
+        "adapted.pt",
+        "adapted.loss.png",
+        "model.pt",
+        "prediction.tif",
+        "prediction.tif.json",
+        "quicklook.png",
+        "summary.json",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.parent.glob(".*partial"))  # the temporary folder was renamed
 
@@ -150,8 +183,9 @@ def test_demo_chips_have_a_val_split(doc):
 def test_demo_again_without_overwrite_exits_2_leaving_the_first_run_untouched(demo):
     out = demo[3]
     before = tree(out.parent)
-    code, stdout, stderr = run_cli("demo", "--out", str(out), "--adapt-steps", "3",
-                                   "--finetune-steps", "3", "--device", "cpu")
+    code, stdout, stderr = run_cli(
+        "demo", "--out", str(out), "--adapt-steps", "3", "--finetune-steps", "3", "--device", "cpu"
+    )
     assert code == 2 and stdout == ""
     assert stderr == f"geoexplora: error: {out} exists; pass --overwrite to replace it\n"
     assert tree(out.parent) == before
@@ -175,8 +209,9 @@ def test_demo_refuses_a_bad_step_count_up_front_naming_its_option(tmp_path, monk
         raise AssertionError("adapt ran before the demo's options were checked")
 
     monkeypatch.setattr(adapt, "adapt", must_not_run)
-    code, _, stderr = run_cli("demo", "--out", str(tmp_path / "d"), "--adapt-steps", "1",
-                              "--finetune-steps", "0")
+    code, _, stderr = run_cli(
+        "demo", "--out", str(tmp_path / "d"), "--adapt-steps", "1", "--finetune-steps", "0"
+    )
     assert code == 2 and "--finetune-steps" in stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -22,8 +22,7 @@ def test_uniform_student_has_entropy_ln_k_and_a_copied_teacher_has_kl_zero():
     copy = D.dino_diagnostics(teacher_logits, teacher, 0.1, n_global=2)
     loss = D.cross_entropy(teacher_logits, teacher, 0.1).mean()
     assert (loss - copy["teacher_entropy"]).item() == pytest.approx(0.0, abs=1e-5)
-    assert copy["student_entropy"].item() == pytest.approx(copy["teacher_entropy"].item(),
-                                                            abs=1e-5)
+    assert copy["student_entropy"].item() == pytest.approx(copy["teacher_entropy"].item(), abs=1e-5)
 
 
 def test_view_agreement_counts_images_whose_two_crops_share_the_teacher_prototype():
@@ -42,8 +41,9 @@ def test_mean_patch_baseline_is_the_error_of_the_mean_masked_patch():
 
 def _records(init_values, lr, images, steps=30):
     objective, views = _tiny_scratch_objective(init_values, steps=steps)
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad],
-                                  lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in objective.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     records = []
     for step in range(steps):
         out = objective(_batch(views, images, step), step)
@@ -74,7 +74,9 @@ def test_stall_rule_waits_for_enough_records():
     assert stall_reason(flat * 2) is not None
 
 
-def test_stop_if_stalled_ends_a_run_at_a_vanishing_lr_with_exit_1_and_keeps_the_checkpoint(tmp_path):
+def test_stop_if_stalled_ends_a_run_at_a_vanishing_lr_with_exit_1_and_keeps_the_checkpoint(
+    tmp_path,
+):
     from conftest import run_cli
     from factories import timm_model
     from test_adapt import TINY
@@ -85,10 +87,30 @@ def test_stop_if_stalled_ends_a_run_at_a_vanishing_lr_with_exit_1_and_keeps_the_
     torch.save(timm_model(TINY, img_size=56).state_dict(), weights)
     out = tmp_path / "stalled.pt"
     code, _, stderr = run_cli(
-        "adapt", "--bands", "B2,B3,B4,B8", str(sample.slovenia_scenes()[0]), "-o", str(out),
-        "--init", TINY, "--init-weights", str(weights), "--steps", "30", "--batch-size", "2",
-        "--crop-size", "56", "--local-crops", "0", "--num-workers", "0", "--lr", "1e-12",
-        "--stop-if-stalled")
+        "adapt",
+        "--bands",
+        "B2,B3,B4,B8",
+        str(sample.slovenia_scenes()[0]),
+        "-o",
+        str(out),
+        "--init",
+        TINY,
+        "--init-weights",
+        str(weights),
+        "--steps",
+        "30",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "56",
+        "--local-crops",
+        "0",
+        "--num-workers",
+        "0",
+        "--lr",
+        "1e-12",
+        "--stop-if-stalled",
+    )
     assert code == 1, stderr
     assert "not learning: kl_dino" in stderr and "--stop-if-stalled" in stderr
     assert (tmp_path / "stalled.ckpt").is_file() and not out.exists()
@@ -110,23 +132,36 @@ def test_prototype_max_mass_is_one_over_k_when_spread_and_one_when_collapsed():
     logits = torch.randn(32, k, generator=torch.Generator().manual_seed(0))
     logits[:, 0] += 5.0
     assert D.prototype_max_mass(torch.softmax(logits / 0.1, dim=-1)).item() > 0.99
-    assert D.prototype_max_mass(D.sinkhorn_knopp(logits, 0.1)).item() == pytest.approx(0.281,
-                                                                                        abs=1e-3)
+    assert D.prototype_max_mass(D.sinkhorn_knopp(logits, 0.1)).item() == pytest.approx(
+        0.281, abs=1e-3
+    )
 
 
 def _synthetic(n, **columns):
-    return [{"step": i + 1, **{k: (v(i) if callable(v) else v) for k, v in columns.items()}}
-            for i in range(n)]
+    return [
+        {"step": i + 1, **{k: (v(i) if callable(v) else v) for k, v in columns.items()}}
+        for i in range(n)
+    ]
 
 
 def test_stall_rule_flags_collapse_once_there_are_enough_records():
-    records = _synthetic(12, kl_dino=lambda i: 2.0 - 0.1 * i, prototype_max_mass=0.8,
-                         student_entropy=1.0, uniform_entropy=math.log(16))
+    records = _synthetic(
+        12,
+        kl_dino=lambda i: 2.0 - 0.1 * i,
+        prototype_max_mass=0.8,
+        student_entropy=1.0,
+        uniform_entropy=math.log(16),
+    )
     assert stall_reason(records[:9]) is None  # too early
     reason = stall_reason(records)
     assert reason.startswith("not learning: collapsed, one prototype takes 80%")
-    healthy = _synthetic(12, kl_dino=lambda i: 2.0 - 0.1 * i, prototype_max_mass=1 / 16,
-                         student_entropy=1.0, uniform_entropy=math.log(16))
+    healthy = _synthetic(
+        12,
+        kl_dino=lambda i: 2.0 - 0.1 * i,
+        prototype_max_mass=1 / 16,
+        student_entropy=1.0,
+        uniform_entropy=math.log(16),
+    )
     assert stall_reason(healthy) is None
 
 
@@ -134,9 +169,13 @@ def test_stall_rule_flags_a_uniform_student_whose_kl_stopped_falling():
     ln_k = math.log(16)
     # KL fell a lot early (the whole-run rule is satisfied) but the last 10 records sit still
     # with a student at ln K
-    records = _synthetic(20, kl_dino=lambda i: 2.0 if i < 5 else 0.5,
-                         student_entropy=0.995 * ln_k, uniform_entropy=ln_k,
-                         prototype_max_mass=1 / 16)
+    records = _synthetic(
+        20,
+        kl_dino=lambda i: 2.0 if i < 5 else 0.5,
+        student_entropy=0.995 * ln_k,
+        uniform_entropy=ln_k,
+        prototype_max_mass=1 / 16,
+    )
     reason = stall_reason(records)
     assert reason.startswith("not learning: the student's output is uniform")
     assert "ln K = 2.773" in reason
@@ -155,12 +194,20 @@ def _identical_views_run(steps=100, lr=1e-3):
     objective, _ = _tiny_scratch_objective(1.0, steps=steps)
     settings = dataclasses.replace(objective.settings, global_crops_scale=(1.0, 1.0))
     objective.settings = settings
-    no_aug = dataclasses.replace(AUGMENT, hflip_p=0.0, vflip_p=0.0, rot90_p=0.0, jitter_p=0.0,
-                                 blur_p_global=(0.0, 0.0), blur_p_local=0.0)
+    no_aug = dataclasses.replace(
+        AUGMENT,
+        hflip_p=0.0,
+        vflip_p=0.0,
+        rot90_p=0.0,
+        jitter_p=0.0,
+        blur_p_global=(0.0, 0.0),
+        blur_p_local=0.0,
+    )
     views = D.DinoV2Views(14, D.CropSizes(28, 14), settings, no_aug)
     images = _distinct_images()
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad],
-                                  lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in objective.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     records = []
     for step in range(steps):
         batch = _batch(views, images, step)

@@ -82,7 +82,7 @@ def geoexplora_invocations(command_line: str) -> list[list[str]]:
     for i, token in enumerate(tokens):
         if token == "geoexplora" or token.endswith("/geoexplora"):
             args = []
-            for t in tokens[i + 1:]:
+            for t in tokens[i + 1 :]:
                 if t and set(t) <= set("|;&<>()"):
                     break
                 args.append(t)
@@ -99,8 +99,9 @@ def documented_invocations() -> list[tuple[str, list[str]]]:
             if info in UNCHECKED_BLOCKS:
                 continue
             for line in shell_commands(lines):
-                found += [(f"{path.name}: {line.strip()}", args)
-                          for args in geoexplora_invocations(line)]
+                found += [
+                    (f"{path.name}: {line.strip()}", args) for args in geoexplora_invocations(line)
+                ]
     return found
 
 
@@ -117,19 +118,22 @@ def unknown_names(args: list[str], group) -> list[str]:
     command = group.get_command(None, name)  # with the options the CLI group adds to every verb
     known = {opt for param in command.params for opt in param.opts + param.secondary_opts}
     known |= {"-h", "--help"}
-    options = [t.split("=", 1)[0] for t in rest
-               if t.startswith("-") and t != "-" and not NUMBER.match(t)]
+    options = [
+        t.split("=", 1)[0] for t in rest if t.startswith("-") and t != "-" and not NUMBER.match(t)
+    ]
     return [f"option '{o}' of {name}" for o in options if o not in known]
 
 
 def test_docs_show_every_command():
-    shown = {args[0] for _, args in documented_invocations()
-             if args and args[0] not in GLOBAL_OPTIONS}
+    shown = {
+        args[0] for _, args in documented_invocations() if args and args[0] not in GLOBAL_OPTIONS
+    }
     assert set(COMMANDS) - shown == set()
 
 
-@pytest.mark.parametrize("where,args", documented_invocations(),
-                         ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "where,args", documented_invocations(), ids=lambda v: v if isinstance(v, str) else None
+)
 def test_documented_command_lines_use_real_commands_and_options(where, args):
     assert unknown_names(args, typer.main.get_command(app)) == [], where
 
@@ -146,14 +150,16 @@ def test_option_check_catches_unknown_options_and_commands():
 
 def test_cli_reference_is_current():
     current = (DOCS / "cli.md").read_text(encoding="utf-8") if (DOCS / "cli.md").exists() else ""
-    assert current == load_script("gen_cli_reference").render() + "\n", \
+    assert current == load_script("gen_cli_reference").render() + "\n", (
         "docs/cli.md is stale: run `make docs`"
+    )
 
 
 def test_error_catalogue_is_current():
     current = (DOCS / "errors.md").read_text(encoding="utf-8")
-    assert current == load_script("gen_error_catalog").render(), \
+    assert current == load_script("gen_error_catalog").render(), (
         "docs/errors.md is stale: run `python scripts/gen_error_catalog.py > docs/errors.md`"
+    )
 
 
 def test_error_catalogue_shows_fields_branches_and_exit_codes(tmp_path):
@@ -168,12 +174,13 @@ def test_error_catalogue_shows_fields_branches_and_exit_codes(tmp_path):
         "        raise UserError(f\"{path}: no chips{f' in {bands}' if bands else ''}\")\n"
         "    raise RuntimeFailure('ran out ' + 'of memory')\n"
         "class Stopped(RuntimeFailure):\n"
-        "    \"\"\"Ctrl-C.\"\"\"\n"
+        '    """Ctrl-C."""\n'
         "    exit_code = 130\n"
         "class Reader:\n"
         "    def go(self, step):\n"
         "        raise Stopped(f'stopped at {step}')\n"
-        "        raise ValueError('not a CLI error')\n")
+        "        raise ValueError('not a CLI error')\n"
+    )
     catalog = load_script("gen_error_catalog")
     sites = catalog.collect(package)
     assert [(s.module, s.function, s.kind, s.template) for s in sites] == [
@@ -181,7 +188,8 @@ def test_error_catalogue_shows_fields_branches_and_exit_codes(tmp_path):
         ("pkg.io.scene", "read", "UserError", "{path}: no chips in {bands}"),
         ("pkg.io.scene", "read", "UserError", "{path}: no chips"),
         ("pkg.io.scene", "read", "RuntimeFailure", "ran out of memory"),
-        ("pkg.io.scene", "Reader.go", "Stopped", "stopped at {step}")]
+        ("pkg.io.scene", "Reader.go", "Stopped", "stopped at {step}"),
+    ]
     text = catalog.render(package)
     assert "## pkg.io.scene\n\nScenes.\n" in text
     assert "- `ran out of memory`: RuntimeFailure, exit 1; in `read`" in text
@@ -207,11 +215,21 @@ def test_relative_links_resolve():
 
 def test_recipe_page_is_current_and_lists_every_default():
     current = (DOCS / "recipe.md").read_text(encoding="utf-8")
-    assert current == load_script("gen_recipe").render(), \
+    assert current == load_script("gen_recipe").render(), (
         "docs/recipe.md is stale: run `python scripts/gen_recipe.py > docs/recipe.md`"
+    )
     from geoexplora import defaults
 
-    for section in ("ENGINE", "EXPLORA", "DATA", "DINOV2", "MAE", "FINETUNE", "PROBE", "TILE",
-                    "PREDICT"):
+    for section in (
+        "ENGINE",
+        "EXPLORA",
+        "DATA",
+        "DINOV2",
+        "MAE",
+        "FINETUNE",
+        "PROBE",
+        "TILE",
+        "PREDICT",
+    ):
         assert f"## `{section}`" in current
     assert f"| `lora_rank` | `{defaults.EXPLORA.lora_rank}` | recipe |" in current

@@ -49,12 +49,26 @@ def _loop(tmp_path, steps=12, seed=0, **kw):
     objective = ToyObjective()
     groups = E.param_groups(objective)
     optimizer = E.build_optimizer(groups)
-    schedules = E.Schedules(total_steps=steps, lr=0.05, min_lr=0.001, warmup_steps=2,
-                            weight_decay=0.01, weight_decay_end=0.1)
-    settings = E.LoopSettings(output=tmp_path / "out.pt", steps=steps, batch_size=4,
-                              num_workers=0, seed=seed, checkpoint_every=kw.pop("every", 5), **kw)
-    return E.TrainLoop(fabric, objective, optimizer, ToyData(), settings, schedules,
-                       fingerprint={"seed": seed})
+    schedules = E.Schedules(
+        total_steps=steps,
+        lr=0.05,
+        min_lr=0.001,
+        warmup_steps=2,
+        weight_decay=0.01,
+        weight_decay_end=0.1,
+    )
+    settings = E.LoopSettings(
+        output=tmp_path / "out.pt",
+        steps=steps,
+        batch_size=4,
+        num_workers=0,
+        seed=seed,
+        checkpoint_every=kw.pop("every", 5),
+        **kw,
+    )
+    return E.TrainLoop(
+        fabric, objective, optimizer, ToyData(), settings, schedules, fingerprint={"seed": seed}
+    )
 
 
 def test_cosine_warms_up_linearly_then_decays_to_the_final_value():
@@ -69,8 +83,9 @@ def test_param_groups_apply_layer_decay_multipliers_and_no_decay_on_biases():
     model.patch_embed = nn.Linear(2, 2)
     model.blocks = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
     model.norm = nn.LayerNorm(2)
-    groups = E.param_groups(model, num_blocks=2, layer_decay=0.5,
-                            lr_multipliers={"patch_embed": 0.2})
+    groups = E.param_groups(
+        model, num_blocks=2, layer_decay=0.5, lr_multipliers={"patch_embed": 0.2}
+    )
     scale = {n: (g["lr_scale"], g["wd_scale"]) for g in groups for n in g["names"]}
     assert scale["patch_embed.weight"] == (pytest.approx(0.125 * 0.2), 1.0)
     assert scale["blocks.0.weight"] == (0.25, 1.0)
@@ -118,8 +133,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     part.run()
     rest = _loop(tmp_path / "b")
     rest.run(resume=True)
-    for (name, a), b in zip(full.objective.state_dict().items(),
-                            rest.objective.state_dict().values()):
+    for (name, a), b in zip(
+        full.objective.state_dict().items(), rest.objective.state_dict().values()
+    ):
         assert torch.equal(a, b), name
     assert [r["step"] for r in E.read_log(tmp_path / "b" / "out.log.jsonl")] == list(range(1, 13))
 

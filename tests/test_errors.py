@@ -18,8 +18,10 @@ def test_options_marked_inside_a_message_are_rendered_by_the_caller():
     err = UserError(f"{opt('window')} (100) and {opt('overlap')} (28) must be multiples of 14")
     assert str(err) == "window (100) and overlap (28) must be multiples of 14"
     assert err.render(cli_flag) == "--window (100) and --overlap (28) must be multiples of 14"
-    assert RuntimeFailure(f"free space, then use {opt('resume')}").render(cli_flag) == \
-        "free space, then use --resume"
+    assert (
+        RuntimeFailure(f"free space, then use {opt('resume')}").render(cli_flag)
+        == "free space, then use --resume"
+    )
 
 
 def test_errors_keep_their_option_across_processes():
@@ -39,12 +41,18 @@ def test_the_cli_prints_the_flag(capsys):
     from geoexplora.cli import main
 
     assert main(["predict", "nothing.pt", "nothing.tif", "-o", "x.tif", "--shard", "3"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "geoexplora: error: --shard: '3' is not I/N (e.g. 1/4)"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == "geoexplora: error: --shard: '3' is not I/N (e.g. 1/4)"
+    )
 
 
 def test_an_error_that_names_options_in_its_text_carries_the_first_as_data():
     err = UserError(f"{opt('label_field')} crop: not a field of fields.gpkg")
-    assert err.option == "label_field" and str(err) == "label_field crop: not a field of fields.gpkg"
-    assert pickle.loads(pickle.dumps(err)).render(cli_flag) == \
-        "--label-field crop: not a field of fields.gpkg"
+    assert (
+        err.option == "label_field" and str(err) == "label_field crop: not a field of fields.gpkg"
+    )
+    assert (
+        pickle.loads(pickle.dumps(err)).render(cli_flag)
+        == "--label-field crop: not a field of fields.gpkg"
+    )

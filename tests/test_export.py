@@ -52,8 +52,17 @@ def test_a_checkpoint_with_chips_statistics_gets_the_band_aware_embedding(tmp_pa
     meta = json.loads((chips / "dataset.json").read_text())
     keys = [b["key"] for b in meta["bands"]]
     out = tmp_path / "source.pt"
-    doc = export_json(TINY, "--init-weights", str(ckpt), "--stats-from", str(chips),
-                      "--bands", "B2,B3,B4,B8", "-o", str(out))
+    doc = export_json(
+        TINY,
+        "--init-weights",
+        str(ckpt),
+        "--stats-from",
+        str(chips),
+        "--bands",
+        "B2,B3,B4,B8",
+        "-o",
+        str(out),
+    )
     model = load_model(out)
     want = [keys.index(k) for k in S2_4]
     assert model.band_mean.tolist() == pytest.approx([meta["stats"]["mean"][i] for i in want])
@@ -71,8 +80,17 @@ def test_scenes_as_statistics_source(tmp_path, sample_data):
     from geoexplora import sample
 
     scene = sample.slovenia_scenes()[0]
-    doc = export_json(TINY, "--init-weights", "random", "--bands", "B4,B8", "--stats-from",
-                      str(scene), "-o", str(tmp_path / "s.pt"))
+    doc = export_json(
+        TINY,
+        "--init-weights",
+        "random",
+        "--bands",
+        "B4,B8",
+        "--stats-from",
+        str(scene),
+        "-o",
+        str(tmp_path / "s.pt"),
+    )
     assert doc["bands"] == ["sentinel2:B4", "sentinel2:B8"]
     assert doc["stats"]["origin"] == "data sample"
     model = load_model(tmp_path / "s.pt")
@@ -156,14 +174,17 @@ def test_existing_outputs_are_refused_without_overwrite(tmp_path):
     assert doc["check"]["passed"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["not_a_model"], "unknown model name"),
-    (["resnet18", "--init-weights", "random"], "not a ViT with a class token"),
-    ([TINY], "no published weights here"),
-    ([TINY, "--init-weights", "random", "--bands", "B2,B99"], "is not a sentinel2 band"),
-    ([TINY, "--init-weights", "random", "--format", "tflite"], "format"),
-    (["missing/model.pt"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["not_a_model"], "unknown model name"),
+        (["resnet18", "--init-weights", "random"], "not a ViT with a class token"),
+        ([TINY], "no published weights here"),
+        ([TINY, "--init-weights", "random", "--bands", "B2,B99"], "is not a sentinel2 band"),
+        ([TINY, "--init-weights", "random", "--format", "tflite"], "format"),
+        (["missing/model.pt"], "no such file"),
+    ],
+)
 def test_bad_specs_exit_2_in_one_line_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "out.pt"
     code, stdout, err = run_cli("export", *args, "-o", str(out))
@@ -187,7 +208,7 @@ def test_what_onnx_cannot_express_is_a_user_error_with_nothing_written(tmp_path,
 
     monkeypatch.setattr(torch.onnx, "export", unsupported)
     out = tmp_path / "m.onnx"
-    with pytest.raises(UserError, match="ONNX cannot express this model.*operator foo"):
+    with pytest.raises(UserError, match=r"ONNX cannot express this model.*operator foo"):
         export(ExportConfig(model=src, output=out, format="onnx"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
@@ -201,14 +222,23 @@ def test_a_check_beyond_the_tolerance_fails_with_nothing_written(tmp_path):
 
 
 def test_a_sensor_alone_means_all_its_bands_and_rgb_needs_data_statistics(tmp_path):
-    doc = export_json(TINY, "--init-weights", "random", "--sensor", "landsat8",
-                      "-o", str(tmp_path / "l8.pt"))
+    doc = export_json(
+        TINY, "--init-weights", "random", "--sensor", "landsat8", "-o", str(tmp_path / "l8.pt")
+    )
     from geoexplora.bands import SENSORS
 
     assert doc["bands"] == [b.key for b in SENSORS["landsat8"]]
     # Aerial RGB has no fall-back statistics: the error says where to get them, nothing written.
-    code, _, err = run_cli("export", TINY, "--init-weights", "random", "--sensor", "rgb",
-                           "-o", str(tmp_path / "rgb.pt"))
+    code, _, err = run_cli(
+        "export",
+        TINY,
+        "--init-weights",
+        "random",
+        "--sensor",
+        "rgb",
+        "-o",
+        str(tmp_path / "rgb.pt"),
+    )
     assert code == 2 and "no statistics for bands rgb:red" in err
     assert not (tmp_path / "rgb.pt").exists()
 

@@ -25,15 +25,19 @@ def task_model(task="classification", frames=1):
 
     torch.manual_seed(0)
     bands = [get_band("sentinel2", b) for b in ("B2", "B3", "B4", "B8")]
-    vit = build_backbone("geo_vit_tiny_patch16", init_weights="random", bands=bands,
-                         img_size=32, num_frames=frames)
+    vit = build_backbone(
+        "geo_vit_tiny_patch16", init_weights="random", bands=bands, img_size=32, num_frames=frames
+    )
     return build_task_model(vit, task, CLASSES)
 
 
 def batch(task="classification", n=4):
     g = torch.Generator().manual_seed(1)
-    b = {"image": 1000 + 500 * torch.rand(n, 1, 4, 32, 32, generator=g),
-         "label": torch.tensor([0, 1, 2, 1][:n]), "dates": torch.zeros(n, 1)}
+    b = {
+        "image": 1000 + 500 * torch.rand(n, 1, 4, 32, 32, generator=g),
+        "label": torch.tensor([0, 1, 2, 1][:n]),
+        "dates": torch.zeros(n, 1),
+    }
     if task == "segmentation":
         b["mask"] = torch.randint(0, 3, (n, 32, 32), generator=g)
     return b
@@ -118,16 +122,18 @@ def test_class_weights_counter_imbalance_with_mean_one():
     w = class_weights(counts, "inverse_sqrt")
     assert w[1] / w[0] == pytest.approx(3.0)
     assert w[:2].mean().item() == pytest.approx(1.0) and w[2] == 1.0
-    assert class_weights(counts, "inverse")[1] / class_weights(counts, "inverse")[0] == \
-        pytest.approx(9.0)
+    assert class_weights(counts, "inverse")[1] / class_weights(counts, "inverse")[
+        0
+    ] == pytest.approx(9.0)
     assert class_weights(counts, "none").tolist() == [1.0, 1.0, 1.0]
 
 
 def test_multilabel_positive_weights_follow_the_negative_to_positive_ratio():
     w = positive_weights(torch.tensor([10.0, 50.0]), 100, "inverse")
     assert w.tolist() == pytest.approx([9.0, 1.0])
-    assert positive_weights(torch.tensor([10.0, 50.0]), 100, "inverse_sqrt")[0] == \
-        pytest.approx(3.0)
+    assert positive_weights(torch.tensor([10.0, 50.0]), 100, "inverse_sqrt")[0] == pytest.approx(
+        3.0
+    )
 
 
 def test_dihedral_augmentation_moves_image_and_mask_together():
@@ -143,7 +149,11 @@ def test_dihedral_augmentation_moves_image_and_mask_together():
 def test_early_stopping_counts_evaluations_without_improvement():
     stopping = EarlyStopping(patience=2)
     assert [stopping.update(s, step) for step, s in enumerate([0.5, 0.7, 0.6, 0.7])] == [
-        True, True, False, False]  # equal to the best is not better
+        True,
+        True,
+        False,
+        False,
+    ]  # equal to the best is not better
     assert (float(stopping.best_score), int(stopping.best_step)) == (0.7, 1)
     assert stopping.exhausted and int(stopping.evals_since_best) == 2
     assert stopping.update(0.9, 4) and not stopping.exhausted
@@ -162,5 +172,8 @@ def test_early_stopping_state_survives_a_checkpoint_round_trip():
     after = EarlyStopping(patience=3)
     after.load_state_dict(before.state_dict())  # what resume restores
     assert (float(after.best_score), int(after.best_step), int(after.evals_since_best)) == (
-        0.4, 0, 2)
+        0.4,
+        0,
+        2,
+    )
     assert not after.update(0.1, 3) and after.exhausted

@@ -41,8 +41,21 @@ def nc_lora(nc_train_only, tmp_path_factory):
     """One lora fine-tune (the paper's default mode), shared by several tests."""
     chips, model = nc_train_only
     out = tmp_path_factory.mktemp("lora") / "model.pt"
-    code, stdout, err = run_cli("finetune", str(model), str(chips), "-o", str(out), "--steps",
-                                "24", "--eval-every", "6", "--lr", "3e-3", "--json", *QUICK)
+    code, stdout, err = run_cli(
+        "finetune",
+        str(model),
+        str(chips),
+        "-o",
+        str(out),
+        "--steps",
+        "24",
+        "--eval-every",
+        "6",
+        "--lr",
+        "3e-3",
+        "--json",
+        *QUICK,
+    )
     assert code == 0, err
     return out, json.loads(stdout)
 
@@ -65,16 +78,19 @@ def test_fine_tuned_head_beats_the_untrained_head_on_val(nc_lora):
     assert metrics["val"]["macro_f1"] == max(e["val_macro_f1"] for e in doc["evaluations"])
 
 
-def test_output_carries_head_classes_colours_metrics_provenance_with_lora_merged(nc_train_only,
-                                                                                nc_lora):
+def test_output_carries_head_classes_colours_metrics_provenance_with_lora_merged(
+    nc_train_only, nc_lora
+):
     chips, model = nc_train_only
     out, doc = nc_lora
     task_model = load_model(out)
     meta = task_model.meta
     dataset = ChipsDataset(chips)
     assert task_model.task == "classification"
-    assert task_model.classes == [{k: c[k] for k in ("id", "name", "color")} | (
-        {"value": c["value"]} if "value" in c else {}) for c in dataset.classes]
+    assert task_model.classes == [
+        {k: c[k] for k in ("id", "name", "color")} | ({"value": c["value"]} if "value" in c else {})
+        for c in dataset.classes
+    ]
     assert not any("lora_" in k for k in task_model.state_dict())
     assert meta["finetune"]["mode"] == "lora" and meta["finetune"]["lora_rank"] == 8
     assert meta["metrics"]["val"]["macro_f1"] == doc["metrics"]["val"]["macro_f1"]
@@ -92,20 +108,36 @@ def test_exported_weights_are_the_best_checkpoint(nc_train_only, nc_lora):
     chips, _ = nc_train_only
     out, doc = nc_lora
     train = ChipsDataset(chips, "train")
-    _, val = holdout_val(train, labelled_indices(train, "classification"), "classification",
-                         0.2, 0)
+    _, val = holdout_val(train, labelled_indices(train, "classification"), "classification", 0.2, 0)
     assert doc["metrics"]["val"]["count"] == len(val)
-    scores = evaluate(load_model(out), EvalSet(ModelInputs(train), val), "classification", 7,
-                      16, "cpu")
+    scores = evaluate(
+        load_model(out), EvalSet(ModelInputs(train), val), "classification", 7, 16, "cpu"
+    )
     assert scores["macro_f1"] == pytest.approx(doc["metrics"]["val"]["macro_f1"], abs=1e-6)
     assert doc["metrics"]["test"] is None  # no test split
 
 
 def test_early_stopping_ends_the_run_when_val_stops_improving(nc, tmp_path):
     chips, model = nc
-    code, stdout, err = run_cli("finetune", str(model), str(chips), "-o", str(tmp_path / "m.pt"),
-                                "--steps", "40", "--eval-every", "2", "--patience", "1",
-                                "--lr", "1e-12", "--mode", "linear", "--json", *QUICK)
+    code, stdout, err = run_cli(
+        "finetune",
+        str(model),
+        str(chips),
+        "-o",
+        str(tmp_path / "m.pt"),
+        "--steps",
+        "40",
+        "--eval-every",
+        "2",
+        "--patience",
+        "1",
+        "--lr",
+        "1e-12",
+        "--mode",
+        "linear",
+        "--json",
+        *QUICK,
+    )
     assert code == 0, err
     doc = json.loads(stdout)
     assert doc["training"]["early_stopped_at"] == 4  # first evaluation is the best, never beaten
@@ -118,9 +150,21 @@ def test_temporal_segmentation_on_the_slovenia_series(sample_data, tmp_path):
 
     chips = make_chips_dataset(tmp_path, "temporal_segmentation")
     model = tiny_model_file(tmp_path / "tiny.pt", chips, arch="geo_vit_tiny_patch16")
-    code, stdout, err = run_cli("finetune", str(model), str(chips), "-o", str(tmp_path / "s.pt"),
-                                "--steps", "6", "--eval-every", "3", "--mode", "full",
-                                "--json", *QUICK)
+    code, stdout, err = run_cli(
+        "finetune",
+        str(model),
+        str(chips),
+        "-o",
+        str(tmp_path / "s.pt"),
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--mode",
+        "full",
+        "--json",
+        *QUICK,
+    )
     assert code == 0, err
     doc = json.loads(stdout)
     assert doc["task"] == "segmentation" and doc["metrics"]["monitor"] == "miou"
@@ -136,12 +180,30 @@ def test_temporal_segmentation_on_the_slovenia_series(sample_data, tmp_path):
 def test_segmentation_of_sentinel2_scl_classes(sample_data, tmp_path):
     from geoexplora import sample
 
-    chips = tile_once(tmp_path, "scl", inputs=[sample.s2_tile_crop()],
-                      label_raster=sample_data / "s2-29RKH" / "S2A_29RKH_20200219_SCL_crop.tif",
-                      task="segmentation", size=32, stride=32, val_fraction=0.25)
+    chips = tile_once(
+        tmp_path,
+        "scl",
+        inputs=[sample.s2_tile_crop()],
+        label_raster=sample_data / "s2-29RKH" / "S2A_29RKH_20200219_SCL_crop.tif",
+        task="segmentation",
+        size=32,
+        stride=32,
+        val_fraction=0.25,
+    )
     model = tiny_model_file(tmp_path / "tiny.pt", chips, arch="geo_vit_tiny_patch16")
-    code, stdout, err = run_cli("finetune", str(model), str(chips), "-o", str(tmp_path / "s.pt"),
-                                "--steps", "4", "--eval-every", "2", "--json", *QUICK)
+    code, stdout, err = run_cli(
+        "finetune",
+        str(model),
+        str(chips),
+        "-o",
+        str(tmp_path / "s.pt"),
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--json",
+        *QUICK,
+    )
     assert code == 0, err
     doc = json.loads(stdout)
     classes = [c["name"] for c in ChipsDataset(chips).classes]
@@ -153,8 +215,19 @@ def test_segmentation_of_sentinel2_scl_classes(sample_data, tmp_path):
 def test_multilabel_on_bigearthnet(shared_data, tmp_path):
     chips = bigearthnet_chips(tmp_path, shared_data)
     model = tiny_model_file(tmp_path / "tiny.pt", chips, arch="geo_vit_tiny_patch16")
-    code, stdout, err = run_cli("finetune", str(model), str(chips), "-o", str(tmp_path / "m.pt"),
-                                "--steps", "4", "--eval-every", "2", "--json", *QUICK)
+    code, stdout, err = run_cli(
+        "finetune",
+        str(model),
+        str(chips),
+        "-o",
+        str(tmp_path / "m.pt"),
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--json",
+        *QUICK,
+    )
     assert code == 0, err
     doc = json.loads(stdout)
     assert doc["task"] == "multilabel" and doc["metrics"]["monitor"] == "map"

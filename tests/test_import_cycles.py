@@ -13,8 +13,10 @@ def module_imports(package: Path) -> dict[str, set[str]]:
     """``{module: {package modules it imports}}``; ``from pkg import name`` counts as importing
     ``pkg.name`` when that is a module, else ``pkg``. A package's ``__init__`` is the package."""
     root = package.name
-    paths = {".".join(p.relative_to(package.parent).with_suffix("").parts).removesuffix(
-        ".__init__"): p for p in package.rglob("*.py")}
+    paths = {
+        ".".join(p.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in package.rglob("*.py")
+    }
     graph: dict[str, set[str]] = {}
     for module, path in paths.items():
         is_pkg = path.name == "__init__.py"
@@ -27,8 +29,9 @@ def module_imports(package: Path) -> dict[str, set[str]]:
                 if node.level:
                     parts = module.split(".")[: len(module.split(".")) - node.level + is_pkg]
                     base = ".".join([*parts, base] if base else parts)
-                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base
-                         for a in node.names]
+                names = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names
+                ]
             else:
                 continue
             for name in names:
@@ -50,7 +53,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                return [*stack[stack.index(dep):], dep]
+                return [*stack[stack.index(dep) :], dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         stack.pop()

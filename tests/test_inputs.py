@@ -23,9 +23,18 @@ DATES = ("20230301", "20230401")
 def write_band(path: Path, origin: tuple[float, float], seed: int, size: int = 64) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.random.default_rng(seed).integers(1000, 3000, (1, size, size), dtype="uint16")
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1,
-                       dtype="uint16", crs="EPSG:32633", nodata=0,
-                       transform=rasterio.transform.from_origin(*origin, 10, 10)) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=1,
+        dtype="uint16",
+        crs="EPSG:32633",
+        nodata=0,
+        transform=rasterio.transform.from_origin(*origin, 10, 10),
+    ) as dst:
         dst.write(data)
     return path
 
@@ -51,8 +60,9 @@ def scene_files(groups) -> set[frozenset[str]]:
 
 
 def expected(root: Path) -> set[frozenset[str]]:
-    return {frozenset(str(p.resolve()) for p in root.rglob(f"*/{place}/S2B_*.tif"))
-            for place in ORIGINS}
+    return {
+        frozenset(str(p.resolve()) for p in root.rglob(f"*/{place}/S2B_*.tif")) for place in ORIGINS
+    }
 
 
 def test_files_of_one_place_in_different_folders_are_one_scene(archive):
@@ -112,10 +122,13 @@ def test_place_names_for_outputs(archive):
     assert place_name(mixed) == a_files[0].stem  # else the first file's stem
 
 
-@pytest.mark.parametrize("given,message", [
-    ("missing.tif", "missing.tif: no such file or folder"),
-    ("nothing-*.tif", "nothing-*.tif: the pattern matches no file"),
-])
+@pytest.mark.parametrize(
+    "given,message",
+    [
+        ("missing.tif", "missing.tif: no such file or folder"),
+        ("nothing-*.tif", "nothing-*.tif: the pattern matches no file"),
+    ],
+)
 def test_bad_inputs_name_what_was_given(tmp_path, given, message):
     with pytest.raises(UserError, match=message.replace("*", r"\*")):
         collect_inputs([tmp_path / given])

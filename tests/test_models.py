@@ -45,10 +45,15 @@ def assert_close(a, b, tol=1e-5):
 
 # --- --init parsing ---------------------------------------------------------------------------
 
+
 def test_resolve_init_names_and_errors(tmp_path):
     spec = resolve_init("vit_small_patch14_dinov2.lvd142m")
     assert (spec.kind, spec.arch_name, spec.tag, spec.weights) == (
-        "timm", "vit_small_patch14_dinov2", "lvd142m", "pretrained")
+        "timm",
+        "vit_small_patch14_dinov2",
+        "lvd142m",
+        "pretrained",
+    )
     assert resolve_init("vit_large_patch14_reg4_dinov2", "random").weights == "random"
     assert resolve_init("vit_base_patch16_224.mae").tag == "mae"
     tg = resolve_init("torchgeo:ViTSmall16_Weights.SENTINEL2_ALL_DINO")
@@ -69,6 +74,7 @@ def test_resolve_init_names_and_errors(tmp_path):
 
 
 # --- weights in the real layouts -------------------------------------------------------------
+
 
 def _equal_to_reference(vit, ref, bands, seed=0, size=56):
     torch.manual_seed(seed)
@@ -103,8 +109,15 @@ def test_meta_dinov2_checkpoint(tmp_path, arch):
     from geoexplora.models.registry import ARCHITECTURES
 
     a = ARCHITECTURES[arch]
-    ref = timm.create_model(a.timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                            num_classes=0, img_size=56, dynamic_img_size=True, **a.overrides).eval()
+    ref = timm.create_model(
+        a.timm_name,
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(path)},
+        num_classes=0,
+        img_size=56,
+        dynamic_img_size=True,
+        **a.overrides,
+    ).eval()
     _equal_to_reference(vit, ref, s2(*RGB))
     assert torch.equal(vit.mask_token, meta_sd["mask_token"])
     assert vit.config["source"]["layout"] == "meta_dinov2" and vit.config["family"] == "dinov2"
@@ -169,17 +182,35 @@ def test_torchgeo_enum_bands_and_normalisation(tmp_path, monkeypatch):
     import timm
 
     overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2}
-    src = timm.create_model("vit_small_patch16_224", num_classes=0, in_chans=13,
-                            dynamic_img_size=True, **overrides)
+    src = timm.create_model(
+        "vit_small_patch16_224", num_classes=0, in_chans=13, dynamic_img_size=True, **overrides
+    )
     from factories import randomise
 
     randomise(src).eval()
     path = tmp_path / "vit_small_patch16_224_sentinel2_all_dino.pth"
     torch.save(src.state_dict(), path)
-    vit = build_backbone("torchgeo:ViTSmall16_Weights.SENTINEL2_ALL_DINO", str(path),
-                         img_size=224, arch_overrides=overrides).eval()
-    assert [b.name for b in vit.bands] == ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8",
-                                          "B8A", "B9", "B10", "B11", "B12"]
+    vit = build_backbone(
+        "torchgeo:ViTSmall16_Weights.SENTINEL2_ALL_DINO",
+        str(path),
+        img_size=224,
+        arch_overrides=overrides,
+    ).eval()
+    assert [b.name for b in vit.bands] == [
+        "B1",
+        "B2",
+        "B3",
+        "B4",
+        "B5",
+        "B6",
+        "B7",
+        "B8",
+        "B8A",
+        "B9",
+        "B10",
+        "B11",
+        "B12",
+    ]
     assert vit.config["stats"]["origin"] == "source"
     x = torch.rand(1, 13, 64, 64) * 5000
     with torch.no_grad():
@@ -192,13 +223,14 @@ def test_torchgeo_enum_bands_and_normalisation(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(UserError, match="vit_small_patch16_224_sentinel2_all_dino-36bcc127.pth"):
+    with pytest.raises(UserError, match=r"vit_small_patch16_224_sentinel2_all_dino-36bcc127.pth"):
         build_backbone("torchgeo:ViTSmall16_Weights.SENTINEL2_ALL_DINO", img_size=224)
     with pytest.raises(UserError, match="has no member"):
         build_backbone("torchgeo:ViTSmall16_Weights.NOPE")
 
 
 # --- band-aware patch embedding --------------------------------------------------------------
+
 
 def _read_s2_crop(shared_data, size=112):
     import rasterio
@@ -236,12 +268,21 @@ def test_landsat_bands_interpolate_by_wavelength():
     row = mixing_matrix([l8_blue.center_nm])[0]
     assert row[1] == pytest.approx(0.795, abs=0.01) and row[0] == pytest.approx(0.205, abs=0.01)
     assert row.sum() == pytest.approx(1.0)
-    vit = build_backbone(TINY, "random", bands=[get_band("landsat8", n) for n in
-                                                ("B4", "B3", "B2", "B5")], img_size=56)
+    vit = build_backbone(
+        TINY,
+        "random",
+        bands=[get_band("landsat8", n) for n in ("B4", "B3", "B2", "B5")],
+        img_size=56,
+    )
     assert not vit.embedding_matches_source()
     assert vit(torch.rand(1, 1, 4, 56, 56) * 3000)["cls"].shape == (1, 64)
-    aerial = build_backbone(TINY, "random", bands=[get_band("rgb", n) for n in ("R", "G", "B")],
-                            stats={"mean": [100, 100, 100], "std": [50, 50, 50]}, img_size=56)
+    aerial = build_backbone(
+        TINY,
+        "random",
+        bands=[get_band("rgb", n) for n in ("R", "G", "B")],
+        stats={"mean": [100, 100, 100], "std": [50, 50, 50]},
+        img_size=56,
+    )
     assert aerial.embedding_matches_source()  # generic RGB = the source's RGB
 
 
@@ -264,8 +305,9 @@ def test_bands_without_visible_neighbours(timm_ckpt):
 
 def test_spectral_group_tokens():
     names = ("B2", "B3", "B4", "B8", "B5", "B6", "B7", "B8A", "B11", "B12")
-    vit = build_backbone(TINY, "random", bands=s2(*names), img_size=56,
-                         spectral_tokens="groups").eval()
+    vit = build_backbone(
+        TINY, "random", bands=s2(*names), img_size=56, spectral_tokens="groups"
+    ).eval()
     assert vit.config["spectral_groups"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     x = torch.rand(2, 1, len(names), 56, 56) * 3000
     tokens = vit.embed(x)
@@ -273,15 +315,20 @@ def test_spectral_group_tokens():
     out = vit(x)
     assert out["patch"].shape == (2, 1, 16, 64)
     assert not vit.embedding_matches_source()
-    l8 = build_backbone(TINY, "random", bands=[get_band("landsat8", n) for n in
-                                               ("B2", "B3", "B4", "B5", "B6", "B7")],
-                        img_size=56, spectral_tokens="groups")
+    l8 = build_backbone(
+        TINY,
+        "random",
+        bands=[get_band("landsat8", n) for n in ("B2", "B3", "B4", "B5", "B6", "B7")],
+        img_size=56,
+        spectral_tokens="groups",
+    )
     assert l8.config["spectral_groups"] == [[0, 1, 2], [3], [4, 5]]
     with pytest.raises(UserError, match="no default spectral group"):
         build_backbone(TINY, "random", bands=s2("B1", "B2"), spectral_tokens="groups")
 
 
 # --- normalisation ---------------------------------------------------------------------------
+
 
 def test_normalisation_stats_and_nodata():
     bands = s2(*RGB)
@@ -307,6 +354,7 @@ def test_normalisation_stats_and_nodata():
 
 
 # --- temporal --------------------------------------------------------------------------------
+
 
 def test_dates_and_features():
     days = days_since_epoch(["1970-01-02", None, "2020-02-19T10:00:00"])
@@ -348,6 +396,7 @@ def test_temporal_t1_equivalence_and_frame_mask(timm_ckpt):
 
 # --- ExPLoRA ---------------------------------------------------------------------------------
 
+
 def test_explora_freezing_and_qv_only(timm_ckpt):
     _, path = timm_ckpt
     vit = build_backbone(TINY, str(path), bands=s2(*RGB), img_size=56)
@@ -365,8 +414,7 @@ def test_explora_freezing_and_qv_only(timm_ckpt):
     assert "vit.blocks.0.norm1.weight" in trainable
     assert not any("patch_embed" in n or "pos_embed" in n or "mask_token" in n for n in trainable)
     attn = vit.vit.blocks[0].attn.qkv
-    assert hasattr(attn.q, "lora_A") and hasattr(attn.v, "lora_A") and not hasattr(attn.k,
-                                                                                     "lora_A")
+    assert hasattr(attn.q, "lora_A") and hasattr(attn.v, "lora_A") and not hasattr(attn.k, "lora_A")
     lora = [n for n in trainable if "lora_" in n]
     assert len(lora) == 3 * 2 * 2  # 3 LoRA blocks x (q, v) x (A, B)
     assert not any(".blocks.3." in n for n in lora)
@@ -383,8 +431,8 @@ def test_explora_freezing_and_qv_only(timm_ckpt):
     after = vit.state_dict()
     qkv0, old = after["vit.blocks.0.attn.qkv.weight"], before["vit.blocks.0.attn.qkv.weight"]
     d = 64
-    assert torch.equal(qkv0[d:2 * d], old[d:2 * d])  # K untouched
-    assert not torch.equal(qkv0[:d], old[:d]) and not torch.equal(qkv0[2 * d:], old[2 * d:])
+    assert torch.equal(qkv0[d : 2 * d], old[d : 2 * d])  # K untouched
+    assert not torch.equal(qkv0[:d], old[:d]) and not torch.equal(qkv0[2 * d :], old[2 * d :])
     assert torch.equal(after["vit.blocks.0.mlp.fc1.weight"], before["vit.blocks.0.mlp.fc1.weight"])
     assert set(after) == set(before)
 
@@ -408,7 +456,7 @@ def test_merge_agrees_with_unmerged():
 
 
 def test_embedding_trains_only_when_bands_differ():
-    for names, expect in ((RGB, False), (("B2", "B3", "B4"), False), (RGB + ("B8",), True)):
+    for names, expect in ((RGB, False), (("B2", "B3", "B4"), False), ((*RGB, "B8"), True)):
         vit = build_backbone(TINY, "random", bands=s2(*names), img_size=56)
         report = apply_explora(vit)
         assert (report["groups"]["embedding"] > 0) is expect
@@ -422,14 +470,15 @@ def test_finetune_lora_mode_and_errors():
     assert report["groups"]["lora"] == 4 * 2 * (8 * 64 * 2)
     assert report["groups"]["unfrozen_blocks"] == 0
     assert "finetune_lora" in vit.config
-    with pytest.raises(UserError, match="blocks 0..3"):
+    with pytest.raises(UserError, match=r"blocks 0..3"):
         apply_explora(build_backbone(TINY, "random", img_size=56), unfreeze_blocks=[7])
     with pytest.raises(UserError, match="LoRA targets"):
         apply_explora(build_backbone(TINY, "random", img_size=56), lora_targets=("qk",))
 
 
-@pytest.mark.parametrize("name,expected", [("vit_large_patch14_dinov2", 18.7e6),
-                                           ("vit_base_patch14_dinov2", 9.3e6)])
+@pytest.mark.parametrize(
+    "name,expected", [("vit_large_patch14_dinov2", 18.7e6), ("vit_base_patch14_dinov2", 9.3e6)]
+)
 def test_paper_trainable_parameter_counts(name, expected):
     """ExPLoRA at the paper's settings: ViT-L/14 ~18.7M, ViT-B/14 ~9.3M trainable (RGB
     embedding frozen). Counted on the meta device: no weights, no download."""

@@ -25,9 +25,11 @@ from geoexplora.models.file import (
 )
 from geoexplora.models.heads import TaskModel, build_head
 
-CLASSES = [{"id": 1, "name": "crop", "color": "#e0c000"},
-           {"id": 2, "name": "forest", "color": "#006400"},
-           {"id": 3, "name": "water", "color": "#0040ff"}]
+CLASSES = [
+    {"id": 1, "name": "crop", "color": "#e0c000"},
+    {"id": 2, "name": "forest", "color": "#006400"},
+    {"id": 3, "name": "water", "color": "#0040ff"},
+]
 BANDS = ("B2", "B3", "B4", "B8")
 
 
@@ -70,18 +72,26 @@ def test_backbone_round_trip_is_exact_and_merged(tmp_path, backbone):
 def test_model_loads_without_peft(tmp_path, backbone):
     apply_explora(backbone)
     path = save_model(tmp_path / "adapted.pt", backbone)
-    code = ("import sys; sys.modules['peft'] = None\n"
-            "from geoexplora.models.file import load_model\n"
-            f"m = load_model({str(path)!r})\n"
-            "assert 'peft' not in [k for k, v in sys.modules.items() if v is not None]\n"
-            "print(type(m).__name__)")
+    code = (
+        "import sys; sys.modules['peft'] = None\n"
+        "from geoexplora.models.file import load_model\n"
+        f"m = load_model({str(path)!r})\n"
+        "assert 'peft' not in [k for k, v in sys.modules.items() if v is not None]\n"
+        "print(type(m).__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "GeoViT"
 
 
-@pytest.mark.parametrize("task,pooling", [("classification", "mean"), ("multilabel", "cls"),
-                                          ("classification", "cls+mean"),
-                                          ("classification", "cls4+mean")])
+@pytest.mark.parametrize(
+    "task,pooling",
+    [
+        ("classification", "mean"),
+        ("multilabel", "cls"),
+        ("classification", "cls+mean"),
+        ("classification", "cls4+mean"),
+    ],
+)
 def test_task_model_classification_round_trip(tmp_path, backbone, task, pooling):
     head = build_head(task, backbone.embed_dim, len(CLASSES), pooling=pooling)
     model = TaskModel(backbone, head, task, CLASSES).eval()
@@ -102,8 +112,9 @@ def test_task_model_classification_round_trip(tmp_path, backbone, task, pooling)
 
 def test_segmentation_head_full_resolution_and_frames(tmp_path):
     vit = build_backbone(TINY, "random", bands=s2(*BANDS), img_size=56, num_frames=2).eval()
-    model = TaskModel(vit, build_head("segmentation", vit.embed_dim, 3), "segmentation",
-                      CLASSES).eval()
+    model = TaskModel(
+        vit, build_head("segmentation", vit.embed_dim, 3), "segmentation", CLASSES
+    ).eval()
     x = image(t=2)
     mask = torch.tensor([[True, False], [True, True]])
     with torch.no_grad():
@@ -127,19 +138,19 @@ def test_bad_files_are_user_errors(tmp_path, backbone):
 
     raw = tmp_path / "raw.pth"
     torch.save(backbone.state_dict(), raw)
-    with pytest.raises(UserError, match="raw.pth: not a geoexplora model file"):
+    with pytest.raises(UserError, match=r"raw.pth: not a geoexplora model file"):
         load_model(raw)
 
     newer = tmp_path / "newer.pt"
     payload = torch.load(path, weights_only=True)
     payload["format_version"] = 99
     torch.save(payload, newer)
-    with pytest.raises(UserError, match="newer.pt: model file format 99 is newer"):
+    with pytest.raises(UserError, match=r"newer.pt: model file format 99 is newer"):
         read_model_meta(newer)
 
     broken = tmp_path / "broken.pt"
     broken.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(UserError, match="broken.pt: not a readable model file"):
+    with pytest.raises(UserError, match=r"broken.pt: not a readable model file"):
         load_model(broken)
 
     with pytest.raises(UserError, match="no such model file"):
@@ -179,26 +190,32 @@ def test_continue_adapting_from_model_file(tmp_path, backbone):
 
 
 def _scene(keys, dates):
-    return SimpleNamespace(bands=[get_band(*k.split(":")) for k in keys], dates=dates,
-                           crs="EPSG:32629")
+    return SimpleNamespace(
+        bands=[get_band(*k.split(":")) for k in keys], dates=dates, crs="EPSG:32629"
+    )
 
 
 def test_scene_check_reorders_and_explains(tmp_path, backbone):
     meta = read_model_meta(save_model(tmp_path / "m.pt", backbone))
-    scene = _scene(["sentinel2:B8", "sentinel2:B4", "sentinel2:B11", "sentinel2:B3",
-                    "sentinel2:B2"], ["2020-02-19"])
+    scene = _scene(
+        ["sentinel2:B8", "sentinel2:B4", "sentinel2:B11", "sentinel2:B3", "sentinel2:B2"],
+        ["2020-02-19"],
+    )
     plan = check_scene_against_model(meta, scene)
     assert plan.band_indices == [4, 3, 1, 0]
     assert [b.name for b in plan.bands] == list(BANDS) and plan.num_frames == 1
-    with pytest.raises(UserError, match="lacks sentinel2:B8 .*has sentinel2:B2, sentinel2:B3"):
-        check_scene_against_model(meta, _scene(["sentinel2:B2", "sentinel2:B3", "sentinel2:B4"],
-                                               [None]))
+    with pytest.raises(UserError, match=r"lacks sentinel2:B8 .*has sentinel2:B2, sentinel2:B3"):
+        check_scene_against_model(
+            meta, _scene(["sentinel2:B2", "sentinel2:B3", "sentinel2:B4"], [None])
+        )
     with pytest.raises(UserError, match="lacks sentinel2:B2"):
-        check_scene_against_model(meta, _scene(["landsat8:B2", "landsat8:B3", "landsat8:B4",
-                                                "landsat8:B5"], [None]))
+        check_scene_against_model(
+            meta, _scene(["landsat8:B2", "landsat8:B3", "landsat8:B4", "landsat8:B5"], [None])
+        )
     with pytest.raises(UserError, match="single date; the scene has 2"):
-        check_scene_against_model(meta, _scene([f"sentinel2:{b}" for b in BANDS],
-                                               ["2020-01-01", "2020-02-01"]))
+        check_scene_against_model(
+            meta, _scene([f"sentinel2:{b}" for b in BANDS], ["2020-01-01", "2020-02-01"])
+        )
 
 
 def test_scene_check_temporal(tmp_path):

@@ -21,8 +21,6 @@ L8 = "/landsat8-224078-2020-05-18/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 S2_TILE = "/s2-l2a-29RKH-2020-02-19/S2A_29RKH_20200219_L2A_12band_200m.tif"
 
 
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
@@ -48,9 +46,22 @@ def read(path):
 def test_landsat8_class_map_keeps_grid_nodata_and_carries_colours(models, shared_data, tmp_path):
     src_path = str(shared_data) + L8
     out = tmp_path / "l8.tif"
-    code, _, err = predict(models["l8"], src_path, "-o", out, "--band-map", "1=B2,2=B3,3=B4",
-                           "--nodata", "0", "--window", "112", "--overlap", "28",
-                           "--batch-size", "16")
+    code, _, err = predict(
+        models["l8"],
+        src_path,
+        "-o",
+        out,
+        "--band-map",
+        "1=B2,2=B3,3=B4",
+        "--nodata",
+        "0",
+        "--window",
+        "112",
+        "--overlap",
+        "28",
+        "--batch-size",
+        "16",
+    )
     assert code == 0, err
     with rasterio.open(src_path) as src, rasterio.open(out) as dst:
         raw = src.read()
@@ -70,15 +81,26 @@ def test_landsat8_class_map_keeps_grid_nodata_and_carries_colours(models, shared
     assert len(np.unique(classes[~invalid])) > 1
     sidecar = json.loads((tmp_path / "l8.tif.json").read_text())
     assert sidecar["valid_pixels"] == int((~invalid).sum())
-    assert [m["model_band"] for m in sidecar["band_mapping"]] == ["landsat8:B2", "landsat8:B3",
-                                                                   "landsat8:B4"]
+    assert [m["model_band"] for m in sidecar["band_mapping"]] == [
+        "landsat8:B2",
+        "landsat8:B3",
+        "landsat8:B4",
+    ]
     assert len(sidecar["model"]["sha256"]) == 64 and sidecar["plan"]["window"] == 112
 
 
 def test_sentinel2_probabilities_and_uncertainty(models, shared_data, tmp_path):
     out = tmp_path / "s2.tif"
-    code, _, err = predict(models["seg"], str(shared_data) + S2_TILE, "-o", out,
-                           "--probabilities", "--prob-dtype", "uint8", "--uncertainty")
+    code, _, err = predict(
+        models["seg"],
+        str(shared_data) + S2_TILE,
+        "-o",
+        out,
+        "--probabilities",
+        "--prob-dtype",
+        "uint8",
+        "--uncertainty",
+    )
     assert code == 0, err
     classes, cprof, _ = read(out)
     probs, pprof, scales = read(tmp_path / "s2_probabilities.tif")
@@ -107,8 +129,13 @@ def test_five_dates_smaller_than_one_window(models, tmp_path):
         assert (dst.read(1) != 255).all()
     sidecar = json.loads((tmp_path / "slo.tif.json").read_text())
     assert sidecar["plan"]["windows"] == 1
-    assert sidecar["scene"]["dates"] == ["2015-07-11", "2015-07-31", "2015-08-20",
-                                         "2015-08-30", "2015-09-09"]
+    assert sidecar["scene"]["dates"] == [
+        "2015-07-11",
+        "2015-07-31",
+        "2015-08-20",
+        "2015-08-30",
+        "2015-09-09",
+    ]
     assert len(sidecar["band_mapping"]) == 20
 
 
@@ -119,8 +146,14 @@ def test_a_single_date_model_refuses_a_time_series(models, tmp_path):
 
 
 def test_missing_band_is_an_error_naming_it(models, shared_data, tmp_path):
-    code, _, err = predict(models["seg"], str(shared_data) + L8, "-o", tmp_path / "x.tif",
-                           "--band-map", "1=B2,2=B3,3=B4")
+    code, _, err = predict(
+        models["seg"],
+        str(shared_data) + L8,
+        "-o",
+        tmp_path / "x.tif",
+        "--band-map",
+        "1=B2,2=B3,3=B4",
+    )
     assert code == 2
     assert "sentinel2:B8" in err and "landsat8:B2" in err
     assert not list(tmp_path.iterdir())
@@ -147,8 +180,9 @@ def test_all_nodata_raster_gives_an_all_nodata_output_and_a_warning(models, tmp_
     with rasterio.open(empty, "w", **{**profile, "nodata": 0}) as dst:
         dst.write(np.zeros((profile["count"], 256, 256), dtype=profile["dtype"]))
         dst.descriptions = names
-    code, out, err = run_cli("predict", str(models["seg"]), str(empty), "-o",
-                             str(tmp_path / "p.tif"), "--json")
+    code, out, err = run_cli(
+        "predict", str(models["seg"]), str(empty), "-o", str(tmp_path / "p.tif"), "--json"
+    )
     assert code == 0
     assert "no valid pixel" in err
     assert json.loads(out)["results"][0]["valid_pixels"] == 0
@@ -166,8 +200,18 @@ def test_existing_output_needs_overwrite(models, tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
-    code, out, err = predict(models["seg"], s2_tile_crop(), "-o", tmp_path / "p.tif",
-                             "--dry-run", "--json", "--overlap", "14", "--batch-size", "5")
+    code, out, err = predict(
+        models["seg"],
+        s2_tile_crop(),
+        "-o",
+        tmp_path / "p.tif",
+        "--dry-run",
+        "--json",
+        "--overlap",
+        "14",
+        "--batch-size",
+        "5",
+    )
     assert code == 0, err
     plan = json.loads(out)["results"][0]
     assert plan["plan"]["windows"] == 36 and plan["batches"] == 8  # 6 x 6 windows, stride 42
@@ -180,12 +224,28 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
 def test_shards_merged_equal_the_single_run(models, shared_data, tmp_path):
     src = str(shared_data) + S2_TILE  # 549 rows: 3 strips of 256 rows
     assert predict(models["seg"], src, "-o", tmp_path / "single.tif", "--probabilities")[0] == 0
-    code, out, _ = predict(models["seg"], src, "-o", tmp_path / "sharded.tif",
-                           "--probabilities", "--shard", "2/2", "--json")
+    code, out, _ = predict(
+        models["seg"],
+        src,
+        "-o",
+        tmp_path / "sharded.tif",
+        "--probabilities",
+        "--shard",
+        "2/2",
+        "--json",
+    )
     assert code == 0 and json.loads(out)["results"][0]["status"] == "partial"
     assert not (tmp_path / "sharded.tif").exists()
-    code, out, _ = predict(models["seg"], src, "-o", tmp_path / "sharded.tif",
-                           "--probabilities", "--shard", "1/2", "--json")
+    code, out, _ = predict(
+        models["seg"],
+        src,
+        "-o",
+        tmp_path / "sharded.tif",
+        "--probabilities",
+        "--shard",
+        "1/2",
+        "--json",
+    )
     assert code == 0 and json.loads(out)["results"][0]["status"] == "complete"
     for name in ("{}.tif", "{}_probabilities.tif"):
         a, pa, _ = read(tmp_path / name.format("single"))
@@ -195,8 +255,9 @@ def test_shards_merged_equal_the_single_run(models, shared_data, tmp_path):
     assert not (tmp_path / ".sharded.tif.parts").exists()
 
 
-def test_resume_after_an_interruption_equals_the_single_run(models, shared_data, tmp_path,
-                                                            monkeypatch):
+def test_resume_after_an_interruption_equals_the_single_run(
+    models, shared_data, tmp_path, monkeypatch
+):
     from geoexplora.io.writers import StripStore
 
     src = str(shared_data) + S2_TILE
@@ -213,12 +274,14 @@ def test_resume_after_an_interruption_equals_the_single_run(models, shared_data,
     monkeypatch.setattr(StripStore, "_write_strip", original)
     code, _, err = predict(models["seg"], src, "-o", tmp_path / "resumed.tif")
     assert code == 2 and "--resume" in err  # a plain rerun does not silently restart
-    code, out, err = predict(models["seg"], src, "-o", tmp_path / "resumed.tif", "--resume",
-                             "--json")
+    code, out, err = predict(
+        models["seg"], src, "-o", tmp_path / "resumed.tif", "--resume", "--json"
+    )
     assert code == 0, err
     assert json.loads(out)["results"][0]["strips"]["this_run"] == 2
-    np.testing.assert_array_equal(read(tmp_path / "single.tif")[0],
-                                  read(tmp_path / "resumed.tif")[0])
+    np.testing.assert_array_equal(
+        read(tmp_path / "single.tif")[0], read(tmp_path / "resumed.tif")[0]
+    )
 
 
 def test_classification_grid_has_one_cell_per_stride(models, tmp_path):
@@ -241,8 +304,16 @@ def test_classification_dense_is_per_pixel(models, tmp_path):
 def test_several_inputs_to_a_folder_and_paths_from_stdin(models, tmp_path):
     crop = s2_tile_crop()
     folder = tmp_path / "out"
-    code, _, err = run_cli("-q", "predict", str(models["seg"]), "-", str(crop), "-o",
-                           f"{folder}/", input=f"{slovenia_scenes()[0]}\n")
+    code, _, err = run_cli(
+        "-q",
+        "predict",
+        str(models["seg"]),
+        "-",
+        str(crop),
+        "-o",
+        f"{folder}/",
+        input=f"{slovenia_scenes()[0]}\n",
+    )
     assert code == 0, err
     names = sorted(p.name for p in folder.glob("*.tif"))
     assert names == sorted([crop.stem + ".tif", slovenia_scenes()[0].stem + ".tif"])
@@ -267,21 +338,27 @@ def _mosaic_vrt(source: Path, size: int, bands: list[int], names: list[str]) -> 
     with rasterio.open(source) as src:
         w, h, t, crs, dtype = src.width, src.height, src.transform, src.crs, src.dtypes[0]
     gdal_type = {"uint16": "UInt16"}[dtype]
-    lines = [f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">',
-             f"<SRS>{crs.to_wkt().replace('&', '&amp;').replace('<', '&lt;')}</SRS>",
-             f"<GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>"]
+    lines = [
+        f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">',
+        f"<SRS>{crs.to_wkt().replace('&', '&amp;').replace('<', '&lt;')}</SRS>",
+        f"<GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>",
+    ]
     for k, (band, name) in enumerate(zip(bands, names), start=1):
-        lines.append(f'<VRTRasterBand dataType="{gdal_type}" band="{k}">'
-                     f"<Description>{name}</Description><NoDataValue>0</NoDataValue>")
+        lines.append(
+            f'<VRTRasterBand dataType="{gdal_type}" band="{k}">'
+            f"<Description>{name}</Description><NoDataValue>0</NoDataValue>"
+        )
         for y in range(0, size, h):
             for x in range(0, size, w):
-                lines.append(f'<SimpleSource><SourceFilename relativeToVRT="0">{source}'
-                             f"</SourceFilename><SourceBand>{band}</SourceBand>"
-                             f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
-                             f'<DstRect xOff="{x}" yOff="{y}" xSize="{w}" ySize="{h}"/>'
-                             "</SimpleSource>")
+                lines.append(
+                    f'<SimpleSource><SourceFilename relativeToVRT="0">{source}'
+                    f"</SourceFilename><SourceBand>{band}</SourceBand>"
+                    f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                    f'<DstRect xOff="{x}" yOff="{y}" xSize="{w}" ySize="{h}"/>'
+                    "</SimpleSource>"
+                )
         lines.append("</VRTRasterBand>")
-    return "\n".join(lines + ["</VRTDataset>"])
+    return "\n".join([*lines, "</VRTDataset>"])
 
 
 MEMORY_LIMIT_BYTES = 2 * 2**30
@@ -293,17 +370,47 @@ def test_a_20000_pixel_wide_raster_streams_in_bounded_memory(models, shared_data
     depends on the width, not the height, so the strip shows the bound. Peak RSS of the child
     process (torch included) must stay under 2 GiB."""
     vrt = tmp_path / "big.vrt"
-    vrt.write_text(_mosaic_vrt(Path(str(shared_data) + S2_TILE), 20000, [2, 3, 4, 8],
-                               ["B02", "B03", "B04", "B08"]))
-    code = ("import resource, sys; from geoexplora.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
-            "sys.exit(rc)")
+    vrt.write_text(
+        _mosaic_vrt(
+            Path(str(shared_data) + S2_TILE), 20000, [2, 3, 4, 8], ["B02", "B03", "B04", "B08"]
+        )
+    )
+    code = (
+        "import resource, sys; from geoexplora.cli import main; rc = main(sys.argv[1:]); "
+        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
+        "sys.exit(rc)"
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", code, "-q", "predict", str(models["seg"]), str(vrt), "-o",
-         str(tmp_path / "big.tif"), "--shard", "1/79", "--window", "112", "--overlap", "28",
-         "--batch-size", "16", "--sensor", "sentinel2", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+        [
+            sys.executable,
+            "-c",
+            code,
+            "-q",
+            "predict",
+            str(models["seg"]),
+            str(vrt),
+            "-o",
+            str(tmp_path / "big.tif"),
+            "--shard",
+            "1/79",
+            "--window",
+            "112",
+            "--overlap",
+            "28",
+            "--batch-size",
+            "16",
+            "--sensor",
+            "sentinel2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout[:proc.stdout.rindex("PEAK_KB")])["results"][0]
+    result = json.loads(proc.stdout[: proc.stdout.rindex("PEAK_KB")])["results"][0]
     assert result["status"] == "partial" and result["strips"]["this_run"] == 1
     assert result["timings"]["windows"] == 4 * 238  # 4 window rows touch rows 0-255
     peak = int(proc.stdout.rsplit("PEAK_KB", 1)[1]) * 1024

@@ -25,6 +25,7 @@ def conv_forward(channels_in: int, k: int = 3, seed: int = 0):
         b, t, c, h, w = x.shape
         z = torch.nan_to_num(x.reshape(b, t * c, h, w), nan=0.0)
         return torch.nn.functional.conv2d(z, weight, padding=1)
+
     return forward
 
 
@@ -35,8 +36,11 @@ def scene() -> Scene:
 
 
 def blended(scene, plan, forward, k, blend="cosine", **kw):
-    strips = list(engine.run(scene, plan, [(forward, torch.device("cpu"))], k, blend=blend,
-                             batch_size=4, **kw))
+    strips = list(
+        engine.run(
+            scene, plan, [(forward, torch.device("cpu"))], k, blend=blend, batch_size=4, **kw
+        )
+    )
     values = np.concatenate([s.values for s in strips], axis=1)
     weight = np.concatenate([s.weight for s in strips], axis=0)
     return values / np.where(weight > 0, weight, 1), weight, strips
@@ -101,8 +105,12 @@ def test_nodata_pixels_get_no_weight_and_empty_windows_are_skipped(scene):
 
         def __init__(self, base):
             self.base = base
-            self.width, self.height, self.dates, self.bands = (base.width, base.height,
-                                                               base.dates, base.bands)
+            self.width, self.height, self.dates, self.bands = (
+                base.width,
+                base.height,
+                base.dates,
+                base.bands,
+            )
 
         def read(self, window):
             data = self.base.read(window).copy()

@@ -49,8 +49,9 @@ def test_random_labels_give_chance_accuracy():
 
 def test_grid_has_one_head_per_feature_set_and_learning_rate():
     (xt, yt), (xv, yv) = blobs(64, 0), blobs(32, 1)
-    fit = train_linear_heads({"a": xt, "b": xt[:, :5]}, yt, {"a": xv, "b": xv[:, :5]}, yv, K, LRS,
-                             steps=5, batch_size=16)
+    fit = train_linear_heads(
+        {"a": xt, "b": xt[:, :5]}, yt, {"a": xv, "b": xv[:, :5]}, yv, K, LRS, steps=5, batch_size=16
+    )
     assert [(s.features, s.base_lr) for s in fit.specs] == [(f, lr) for f in "ab" for lr in LRS]
     assert len(fit.val_scores) == 8
     assert fit.specs[0].lr(fit.batch_size) == pytest.approx(1e-4 * 16 / 256)
@@ -60,8 +61,9 @@ def test_chosen_head_is_the_best_on_validation():
     (xt, yt), (xv, yv) = blobs(200, 0), blobs(100, 1)
     noise = torch.randn(200, 24, generator=torch.Generator().manual_seed(3))
     noise_v = torch.randn(100, 24, generator=torch.Generator().manual_seed(4))
-    fit = train_linear_heads({"noise": noise, "signal": xt}, yt,
-                             {"noise": noise_v, "signal": xv}, yv, K, LRS, steps=200)
+    fit = train_linear_heads(
+        {"noise": noise, "signal": xt}, yt, {"noise": noise_v, "signal": xv}, yv, K, LRS, steps=200
+    )
     assert fit.val_scores[fit.best] == max(fit.val_scores)
     assert fit.best_spec.features == "signal"
     assert top1(fit.logits({"signal": xv}), yv) == pytest.approx(fit.val_scores[fit.best])
@@ -77,13 +79,16 @@ def test_heads_start_from_small_gaussian_weights_and_zero_bias():
 
 def test_multilabel_heads_learn_per_class_sigmoids():
     g = torch.Generator().manual_seed(0)
+
     def split(n):
         y = (torch.rand(n, K, generator=g) < 0.4).float()
         return y * 4 - 2 + 0.5 * torch.randn(n, K, generator=g), y
+
     (xt, yt), (xv, yv), (xs, ys) = split(200), split(80), split(200)
     fit = train_linear_heads({"f": xt}, yt, {"f": xv}, yv, K, LRS, multilabel=True, steps=300)
     assert fit.val_metric == "map"
     from geoexplora.train.metrics import multilabel_metrics
+
     assert multilabel_metrics(fit.logits({"f": xs}), ys)["map"] > 0.95
 
 

@@ -85,8 +85,16 @@ def test_head_is_chosen_on_val_never_on_test(nc, tmp_path):
 def test_several_models_print_side_by_side_with_confusion_plots(nc, tmp_path):
     chips, model = nc
     other = tiny_model_file(tmp_path / "other.pt", chips, seed=1)
-    code, out, err = run_cli("probe", str(model), str(other), str(chips), "--plots",
-                             str(tmp_path / "plots"), "--no-cache", *FAST)
+    code, out, err = run_cli(
+        "probe",
+        str(model),
+        str(other),
+        str(chips),
+        "--plots",
+        str(tmp_path / "plots"),
+        "--no-cache",
+        *FAST,
+    )
     assert code == 0, err
     header = next(line for line in out.splitlines() if "metric" in line)
     assert "tiny" in header and "other" in header
@@ -158,8 +166,13 @@ def test_bad_inputs_exit_2_naming_the_problem(nc, tmp_path):
         ((str(model), str(tmp_path)), "not a chips dataset"),
         ((str(model), str(chips), "--features", "cls,patch"), "--features"),
         ((str(chips),), "MODEL... CHIPS"),
-        ((str(tiny_model_file(tmp_path / "p16.pt", chips, arch="geo_vit_tiny_patch16")),
-          str(chips)), "not a multiple of p16.pt's 16 px patches"),
+        (
+            (
+                str(tiny_model_file(tmp_path / "p16.pt", chips, arch="geo_vit_tiny_patch16")),
+                str(chips),
+            ),
+            "not a multiple of p16.pt's 16 px patches",
+        ),
     ]
     for args, message in cases:
         code, out, err = run_cli("probe", *args, "--no-cache")
@@ -170,7 +183,14 @@ def test_save_head_refuses_to_overwrite_before_any_work(nc, tmp_path):
     chips, model = nc
     out = tmp_path / "head.pt"
     out.write_bytes(b"keep")
-    code, _, err = run_cli("probe", str(model), str(chips), "--save-head", str(out),
-                           "--cache-dir", str(tmp_path / "cache"))
+    code, _, err = run_cli(
+        "probe",
+        str(model),
+        str(chips),
+        "--save-head",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert code == 2 and "--overwrite" in err
     assert out.read_bytes() == b"keep" and not (tmp_path / "cache").exists()

@@ -31,9 +31,20 @@ def make_cog(path: Path, size: int = 512, block: int = 128) -> Path:
         transform = src.transform * src.transform.scale(src.width / size, src.height / size)
         crs = src.crs
     dn = np.clip(np.nan_to_num(data) * 1e4, 1, 65535).astype("uint16")
-    with rasterio.open(path, "w", driver="COG", width=size, height=size, count=4, dtype="uint16",
-                       crs=crs, transform=transform, blocksize=block, compress="deflate",
-                       predictor=2) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="COG",
+        width=size,
+        height=size,
+        count=4,
+        dtype="uint16",
+        crs=crs,
+        transform=transform,
+        blocksize=block,
+        compress="deflate",
+        predictor=2,
+    ) as dst:
         dst.write(dn)
         dst.descriptions = ("B02", "B03", "B04", "B08")
         dst.update_tags(ACQUISITION="2015-07-11")
@@ -74,7 +85,9 @@ def test_cli_keeps_uris_unmangled(monkeypatch):
     from geoexplora.commands._options import expand_paths
 
     assert expand_paths(["https://example.com/a.tif", "x.tif"]) == [
-        "https://example.com/a.tif", Path("x.tif")]
+        "https://example.com/a.tif",
+        Path("x.tif"),
+    ]
     monkeypatch.setattr(sys, "stdin", io.StringIO("s3://b/k.tif\nlocal.tif\n"))
     assert expand_paths(["-"]) == ["s3://b/k.tif", Path("local.tif")]
 
@@ -99,8 +112,12 @@ def test_remote_window_equals_local_and_fetches_a_small_fraction(served):
         got = scene.read(window)
         fetched = srv.bytes_served
         assert scene.describe()["paths"] == [url]  # named as given
-        assert [b.key for b in scene.bands] == ["sentinel2:B2", "sentinel2:B3", "sentinel2:B4",
-                                                "sentinel2:B8"]
+        assert [b.key for b in scene.bands] == [
+            "sentinel2:B2",
+            "sentinel2:B3",
+            "sentinel2:B4",
+            "sentinel2:B8",
+        ]
         assert scene.dates == ["2015-07-11"]
     with open_scene([root / NAME]) as local:
         want = local.read(window)
@@ -123,8 +140,9 @@ def test_resolver_takes_uris_and_refuses_listing(served):
             collect_inputs([bad])
 
 
-@pytest.mark.parametrize("name,cause", [("missing.tif", "HTTP 404 not found"),
-                                        ("forbidden.tif", "HTTP 403 forbidden")])
+@pytest.mark.parametrize(
+    "name,cause", [("missing.tif", "HTTP 404 not found"), ("forbidden.tif", "HTTP 403 forbidden")]
+)
 def test_http_errors_are_one_line_exit_2(served, name, cause):
     srv, _ = served
     url = srv.url(name)
@@ -144,11 +162,13 @@ def test_unreachable_host_and_no_range_support_exit_2(served, tmp_path):
     assert code == 2 and f"/vsicurl/{url}: host unreachable" in err
     with RangeServer(root, ranges=False) as plain:
         out = tmp_path / "p.tif"
-        code, _, err = run_cli("predict", str(make_model(tmp_path / "m.pt")), plain.url(NAME),
-                               "-o", str(out))
+        code, _, err = run_cli(
+            "predict", str(make_model(tmp_path / "m.pt")), plain.url(NAME), "-o", str(out)
+        )
         assert code == 2 and not out.exists()
         assert err.strip().splitlines() == [
-            f"geoexplora: error: {plain.url(NAME)}: the server does not support range requests"]
+            f"geoexplora: error: {plain.url(NAME)}: the server does not support range requests"
+        ]
 
 
 def test_server_failure_after_retries_is_exit_1(served, monkeypatch):
@@ -160,7 +180,8 @@ def test_server_failure_after_retries_is_exit_1(served, monkeypatch):
     code, _, err = run_cli("info", url)
     assert code == 1
     assert err.strip().splitlines() == [
-        f"geoexplora: error: {url}: HTTP 503 Service Unavailable after 1 retries"]
+        f"geoexplora: error: {url}: HTTP 503 Service Unavailable after 1 retries"
+    ]
     assert sum(1 for r in srv.requests if r[1] == "/busy.tif") >= 2  # GDAL retried
 
 
@@ -172,8 +193,12 @@ def test_info_remote_raster(served):
     assert code == 0
     doc = json.loads(out)["files"][0]
     assert doc["path"] == srv.url(NAME) and doc["count"] == 4 and doc["width"] == 512
-    assert [b["key"] for b in doc["bands"]] == ["sentinel2:B2", "sentinel2:B3", "sentinel2:B4",
-                                                "sentinel2:B8"]
+    assert [b["key"] for b in doc["bands"]] == [
+        "sentinel2:B2",
+        "sentinel2:B3",
+        "sentinel2:B4",
+        "sentinel2:B8",
+    ]
 
 
 def test_predict_remote_scene_equals_local(served, tmp_path):

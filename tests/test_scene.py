@@ -17,8 +17,12 @@ def test_slovenia_five_dates_become_five_frames(shared_data):
     scene = open_scene(files, SceneOptions(bands=["B2", "B3", "B4", "B8"]))
     assert scene.shape == (5, 4, 101, 100)
     assert scene.dates == ["2015-07-11", "2015-07-31", "2015-08-20", "2015-08-30", "2015-09-09"]
-    assert [b.key for b in scene.bands] == ["sentinel2:B2", "sentinel2:B3", "sentinel2:B4",
-                                            "sentinel2:B8"]
+    assert [b.key for b in scene.bands] == [
+        "sentinel2:B2",
+        "sentinel2:B3",
+        "sentinel2:B4",
+        "sentinel2:B8",
+    ]
     assert scene.crs.to_epsg() == 32633
 
 
@@ -42,8 +46,20 @@ def test_one_file_per_band_at_three_resolutions_share_the_finest_grid(shared_dat
     scene = open_scene([shared_data / "s2-l2a-29RKH-2020-02-19" / "original"])
     assert scene.shape == (1, 12, 1098, 1098)
     assert scene.res == (100.0, 100.0)
-    assert [b.name for b in scene.bands] == ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8",
-                                             "B8A", "B9", "B11", "B12"]
+    assert [b.name for b in scene.bands] == [
+        "B1",
+        "B2",
+        "B3",
+        "B4",
+        "B5",
+        "B6",
+        "B7",
+        "B8",
+        "B8A",
+        "B9",
+        "B11",
+        "B12",
+    ]
     with rasterio.open(shared_data / "s2-l2a-29RKH-2020-02-19" / "original" / "B02.tif") as src:
         assert scene.transform == src.transform
     data = scene.read(Window(500, 500, 16, 16))
@@ -59,7 +75,7 @@ def test_resolution_option_resamples(shared_data):
 
 
 def test_landsat8_without_descriptions_needs_a_band_map(shared_data):
-    with pytest.raises(UserError, match="cannot tell which bands .*--band-map"):
+    with pytest.raises(UserError, match=r"cannot tell which bands .*or band_map 1=B2"):
         open_scene([shared_data / L8])
 
 
@@ -74,8 +90,10 @@ def test_landsat8_band_map_and_sensor_from_product_name(shared_data):
 def test_landsat7_float_nodata_and_band_in_second_file(shared_data):
     d = shared_data / "landsat7-nc-2000"
     bm = ",".join([f"landsat_multiband:{i}=B{i}" for i in range(1, 6)] + ["lsat7_2000_70:1=B7"])
-    scene = open_scene([d / "landsat_multiband.tif", d / "lsat7_2000_70.tif"],
-                       scene_options(sensor="landsat7", band_map=bm))
+    scene = open_scene(
+        [d / "landsat_multiband.tif", d / "lsat7_2000_70.tif"],
+        scene_options(sensor="landsat7", band_map=bm),
+    )
     assert [b.name for b in scene.bands] == ["B1", "B2", "B3", "B4", "B5", "B7"]
     data = scene.read()
     with rasterio.open(d / "landsat_multiband.tif") as src:
@@ -140,10 +158,15 @@ def test_ambiguous_band_in_two_files_of_one_date(shared_data, tmp_path):
     src = shared_data / "s2-l2a-29RKH-2020-02-19" / "original" / "B02.tif"
     shutil.copy(src, tmp_path / "a_B02.tif")
     shutil.copy(src, tmp_path / "b_B02.tif")
-    with pytest.raises(UserError, match="band B2 appears 2 times: a_B02.tif#1 .*, b_B02.tif#1 "
-                                        r".*; give one file per band and date"):
-        open_scene([tmp_path / "a_B02.tif", tmp_path / "b_B02.tif"],
-                   SceneOptions(sensor="sentinel2", bands=["B2"]))
+    with pytest.raises(
+        UserError,
+        match="band B2 appears 2 times: a_B02.tif#1 .*, b_B02.tif#1 "
+        r".*; give one file per band and date",
+    ):
+        open_scene(
+            [tmp_path / "a_B02.tif", tmp_path / "b_B02.tif"],
+            SceneOptions(sensor="sentinel2", bands=["B2"]),
+        )
 
 
 def test_missing_file_is_a_user_error(tmp_path):
@@ -154,24 +177,41 @@ def test_missing_file_is_a_user_error(tmp_path):
 def test_not_a_raster_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.tif"
     bad.write_text("not a tiff")
-    with pytest.raises(UserError, match="bad.tif: not a readable raster"):
+    with pytest.raises(UserError, match=r"bad.tif: not a readable raster"):
         open_scene([bad])
 
 
 def test_raster_without_crs_is_a_user_error(tmp_path):
     path = tmp_path / "nocrs.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=4, height=4, count=1, dtype="uint16",
-                       transform=rasterio.transform.from_origin(0, 4, 1, 1)) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=4,
+        height=4,
+        count=1,
+        dtype="uint16",
+        transform=rasterio.transform.from_origin(0, 4, 1, 1),
+    ) as dst:
         dst.write(np.ones((1, 4, 4), "uint16"))
-    with pytest.raises(UserError, match="nocrs.tif: has no CRS"):
+    with pytest.raises(UserError, match=r"nocrs.tif: has no CRS"):
         open_scene([path], SceneOptions(sensor="sentinel2", band_map={"1": "B2"}))
 
 
 def test_sentinel2_offset_applies_after_baseline_04(tmp_path):
     path = tmp_path / "S2B_T31UFU_20230301_B04.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=2, height=2, count=1, dtype="uint16",
-                       crs="EPSG:32631", nodata=0,
-                       transform=rasterio.transform.from_origin(0, 20, 10, 10)) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=2,
+        height=2,
+        count=1,
+        dtype="uint16",
+        crs="EPSG:32631",
+        nodata=0,
+        transform=rasterio.transform.from_origin(0, 20, 10, 10),
+    ) as dst:
         dst.write(np.full((1, 2, 2), 1500, "uint16"))
     scene = open_scene([path])
     assert scene.dates == ["2023-03-01"]
@@ -180,12 +220,15 @@ def test_sentinel2_offset_applies_after_baseline_04(tmp_path):
     assert float(forced.read()[0, 0, 0, 0]) == 1500.0
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("S2L1C_2015-07-11_13band_10m.tif", "2015-07-11"),
-    ("S2A_MSIL2A_20170613T101031_87_48", "2017-06-13"),
-    ("LC08_L1TP_224078_20200518_20200518_01_RT", "2020-05-18"),
-    ("B04.tif", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("S2L1C_2015-07-11_13band_10m.tif", "2015-07-11"),
+        ("S2A_MSIL2A_20170613T101031_87_48", "2017-06-13"),
+        ("LC08_L1TP_224078_20200518_20200518_01_RT", "2020-05-18"),
+        ("B04.tif", None),
+    ],
+)
 def test_dates_from_names(text, expected):
     assert parse_date(text) == expected
 
@@ -194,12 +237,20 @@ def test_nan_pixels_are_nodata(tmp_path):
     path = tmp_path / "nan.tif"
     data = np.full((1, 3, 3), 0.1, "float32")
     data[0, 1, 1] = np.nan
-    with rasterio.open(path, "w", driver="GTiff", width=3, height=3, count=1, dtype="float32",
-                       crs="EPSG:32633", transform=rasterio.transform.from_origin(0, 30, 10, 10)
-                       ) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=3,
+        height=3,
+        count=1,
+        dtype="float32",
+        crs="EPSG:32633",
+        transform=rasterio.transform.from_origin(0, 30, 10, 10),
+    ) as dst:
         dst.write(data)
         dst.set_band_description(1, "B04")
-    with pytest.raises(UserError, match="nan.tif: band names B04 fit several sensors"):
+    with pytest.raises(UserError, match=r"nan.tif: band names B04 fit several sensors"):
         open_scene([path])
     out = open_scene([path], SceneOptions(sensor="sentinel2")).read()
     assert np.isnan(out[0, 0, 1, 1]) and np.isfinite(out).sum() == 8
@@ -207,13 +258,21 @@ def test_nan_pixels_are_nodata(tmp_path):
 
 def test_sensor_qualified_band_map_needs_no_sensor_option(tmp_path):
     path = tmp_path / "plain.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=2, height=2, count=2, dtype="uint16",
-                       crs="EPSG:32633", transform=rasterio.transform.from_origin(0, 20, 10, 10)
-                       ) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=2,
+        height=2,
+        count=2,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=rasterio.transform.from_origin(0, 20, 10, 10),
+    ) as dst:
         dst.write(np.full((2, 2, 2), 900, "uint16"))
     with pytest.raises(UserError, match="fit several sensors"):
         open_scene([path], scene_options(band_map="1=B2,2=B8"))
     scene = open_scene([path], scene_options(band_map="1=sentinel2:B2,2=sentinel2:B8"))
     assert [b.key for b in scene.bands] == ["sentinel2:B2", "sentinel2:B8"]
-    with pytest.raises(UserError, match="is landsat8 .*not sentinel2"):
+    with pytest.raises(UserError, match=r"is landsat8 .*not sentinel2"):
         open_scene([path], scene_options(sensor="landsat8", band_map="1=sentinel2:B2"))

@@ -32,8 +32,10 @@ from geoexplora.sample import sample_dir
 
 SCENE = sample_dir() / "slovenia" / "S2L1C_2015-07-11_13band_10m.tif"  # 100 x 101 px, EPSG:32633
 BANDS = ["B2", "B3", "B4", "B8"]
-CLASSES = [{"id": 0, "name": "water", "color": "#0000ff"},
-           {"id": 1, "name": "crop", "color": "#ffff00"}]
+CLASSES = [
+    {"id": 0, "name": "water", "color": "#0000ff"},
+    {"id": 1, "name": "crop", "color": "#ffff00"},
+]
 EMBED_DIM = 32
 GEOEXPLORA = Path(sys.executable).parent / "geoexplora"  # the console script of this venv
 ALL_COMMANDS = ("info", "tile", "adapt", "probe", "finetune", "predict", "embed", "demo")
@@ -59,9 +61,13 @@ def write_tiny_models(folder: Path) -> tuple[Path, Path]:
     from geoexplora.models.heads import TaskModel, build_head
 
     torch.manual_seed(0)
-    vit = build_backbone("geo_vit_tiny_patch14", init_weights="random",
-                         bands=[f"sentinel2:{b}" for b in BANDS], img_size=56,
-                         arch_overrides={"depth": 2, "embed_dim": EMBED_DIM, "num_heads": 2})
+    vit = build_backbone(
+        "geo_vit_tiny_patch14",
+        init_weights="random",
+        bands=[f"sentinel2:{b}" for b in BANDS],
+        img_size=56,
+        arch_overrides={"depth": 2, "embed_dim": EMBED_DIM, "num_heads": 2},
+    )
     backbone = save_model(folder / "backbone.pt", vit)
     head = build_head("segmentation", vit.embed_dim, len(CLASSES), hidden=16)
     task_model = save_model(folder / "task.pt", TaskModel(vit, head, "segmentation", CLASSES))
@@ -75,8 +81,14 @@ def work(tmp_path_factory) -> Work:
     return Work(chips, *write_tiny_models(folder))
 
 
-OUTPUT_NAME = {"tile": "chips", "adapt": "out.pt", "probe": "head.pt", "finetune": "out.pt",
-               "predict": "out.tif", "embed": "out.tif"}
+OUTPUT_NAME = {
+    "tile": "chips",
+    "adapt": "out.pt",
+    "probe": "head.pt",
+    "finetune": "out.pt",
+    "predict": "out.tif",
+    "embed": "out.tif",
+}
 
 
 def invocation(command: str, work: Work, out: Path) -> list[str]:
@@ -85,10 +97,33 @@ def invocation(command: str, work: Work, out: Path) -> list[str]:
     args = {
         "info": ["info", SCENE],
         "tile": ["tile", SCENE, "--bands", ",".join(BANDS), "--size", "28", "-o", out],
-        "adapt": ["adapt", work.chips, "-o", out, "--init", work.backbone, "--crop-size", "28",
-                  *train],
-        "probe": ["probe", work.backbone, work.chips, "--steps", "5", "--learning-rates", "0.01",
-                  "--features", "cls", "--no-cache", "--device", "cpu", "--save-head", out],
+        "adapt": [
+            "adapt",
+            work.chips,
+            "-o",
+            out,
+            "--init",
+            work.backbone,
+            "--crop-size",
+            "28",
+            *train,
+        ],
+        "probe": [
+            "probe",
+            work.backbone,
+            work.chips,
+            "--steps",
+            "5",
+            "--learning-rates",
+            "0.01",
+            "--features",
+            "cls",
+            "--no-cache",
+            "--device",
+            "cpu",
+            "--save-head",
+            out,
+        ],
         "finetune": ["finetune", work.backbone, work.chips, "-o", out, *train],
         "predict": ["predict", work.task_model, SCENE, "-o", out, "--device", "cpu"],
         "embed": ["embed", work.backbone, SCENE, "-o", out, "--device", "cpu"],
@@ -141,8 +176,11 @@ def json_run(work, tmp_path_factory):
 
 def tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
     """Every file under ``folder``: relative path -> (size, mtime_ns, bytes)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_one_line_error(code: int, stdout: str, stderr: str, expected_code: int = 2) -> str:
@@ -211,8 +249,15 @@ def check_embed(doc, out):
         assert result["valid_pixels"] == src.width * src.height
 
 
-CHECKS = {"info": check_info, "tile": check_tile, "adapt": check_adapt, "probe": check_probe,
-          "finetune": check_finetune, "predict": check_predict, "embed": check_embed}
+CHECKS = {
+    "info": check_info,
+    "tile": check_tile,
+    "adapt": check_adapt,
+    "probe": check_probe,
+    "finetune": check_finetune,
+    "predict": check_predict,
+    "embed": check_embed,
+}
 
 
 @pytest.mark.parametrize("command", RESULT_COMMANDS)
@@ -224,10 +269,16 @@ def test_json_is_one_document_on_stdout_holding_the_results(command, json_run):
     assert run.fd1 == ""  # nothing reached the real stdout behind Python's back
 
 
-@pytest.mark.parametrize("command", [
-    "tile", "finetune", "predict", "embed",
-    "adapt",
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "tile",
+        "finetune",
+        "predict",
+        "embed",
+        "adapt",
+    ],
+)
 def test_progress_goes_to_stderr_with_bar_and_percentage(command, json_run):
     run = json_run(command)
     assert run.code == 0, run.stderr
@@ -260,8 +311,13 @@ MISSING = {  # command -> (arguments with one missing input, the missing path's 
 
 @pytest.mark.parametrize("command", RESULT_COMMANDS)
 def test_missing_input_exits_2_with_one_line_naming_it(command, work, tmp_path):
-    names = {"m": tmp_path / "missing", "o": tmp_path / "out" / "result", "chips": work.chips,
-             "backbone": work.backbone, "task_model": work.task_model}
+    names = {
+        "m": tmp_path / "missing",
+        "o": tmp_path / "out" / "result",
+        "chips": work.chips,
+        "backbone": work.backbone,
+        "task_model": work.task_model,
+    }
     args, missing = MISSING[command]
     code, stdout, stderr = run_cli(*(a.format(**names) for a in args))
     message = assert_one_line_error(code, stdout, stderr)
@@ -298,7 +354,8 @@ def test_verbose_error_shows_the_traceback(tmp_path):
     code, _, stderr = run_cli("-v", "info", str(tmp_path / "missing.tif"))
     assert code == 2
     assert "Traceback" in stderr and stderr.endswith(
-        f"geoexplora: error: {tmp_path / 'missing.tif'}: no such file\n")
+        f"geoexplora: error: {tmp_path / 'missing.tif'}: no such file\n"
+    )
 
 
 def test_runtime_failure_exits_1_with_one_line_and_no_model(work, tmp_path):
@@ -343,8 +400,9 @@ def test_overwrite_replaces_an_existing_output(command, work, tmp_path):
     assert b"earlier" not in produced.read_bytes()
 
 
-@pytest.mark.parametrize("option,sibling", [("--probabilities", "out_probabilities.tif"),
-                                            (None, "out.tif.json")])
+@pytest.mark.parametrize(
+    "option,sibling", [("--probabilities", "out_probabilities.tif"), (None, "out.tif.json")]
+)
 def test_predict_refuses_an_existing_secondary_output(option, sibling, work, tmp_path):
     (tmp_path / sibling).write_text("an earlier run's output")
     before = tree(tmp_path)
@@ -377,15 +435,19 @@ def test_training_replaces_the_log_of_a_run_that_wrote_no_checkpoint(work, tmp_p
 # --- a real terminal and a pipe ---------------------------------------------------------------
 
 
-def run_in_terminal(argv: list[str], cwd: Path, columns: int = 120,
-                    timeout: float = 120) -> tuple[int, str]:
+def run_in_terminal(
+    argv: list[str], cwd: Path, columns: int = 120, timeout: float = 120
+) -> tuple[int, str]:
     """Run ``argv`` with stdin, stdout and stderr on a new pseudo-terminal; (exit code, what the
     terminal received)."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE",
-                        "COLUMNS", "LINES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES")
+    }
     env["TERM"] = "xterm-256color"
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env)
     os.close(slave)
@@ -413,8 +475,17 @@ def run_in_terminal(argv: list[str], cwd: Path, columns: int = 120,
 
 
 def tile_args(out: Path) -> list[str]:
-    return [str(GEOEXPLORA), "tile", str(SCENE), "--bands", ",".join(BANDS), "--size", "28",
-            "-o", str(out)]
+    return [
+        str(GEOEXPLORA),
+        "tile",
+        str(SCENE),
+        "--bands",
+        ",".join(BANDS),
+        "--size",
+        "28",
+        "-o",
+        str(out),
+    ]
 
 
 def test_tile_in_a_terminal_shows_a_live_progress_bar(tmp_path):
@@ -435,12 +506,13 @@ def test_quiet_in_a_terminal_shows_only_the_result(tmp_path):
     assert lines == [result]
 
 
-def test_predict_json_piped_to_json_tool_is_clean_while_progress_shows_in_terminal(
-        work, tmp_path):
+def test_predict_json_piped_to_json_tool_is_clean_while_progress_shows_in_terminal(work, tmp_path):
     doc_path = tmp_path / "doc.json"
-    pipeline = (f"set -o pipefail; '{GEOEXPLORA}' predict '{work.task_model}' '{SCENE}' "
-                f"-o '{tmp_path / 'out.tif'}' --device cpu --json "
-                f"| '{sys.executable}' -m json.tool > '{doc_path}'")
+    pipeline = (
+        f"set -o pipefail; '{GEOEXPLORA}' predict '{work.task_model}' '{SCENE}' "
+        f"-o '{tmp_path / 'out.tif'}' --device cpu --json "
+        f"| '{sys.executable}' -m json.tool > '{doc_path}'"
+    )
     code, screen = run_in_terminal(["bash", "-c", pipeline], tmp_path)
     assert code == 0, screen  # geoexplora and json.tool both succeeded
     (result,) = json.loads(doc_path.read_text())["results"]

@@ -20,7 +20,12 @@ def test_models_json_lists_the_registry(capsys):
     vitl = entries["vit_large_patch14_dinov2"]
     # timm's ViT-L/14 DINOv2 (no head): 304.4M parameters at 518 px, 303.2M at 224 px.
     assert vitl["parameters"] == 303_227_904
-    assert (vitl["patch_size"], vitl["embed_dim"], vitl["depth"], vitl["num_heads"]) == (14, 1024, 24, 16)
+    assert (vitl["patch_size"], vitl["embed_dim"], vitl["depth"], vitl["num_heads"]) == (
+        14,
+        1024,
+        24,
+        16,
+    )
     assert vitl["family"] == "dinov2" and vitl["objective"] == "dinov2"
     assert vitl["weights"]["tag"] == "lvd142m"
     assert "hf-hub:timm/vit_large_patch14_dinov2.lvd142m" in vitl["weights"]["looked_for"]
@@ -30,8 +35,12 @@ def test_models_json_lists_the_registry(capsys):
     assert (mae["family"], mae["objective"], mae["patch_size"]) == ("mae", "mae", 16)
     tiny = entries["geo_vit_tiny_patch14"]
     assert (tiny["embed_dim"], tiny["depth"]) == (64, 4)
-    assert tiny["weights"] == {"tag": None, "needs": "--init-weights PATH (a checkpoint) or random",
-                               "looked_for": [], "cached": None}
+    assert tiny["weights"] == {
+        "tag": None,
+        "needs": "--init-weights PATH (a checkpoint) or random",
+        "looked_for": [],
+        "cached": None,
+    }
 
 
 def test_models_table(capsys, monkeypatch):
@@ -58,6 +67,11 @@ def test_wrapped_state_dicts_load_the_same_weights(tmp_path, layout):
     torch.save(wrapped, path)
     vit = build_backbone(TINY, str(path), bands=s2("B4", "B3", "B2"), img_size=56).eval()
     loaded = vit.vit.state_dict()
-    for key in ("cls_token", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.3.mlp.fc2.bias",
-                "norm.weight"):
+    for key in (
+        "cls_token",
+        "pos_embed",
+        "blocks.0.attn.qkv.weight",
+        "blocks.3.mlp.fc2.bias",
+        "norm.weight",
+    ):
         assert torch.equal(loaded[key], sd[key]), key

@@ -35,15 +35,34 @@ def probe_json(*args):
 
 def test_probe_compares_a_source_spec_with_an_adapted_file_side_by_side(chips, tmp_path):
     root, adapted = chips
-    doc = probe_json(TINY, str(adapted), str(root), "--init-weights", "random", *BANDS,
-                     "--cache-dir", str(tmp_path / "cache"))
+    doc = probe_json(
+        TINY,
+        str(adapted),
+        str(root),
+        "--init-weights",
+        "random",
+        *BANDS,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     names = [m["name"] for m in doc["models"]]
     assert names == [TINY, "adapted"] and doc["models"][0]["model"] == TINY
     # The spec is the source exactly as export writes it on those bands with the chips'
     # statistics (same seed, same image size): probing the file gives the same numbers.
     source = tmp_path / "source.pt"
-    code, _, err = run_cli("export", TINY, "--init-weights", "random", *BANDS, "--stats-from",
-                           str(root), "--image-size", "28", "-o", str(source))
+    code, _, err = run_cli(
+        "export",
+        TINY,
+        "--init-weights",
+        "random",
+        *BANDS,
+        "--stats-from",
+        str(root),
+        "--image-size",
+        "28",
+        "-o",
+        str(source),
+    )
     assert code == 0, err
     as_file = probe_json(str(source), str(root), "--no-cache")["models"][0]
     spec = doc["models"][0]
@@ -51,8 +70,16 @@ def test_probe_compares_a_source_spec_with_an_adapted_file_side_by_side(chips, t
         assert spec[key] == pytest.approx(as_file[key], abs=1e-6), key
     assert spec["chosen_head"]["features"] == as_file["chosen_head"]["features"]
     # A second run reads the spec's features from the cache (its identity is deterministic).
-    again = probe_json(TINY, str(adapted), str(root), "--init-weights", "random", *BANDS,
-                       "--cache-dir", str(tmp_path / "cache"))
+    again = probe_json(
+        TINY,
+        str(adapted),
+        str(root),
+        "--init-weights",
+        "random",
+        *BANDS,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert [m["features_from_cache"] for m in again["models"]] == [True, True]
     assert again["models"][0]["top1"] == spec["top1"]
 
@@ -60,8 +87,9 @@ def test_probe_compares_a_source_spec_with_an_adapted_file_side_by_side(chips, t
 def test_probe_builds_a_spec_on_all_the_chips_bands_by_default(chips, tmp_path):
     root, _ = chips
     out = tmp_path / "head.pt"
-    doc = probe_json(TINY, str(root), "--init-weights", "random", "--no-cache",
-                     "--save-head", str(out))
+    doc = probe_json(
+        TINY, str(root), "--init-weights", "random", "--no-cache", "--save-head", str(out)
+    )
     model = load_model(out)
     meta = json.loads((root / "dataset.json").read_text())
     assert [b.key for b in model.backbone.bands] == [b["key"] for b in meta["bands"]]
@@ -75,15 +103,32 @@ def test_finetune_a_lightning_checkpoint_given_by_name(chips, tmp_path):
     sd = timm_model(TINY, seed=4).state_dict()
     torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 1}, ckpt)
     out = tmp_path / "m.pt"
-    code, stdout, err = run_cli("finetune", TINY, str(root), "-o", str(out), "--init-weights",
-                                str(ckpt), *BANDS, "--mode", "linear", "--steps", "6",
-                                "--json", *QUICK)
+    code, stdout, err = run_cli(
+        "finetune",
+        TINY,
+        str(root),
+        "-o",
+        str(out),
+        "--init-weights",
+        str(ckpt),
+        *BANDS,
+        "--mode",
+        "linear",
+        "--steps",
+        "6",
+        "--json",
+        *QUICK,
+    )
     assert code == 0, err
     doc = json.loads(stdout)
     assert doc["model"] == TINY and doc["mode"] == "linear"
     model = load_model(out)
-    assert [b.key for b in model.backbone.bands] == ["sentinel2:B2", "sentinel2:B3",
-                                                      "sentinel2:B4", "sentinel2:B8"]
+    assert [b.key for b in model.backbone.bands] == [
+        "sentinel2:B2",
+        "sentinel2:B3",
+        "sentinel2:B4",
+        "sentinel2:B8",
+    ]
     # Linear mode trains the head only: the checkpoint's transformer is in the output as it was.
     vit = model.backbone.vit.state_dict()
     for key in ("blocks.0.attn.qkv.weight", "blocks.3.mlp.fc1.bias", "cls_token"):
@@ -96,8 +141,19 @@ def test_finetune_a_lightning_checkpoint_given_by_name(chips, tmp_path):
 def test_finetune_a_random_source_with_lora(chips, tmp_path):
     root, _ = chips
     out = tmp_path / "m.pt"
-    code, stdout, err = run_cli("finetune", TINY, str(root), "-o", str(out), "--init-weights",
-                                "random", "--steps", "6", "--json", *QUICK)
+    code, stdout, err = run_cli(
+        "finetune",
+        TINY,
+        str(root),
+        "-o",
+        str(out),
+        "--init-weights",
+        "random",
+        "--steps",
+        "6",
+        "--json",
+        *QUICK,
+    )
     assert code == 0, err
     doc = json.loads(stdout)
     assert doc["training"]["parameters"]["trainable"] < doc["training"]["parameters"]["total"]
@@ -109,26 +165,42 @@ def test_embed_a_source_spec_on_a_raster(tmp_path, sample_data):
 
     scene = sample.slovenia_scenes()[0]
     out = tmp_path / "emb.tif"
-    code, _, err = run_cli("embed", TINY, str(scene), "-o", str(out), "--init-weights",
-                                "random", "--bands", "B4,B8", "--json")
+    code, _, err = run_cli(
+        "embed",
+        TINY,
+        str(scene),
+        "-o",
+        str(out),
+        "--init-weights",
+        "random",
+        "--bands",
+        "B4,B8",
+        "--json",
+    )
     assert code == 0, err
     import rasterio
 
     with rasterio.open(out) as src:
         assert src.count == 64  # the tiny ViT's width
         tags = src.tags()
-    provenance = json.loads(tags["GEOEXPLORA_PROVENANCE"]) if "GEOEXPLORA_PROVENANCE" in tags \
+    provenance = (
+        json.loads(tags["GEOEXPLORA_PROVENANCE"])
+        if "GEOEXPLORA_PROVENANCE" in tags
         else json.loads((out.with_name(out.name + ".json")).read_text())
+    )
     assert TINY in json.dumps(provenance)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["adapted.pt", "CHIPS", "--init-weights", "random"], "not to model files"),
-    (["no_such_model", "CHIPS"], "unknown model name"),
-    ([TINY, "CHIPS"], "no published weights here"),
-    ([TINY, "CHIPS", "--init-weights", "random", "--bands", "B2,B99"], "B99: not in the chips"),
-    (["raw.pth", "CHIPS"], "--init-weights raw.pth"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["adapted.pt", "CHIPS", "--init-weights", "random"], "not to model files"),
+        (["no_such_model", "CHIPS"], "unknown model name"),
+        ([TINY, "CHIPS"], "no published weights here"),
+        ([TINY, "CHIPS", "--init-weights", "random", "--bands", "B2,B99"], "B99: not in the chips"),
+        (["raw.pth", "CHIPS"], "--init-weights raw.pth"),
+    ],
+)
 def test_bad_models_exit_2_in_one_line(chips, tmp_path, monkeypatch, args, message):
     root, adapted = chips
     monkeypatch.chdir(tmp_path)
@@ -168,8 +240,10 @@ def chips32(tmp_path_factory):
     return make_chips_dataset(tmp_path_factory.mktemp("specs32"), "classification", size=32)
 
 
-@pytest.mark.parametrize("layout", ["timm_safetensors", "meta_dinov2", "mae_with_decoder",
-                                    "mae_encoder", "lightning", "ddp"])
+@pytest.mark.parametrize(
+    "layout",
+    ["timm_safetensors", "meta_dinov2", "mae_with_decoder", "mae_encoder", "lightning", "ddp"],
+)
 def test_every_checkpoint_layout_through_every_verb(chips, chips32, tmp_path, layout):
     from geoexplora import sample
 
@@ -187,12 +261,14 @@ def test_every_checkpoint_layout_through_every_verb(chips, chips32, tmp_path, la
     assert doc["models"][0]["name"] == arch and 0 <= doc["models"][0]["top1"] <= 1
 
     out = tmp_path / "m.pt"
-    code, _, err = run_cli("finetune", *spec, str(root), "-o", str(out), "--mode", "linear",
-                           "--steps", "2", *QUICK)
+    code, _, err = run_cli(
+        "finetune", *spec, str(root), "-o", str(out), "--mode", "linear", "--steps", "2", *QUICK
+    )
     assert code == 0, err
     tuned = load_model(out).backbone.vit.state_dict()
     assert all(torch.equal(tuned[k], sd[k]) for k in keys)
 
-    code, _, err = run_cli("embed", *spec, str(sample.slovenia_scenes()[0]), "-o",
-                           str(tmp_path / "emb.tif"))
+    code, _, err = run_cli(
+        "embed", *spec, str(sample.slovenia_scenes()[0]), "-o", str(tmp_path / "emb.tif")
+    )
     assert code == 0, err

@@ -40,8 +40,10 @@ def _lulc_ids(window: Window) -> np.ndarray:
 
 # --------------------------------------------------------------------------- labels and masks
 
-def test_landsat8_polygon_masks_match_the_polygons_rasterised_on_the_source_grid(shared_data,
-                                                                                 tmp_path):
+
+def test_landsat8_polygon_masks_match_the_polygons_rasterised_on_the_source_grid(
+    shared_data, tmp_path
+):
     polygons = shared_data / L8_DIR / f"{L8_NAME}_polygons.gpkg"
     result = tile(_l8(shared_data, tmp_path / "out", labels=polygons, label_field="name"))
     ds = ChipsDataset(result.output)
@@ -53,26 +55,34 @@ def test_landsat8_polygon_masks_match_the_polygons_rasterised_on_the_source_grid
         source_transform = src.transform
         for i, row in ds.index.iterrows():
             window = Window(row.col_off, row.row_off, 64, 64)
-            expected = rasterize(zip(gdf.geometry, ids), out_shape=(64, 64), fill=255,
-                                 transform=window_transform(src.transform, row.col_off,
-                                                            row.row_off), dtype="uint8")
+            expected = rasterize(
+                zip(gdf.geometry, ids),
+                out_shape=(64, 64),
+                fill=255,
+                transform=window_transform(src.transform, row.col_off, row.row_off),
+                dtype="uint8",
+            )
             pixels = src.read(window=window).astype(np.float32)
             expected[(pixels == 0).all(axis=0)] = 255  # no label where the image has no data
             np.testing.assert_array_equal(ds.read_mask(i), expected)
-            np.testing.assert_array_equal(ds.read_image(i)[0], np.where(pixels == 0, np.nan,
-                                                                         pixels))
+            np.testing.assert_array_equal(
+                ds.read_image(i)[0], np.where(pixels == 0, np.nan, pixels)
+            )
             assert row.geometry.bounds == pytest.approx(
-                window_bounds(source_transform, row.col_off, row.row_off, 64, 64))
+                window_bounds(source_transform, row.col_off, row.row_off, 64, 64)
+            )
             with rasterio.open(result.output / row.path) as chip:
                 assert chip.transform.almost_equals(
-                    window_transform(source_transform, row.col_off, row.row_off))
+                    window_transform(source_transform, row.col_off, row.row_off)
+                )
     assert len(ds) == 6
 
 
 def test_landsat8_points_label_the_chip_they_fall_in(shared_data, tmp_path):
     points = shared_data / L8_DIR / f"{L8_NAME}_points.gpkg"
-    result = tile(_l8(shared_data, tmp_path / "out", labels=points, label_field="name",
-                      val_fraction=0))
+    result = tile(
+        _l8(shared_data, tmp_path / "out", labels=points, label_field="name", val_fraction=0)
+    )
     ds = ChipsDataset(result.output)
     assert result.task == "classification"
     names = [c["name"] for c in ds.classes]
@@ -85,41 +95,69 @@ def test_landsat8_points_label_the_chip_they_fall_in(shared_data, tmp_path):
 
 
 def test_slovenia_series_and_lulc_raster_give_5_frame_chips_with_masks(tmp_path):
-    result = tile(_config(sample.slovenia_scenes(), tmp_path / "out", size=32,
-                          label_raster=sample.slovenia_labels(), val_fraction=0))
+    result = tile(
+        _config(
+            sample.slovenia_scenes(),
+            tmp_path / "out",
+            size=32,
+            label_raster=sample.slovenia_labels(),
+            val_fraction=0,
+        )
+    )
     ds = ChipsDataset(result.output)
     assert (ds.num_frames, len(ds)) == (5, 9)
     assert ds[0]["image"].shape == (5, 13, 32, 32)
     assert [c["value"] for c in ds.meta["classes"]] == [1, 2, 3, 4, 8]
     for i, row in ds.index.iterrows():
-        np.testing.assert_array_equal(ds.read_mask(i),
-                                      _lulc_ids(Window(row.col_off, row.row_off, 32, 32)))
+        np.testing.assert_array_equal(
+            ds.read_mask(i), _lulc_ids(Window(row.col_off, row.row_off, 32, 32))
+        )
     assert ds.index.iloc[0].dates == "2015-07-11;2015-07-31;2015-08-20;2015-08-30;2015-09-09"
 
 
 def test_classification_label_is_the_majority_class_with_enough_share(tmp_path):
-    result = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "out", size=16,
-                          label_raster=sample.slovenia_labels(), task="classification",
-                          min_label_fraction=0.8, val_fraction=0))
+    result = tile(
+        _config(
+            sample.slovenia_scenes()[:1],
+            tmp_path / "out",
+            size=16,
+            label_raster=sample.slovenia_labels(),
+            task="classification",
+            min_label_fraction=0.8,
+            val_fraction=0,
+        )
+    )
     ds = ChipsDataset(result.output)
     assert 0 < len(ds) < 36 and result.dropped["unlabelled"] == 36 - len(ds)
     for _, row in ds.index.iterrows():
-        counts = np.bincount(_lulc_ids(Window(row.col_off, row.row_off, 16, 16)).ravel(),
-                             minlength=256)[:5]
+        counts = np.bincount(
+            _lulc_ids(Window(row.col_off, row.row_off, 16, 16)).ravel(), minlength=256
+        )[:5]
         assert row.label == counts.argmax() and counts.max() >= 0.8 * 256
 
 
-def test_landsat7_labels_in_epsg3358_are_read_on_the_epsg32119_grid_unshifted(shared_data,
-                                                                              tmp_path):
+def test_landsat7_labels_in_epsg3358_are_read_on_the_epsg32119_grid_unshifted(
+    shared_data, tmp_path
+):
     d = shared_data / "landsat7-nc-2000"
     band_map = {f"landsat_multiband:{i}": f"B{i}" for i in range(1, 6)} | {"lsat7_2000_70:1": "B7"}
-    result = tile(_config([d / "landsat_multiband.tif", d / "lsat7_2000_70.tif"], tmp_path / "o",
-                          sensor="landsat7", band_map=band_map, size=32, val_fraction=0,
-                          label_raster=d / "landsat96_labelled_pixels.tif"))
+    result = tile(
+        _config(
+            [d / "landsat_multiband.tif", d / "lsat7_2000_70.tif"],
+            tmp_path / "o",
+            sensor="landsat7",
+            band_map=band_map,
+            size=32,
+            val_fraction=0,
+            label_raster=d / "landsat96_labelled_pixels.tif",
+        )
+    )
     ds = ChipsDataset(result.output)
     assert [b.name for b in ds.bands] == ["B1", "B2", "B3", "B4", "B5", "B7"]
-    with rasterio.open(d / "landsat96_labelled_pixels.tif") as labels, \
-            rasterio.open(d / "landsat_multiband.tif") as scene:
+    with (
+        rasterio.open(d / "landsat96_labelled_pixels.tif") as labels,
+        rasterio.open(d / "landsat_multiband.tif") as scene,
+    ):
         for i, row in ds.index.iterrows():
             window = Window(row.col_off, row.row_off, 32, 32)
             values = labels.read(1, window=window)
@@ -135,20 +173,38 @@ def test_landsat7_labels_in_epsg3358_are_read_on_the_epsg32119_grid_unshifted(sh
 
 # --------------------------------------------------------------------------- grids
 
-def test_sentinel2_band_files_at_three_resolutions_are_chipped_on_the_finest_grid(shared_data,
-                                                                                  tmp_path):
+
+def test_sentinel2_band_files_at_three_resolutions_are_chipped_on_the_finest_grid(
+    shared_data, tmp_path
+):
     folder = shared_data / "s2-l2a-29RKH-2020-02-19" / "original"
     result = tile(_config([folder], tmp_path / "out", size=128, val_fraction=0))
     ds = ChipsDataset(result.output)
     assert len(ds) == (1098 // 128) ** 2
-    assert [b.name for b in ds.bands] == ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A",
-                                          "B9", "B11", "B12"]
-    with rasterio.open(folder / "B02.tif") as b02, \
-            rasterio.open(result.output / ds.index.path[9]) as chip:
+    assert [b.name for b in ds.bands] == [
+        "B1",
+        "B2",
+        "B3",
+        "B4",
+        "B5",
+        "B6",
+        "B7",
+        "B8",
+        "B8A",
+        "B9",
+        "B11",
+        "B12",
+    ]
+    with (
+        rasterio.open(folder / "B02.tif") as b02,
+        rasterio.open(result.output / ds.index.path[9]) as chip,
+    ):
         row = ds.index.iloc[9]
         assert chip.res == (100.0, 100.0) and chip.crs.to_epsg() == 32629
-        np.testing.assert_array_equal(chip.read(2), b02.read(1, window=Window(
-            row.col_off, row.row_off, 128, 128)).astype(np.float32))
+        np.testing.assert_array_equal(
+            chip.read(2),
+            b02.read(1, window=Window(row.col_off, row.row_off, 128, 128)).astype(np.float32),
+        )
         assert np.isfinite(chip.read()).all()  # 200 m and 600 m bands resampled onto the grid
 
 
@@ -163,10 +219,17 @@ def test_bigearthnet_band_files_make_one_10m_chip_per_patch(shared_data, tmp_pat
 
 
 def test_edge_pad_covers_the_scene_with_nan_beyond_it(tmp_path):
-    pad = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "pad", size=32, edge="pad",
-                       max_nodata=1.0, val_fraction=0))
-    drop = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "drop", size=32,
-                        val_fraction=0))
+    pad = tile(
+        _config(
+            sample.slovenia_scenes()[:1],
+            tmp_path / "pad",
+            size=32,
+            edge="pad",
+            max_nodata=1.0,
+            val_fraction=0,
+        )
+    )
+    drop = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "drop", size=32, val_fraction=0))
     assert (pad.chips, drop.chips) == (16, 9)  # 100 x 101 px: 4 x 4 padded, 3 x 3 whole
     ds = ChipsDataset(pad.output)
     corner = ds.index.index[(ds.index.col_off == 96) & (ds.index.row_off == 96)][0]
@@ -179,14 +242,30 @@ def test_a_scene_smaller_than_one_chip_is_an_error_unless_padded(tmp_path):
     with pytest.raises(UserError, match="--edge pad"):
         tile(_config(sample.slovenia_scenes()[:1], tmp_path / "a", size=128))
     assert not (tmp_path / "a").exists()
-    padded = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "b", size=128, edge="pad",
-                          max_nodata=0.5, val_fraction=0))
+    padded = tile(
+        _config(
+            sample.slovenia_scenes()[:1],
+            tmp_path / "b",
+            size=128,
+            edge="pad",
+            max_nodata=0.5,
+            val_fraction=0,
+        )
+    )
     assert padded.chips == 1
 
 
 def test_target_crs_reprojects_the_scenes(tmp_path):
-    result = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "out", size=32,
-                          crs="EPSG:3857", val_fraction=0, max_nodata=1.0))
+    result = tile(
+        _config(
+            sample.slovenia_scenes()[:1],
+            tmp_path / "out",
+            size=32,
+            crs="EPSG:3857",
+            val_fraction=0,
+            max_nodata=1.0,
+        )
+    )
     ds = ChipsDataset(result.output)
     assert ds.index.crs.to_epsg() == 3857 and (ds.index["crs"] == "EPSG:3857").all()
     with rasterio.open(result.output / ds.index.path[0]) as chip:
@@ -195,25 +274,37 @@ def test_target_crs_reprojects_the_scenes(tmp_path):
 
 # --------------------------------------------------------------------------- filtering and splits
 
+
 def test_chips_over_max_nodata_are_dropped_and_fractions_recorded(shared_data, tmp_path):
     result = tile(_l8(shared_data, tmp_path / "out", size=128, max_nodata=0.3))
     ds = ChipsDataset(result.output)
     assert result.dropped["nodata"] > 0
-    assert result.chips + result.dropped["nodata"] + result.dropped.get("split_buffer", 0) == \
-        (1860 // 128) * (2041 // 128)
+    assert result.chips + result.dropped["nodata"] + result.dropped.get("split_buffer", 0) == (
+        1860 // 128
+    ) * (2041 // 128)
     assert (ds.index.nodata_fraction <= 0.3).all() and (ds.index.nodata_fraction > 0).any()
     for i in range(0, len(ds), 25):
-        assert np.isnan(ds.read_image(i)[0, 0]).mean() == pytest.approx(
-            ds.index.nodata_fraction[i])
+        assert np.isnan(ds.read_image(i)[0, 0]).mean() == pytest.approx(ds.index.nodata_fraction[i])
 
 
 def test_val_and_test_chips_never_overlap_train_chips(tmp_path):
-    result = tile(_config([sample.s2_tile_crop()], tmp_path / "out", size=32, stride=16,
-                          val_fraction=0.3, test_fraction=0.15, split_block=64))
+    result = tile(
+        _config(
+            [sample.s2_tile_crop()],
+            tmp_path / "out",
+            size=32,
+            stride=16,
+            val_fraction=0.3,
+            test_fraction=0.15,
+            split_block=64,
+        )
+    )
     index = ChipsDataset(result.output).index
     assert {"train", "val", "test"} <= set(index.split) and result.dropped["split_buffer"] > 0
-    shrunk = {s: shapely.union_all(index[index.split == s].geometry.buffer(-0.01))
-              for s in ("train", "val", "test")}
+    shrunk = {
+        s: shapely.union_all(index[index.split == s].geometry.buffer(-0.01))
+        for s in ("train", "val", "test")
+    }
     assert not shrunk["train"].intersects(shrunk["val"])
     assert not shrunk["train"].intersects(shrunk["test"])
     assert not shrunk["val"].intersects(shrunk["test"])
@@ -221,8 +312,16 @@ def test_val_and_test_chips_never_overlap_train_chips(tmp_path):
 
 def test_splits_depend_on_the_seed_only(tmp_path):
     def splits(name, seed):
-        r = tile(_config([sample.s2_tile_crop()], tmp_path / name, size=32, val_fraction=0.3,
-                         split_block=64, seed=seed))
+        r = tile(
+            _config(
+                [sample.s2_tile_crop()],
+                tmp_path / name,
+                size=32,
+                val_fraction=0.3,
+                split_block=64,
+                seed=seed,
+            )
+        )
         return ChipsDataset(r.output).index.set_index("chip_id")["split"].to_dict()
 
     assert splits("a", 1) == splits("b", 1)
@@ -234,8 +333,15 @@ def test_aoi_keeps_only_chips_touching_it(tmp_path):
         west, south, _east, north = src.bounds
     aoi = gpd.GeoDataFrame(geometry=[shapely.box(west, south, west + 400, north)], crs=src.crs)
     aoi.to_crs("EPSG:4326").to_file(tmp_path / "aoi.geojson")
-    result = tile(_config(sample.slovenia_scenes()[:1], tmp_path / "out", size=32,
-                          aoi=tmp_path / "aoi.geojson", val_fraction=0))
+    result = tile(
+        _config(
+            sample.slovenia_scenes()[:1],
+            tmp_path / "out",
+            size=32,
+            aoi=tmp_path / "aoi.geojson",
+            val_fraction=0,
+        )
+    )
     ds = ChipsDataset(result.output)
     assert result.dropped["outside_aoi"] == 3 and len(ds) == 6
     assert set(ds.index.col_off) == {0, 32}
@@ -262,6 +368,7 @@ def test_one_file_named_twice_is_one_input(tmp_path, monkeypatch):
 
     scene = shutil.copy(sample.slovenia_scenes()[0], tmp_path / "S2L1C_2015-07-11.tif")
     monkeypatch.chdir(tmp_path)
-    result = tile(_config(["S2L1C_2015-07-11.tif", scene], tmp_path / "out", size=32,
-                          val_fraction=0))
+    result = tile(
+        _config(["S2L1C_2015-07-11.tif", scene], tmp_path / "out", size=32, val_fraction=0)
+    )
     assert result.chips == 9 and ChipsDataset(result.output).index.source.nunique() == 1

@@ -48,8 +48,11 @@ def _tile(scenes, out, **kw):
 
 def _snapshot(root):
     """Every file of a dataset folder with its bytes."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _polygons(path, scene, names):
@@ -58,14 +61,16 @@ def _polygons(path, scene, names):
         west, south, east, north = src.bounds
         crs = src.crs
     step = (east - west) / len(names)
-    boxes = [shapely.box(west + i * step, south, west + (i + 1) * step, north)
-             for i in range(len(names))]
+    boxes = [
+        shapely.box(west + i * step, south, west + (i + 1) * step, north) for i in range(len(names))
+    ]
     gdf = gpd.GeoDataFrame({"kind": names}, geometry=boxes, crs=crs).to_crs("EPSG:4326")
     gdf.to_file(path)
     return path
 
 
 # --------------------------------------------------------------------------- what is kept
+
 
 def test_append_adds_the_new_scenes_chips_and_leaves_the_old_ones_as_they_were(halves, tmp_path):
     west, east = halves
@@ -96,8 +101,9 @@ def test_new_chips_are_cut_on_their_own_scene_grid_and_read_back_as_its_pixels(h
         for i in np.flatnonzero(ds.index.source.str.endswith("east.tif").to_numpy())[::7]:
             row = ds.index.iloc[i]
             pixels = src.read(window=Window(row.col_off, row.row_off, 32, 32)).astype(np.float32)
-            np.testing.assert_array_equal(ds.read_image(i)[0],
-                                          np.where(pixels == 0, np.nan, pixels))
+            np.testing.assert_array_equal(
+                ds.read_image(i)[0], np.where(pixels == 0, np.nan, pixels)
+            )
 
 
 def test_old_chips_are_linked_into_the_new_dataset_not_copied(halves, tmp_path):
@@ -123,23 +129,29 @@ def test_statistics_after_append_match_one_run_over_both_scenes(halves, tmp_path
 
 # --------------------------------------------------------------------------- splits and classes
 
+
 def test_new_chips_join_the_split_of_old_chips_in_their_block_and_never_overlap_another(
-        halves, tmp_path):
+    halves, tmp_path
+):
     west, east = halves
     _tile([west], tmp_path / "ds", stride=16, **SPLITS)
     result = _tile([east], tmp_path / "ds", stride=16, append=True, **SPLITS)
     index = ChipsDataset(result.output).index
     old = index.source.str.endswith("west.tif")
     res = 200.0
-    keys = [(int(np.floor(c.x / (64 * res))), int(np.floor(c.y / (64 * res))))
-            for c in index.geometry.centroid]
+    keys = [
+        (int(np.floor(c.x / (64 * res))), int(np.floor(c.y / (64 * res))))
+        for c in index.geometry.centroid
+    ]
     index["block"] = keys
     old_split = index[old].groupby("block")["split"].agg(lambda s: s.mode()[0]).to_dict()
     shared = index[~old & index.block.isin(old_split)]
     assert len(shared) > 0
     assert (shared.split == shared.block.map(old_split)).all()
-    shrunk = {s: shapely.union_all(index[index.split == s].geometry.buffer(-0.01))
-              for s in ("train", "val")}
+    shrunk = {
+        s: shapely.union_all(index[index.split == s].geometry.buffer(-0.01))
+        for s in ("train", "val")
+    }
     assert not shrunk["train"].intersects(shrunk["val"])
 
 
@@ -147,33 +159,48 @@ def test_classes_are_matched_by_name_and_new_ones_get_the_next_ids(halves, tmp_p
     west, east = halves
     old_labels = _polygons(tmp_path / "old.geojson", west, ["water", "forest"])
     new_labels = _polygons(tmp_path / "new.geojson", east, ["forest", "bare"])
-    first = _tile([west], tmp_path / "ds", labels=old_labels, label_field="kind",
-                  val_fraction=0)
+    first = _tile([west], tmp_path / "ds", labels=old_labels, label_field="kind", val_fraction=0)
     assert [(c["id"], c["name"]) for c in first.classes] == [(0, "forest"), (1, "water")]
     result = _tile([east], tmp_path / "ds", labels=new_labels, append=True, val_fraction=0)
     ds = ChipsDataset(result.output)
-    assert [(c["id"], c["name"]) for c in ds.meta["classes"]] == \
-        [(0, "forest"), (1, "water"), (2, "bare")]
+    assert [(c["id"], c["name"]) for c in ds.meta["classes"]] == [
+        (0, "forest"),
+        (1, "water"),
+        (2, "bare"),
+    ]
     new = np.flatnonzero(ds.index.source.str.endswith("east.tif").to_numpy())
     seen = set()
     for i in new:
         seen |= set(np.unique(ds.read_mask(i)).tolist())
     assert seen <= {0, 2, 255} and {0, 2} <= seen  # forest kept id 0, bare is 2
     pixels = ds.meta["counts"]["class_pixels"]
-    assert pixels["bare"] > 0 and pixels["water"] == {
-        c["name"]: c["pixels"] for c in first.classes}["water"]
+    assert (
+        pixels["bare"] > 0
+        and pixels["water"] == {c["name"]: c["pixels"] for c in first.classes}["water"]
+    )
 
 
 def test_label_field_carries_over_from_the_dataset(halves, tmp_path):
     west, east = halves
-    _tile([west], tmp_path / "ds", labels=_polygons(tmp_path / "a.geojson", west, ["x"]),
-          label_field="kind", val_fraction=0)
-    result = _tile([east], tmp_path / "ds", append=True, val_fraction=0,
-                   labels=_polygons(tmp_path / "b.geojson", east, ["x"]))
+    _tile(
+        [west],
+        tmp_path / "ds",
+        labels=_polygons(tmp_path / "a.geojson", west, ["x"]),
+        label_field="kind",
+        val_fraction=0,
+    )
+    result = _tile(
+        [east],
+        tmp_path / "ds",
+        append=True,
+        val_fraction=0,
+        labels=_polygons(tmp_path / "b.geojson", east, ["x"]),
+    )
     assert result.chips == 40 and [c["name"] for c in result.classes] == ["x"]
 
 
 # --------------------------------------------------------------------------- refusals
+
 
 def test_a_scene_already_in_the_dataset_is_skipped_and_nothing_new_is_an_error(halves, tmp_path):
     west, east = halves
@@ -184,13 +211,16 @@ def test_a_scene_already_in_the_dataset_is_skipped_and_nothing_new_is_an_error(h
     assert result.chips == 40
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"size": 16}, "size 16"),  # the Python API names the field
-    ({"bands": ["B02", "B03", "B04"]}, "differ from"),
-    ({"task": "segmentation"}, "task segmentation"),
-    ({"crs": "EPSG:4326"}, "crs EPSG:4326"),
-    ({"split_block": 32}, "split_block 32"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"size": 16}, "size 16"),  # the Python API names the field
+        ({"bands": ["B02", "B03", "B04"]}, "differ from"),
+        ({"task": "segmentation"}, "task segmentation"),
+        ({"crs": "EPSG:4326"}, "crs EPSG:4326"),
+        ({"split_block": 32}, "split_block 32"),
+    ],
+)
 def test_append_refuses_what_contradicts_the_dataset(halves, tmp_path, change, message):
     west, east = halves
     _tile([west], tmp_path / "ds", **SPLITS)
@@ -202,8 +232,13 @@ def test_append_refuses_what_contradicts_the_dataset(halves, tmp_path, change, m
 
 def test_labels_are_required_to_append_to_a_labelled_dataset(halves, tmp_path):
     west, east = halves
-    _tile([west], tmp_path / "ds", val_fraction=0,
-          labels=_polygons(tmp_path / "a.geojson", west, ["x"]), label_field="kind")
+    _tile(
+        [west],
+        tmp_path / "ds",
+        val_fraction=0,
+        labels=_polygons(tmp_path / "a.geojson", west, ["x"]),
+        label_field="kind",
+    )
     with pytest.raises(UserError, match="pass the labels"):
         _tile([east], tmp_path / "ds", append=True, val_fraction=0)
 
@@ -212,8 +247,14 @@ def test_labels_are_refused_for_a_dataset_without_labels(halves, tmp_path):
     west, east = halves
     _tile([west], tmp_path / "ds", val_fraction=0)
     with pytest.raises(UserError, match="has no labels"):
-        _tile([east], tmp_path / "ds", append=True, val_fraction=0, label_field="kind",
-              labels=_polygons(tmp_path / "b.geojson", east, ["x"]))
+        _tile(
+            [east],
+            tmp_path / "ds",
+            append=True,
+            val_fraction=0,
+            label_field="kind",
+            labels=_polygons(tmp_path / "b.geojson", east, ["x"]),
+        )
 
 
 def test_a_scene_with_another_number_of_dates_is_refused(tmp_path):
@@ -260,14 +301,18 @@ def test_append_to_a_missing_dataset_creates_it(halves, tmp_path):
 
 # --------------------------------------------------------------------------- class folders
 
+
 def _patches(root, names):
     with rasterio.open(sample.slovenia_scenes()[0]) as src:
         profile = src.profile | {"width": 16, "height": 16}
         for k, (cls, name) in enumerate(names):
             (root / cls).mkdir(parents=True, exist_ok=True)
             window = Window(16 * k, 16 * k, 16, 16)
-            with rasterio.open(root / cls / f"{name}.tif", "w",
-                               **profile | {"transform": src.window_transform(window)}) as dst:
+            with rasterio.open(
+                root / cls / f"{name}.tif",
+                "w",
+                **profile | {"transform": src.window_transform(window)},
+            ) as dst:
                 dst.write(src.read(window=window))
                 dst.descriptions = src.descriptions
     return root
@@ -277,17 +322,22 @@ def test_class_folder_patches_append_with_known_classes_keeping_their_ids(tmp_pa
     root = _patches(tmp_path / "p", [("grass", "a"), ("grass", "b"), ("urban", "c")])
     _tile([root], tmp_path / "ds", class_folders=True, size=None, val_fraction=0)
     _patches(root, [("water", "d"), ("grass", "e")])
-    result = _tile([root], tmp_path / "ds", class_folders=True, size=None, val_fraction=0,
-                   append=True)
+    result = _tile(
+        [root], tmp_path / "ds", class_folders=True, size=None, val_fraction=0, append=True
+    )
     ds = ChipsDataset(result.output)
     assert result.chips == 2 and len(ds) == 5
-    assert [(c["id"], c["name"]) for c in ds.meta["classes"]] == \
-        [(0, "grass"), (1, "urban"), (2, "water")]
+    assert [(c["id"], c["name"]) for c in ds.meta["classes"]] == [
+        (0, "grass"),
+        (1, "urban"),
+        (2, "water"),
+    ]
     labels = dict(zip(ds.index.source.map(lambda s: s.rsplit("/", 1)[1]), ds.index.label))
     assert labels == {"a.tif": 0, "b.tif": 0, "c.tif": 1, "d.tif": 2, "e.tif": 0}
 
 
 # --------------------------------------------------------------------------- command line
+
 
 def test_cli_append_reports_chips_added_and_in_all(halves, tmp_path):
     west, east = halves
@@ -301,8 +351,9 @@ def test_cli_append_reports_chips_added_and_in_all(halves, tmp_path):
 
 
 def test_cli_append_and_overwrite_exclude_each_other(halves, tmp_path):
-    code, _, err = run_cli("tile", str(halves[0]), "-o", str(tmp_path / "ds"), "--append",
-                           "--overwrite")
+    code, _, err = run_cli(
+        "tile", str(halves[0]), "-o", str(tmp_path / "ds"), "--append", "--overwrite"
+    )
     assert code == 2 and "--append" in err and "--overwrite" in err
     assert not (tmp_path / "ds").exists()
 
@@ -328,6 +379,7 @@ def test_dry_run_append_counts_old_and_new_chips_and_changes_nothing(halves, tmp
 
 # --------------------------------------------------------------------------- review findings
 
+
 def test_a_known_scene_named_from_another_folder_is_still_skipped(halves, tmp_path, monkeypatch):
     west, _east = halves
     _tile([west], tmp_path / "ds", val_fraction=0)
@@ -349,22 +401,35 @@ def test_a_new_date_of_a_known_place_in_a_batch_folder_is_appended(tmp_path):
     assert result.chips == first.chips == 9
     assert result.already_in_dataset == [str(batch / sample.slovenia_scenes()[0].name)]
     assert ChipsDataset(result.output).index.dates.value_counts().to_dict() == {
-        "2015-07-11": 9, "2015-07-31": 9}
+        "2015-07-11": 9,
+        "2015-07-31": 9,
+    }
 
 
 def test_reading_and_split_options_of_the_first_run_carry_over(halves, tmp_path):
     west, east = halves
-    _tile([west], tmp_path / "ds", resolution=400, val_fraction=0.25, test_fraction=0.25,
-          split_block=64, max_nodata=0.2)
+    _tile(
+        [west],
+        tmp_path / "ds",
+        resolution=400,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        split_block=64,
+        max_nodata=0.2,
+    )
     result = _tile([east], tmp_path / "ds", append=True, size=None)
     ds = ChipsDataset(result.output)
     new = ds.index[ds.index.source.str.endswith("east.tif")]
     assert {round(g.bounds[2] - g.bounds[0]) for g in new.geometry} == {32 * 400}
     assert {"val", "test"} <= set(new.split)
     config = ds.meta["provenance"]["appended"][0]["config"]
-    assert (config["resolution"], config["val_fraction"], config["test_fraction"],
-            config["max_nodata"]) == (400, 0.25, 0.25, 0.2)
-    with pytest.raises(UserError, match="resolution 200: .* was tiled at 400 m"):
+    assert (
+        config["resolution"],
+        config["val_fraction"],
+        config["test_fraction"],
+        config["max_nodata"],
+    ) == (400, 0.25, 0.25, 0.2)
+    with pytest.raises(UserError, match=r"resolution 200: .* was tiled at 400 m"):
         _tile([east], tmp_path / "ds", append=True, resolution=200)
 
 
@@ -391,12 +456,18 @@ def test_a_link_to_the_dataset_can_be_appended_to_and_stays_a_link(halves, tmp_p
 
 def test_a_carried_label_field_missing_from_new_labels_is_named_as_carried(halves, tmp_path):
     west, east = halves
-    _tile([west], tmp_path / "ds", val_fraction=0, label_field="kind",
-          labels=_polygons(tmp_path / "a.geojson", west, ["x"]))
+    _tile(
+        [west],
+        tmp_path / "ds",
+        val_fraction=0,
+        label_field="kind",
+        labels=_polygons(tmp_path / "a.geojson", west, ["x"]),
+    )
     other = gpd.read_file(_polygons(tmp_path / "b.geojson", east, ["x"])).rename(
-        columns={"kind": "type"})
+        columns={"kind": "type"}
+    )
     other.to_file(tmp_path / "c.geojson")
-    with pytest.raises(UserError, match="kind is the field .* was tiled with; pass label_field"):
+    with pytest.raises(UserError, match=r"kind is the field .* was tiled with; pass label_field"):
         _tile([east], tmp_path / "ds", append=True, labels=tmp_path / "c.geojson")
 
 
@@ -412,9 +483,11 @@ def test_an_append_waits_for_another_append_to_the_same_dataset(halves, tmp_path
     code = "import sys; from geoexplora.cli import main; sys.exit(main(sys.argv[1:]))"
     log = tmp_path / "stderr.txt"
     with exclusive(tmp_path / "ds"), open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", code, "tile", str(east), "-o",
-                                 str(tmp_path / "ds"), "--append"], stderr=stderr,
-                                stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "tile", str(east), "-o", str(tmp_path / "ds"), "--append"],
+            stderr=stderr,
+            stdout=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while "waiting for it" not in " ".join(log.read_text().split()):
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()

@@ -13,10 +13,30 @@ from geoexplora import sample
 def _adapt(tmp_path, *args):
     weights = tmp_path / "tiny.pth"
     torch.save(timm_model(TINY, img_size=56).state_dict(), weights)
-    return run_cli("adapt", str(sample.slovenia_scenes()[0]), "-o", str(tmp_path / "adapted.pt"),
-                   "--init", TINY, "--init-weights", str(weights), "--steps", "2",
-                   "--batch-size", "2", "--crop-size", "56", "--num-workers", "0", "--bands",
-                   "B2,B3,B4,B8", "-q", "--log-dir", str(tmp_path / "runs"), *args)
+    return run_cli(
+        "adapt",
+        str(sample.slovenia_scenes()[0]),
+        "-o",
+        str(tmp_path / "adapted.pt"),
+        "--init",
+        TINY,
+        "--init-weights",
+        str(weights),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "56",
+        "--num-workers",
+        "0",
+        "--bands",
+        "B2,B3,B4,B8",
+        "-q",
+        "--log-dir",
+        str(tmp_path / "runs"),
+        *args,
+    )
 
 
 def _jsonl(tmp_path) -> list[dict]:
@@ -29,15 +49,17 @@ def test_tensorboard_and_csv_get_every_logged_value_and_the_options(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    code, _, err = _adapt(tmp_path, "--logger", "tensorboard", "--logger", "csv",
-                          "--run-name", "trial")
+    code, _, err = _adapt(
+        tmp_path, "--logger", "tensorboard", "--logger", "csv", "--run-name", "trial"
+    )
     assert code == 0, err
     records = _jsonl(tmp_path)
     assert records, "no training records"
     last = records[-1]
 
-    (events_dir,) = {p.parent for p in (tmp_path / "runs" / "tensorboard" / "trial").rglob(
-        "events.out.*")}
+    (events_dir,) = {
+        p.parent for p in (tmp_path / "runs" / "tensorboard" / "trial").rglob("events.out.*")
+    }
     events = EventAccumulator(str(events_dir))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -63,8 +85,9 @@ def test_an_unknown_or_missing_tracker_is_one_line_before_any_work(tmp_path, mon
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "mlflow" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
     code, _, err = _adapt(tmp_path, "--logger", "mlflow")
     assert code == 2 and "pip install 'geoexplora[mlflow]'" in err and err.count("\n") == 1
     assert not (tmp_path / "adapted.pt").exists()
@@ -77,13 +100,32 @@ def test_finetune_logs_validation_metrics_and_its_pngs_to_tensorboard(shared_dat
 
     chips = nc_landsat7_chips(tmp_path / "datasets", shared_data)
     model = tiny_model_file(tmp_path / "tiny.pt", chips)
-    code, _, err = run_cli("finetune", str(model), str(chips), "-o", str(tmp_path / "model.pt"),
-                           "--steps", "4", "--eval-every", "2", "--batch-size", "8",
-                           "--num-workers", "0", "--accelerator", "cpu", "-q", "--logger",
-                           "tensorboard", "--log-dir", str(tmp_path / "runs"))
+    code, _, err = run_cli(
+        "finetune",
+        str(model),
+        str(chips),
+        "-o",
+        str(tmp_path / "model.pt"),
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--accelerator",
+        "cpu",
+        "-q",
+        "--logger",
+        "tensorboard",
+        "--log-dir",
+        str(tmp_path / "runs"),
+    )
     assert code == 0, err
-    (events_dir,) = {p.parent for p in (tmp_path / "runs" / "tensorboard" / "model").rglob(
-        "events.out.*")}
+    (events_dir,) = {
+        p.parent for p in (tmp_path / "runs" / "tensorboard" / "model").rglob("events.out.*")
+    }
     events = EventAccumulator(str(events_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("val_macro_f1")] == [2, 4]
@@ -107,7 +149,8 @@ def test_mlflow_local_store_gets_metrics_options_and_pngs(tmp_path):
     assert [m.step for m in history][-1] == last["step"]
     assert history[-1].value == pytest.approx(last["loss"], rel=1e-6)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "images")] == [
-        "images/adapted.loss.png"]
+        "images/adapted.loss.png"
+    ]
 
 
 def test_probe_logs_its_scores_table_and_confusion_pngs(shared_data, tmp_path):
@@ -117,16 +160,33 @@ def test_probe_logs_its_scores_table_and_confusion_pngs(shared_data, tmp_path):
 
     chips = nc_landsat7_chips(tmp_path / "datasets", shared_data)
     model = tiny_model_file(tmp_path / "tiny.pt", chips)
-    code, out, err = run_cli("probe", str(model), str(chips), "--steps", "20", "--no-cache",
-                             "--device", "cpu", "--json", "-q", "--plots", str(tmp_path / "plots"),
-                             "--logger", "tensorboard", "--logger", "csv", "--log-dir",
-                             str(tmp_path / "runs"))
+    code, out, err = run_cli(
+        "probe",
+        str(model),
+        str(chips),
+        "--steps",
+        "20",
+        "--no-cache",
+        "--device",
+        "cpu",
+        "--json",
+        "-q",
+        "--plots",
+        str(tmp_path / "plots"),
+        "--logger",
+        "tensorboard",
+        "--logger",
+        "csv",
+        "--log-dir",
+        str(tmp_path / "runs"),
+    )
     assert code == 0, err
     import json
 
     (scores,) = json.loads(out)["models"]
-    (events_dir,) = {p.parent for p in (tmp_path / "runs" / "tensorboard" / "probe").rglob(
-        "events.out.*")}
+    (events_dir,) = {
+        p.parent for p in (tmp_path / "runs" / "tensorboard" / "probe").rglob("events.out.*")
+    }
     events = EventAccumulator(str(events_dir))
     events.Reload()
     for key in ("top1", "macro_f1", "knn_top1", "knn_macro_f1"):
@@ -151,11 +211,11 @@ def _wandb_records(run_file) -> list:
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
         if length == kind == 0:
             pos += block - pos % block
             continue
-        chunks += raw[pos + 7:pos + 7 + length]
+        chunks += raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST: one whole record
             record = wandb_internal_pb2.Record()
@@ -176,12 +236,21 @@ def test_wandb_offline_run_gets_every_logged_value_and_the_options(tmp_path, mon
     last = _jsonl(tmp_path)[-1]
     (run_file,) = (tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
     records = _wandb_records(run_file)
-    config = {item.key: json.loads(item.value_json) for r in records
-              if r.WhichOneof("record_type") == "config" for item in r.config.update}
+    config = {
+        item.key: json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for item in r.config.update
+    }
     assert config["lora_rank"] == 64 and config["steps"] == 2
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                for item in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
+    history = [
+        {
+            item.key or "/".join(item.nested_key): json.loads(item.value_json)
+            for item in r.history.item
+        }
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     losses = [h for h in history if "loss" in h]
     assert losses[-1]["loss"] == pytest.approx(last["loss"], rel=1e-6)
     assert losses[-1]["trainer/global_step"] == last["step"]
@@ -194,7 +263,7 @@ def test_tracked_verbs_show_the_tracker_options_in_their_own_help_panel():
     for verb in ("adapt", "finetune", "probe"):
         code, out, _ = run_cli(verb, "--help")
         assert code == 0
-        panel = out[out.index("Experiment tracking"):]
+        panel = out[out.index("Experiment tracking") :]
         assert "--logger" in panel and "--run-name" in panel and "--log-dir" in panel
         assert "geoexplora[tensorboard]" in panel  # rich markup did not eat the extra's name
         assert "Run configuration" in out and out.count("--install-completion") == 0

@@ -9,56 +9,119 @@ from typing import Annotated
 
 import typer
 
-Bands = Annotated[str | None, typer.Option(
-    "--bands", help="Bands to use, in this order, by name: e.g. B2,B3,B4,B8 (aliases like B02, "
-                    "blue, nir work).")]
-Sensor = Annotated[str | None, typer.Option(
-    "--sensor", help="Sensor preset naming the file's bands in order when it has no band "
-                     "descriptions: sentinel2, landsat8, landsat9, landsat7, landsat5, rgb, rgbn.")]
-BandMap = Annotated[str | None, typer.Option(
-    "--band-map", help="Explicit band identities of the file's bands, 1-based: 1=B2,2=B3,3=B4 "
-                       "(with --sensor), or sensor-qualified 1=sentinel2:B2; FILE:1=B7 for one "
-                       "file of several.")]
-S2Offset = Annotated[str, typer.Option(
-    "--s2-offset", help="Sentinel-2 DN offset: auto (1000 from 2022-01-25, or from tags), 0 or "
-                        "1000.")]
-Resolution = Annotated[float | None, typer.Option(
-    "--resolution", help="Target pixel size in CRS units (default: the finest input).")]
-Nodata = Annotated[float | None, typer.Option(
-    "--nodata", help="Nodata value overriding the file's (NaN is always nodata).")]
-Dates = Annotated[str | None, typer.Option(
-    "--dates", help="Comma-separated dates (YYYY-MM-DD), one per input file, when files carry "
-                    "none.")]
+Bands = Annotated[
+    str | None,
+    typer.Option(
+        "--bands",
+        help="Bands to use, in this order, by name: e.g. B2,B3,B4,B8 (aliases like B02, "
+        "blue, nir work).",
+    ),
+]
+Sensor = Annotated[
+    str | None,
+    typer.Option(
+        "--sensor",
+        help="Sensor preset naming the file's bands in order when it has no band "
+        "descriptions: sentinel2, landsat8, landsat9, landsat7, landsat5, rgb, rgbn.",
+    ),
+]
+BandMap = Annotated[
+    str | None,
+    typer.Option(
+        "--band-map",
+        help="Explicit band identities of the file's bands, 1-based: 1=B2,2=B3,3=B4 "
+        "(with --sensor), or sensor-qualified 1=sentinel2:B2; FILE:1=B7 for one "
+        "file of several.",
+    ),
+]
+S2Offset = Annotated[
+    str,
+    typer.Option(
+        "--s2-offset",
+        help="Sentinel-2 DN offset: auto (1000 from 2022-01-25, or from tags), 0 or 1000.",
+    ),
+]
+Resolution = Annotated[
+    float | None,
+    typer.Option(
+        "--resolution", help="Target pixel size in CRS units (default: the finest input)."
+    ),
+]
+Nodata = Annotated[
+    float | None,
+    typer.Option("--nodata", help="Nodata value overriding the file's (NaN is always nodata)."),
+]
+Dates = Annotated[
+    str | None,
+    typer.Option(
+        "--dates",
+        help="Comma-separated dates (YYYY-MM-DD), one per input file, when files carry none.",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print results as one JSON document on stdout.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
-Init = Annotated[str | None, typer.Option(
-    "--init", help="Initial model: a timm name (vit_small_patch14_dinov2.lvd142m), "
-                   "torchgeo:ENUM, or a geoexplora model file.")]
-InitWeights = Annotated[str | None, typer.Option(
-    "--init-weights", help="A local checkpoint for --init's architecture (Meta DINOv2 .pth, timm "
-                           ".safetensors/.pth, MAE), or 'random' for an explicit random init.")]
-Device = Annotated[str | None, typer.Option(
-    "--device", help="cpu, cuda or cuda:N (default: cuda when available).")]
+Init = Annotated[
+    str | None,
+    typer.Option(
+        "--init",
+        help="Initial model: a timm name (vit_small_patch14_dinov2.lvd142m), "
+        "torchgeo:ENUM, or a geoexplora model file.",
+    ),
+]
+InitWeights = Annotated[
+    str | None,
+    typer.Option(
+        "--init-weights",
+        help="A local checkpoint for --init's architecture (Meta DINOv2 .pth, timm "
+        ".safetensors/.pth, MAE), or 'random' for an explicit random init.",
+    ),
+]
+Device = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
+]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 NumWorkers = Annotated[int, typer.Option("--num-workers", help="Data-loading worker processes.")]
-CreationOptions = Annotated[list[str] | None, typer.Option(
-    "--co", help="GDAL creation option KEY=VALUE for output rasters (repeatable).")]
+CreationOptions = Annotated[
+    list[str] | None,
+    typer.Option("--co", help="GDAL creation option KEY=VALUE for output rasters (repeatable)."),
+]
 
 
-StacSearch = Annotated[str | None, typer.Option(
-    "--stac-search", rich_help_panel="STAC search",
-    help="A STAC API URL: its search's items are inputs too (each item one scene of its band "
-         "assets).")]
-Collection = Annotated[list[str] | None, typer.Option(
-    "--collection", rich_help_panel="STAC search",
-    help="The collection to search (repeatable), e.g. sentinel-2-l2a.")]
-Bbox = Annotated[str | None, typer.Option(
-    "--bbox", rich_help_panel="STAC search", help="Search area W,S,E,N in lon/lat.")]
-Datetime = Annotated[str | None, typer.Option(
-    "--datetime", rich_help_panel="STAC search",
-    help="Search dates: 2023-06-01/2023-06-30, 2023-06, or one date.")]
-MaxItems = Annotated[int, typer.Option(
-    "--max-items", rich_help_panel="STAC search", help="Most items the search returns.")]
+StacSearch = Annotated[
+    str | None,
+    typer.Option(
+        "--stac-search",
+        rich_help_panel="STAC search",
+        help="A STAC API URL: its search's items are inputs too (each item one scene of its band "
+        "assets).",
+    ),
+]
+Collection = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--collection",
+        rich_help_panel="STAC search",
+        help="The collection to search (repeatable), e.g. sentinel-2-l2a.",
+    ),
+]
+Bbox = Annotated[
+    str | None,
+    typer.Option("--bbox", rich_help_panel="STAC search", help="Search area W,S,E,N in lon/lat."),
+]
+Datetime = Annotated[
+    str | None,
+    typer.Option(
+        "--datetime",
+        rich_help_panel="STAC search",
+        help="Search dates: 2023-06-01/2023-06-30, 2023-06, or one date.",
+    ),
+]
+MaxItems = Annotated[
+    int,
+    typer.Option(
+        "--max-items", rich_help_panel="STAC search", help="Most items the search returns."
+    ),
+]
 
 
 def _path_or_uri(text: str) -> Path | str:
@@ -80,9 +143,14 @@ def expand_paths(items: list[str]) -> list[Path | str]:
     return out
 
 
-def inputs_with_search(items: list[str] | None, stac_search: str | None,
-                       collection: list[str] | None, bbox: str | None, datetime: str | None,
-                       max_items: int) -> list:
+def inputs_with_search(
+    items: list[str] | None,
+    stac_search: str | None,
+    collection: list[str] | None,
+    bbox: str | None,
+    datetime: str | None,
+    max_items: int,
+) -> list:
     """The positional inputs (:func:`expand_paths`), then the items a --stac-search returns."""
     from geoexplora.errors import UserError
 
@@ -92,8 +160,7 @@ def inputs_with_search(items: list[str] | None, stac_search: str | None,
         from geoexplora.validate import require_positive
 
         require_positive("--max-items", max_items)
-        out.extend(stac.search(stac_search, collection, stac.parse_bbox(bbox), datetime,
-                               max_items))
+        out.extend(stac.search(stac_search, collection, stac.parse_bbox(bbox), datetime, max_items))
     elif collection or bbox or datetime:
         raise UserError("--collection, --bbox and --datetime filter a --stac-search; pass one")
     if not out:
@@ -149,11 +216,25 @@ def verbosity_options() -> list:
     """-v/-q as options of a verb, so `geoexplora predict ... -q` works as `geoexplora -q
     predict ...` does. Built by Typer from a signature (so they parse and render like every other
     option) and not passed to the verb's function: their callbacks set the logging state."""
+
     def verbosity(
-        verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, callback=_add_verbose,
-                                             help=VERBOSE_HELP, rich_help_panel=LOGGING_PANEL)] = 0,
-        quiet: Annotated[bool, typer.Option("-q", "--quiet", callback=_set_quiet,
-                                            help=QUIET_HELP, rich_help_panel=LOGGING_PANEL)] = False,
+        verbose: Annotated[
+            int,
+            typer.Option(
+                "-v",
+                "--verbose",
+                count=True,
+                callback=_add_verbose,
+                help=VERBOSE_HELP,
+                rich_help_panel=LOGGING_PANEL,
+            ),
+        ] = 0,
+        quiet: Annotated[
+            bool,
+            typer.Option(
+                "-q", "--quiet", callback=_set_quiet, help=QUIET_HELP, rich_help_panel=LOGGING_PANEL
+            ),
+        ] = False,
     ) -> None:
         """Never run: only its parameters are used."""
 
@@ -179,8 +260,11 @@ def _params_of(signature) -> list:
 
 def _config_keys(command) -> dict:
     """The keys a verb's config file may hold: the verb's own parameters (one schema source)."""
-    return {p.name: p for p in command.params
-            if p.expose_value and p.name not in ("help", "config", "print_config")}
+    return {
+        p.name: p
+        for p in command.params
+        if p.expose_value and p.name not in ("help", "config", "print_config")
+    }
 
 
 def _load_config(ctx: typer.Context, path: Path | None) -> None:
@@ -205,8 +289,9 @@ def _load_config(ctx: typer.Context, path: Path | None) -> None:
     for key, value in doc.items():
         param = keys.get(str(key).replace("-", "_"))
         if param is None:
-            raise UserError(f"{path}: unknown key '{key}' for '{ctx.command_path}' "
-                            f"(see --print-config)")
+            raise UserError(
+                f"{path}: unknown key '{key}' for '{ctx.command_path}' (see --print-config)"
+            )
         if value is None:
             continue
         try:  # the conversion click applies to the option's own values
@@ -237,16 +322,29 @@ def resolved_config(ctx) -> dict:
 
 def config_options() -> list:
     """--config and --print-config for every verb (added by the CLI group, like -v/-q)."""
+
     def config(
-        config: Annotated[Path | None, typer.Option(
-            "--config", callback=_load_config, is_eager=True, metavar="FILE.yaml",
-            rich_help_panel=CONFIG_PANEL,
-            help="Read option values from a YAML file (keys as in --print-config); flags given "
-                 "on the command line override it.")] = None,
-        print_config: Annotated[bool, typer.Option(
-            "--print-config", rich_help_panel=CONFIG_PANEL,
-            help="Print the fully resolved options as YAML (readable by --config) and exit "
-                 "without running.")] = False,
+        config: Annotated[
+            Path | None,
+            typer.Option(
+                "--config",
+                callback=_load_config,
+                is_eager=True,
+                metavar="FILE.yaml",
+                rich_help_panel=CONFIG_PANEL,
+                help="Read option values from a YAML file (keys as in --print-config); flags given "
+                "on the command line override it.",
+            ),
+        ] = None,
+        print_config: Annotated[
+            bool,
+            typer.Option(
+                "--print-config",
+                rich_help_panel=CONFIG_PANEL,
+                help="Print the fully resolved options as YAML (readable by --config) and exit "
+                "without running.",
+            ),
+        ] = False,
     ) -> None:
         """Never run: only its parameters are used."""
 
@@ -267,18 +365,31 @@ def tracker_options() -> list:
     from geoexplora import defaults
 
     def trackers(
-        logger: Annotated[list[str] | None, typer.Option(
-            "--logger", rich_help_panel=TRACKING_PANEL,
-            help="Also log the run to an experiment tracker: csv, tensorboard, mlflow or wandb "
-                 "(repeatable; all but csv are extras, e.g. pip install "
-                 "'geoexplora\\[tensorboard]').")] = None,
-        run_name: Annotated[str | None, typer.Option(
-            "--run-name", rich_help_panel=TRACKING_PANEL,
-            help="The run's name in the trackers (default: the output's stem, or the verb's "
-                 "name).")] = None,
-        log_dir: Annotated[Path, typer.Option(
-            "--log-dir", rich_help_panel=TRACKING_PANEL,
-            help="Folder for the trackers' files.")] = Path(defaults.TRACKER_LOG_DIR),
+        logger: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--logger",
+                rich_help_panel=TRACKING_PANEL,
+                help="Also log the run to an experiment tracker: csv, tensorboard, mlflow or wandb "
+                "(repeatable; all but csv are extras, e.g. pip install "
+                "'geoexplora\\[tensorboard]').",
+            ),
+        ] = None,
+        run_name: Annotated[
+            str | None,
+            typer.Option(
+                "--run-name",
+                rich_help_panel=TRACKING_PANEL,
+                help="The run's name in the trackers (default: the output's stem, or the verb's "
+                "name).",
+            ),
+        ] = None,
+        log_dir: Annotated[
+            Path,
+            typer.Option(
+                "--log-dir", rich_help_panel=TRACKING_PANEL, help="Folder for the trackers' files."
+            ),
+        ] = Path(defaults.TRACKER_LOG_DIR),
     ) -> None:
         """Never run: only its parameters are used."""
 
@@ -308,8 +419,10 @@ def _config_yaml(ctx) -> str:
 
     from geoexplora import __version__
 
-    header = (f"# {ctx.command_path} (geoexplora {__version__}): resolved options; rerun with "
-              f"{ctx.command_path} --config THIS_FILE\n")
+    header = (
+        f"# {ctx.command_path} (geoexplora {__version__}): resolved options; rerun with "
+        f"{ctx.command_path} --config THIS_FILE\n"
+    )
     return header + yaml.safe_dump(resolved_config(ctx), sort_keys=False)
 
 
@@ -325,8 +438,11 @@ def run_or_print_config(invoke, ctx):
     text = _config_yaml(ctx)  # before the verb runs: what was asked for, not what it changed
     config = resolved_config(ctx)
     output = next((ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)), None)
-    with library_messages_logged(), _tracking(ctx, config), running_with(
-            {"command": ctx.info_name, "options": config}):
+    with (
+        library_messages_logged(),
+        _tracking(ctx, config),
+        running_with({"command": ctx.info_name, "options": config}),
+    ):
         result = invoke(ctx)
         if output is not None and ctx.info_name in LOOP_VERBS:
             from geoexplora.train.tracking import log_images

@@ -12,13 +12,18 @@ from geoexplora.defaults import DEMO
 
 
 def demo(
-    output: Annotated[Path, typer.Option("-o", "--output", "--out",
-                                         help="Folder for every output.")] = Path("demo-out"),
-    adapt_steps: Annotated[int, typer.Option("--adapt-steps", help="ExPLoRA steps.")] = DEMO.adapt_steps,
-    finetune_steps: Annotated[int, typer.Option("--finetune-steps",
-                                                help="LoRA fine-tuning steps.")] = DEMO.finetune_steps,
-    probe_steps: Annotated[int, typer.Option("--probe-steps",
-                                             help="Steps of each linear-probe head.")] = DEMO.probe_steps,
+    output: Annotated[
+        Path, typer.Option("-o", "--output", "--out", help="Folder for every output.")
+    ] = Path("demo-out"),
+    adapt_steps: Annotated[
+        int, typer.Option("--adapt-steps", help="ExPLoRA steps.")
+    ] = DEMO.adapt_steps,
+    finetune_steps: Annotated[
+        int, typer.Option("--finetune-steps", help="LoRA fine-tuning steps.")
+    ] = DEMO.finetune_steps,
+    probe_steps: Annotated[
+        int, typer.Option("--probe-steps", help="Steps of each linear-probe head.")
+    ] = DEMO.probe_steps,
     init: O.Init = None,
     init_weights: O.InitWeights = None,
     device: O.Device = None,
@@ -42,9 +47,19 @@ def demo(
     # The environment is read here, never by the library: the variables stand in for the flags.
     init = init or os.environ.get("GEOEXPLORA_INIT")
     init_weights = init_weights or os.environ.get("GEOEXPLORA_INIT_WEIGHTS")
-    doc = run_demo(DemoConfig(output=output, overwrite=overwrite, adapt_steps=adapt_steps,
-                              finetune_steps=finetune_steps, probe_steps=probe_steps, init=init,
-                              init_weights=init_weights, device=device, seed=seed))
+    doc = run_demo(
+        DemoConfig(
+            output=output,
+            overwrite=overwrite,
+            adapt_steps=adapt_steps,
+            finetune_steps=finetune_steps,
+            probe_steps=probe_steps,
+            init=init,
+            init_weights=init_weights,
+            device=device,
+            seed=seed,
+        )
+    )
     if json_out:
         O.print_json(doc)
     else:
@@ -64,20 +79,34 @@ def render_summary(doc: dict, console=None) -> None:
     table = Table("step", "result", "seconds")
     s = doc["seconds"]
     ch = doc["chips"]
-    table.add_row("tile", f"{ch['count']} chips of {CHIP_SIZE} px, splits {ch['splits']}, "
-                          f"classes {', '.join(ch['classes'])}", str(s["tile"]))
+    table.add_row(
+        "tile",
+        f"{ch['count']} chips of {CHIP_SIZE} px, splits {ch['splits']}, "
+        f"classes {', '.join(ch['classes'])}",
+        str(s["tile"]),
+    )
     a = doc["adapt"]
-    table.add_row("adapt", f"{a['steps']} steps, loss {a['first_loss']:.3f} -> "
-                           f"{a['last_loss']:.3f}; trained {a['trainable']:,} of {a['total']:,} "
-                           "parameters", str(s["adapt"]))
+    table.add_row(
+        "adapt",
+        f"{a['steps']} steps, loss {a['first_loss']:.3f} -> "
+        f"{a['last_loss']:.3f}; trained {a['trainable']:,} of {a['total']:,} "
+        "parameters",
+        str(s["adapt"]),
+    )
     for m in doc["probe"]["models"]:
-        table.add_row(f"probe {m['name']}", f"top-1 {m['top1']:.3f}, balanced "
-                      f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, k-NN "
-                      f"{m['knn_top1']:.3f} (on {doc['probe']['evaluated_on']})",
-                      str(s["probe"]))
+        table.add_row(
+            f"probe {m['name']}",
+            f"top-1 {m['top1']:.3f}, balanced "
+            f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, k-NN "
+            f"{m['knn_top1']:.3f} (on {doc['probe']['evaluated_on']})",
+            str(s["probe"]),
+        )
     f = doc["finetune"]
-    table.add_row("finetune", f"lora, loss {f['first_loss']:.3f} -> {f['last_loss']:.3f}; "
-                              f"val {_fmt_metrics(f['val'])}", str(s["finetune"]))
+    table.add_row(
+        "finetune",
+        f"lora, loss {f['first_loss']:.3f} -> {f['last_loss']:.3f}; val {_fmt_metrics(f['val'])}",
+        str(s["finetune"]),
+    )
     table.add_row("predict", f"{doc['predict']['path']}", str(s["predict"]))
     table.add_row("quicklook", doc["quicklook"], str(s["quicklook"]))
     console.print(table)

@@ -23,16 +23,30 @@ from geoexplora.defaults import PREDICT
 
 
 def embed(
-    model: Annotated[str, typer.Argument(
-        help="Model file (adapted backbone or task model), or a source by name (a "
-             "timm/registry name, torchgeo:ENUM; built on the raster's bands with its "
-             "statistics).", metavar="MODEL")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model file (adapted backbone or task model), or a source by name (a "
+            "timm/registry name, torchgeo:ENUM; built on the raster's bands with its "
+            "statistics).",
+            metavar="MODEL",
+        ),
+    ],
     output: Output,
-    rasters: Annotated[list[str] | None, typer.Argument(
-        help="Input rasters (files, URIs, STAC items): one scene, or several scenes with -o "
-             "DIR/. '-' reads stdin.", show_default=False)] = None,
-    pca: Annotated[int | None, typer.Option(
-        "--pca", help="Reduce to K principal components (fitted on a sample of windows).")] = None,
+    rasters: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Input rasters (files, URIs, STAC items): one scene, or several scenes with -o "
+            "DIR/. '-' reads stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    pca: Annotated[
+        int | None,
+        typer.Option(
+            "--pca", help="Reduce to K principal components (fitted on a sample of windows)."
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
     window: Window = None,
     overlap: Overlap = None,
@@ -49,13 +63,23 @@ def embed(
     nodata: O.Nodata = None,
     s2_offset: O.S2Offset = "auto",
     dates: O.Dates = None,
-    init_weights: Annotated[str | None, typer.Option(
-        "--init-weights", help="For a MODEL given by name: a local checkpoint of its "
-                               "architecture (Meta DINOv2 .pth, timm .safetensors/.pth, MAE), "
-                               "or 'random'.")] = None,
-    bands: Annotated[str | None, typer.Option(
-        "--bands", help="For a MODEL given by name: the raster's bands it is built on, in this "
-                        "order (default: all of them), e.g. B2,B3,B4,B8.")] = None,
+    init_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--init-weights",
+            help="For a MODEL given by name: a local checkpoint of its "
+            "architecture (Meta DINOv2 .pth, timm .safetensors/.pth, MAE), "
+            "or 'random'.",
+        ),
+    ] = None,
+    bands: Annotated[
+        str | None,
+        typer.Option(
+            "--bands",
+            help="For a MODEL given by name: the raster's bands it is built on, in this "
+            "order (default: all of them), e.g. B2,B3,B4,B8.",
+        ),
+    ] = None,
     stac_search: O.StacSearch = None,
     collection: O.Collection = None,
     bbox: O.Bbox = None,
@@ -75,13 +99,28 @@ def embed(
     from geoexplora.pipelines.embed import embed as run
 
     cfg = EmbedConfig(
-        model=model, inputs=O.inputs_with_search(rasters, stac_search, collection, bbox, datetime, max_items), output=output, init_weights=init_weights,
-        bands=parse_band_list(bands), pca=pca, dtype=dtype,
-        window=window, overlap=overlap, batch_size=batch_size, blend=blend,
-        creation_options=O.parse_creation_options(co), dry_run=dry_run, resume=resume,
-        shard=shard, overwrite=overwrite, device=device, devices=devices,
-        scene=O.scene_opts(band_map=band_map, sensor=sensor, nodata=nodata,
-                           s2_offset=s2_offset, dates=dates))
+        model=model,
+        inputs=O.inputs_with_search(rasters, stac_search, collection, bbox, datetime, max_items),
+        output=output,
+        init_weights=init_weights,
+        bands=parse_band_list(bands),
+        pca=pca,
+        dtype=dtype,
+        window=window,
+        overlap=overlap,
+        batch_size=batch_size,
+        blend=blend,
+        creation_options=O.parse_creation_options(co),
+        dry_run=dry_run,
+        resume=resume,
+        shard=shard,
+        overwrite=overwrite,
+        device=device,
+        devices=devices,
+        scene=O.scene_opts(
+            band_map=band_map, sensor=sensor, nodata=nodata, s2_offset=s2_offset, dates=dates
+        ),
+    )
     report([r.to_dict() for r in run(cfg)], json_out, dry_run)
 
 

@@ -10,9 +10,13 @@ from geoexplora.commands import _options as O
 
 
 def info(
-    paths: Annotated[list[str], typer.Argument(
-        help="Rasters (files or URIs), STAC items, geoexplora model files or chips datasets "
-             "(folders).")],
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Rasters (files or URIs), STAC items, geoexplora model files or chips datasets "
+            "(folders)."
+        ),
+    ],
     sensor: O.Sensor = None,
     band_map: O.BandMap = None,
     s2_offset: O.S2Offset = "auto",
@@ -55,7 +59,9 @@ def render_description(doc: dict) -> None:
         return
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]file", doc["path"])
-    head.add_row("size", f"{doc['width']} x {doc['height']} px, {doc['count']} band(s), {doc['dtype']}")
+    head.add_row(
+        "size", f"{doc['width']} x {doc['height']} px, {doc['count']} band(s), {doc['dtype']}"
+    )
     head.add_row("CRS", f"{doc['crs']}")
     head.add_row("resolution", f"{doc['resolution'][0]:g} x {doc['resolution'][1]:g}")
     head.add_row("nodata", "none" if doc["nodata"] is None else f"{doc['nodata']:g}")
@@ -64,9 +70,14 @@ def render_description(doc: dict) -> None:
     console.print(head)
     table = Table("#", "description", "band", "sensor", "wavelength nm", "GSD m")
     for b in doc["bands"]:
-        table.add_row(str(b["index"]), b["description"] or "", b.get("name", "?"),
-                      b.get("sensor", ""), f"{b['center_nm']:g}" if "center_nm" in b else "",
-                      f"{b['gsd_m']:g}" if "gsd_m" in b else "")
+        table.add_row(
+            str(b["index"]),
+            b["description"] or "",
+            b.get("name", "?"),
+            b.get("sensor", ""),
+            f"{b['center_nm']:g}" if "center_nm" in b else "",
+            f"{b['gsd_m']:g}" if "gsd_m" in b else "",
+        )
     console.print(table)
 
 
@@ -86,13 +97,27 @@ def _render_stac(console, doc: dict) -> None:
 
     console.print(f"[bold]STAC[/] {doc['path']}: {len(doc['items'])} item(s)")
     for item in doc["items"]:
-        table = Table("asset", "band", "common name", "nm", "scale", "add", "href",
-                      title=f"{item['id']} ({item['sensor']}, {item['date'] or 'undated'})",
-                      title_justify="left")
+        table = Table(
+            "asset",
+            "band",
+            "common name",
+            "nm",
+            "scale",
+            "add",
+            "href",
+            title=f"{item['id']} ({item['sensor']}, {item['date'] or 'undated'})",
+            title_justify="left",
+        )
         for b in item["bands"]:
-            table.add_row(b["asset"], b["key"], b["common_name"], f"{b['center_nm']:g}",
-                          "" if b["scale"] is None else f"{b['scale']:g}",
-                          "" if b["add"] is None else f"{b['add']:g}", b["href"])
+            table.add_row(
+                b["asset"],
+                b["key"],
+                b["common_name"],
+                f"{b['center_nm']:g}",
+                "" if b["scale"] is None else f"{b['scale']:g}",
+                "" if b["add"] is None else f"{b['add']:g}",
+                b["href"],
+            )
         console.print(table)
 
 
@@ -102,13 +127,18 @@ def _render_dataset(console, doc: dict) -> None:
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]chips dataset", doc["path"])
     splits = ", ".join(f"{k} {v}" for k, v in sorted(doc["splits"].items()))
-    head.add_row("chips", f"{doc['chips']} of {doc['chip_size']} px ({splits}), "
-                          f"{doc['num_frames']} date(s) each")
+    head.add_row(
+        "chips",
+        f"{doc['chips']} of {doc['chip_size']} px ({splits}), {doc['num_frames']} date(s) each",
+    )
     head.add_row("task", doc["task"])
     head.add_row("bands", ", ".join(doc["bands"]))
     head.add_row("CRS", str(doc["crs"] or "per chip"))
-    head.add_row("made", f"{doc['created']} from {doc['sources']} source(s)"
-                         + (f", {doc['appends']} append(s)" if doc["appends"] else ""))
+    head.add_row(
+        "made",
+        f"{doc['created']} from {doc['sources']} source(s)"
+        + (f", {doc['appends']} append(s)" if doc["appends"] else ""),
+    )
     console.print(head)
     table = Table("band", "mean", "std", "p2", "p98")
     for i, key in enumerate(doc["bands"]):
@@ -136,31 +166,56 @@ def render_model_card(card: dict):
         ("file", f"{card['file']} ({card['size_bytes'] / 1e6:.1f} MB)"),
         ("sha256", card["sha256"]),
         ("kind", card.get("model_kind", card["kind"])),
-        ("architecture", (f"{arch['name']} (timm {arch['timm_name']}): depth {arch['depth']}, "
-                          f"dim {arch['embed_dim']}, heads {arch['num_heads']}, patch "
-                          f"{arch['patch_size']}, image {arch['img_size'][0]}x"
-                          f"{arch['img_size'][1]}, prefix tokens {arch['num_prefix_tokens']}")),
-        ("source", f"{bb['source'].get('init')} [{bb['family']}]"
-                   + (f" weights {bb['source']['weights']}" if bb["source"].get("weights") else "")),
+        (
+            "architecture",
+            (
+                f"{arch['name']} (timm {arch['timm_name']}): depth {arch['depth']}, "
+                f"dim {arch['embed_dim']}, heads {arch['num_heads']}, patch "
+                f"{arch['patch_size']}, image {arch['img_size'][0]}x"
+                f"{arch['img_size'][1]}, prefix tokens {arch['num_prefix_tokens']}"
+            ),
+        ),
+        (
+            "source",
+            f"{bb['source'].get('init')} [{bb['family']}]"
+            + (f" weights {bb['source']['weights']}" if bb["source"].get("weights") else ""),
+        ),
         ("frames", str(bb["num_frames"])),
-        ("spectral tokens", bb["spectral_tokens"] + (
-            f" {bb['spectral_groups']}" if bb["spectral_tokens"] == "groups" else "")),
-        ("parameters", ", ".join(f"{k} {_millions(v)}"
-                                 for k, v in card["parameter_counts"].items())),
+        (
+            "spectral tokens",
+            bb["spectral_tokens"]
+            + (f" {bb['spectral_groups']}" if bb["spectral_tokens"] == "groups" else ""),
+        ),
+        (
+            "parameters",
+            ", ".join(f"{k} {_millions(v)}" for k, v in card["parameter_counts"].items()),
+        ),
         ("statistics", bb["stats"]["origin"]),
     ]
     for stage in ("explora", "finetune_lora"):
         if stage in bb:
             s = bb[stage]
             rep = s["parameters"]
-            rows.append((stage, (f"unfrozen blocks {s['unfreeze_blocks']}, LoRA "
-                                 f"r={s['lora_rank']} alpha={s['lora_alpha']} on "
-                                 f"{','.join(s['lora_targets'])}; trained "
-                                 f"{_millions(rep['trainable'])} of {_millions(rep['total'])} "
-                                 f"({100 * rep['fraction']:.1f}%)")))
+            rows.append(
+                (
+                    stage,
+                    (
+                        f"unfrozen blocks {s['unfreeze_blocks']}, LoRA "
+                        f"r={s['lora_rank']} alpha={s['lora_alpha']} on "
+                        f"{','.join(s['lora_targets'])}; trained "
+                        f"{_millions(rep['trainable'])} of {_millions(rep['total'])} "
+                        f"({100 * rep['fraction']:.1f}%)"
+                    ),
+                )
+            )
     prov = card.get("provenance", {})
-    rows.append(("created", f"{prov.get('created', '?')} with "
-                            + ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items())))
+    rows.append(
+        (
+            "created",
+            f"{prov.get('created', '?')} with "
+            + ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items()),
+        )
+    )
     for key, value in rows:
         summary.add_row(key, value)
 

@@ -29,9 +29,15 @@ def models(json_out: O.Json = False) -> None:
     for m in entries:
         w = m["weights"]
         cached = "-" if w["cached"] is None else ("yes" if w["cached"] else "no")
-        table.add_row(m["name"], f"{m['parameters'] / 1e6:.1f}M", str(m["patch_size"]),
-                      f"{m['embed_dim']} x {m['depth']}", m["family"],
-                      w["needs"] + "".join(f"\n  {where}" for where in w["looked_for"]), cached)
+        table.add_row(
+            m["name"],
+            f"{m['parameters'] / 1e6:.1f}M",
+            str(m["patch_size"]),
+            f"{m['embed_dim']} x {m['depth']}",
+            m["family"],
+            w["needs"] + "".join(f"\n  {where}" for where in w["looked_for"]),
+            cached,
+        )
     Console().print(table)
 
 

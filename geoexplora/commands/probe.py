@@ -11,43 +11,87 @@ from geoexplora.commands import _options as O
 
 
 def probe(
-    paths: Annotated[list[str], typer.Argument(
-        help="One or more models - model files, or sources by name (a timm/registry name, "
-             "torchgeo:ENUM; built on the chips' bands) - then the chips dataset folder "
-             "(written by tile).", metavar="MODEL... CHIPS")],
-    init_weights: Annotated[str | None, typer.Option(
-        "--init-weights", help="For a MODEL given by name: a local checkpoint of its "
-                               "architecture (Meta DINOv2 .pth, timm .safetensors/.pth, MAE), "
-                               "or 'random'.")] = None,
-    bands: Annotated[str | None, typer.Option(
-        "--bands", help="For a MODEL given by name: the chips' bands it is built on, in this "
-                        "order (default: all of them), e.g. B2,B3,B4,B8.")] = None,
-    features: Annotated[str | None, typer.Option(
-        "--features", help="Feature sets the heads may read, comma-separated, from cls (last "
-                           "block's cls token), cls4 (last 4 blocks' cls tokens), cls+mean, "
-                           "cls4+mean (with the mean patch token). Default: all four.")] = None,
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more models - model files, or sources by name (a timm/registry name, "
+            "torchgeo:ENUM; built on the chips' bands) - then the chips dataset folder "
+            "(written by tile).",
+            metavar="MODEL... CHIPS",
+        ),
+    ],
+    init_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--init-weights",
+            help="For a MODEL given by name: a local checkpoint of its "
+            "architecture (Meta DINOv2 .pth, timm .safetensors/.pth, MAE), "
+            "or 'random'.",
+        ),
+    ] = None,
+    bands: Annotated[
+        str | None,
+        typer.Option(
+            "--bands",
+            help="For a MODEL given by name: the chips' bands it is built on, in this "
+            "order (default: all of them), e.g. B2,B3,B4,B8.",
+        ),
+    ] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            "--features",
+            help="Feature sets the heads may read, comma-separated, from cls (last "
+            "block's cls token), cls4 (last 4 blocks' cls tokens), cls+mean, "
+            "cls4+mean (with the mean patch token). Default: all four.",
+        ),
+    ] = None,
     json_out: O.Json = False,
-    plots: Annotated[Path | None, typer.Option(
-        "--plots", help="Folder for a confusion-matrix PNG per model.")] = None,
-    save_head: Annotated[Path | None, typer.Option(
-        "--save-head", help="Write a task model file (backbone + best linear head on cls or "
-                            "cls+mean + classes), usable by predict. One MODEL only.")] = None,
-    learning_rates: Annotated[str | None, typer.Option(
-        "--learning-rates", help="Base learning rates of the head grid (per batch 256), "
-                                 "comma-separated. Default: 1e-4 ... 0.1.")] = None,
-    steps: Annotated[int | None, typer.Option(
-        "--steps", help="SGD steps of the head grid.")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", help="Batch size of the head grid.")] = None,
+    plots: Annotated[
+        Path | None, typer.Option("--plots", help="Folder for a confusion-matrix PNG per model.")
+    ] = None,
+    save_head: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-head",
+            help="Write a task model file (backbone + best linear head on cls or "
+            "cls+mean + classes), usable by predict. One MODEL only.",
+        ),
+    ] = None,
+    learning_rates: Annotated[
+        str | None,
+        typer.Option(
+            "--learning-rates",
+            help="Base learning rates of the head grid (per batch 256), "
+            "comma-separated. Default: 1e-4 ... 0.1.",
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="SGD steps of the head grid.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Batch size of the head grid.")
+    ] = None,
     knn_k: Annotated[int | None, typer.Option("--knn-k", help="Neighbours of the k-NN.")] = None,
-    extract_batch_size: Annotated[int | None, typer.Option(
-        "--extract-batch-size", help="Chips per forward pass of the frozen backbone while "
-                                     "extracting features (memory bound).")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(
-        "--cache-dir", help="Feature cache folder (default: $GEOEXPLORA_CACHE_DIR or "
-                            "~/.cache/geoexplora/features).")] = None,
-    no_cache: Annotated[bool, typer.Option(
-        "--no-cache", help="Extract features again and do not store them.")] = False,
+    extract_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--extract-batch-size",
+            help="Chips per forward pass of the frozen backbone while "
+            "extracting features (memory bound).",
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="Feature cache folder (default: $GEOEXPLORA_CACHE_DIR or "
+            "~/.cache/geoexplora/features).",
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Extract features again and do not store them.")
+    ] = False,
     device: O.Device = None,
     num_workers: O.NumWorkers = 0,
     seed: O.Seed = 0,
@@ -68,19 +112,26 @@ def probe(
 
     items = O.expand_paths(paths)
     if len(items) < 2:
-        raise UserError("probe takes MODEL... CHIPS: one or more models, then the chips "
-                        "folder")
+        raise UserError("probe takes MODEL... CHIPS: one or more models, then the chips folder")
     cfg = ProbeConfig(
-        models=items[:-1], chips=items[-1], init_weights=init_weights,
+        models=items[:-1],
+        chips=items[-1],
+        init_weights=init_weights,
         bands=parse_band_list(bands),
         features=_names(features, "--features") or PROBE.features,
         learning_rates=_floats(learning_rates) or PROBE.learning_rates,
-        steps=given_or(steps, PROBE.steps), batch_size=given_or(batch_size, PROBE.batch_size),
+        steps=given_or(steps, PROBE.steps),
+        batch_size=given_or(batch_size, PROBE.batch_size),
         knn_k=given_or(knn_k, PROBE.knn_k),
         extract_batch_size=given_or(extract_batch_size, PROBE.extract_batch_size),
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-        plots_dir=plots, save_head=save_head, overwrite=overwrite, device=device,
-        num_workers=num_workers, seed=seed)
+        plots_dir=plots,
+        save_head=save_head,
+        overwrite=overwrite,
+        device=device,
+        num_workers=num_workers,
+        seed=seed,
+    )
     doc = run_probe(cfg).to_dict()
     if json_out:
         O.print_json(doc)
@@ -131,25 +182,36 @@ def render_probe(doc: dict, console=None) -> None:
     console = console or Console()
     models = doc["models"]
     multilabel = doc["task"] == "multilabel"
-    table = Table(title=f"linear probe and k-NN on {doc['chips']} ({doc['evaluated_on']} split)",
-                  title_justify="left")
+    table = Table(
+        title=f"linear probe and k-NN on {doc['chips']} ({doc['evaluated_on']} split)",
+        title_justify="left",
+    )
     table.add_column("metric")
     for m in models:
         table.add_column(m["name"], justify="right")
-    rows = [("top-1", "top1"), ("balanced accuracy", "balanced_accuracy"),
-            ("macro-F1", "macro_f1"), ("k-NN top-1", "knn_top1")]
+    rows = [
+        ("top-1", "top1"),
+        ("balanced accuracy", "balanced_accuracy"),
+        ("macro-F1", "macro_f1"),
+        ("k-NN top-1", "knn_top1"),
+    ]
     if multilabel:
         rows += [("mAP", "map"), ("micro-F1", "micro_f1"), ("k-NN mAP", "knn_map")]
     for label, key in rows:
         table.add_row(label, *(f"{m[key]:.3f}" for m in models))
-    table.add_row("head", *(f"{m['chosen_head']['features']} lr {m['chosen_head']['lr']:.2g}"
-                            for m in models), end_section=True)
+    table.add_row(
+        "head",
+        *(f"{m['chosen_head']['features']} lr {m['chosen_head']['lr']:.2g}" for m in models),
+        end_section=True,
+    )
     for name in doc["classes"]:
         table.add_row(f"F1 {name}", *(f"{m['per_class_f1'][name]:.3f}" for m in models))
     console.print(table)
     for m in models if not multilabel else []:
-        cm = Table(title=f"{m['name']}: confusion matrix (rows true, columns predicted)",
-                   title_justify="left")
+        cm = Table(
+            title=f"{m['name']}: confusion matrix (rows true, columns predicted)",
+            title_justify="left",
+        )
         cm.add_column("")
         for name in doc["classes"]:
             cm.add_column(name, justify="right")

@@ -59,10 +59,15 @@ class Timings:
     batches: int = 0
 
     def as_dict(self) -> dict:
-        return {"read_s": round(self.read, 3), "forward_s": round(self.forward, 3),
-                "blend_s": round(self.blend, 3), "wall_s": round(self.wall, 3),
-                "windows": self.windows, "skipped_windows": self.skipped,
-                "batches": self.batches}
+        return {
+            "read_s": round(self.read, 3),
+            "forward_s": round(self.forward, 3),
+            "blend_s": round(self.blend, 3),
+            "wall_s": round(self.wall, 3),
+            "windows": self.windows,
+            "skipped_windows": self.skipped,
+            "batches": self.batches,
+        }
 
 
 class _Reader(threading.Thread):
@@ -74,8 +79,9 @@ class _Reader(threading.Thread):
     exactly the batches of the full run, so their results are bit-identical to it (a model's
     floating-point result can depend on what else is in its batch)."""
 
-    def __init__(self, scene, plan: WindowPlan, tiles, batch_size: int, depth: int,
-                 timings: Timings):
+    def __init__(
+        self, scene, plan: WindowPlan, tiles, batch_size: int, depth: int, timings: Timings
+    ):
         super().__init__(daemon=True, name="geoexplora-reader")
         self.scene, self.plan, self.tiles, self.batch_size = scene, plan, tiles, batch_size
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -100,8 +106,9 @@ class _Reader(threading.Thread):
                 if self.stop.is_set():
                     return
                 t0 = time.perf_counter()
-                data = self.scene.read(Window(tile.col, tile.row, self.plan.window,
-                                              self.plan.window))
+                data = self.scene.read(
+                    Window(tile.col, tile.row, self.plan.window, self.plan.window)
+                )
                 valid = self.plan.output_valid(np.isfinite(data).all(axis=1).any(axis=0))
                 self.timings.read += time.perf_counter() - t0
                 if not valid.any():
@@ -143,9 +150,11 @@ class _Runner:
             if y.ndim == 2:
                 y = y[:, :, None, None].expand(-1, -1, self.out_size, self.out_size)
             elif y.shape[-2:] != (self.out_size, self.out_size):
-                raise RuntimeError(f"the model returned {tuple(y.shape)} for a window of "
-                                   f"{tuple(x.shape)}; expected (B, K, {self.out_size}, "
-                                   f"{self.out_size}) or (B, K)")
+                raise RuntimeError(
+                    f"the model returned {tuple(y.shape)} for a window of "
+                    f"{tuple(x.shape)}; expected (B, K, {self.out_size}, "
+                    f"{self.out_size}) or (B, K)"
+                )
             out = y.float().cpu().numpy()
         return out, time.perf_counter() - t0
 
@@ -180,22 +189,35 @@ class _Accumulator:
         until = min(until, self.end)
         while self.top < until:
             n = min(until - self.top, self.size)
-            yield Strip(self.top, self.values[:, :n].copy(), self.weight[:n].copy(),
-                        None if self.votes is None else self.votes[:, :n].copy())
+            yield Strip(
+                self.top,
+                self.values[:, :n].copy(),
+                self.weight[:n].copy(),
+                None if self.votes is None else self.votes[:, :n].copy(),
+            )
             for buf in (self.values, self.votes):
                 if buf is not None:
                     buf[:, :-n] = buf[:, n:] if n < self.size else 0
-                    buf[:, self.size - n:] = 0
+                    buf[:, self.size - n :] = 0
             self.weight[:-n] = self.weight[n:] if n < self.size else 0
-            self.weight[self.size - n:] = 0
+            self.weight[self.size - n :] = 0
             self.top += n
 
 
-def run(scene, plan: WindowPlan, forwards: list[tuple[Forward, object]], channels: int, *,
-        blend: str = PREDICT.blend, batch_size: int = PREDICT.batch_size,
-        out_rows: tuple[int, int] | None = None, votes: bool = False,
-        prefetch: int = PREDICT.prefetch, timings: Timings | None = None,
-        on_batch: Callable[[int], None] | None = None) -> Iterator[Strip]:
+def run(
+    scene,
+    plan: WindowPlan,
+    forwards: list[tuple[Forward, object]],
+    channels: int,
+    *,
+    blend: str = PREDICT.blend,
+    batch_size: int = PREDICT.batch_size,
+    out_rows: tuple[int, int] | None = None,
+    votes: bool = False,
+    prefetch: int = PREDICT.prefetch,
+    timings: Timings | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[Strip]:
     """Blend the plan's windows over output rows ``[a, b)`` and yield finished strips in order.
 
     ``forwards``: one ``(forward, torch.device)`` per device; batches go round-robin and results
@@ -232,8 +254,9 @@ def run(scene, plan: WindowPlan, forwards: list[tuple[Forward, object]], channel
             pred, seconds = future.result()
             timings.forward += seconds
             if pred.shape[1] != channels:
-                raise RuntimeError(f"the model returned {pred.shape[1]} channels, expected "
-                                   f"{channels}")
+                raise RuntimeError(
+                    f"the model returned {pred.shape[1]} channels, expected {channels}"
+                )
             t0 = time.perf_counter()
             for k, tile in enumerate(tiles):
                 yield from acc.flush(tile.out_row)

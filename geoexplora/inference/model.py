@@ -38,8 +38,7 @@ def _frame_mask(x):
     return torch.isfinite(x).all(dim=2).flatten(2).any(dim=-1)
 
 
-def predictor_from_model(model, days: list[float], embed: bool = False,
-                         pca=None) -> Predictor:
+def predictor_from_model(model, days: list[float], embed: bool = False, pca=None) -> Predictor:
     """A Predictor for a loaded model. ``days``: the frames' dates (days since 1970) for
     multi-date models. ``embed``: patch embeddings of the backbone, projected by ``pca`` (a
     ``(mean (D,), components (K, D))`` pair of tensors) when given."""
@@ -53,11 +52,16 @@ def predictor_from_model(model, days: list[float], embed: bool = False,
     patch, window = int(arch["patch_size"]), int(arch["img_size"][0])
     frames = int(meta["backbone"]["num_frames"])
     if not embed and not isinstance(model, TaskModel):
-        raise UserError("the model file holds a backbone without a task head: use "
-                        "`geoexplora embed` for its embeddings, or fine-tune it first")
+        raise UserError(
+            "the model file holds a backbone without a task head: use "
+            "`geoexplora embed` for its embeddings, or fine-tune it first"
+        )
     task = "embedding" if embed else model.task
-    channels = (pca[1].shape[0] if pca is not None else backbone.embed_dim) if embed else \
-        len(model.classes)
+    channels = (
+        (pca[1].shape[0] if pca is not None else backbone.embed_dim)
+        if embed
+        else len(model.classes)
+    )
     replicas: dict = {}
 
     def make_forward(device):
@@ -85,9 +89,16 @@ def predictor_from_model(model, days: list[float], embed: bool = False,
             if task == "multilabel":
                 return torch.sigmoid(logits.float())
             return torch.softmax(logits.float(), dim=1)
+
         return forward
 
-    return Predictor(task, channels, patch, window,
-                     classes=[] if embed else [dict(c) for c in model.classes], meta=meta,
-                     make_forward=make_forward, num_frames=frames)
-
+    return Predictor(
+        task,
+        channels,
+        patch,
+        window,
+        classes=[] if embed else [dict(c) for c in model.classes],
+        meta=meta,
+        make_forward=make_forward,
+        num_frames=frames,
+    )

@@ -50,44 +50,86 @@ def _probabilities(strip: Strip) -> np.ndarray:
     return strip.values / np.where(strip.valid, strip.weight, 1.0)
 
 
-def class_products(output: Path, grid: dict, classes: list[dict], *, probabilities: bool,
-                   prob_dtype: str, uncertainty: bool, disagreement: bool,
-                   tags: dict) -> list[Product]:
+def class_products(
+    output: Path,
+    grid: dict,
+    classes: list[dict],
+    *,
+    probabilities: bool,
+    prob_dtype: str,
+    uncertainty: bool,
+    disagreement: bool,
+    tags: dict,
+) -> list[Product]:
     """Products of a classifier/segmenter. ``grid``: crs, transform, width, height."""
     k = len(classes)
     dtype, nodata = class_dtype(k)
     names = [str(c["name"]) for c in classes]
-    class_tags = {**tags, "CLASSES": json.dumps(classes),
-                  **{f"CLASS_{int(c['id'])}": str(c["name"]) for c in classes}}
+    class_tags = {
+        **tags,
+        "CLASSES": json.dumps(classes),
+        **{f"CLASS_{int(c['id'])}": str(c["name"]) for c in classes},
+    }
 
     def render_classes(strip: Strip) -> np.ndarray:
         out = strip.values.argmax(axis=0).astype(dtype)
         out[~strip.valid] = nodata
         return out[None]
 
-    products = [Product("classes", output, RasterSpec(
-        **grid, count=1, dtype=dtype, nodata=nodata, descriptions=["class"], resampling="mode",
-        colormap=class_colormap(classes), tags=class_tags), render_classes)]
+    products = [
+        Product(
+            "classes",
+            output,
+            RasterSpec(
+                **grid,
+                count=1,
+                dtype=dtype,
+                nodata=nodata,
+                descriptions=["class"],
+                resampling="mode",
+                colormap=class_colormap(classes),
+                tags=class_tags,
+            ),
+            render_classes,
+        )
+    ]
 
     if probabilities:
         if prob_dtype == "uint8":
+
             def render_probs(strip: Strip) -> np.ndarray:
                 p = np.rint(_probabilities(strip) * UINT8_PROB_SCALE).clip(0, UINT8_PROB_SCALE)
                 out = p.astype(np.uint8)
                 out[:, ~strip.valid] = 255
                 return out
-            spec = RasterSpec(**grid, count=k, dtype="uint8", nodata=255,
-                              descriptions=[f"p({n})" for n in names],
-                              scale=1.0 / UINT8_PROB_SCALE, tags=class_tags)
+
+            spec = RasterSpec(
+                **grid,
+                count=k,
+                dtype="uint8",
+                nodata=255,
+                descriptions=[f"p({n})" for n in names],
+                scale=1.0 / UINT8_PROB_SCALE,
+                tags=class_tags,
+            )
         else:
+
             def render_probs(strip: Strip) -> np.ndarray:
                 p = _probabilities(strip).astype(np.float32)
                 p[:, ~strip.valid] = np.nan
                 return p
-            spec = RasterSpec(**grid, count=k, dtype="float32", nodata=math.nan,
-                              descriptions=[f"p({n})" for n in names], tags=class_tags)
-        products.append(Product("probabilities", sibling(output, "probabilities"), spec,
-                                render_probs))
+
+            spec = RasterSpec(
+                **grid,
+                count=k,
+                dtype="float32",
+                nodata=math.nan,
+                descriptions=[f"p({n})" for n in names],
+                tags=class_tags,
+            )
+        products.append(
+            Product("probabilities", sibling(output, "probabilities"), spec, render_probs)
+        )
 
     if uncertainty:
         bands = ["entropy (normalised)"] + (["overlap disagreement"] if disagreement else [])
@@ -103,20 +145,39 @@ def class_products(output: Path, grid: dict, classes: list[dict], *, probabiliti
             arr = np.stack(out).astype(np.float32)
             arr[:, ~strip.valid] = np.nan
             return arr
-        products.append(Product("uncertainty", sibling(output, "uncertainty"), RasterSpec(
-            **grid, count=len(bands), dtype="float32", nodata=math.nan, descriptions=bands,
-            tags=tags), render_uncertainty))
+
+        products.append(
+            Product(
+                "uncertainty",
+                sibling(output, "uncertainty"),
+                RasterSpec(
+                    **grid,
+                    count=len(bands),
+                    dtype="float32",
+                    nodata=math.nan,
+                    descriptions=bands,
+                    tags=tags,
+                ),
+                render_uncertainty,
+            )
+        )
     return products
 
 
-def embedding_product(output: Path, grid: dict, channels: int, dtype: str, tags: dict,
-                      names: list[str] | None = None) -> Product:
+def embedding_product(
+    output: Path, grid: dict, channels: int, dtype: str, tags: dict, names: list[str] | None = None
+) -> Product:
     def render(strip: Strip) -> np.ndarray:
         e = (strip.values / np.where(strip.valid, strip.weight, 1.0)).astype(np.float32)
         e[:, ~strip.valid] = np.nan
         return e
 
     names = names or [f"embedding {i}" for i in range(channels)]
-    return Product("embedding", output, RasterSpec(
-        **grid, count=channels, dtype=dtype, nodata=math.nan, descriptions=names, tags=tags),
-        render)
+    return Product(
+        "embedding",
+        output,
+        RasterSpec(
+            **grid, count=channels, dtype=dtype, nodata=math.nan, descriptions=names, tags=tags
+        ),
+        render,
+    )

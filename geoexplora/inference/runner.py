@@ -100,8 +100,9 @@ def _claim(work: Path, output: Path, shared: bool) -> None:
         pid_file = work / WRITER_PID
         pid = pid_file.read_text().strip() if pid_file.is_file() else ""
         who = f"another run (pid {pid})" if pid.isdigit() else "another run"
-        raise UserError(f"{who} is writing {output} (work folder {work}); wait for it to "
-                        "finish") from None
+        raise UserError(
+            f"{who} is writing {output} (work folder {work}); wait for it to finish"
+        ) from None
     _CLAIMS[work] = fd
     tmp = work / f".{WRITER_PID}.{os.getpid()}"
     tmp.write_text(str(os.getpid()))
@@ -136,12 +137,16 @@ def _prepare(work: Path, output: Path, fingerprint: dict, opts: RunOptions) -> N
         if previous == fingerprint and (opts.resume or opts.shard):
             return
         if opts.shard and previous is not None and previous != fingerprint:
-            raise UserError(f"{work} holds a run with other settings (model, inputs or options); "
-                            "every shard must be started with the same ones, or remove it")
+            raise UserError(
+                f"{work} holds a run with other settings (model, inputs or options); "
+                "every shard must be started with the same ones, or remove it"
+            )
         if not opts.overwrite and not opts.shard:
             what = "with other settings " if previous != fingerprint else ""
-            raise UserError(f"an interrupted or sharded run {what}left {work}; pass {opt('resume')} to "
-                            f"continue it or {opt('overwrite')} to start over")
+            raise UserError(
+                f"an interrupted or sharded run {what}left {work}; pass {opt('resume')} to "
+                f"continue it or {opt('overwrite')} to start over"
+            )
         if not opts.shard:
             release_work(work)
             shutil.rmtree(work)
@@ -153,8 +158,16 @@ def _prepare(work: Path, output: Path, fingerprint: dict, opts: RunOptions) -> N
     os.replace(tmp, run_json)
 
 
-def run_to_files(scene, plan: WindowPlan, forwards, channels: int, products: list[Product],
-                 opts: RunOptions, provenance: dict, votes: bool = False) -> dict:
+def run_to_files(
+    scene,
+    plan: WindowPlan,
+    forwards,
+    channels: int,
+    products: list[Product],
+    opts: RunOptions,
+    provenance: dict,
+    votes: bool = False,
+) -> dict:
     """Compute (this shard's part of) the outputs; assemble them when every strip exists.
     The work folder must have been prepared (``prepare_work``); its claim ends here.
 
@@ -175,8 +188,7 @@ def _run_to_files(scene, plan, forwards, channels, products, opts, provenance, v
     done = set.intersection(*(s.done() for s in stores)) if opts.resume else set()
     todo = [i for i in mine if i not in done]
     runs = _runs(todo)
-    row_ranges = [(a * opts.strip_rows, min(b * opts.strip_rows, plan.out_height))
-                  for a, b in runs]
+    row_ranges = [(a * opts.strip_rows, min(b * opts.strip_rows, plan.out_height)) for a, b in runs]
     total = sum(plan.count(r) for r in row_ranges)
     if done & set(mine):
         logger.info("resuming: %d of %d strips already done", len(done & set(mine)), len(mine))
@@ -190,9 +202,19 @@ def _run_to_files(scene, plan, forwards, channels, products, opts, provenance, v
             progress.update(task, completed=offset + timings.windows + timings.skipped)
 
         for rows in row_ranges:
-            for strip in engine.run(scene, plan, forwards, channels, blend=opts.blend,
-                                    batch_size=opts.batch_size, out_rows=rows, votes=votes,
-                                    prefetch=opts.prefetch, timings=timings, on_batch=tick):
+            for strip in engine.run(
+                scene,
+                plan,
+                forwards,
+                channels,
+                blend=opts.blend,
+                batch_size=opts.batch_size,
+                out_rows=rows,
+                votes=votes,
+                prefetch=opts.prefetch,
+                timings=timings,
+                on_batch=tick,
+            ):
                 for product, store in zip(products, stores):
                     store.write(strip.row, product.render(strip))
             for store in stores:
@@ -202,13 +224,19 @@ def _run_to_files(scene, plan, forwards, channels, products, opts, provenance, v
     record = {"strips": todo, "timings": timings.as_dict()}
     (work / f"{shard_name}.{os.getpid()}.json").write_text(json.dumps(record))
 
-    result = {"work_folder": str(work), "strips": {"total": count, "this_run": len(todo),
-                                                   "mine": len(mine)},
-              "timings": timings.as_dict()}
+    result = {
+        "work_folder": str(work),
+        "strips": {"total": count, "this_run": len(todo), "mine": len(mine)},
+        "timings": timings.as_dict(),
+    }
     if set(range(count)) - set.intersection(*(s.done() for s in stores)):
         missing = len(set(range(count)) - set.intersection(*(s.done() for s in stores)))
-        logger.info("%s: %d strip(s) still to come from other shards; the last shard to finish "
-                    "writes the outputs (or rerun with --resume to assemble)", main.name, missing)
+        logger.info(
+            "%s: %d strip(s) still to come from other shards; the last shard to finish "
+            "writes the outputs (or rerun with --resume to assemble)",
+            main.name,
+            missing,
+        )
         return {"status": "partial", **result}
     return {**result, **_assemble(products, stores, work, opts, provenance, plan)}
 
@@ -228,8 +256,9 @@ def _assembly_lock(work: Path, force: bool):
     yield True
 
 
-def _assemble(products, stores, work: Path, opts: RunOptions, provenance: dict,
-              plan: WindowPlan) -> dict:
+def _assemble(
+    products, stores, work: Path, opts: RunOptions, provenance: dict, plan: WindowPlan
+) -> dict:
     with _assembly_lock(work, force=opts.resume) as mine:
         if not mine:
             logger.info("another process is assembling %s", products[0].path.name)
@@ -242,13 +271,22 @@ def _assemble(products, stores, work: Path, opts: RunOptions, provenance: dict,
                 tmp = stack.enter_context(atomic_output(product.path, opts.overwrite))
                 store.assemble(tmp, opts.creation_options)
             sidecar = sidecar_path(products[0].path)
-            doc = {**provenance, "plan": plan.describe(), "blend": opts.blend,
-                   "batch_size": opts.batch_size,
-                   "outputs": {p.key: str(p.path) for p in products},
-                   **stats, "runs": shard_records,
-                   "assemble_s": round(time.perf_counter() - t0, 3)}
+            doc = {
+                **provenance,
+                "plan": plan.describe(),
+                "blend": opts.blend,
+                "batch_size": opts.batch_size,
+                "outputs": {p.key: str(p.path) for p in products},
+                **stats,
+                "runs": shard_records,
+                "assemble_s": round(time.perf_counter() - t0, 3),
+            }
             tmp_sidecar = stack.enter_context(atomic_output(sidecar, opts.overwrite))
             write_sidecar(tmp_sidecar, doc)
         shutil.rmtree(work)
-    return {"status": "complete", "outputs": {p.key: str(p.path) for p in products},
-            "sidecar": str(sidecar), **stats}
+    return {
+        "status": "complete",
+        "outputs": {p.key: str(p.path) for p in products},
+        "sidecar": str(sidecar),
+        **stats,
+    }

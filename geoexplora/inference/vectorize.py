@@ -43,7 +43,8 @@ def vectorize(classes_path: Path, target: Path, classes: list[dict], overwrite: 
                 _, row_min = ~src.transform * (rows[0], rows[3])
                 _, row_max = ~src.transform * (rows[2], rows[1])
                 touches = (round(row_min) == top and top > 0) or (
-                    round(row_max) == top + h and top + h < src.height)
+                    round(row_max) == top + h and top + h < src.height
+                )
                 if touches:
                     seam.setdefault(int(value), []).append(poly)
                 else:
@@ -52,9 +53,14 @@ def vectorize(classes_path: Path, target: Path, classes: list[dict], overwrite: 
         merged = unary_union(polys)
         for part in getattr(merged, "geoms", [merged]):
             whole.append((value, part))
-    gdf = gpd.GeoDataFrame({"class": np.array([v for v, _ in whole], dtype="int32"),
-                            "name": [names.get(v, str(v)) for v, _ in whole]},
-                           geometry=[g for _, g in whole], crs=crs)
+    gdf = gpd.GeoDataFrame(
+        {
+            "class": np.array([v for v, _ in whole], dtype="int32"),
+            "name": [names.get(v, str(v)) for v, _ in whole],
+        },
+        geometry=[g for _, g in whole],
+        crs=crs,
+    )
     if crs is not None and crs.is_geographic and len(gdf):
         gdf["area"] = gdf.geometry.to_crs(gdf.estimate_utm_crs()).area
     else:

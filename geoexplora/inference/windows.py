@@ -66,12 +66,16 @@ class WindowPlan:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if self.window < 1 or self.stride < 1 or self.stride > self.window:
-            raise UserError(f"must be in [0, window): window {self.window}, "
-                            f"stride {self.stride}", option="overlap")
+            raise UserError(
+                f"must be in [0, window): window {self.window}, stride {self.stride}",
+                option="overlap",
+            )
         if self.mode == "dense" and (self.window % self.factor or self.stride % self.factor):
-            raise UserError(f"{opt('window')} ({self.window}) and {opt('overlap')} "
-                            f"({self.window - self.stride}) must be multiples of {self.factor} "
-                            "(the model's patch size)")
+            raise UserError(
+                f"{opt('window')} ({self.window}) and {opt('overlap')} "
+                f"({self.window - self.stride}) must be multiples of {self.factor} "
+                "(the model's patch size)"
+            )
 
     @classmethod
     def dense(cls, height, width, window, overlap, factor=1) -> WindowPlan:
@@ -108,10 +112,13 @@ class WindowPlan:
     def _starts(self, size: int) -> list[tuple[int, int]]:
         """(input start, output start) pairs along one axis."""
         if self.mode == "dense":
-            return [(s, s // self.factor) for s in axis_starts(size, self.window, self.stride,
-                                                                self.factor)]
-        return [(i * self.stride - self.valid_offset, i)
-                for i in range(math.ceil(size / self.stride))]
+            return [
+                (s, s // self.factor)
+                for s in axis_starts(size, self.window, self.stride, self.factor)
+            ]
+        return [
+            (i * self.stride - self.valid_offset, i) for i in range(math.ceil(size / self.stride))
+        ]
 
     @cached_property
     def rows(self) -> list[tuple[int, int]]:
@@ -143,17 +150,24 @@ class WindowPlan:
     def output_valid(self, data_valid: np.ndarray) -> np.ndarray:
         """Input validity ``(..., window, window)`` -> output validity ``(..., n, n)``."""
         o, n, f = self.valid_offset, self.tile_out_size, self.factor
-        block = data_valid[..., o:o + n * f, o:o + n * f]
+        block = data_valid[..., o : o + n * f, o : o + n * f]
         if f == 1:
             return block
-        shape = block.shape[:-2] + (n, f, n, f)
+        shape = (*block.shape[:-2], n, f, n, f)
         return block.reshape(shape).any(axis=(-3, -1))
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "window": self.window, "overlap": self.overlap,
-                "stride": self.stride, "factor": self.factor, "windows": len(self),
-                "window_rows": len(self.rows), "window_cols": len(self.cols),
-                "output_size": [self.out_width, self.out_height]}
+        return {
+            "mode": self.mode,
+            "window": self.window,
+            "overlap": self.overlap,
+            "stride": self.stride,
+            "factor": self.factor,
+            "windows": len(self),
+            "window_rows": len(self.rows),
+            "window_cols": len(self.cols),
+            "output_size": [self.out_width, self.out_height],
+        }
 
 
 def taper(n: int, blend: str, overlap: int) -> np.ndarray:
@@ -174,7 +188,7 @@ def taper(n: int, blend: str, overlap: int) -> np.ndarray:
         w = np.ones(n)
         edge = np.sin(0.5 * np.pi * x[:ramp] / ramp) ** 2
         w[:ramp] = edge
-        w[n - ramp:] = edge[::-1]
+        w[n - ramp :] = edge[::-1]
     else:
         raise UserError(f"must be one of {', '.join(BLENDS)}, not '{blend}'", option="blend")
     return w.astype(np.float32)

@@ -16,7 +16,8 @@ class SceneBackendArray(BackendArray):
 
     def __getitem__(self, key):
         return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.BASIC, self._read)
+            key, self.shape, indexing.IndexingSupport.BASIC, self._read
+        )
 
     def _read(self, key: tuple):
         key = tuple(key) + (slice(None),) * (4 - len(key))
@@ -27,7 +28,11 @@ class SceneBackendArray(BackendArray):
         x0, x1, xstep = xs.indices(self.shape[3])
         data = self.scene.read(Window(x0, y0, max(0, x1 - x0), max(0, y1 - y0)))
         data = data[:, :, ::ystep, ::xstep]
-        out = data[t_key][:, b_key] if not isinstance(t_key, (int, np.integer)) else data[t_key][b_key]
+        out = (
+            data[t_key][:, b_key]
+            if not isinstance(t_key, (int, np.integer))
+            else data[t_key][b_key]
+        )
         if isinstance(y_key, (int, np.integer)):
             out = out[..., 0, :]
         if isinstance(x_key, (int, np.integer)):

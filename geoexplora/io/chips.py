@@ -38,9 +38,28 @@ CHIPS_DIR = "chips"
 MASKS_DIR = "masks"
 
 # Distinct colours for classes without one of their own (ids cycle through them).
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
-           "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
+)
 
 
 def class_color(class_id: int) -> str:
@@ -55,8 +74,9 @@ def window_transform(transform, col: float, row: float):
     return transform @ Affine.translation(col, row)
 
 
-def window_bounds(transform, col: float, row: float, width: float,
-                  height: float) -> tuple[float, float, float, float]:
+def window_bounds(
+    transform, col: float, row: float, width: float, height: float
+) -> tuple[float, float, float, float]:
     """``(west, south, east, north)`` of a window of a north-up grid."""
     x0, y0 = transform @ (col, row)
     x1, y1 = transform @ (col + width, row + height)
@@ -68,22 +88,45 @@ def band_description(band: B.Band, date: str | None) -> str:
     return f"{band.name}@{date}" if date else band.name
 
 
-def write_chip(path: Path, data: np.ndarray, transform, crs, bands: list[B.Band],
-               dates: list[str | None], creation_options: dict | None = None) -> None:
+def write_chip(
+    path: Path,
+    data: np.ndarray,
+    transform,
+    crs,
+    bands: list[B.Band],
+    dates: list[str | None],
+    creation_options: dict | None = None,
+) -> None:
     """Write a ``(T, C, H, W)`` float32 chip as a T*C-band GeoTIFF, date-major, NaN nodata."""
     t, c, h, w = data.shape
     descriptions = tuple(band_description(b, d) for d in dates for b in bands)
     tags = {"DATES": ";".join(d or "" for d in dates), "BAND_KEYS": ";".join(b.key for b in bands)}
-    _writer(data.reshape(t * c, h, w), transform, crs, "float32", float("nan"), descriptions,
-            tags, None, creation_options).write(path, data.reshape(t * c, h, w), transform)
+    _writer(
+        data.reshape(t * c, h, w),
+        transform,
+        crs,
+        "float32",
+        float("nan"),
+        descriptions,
+        tags,
+        None,
+        creation_options,
+    ).write(path, data.reshape(t * c, h, w), transform)
 
 
-def write_mask(path: Path, mask: np.ndarray, transform, crs, colors: dict[int, str] | None = None,
-               creation_options: dict | None = None) -> None:
+def write_mask(
+    path: Path,
+    mask: np.ndarray,
+    transform,
+    crs,
+    colors: dict[int, str] | None = None,
+    creation_options: dict | None = None,
+) -> None:
     """Write an ``(H, W)`` uint8 class-id mask (255 = no label), with a colour table."""
     cmap = tuple(sorted((i, _rgb(c)) for i, c in (colors or {}).items()))
-    _writer(mask[None], transform, crs, "uint8", IGNORE_INDEX, (None,), {}, cmap,
-            creation_options).write(path, mask[None], transform)
+    _writer(
+        mask[None], transform, crs, "uint8", IGNORE_INDEX, (None,), {}, cmap, creation_options
+    ).write(path, mask[None], transform)
 
 
 class _TemplateWriter:
@@ -124,7 +167,7 @@ class _TemplateWriter:
         struct.pack_into("<2d", buf, self.tiepoint_offset + 24, transform.c, transform.f)
         pos = 0
         for offset, count in self.strips:
-            buf[offset:offset + count] = raw[pos:pos + count]
+            buf[offset : offset + count] = raw[pos : pos + count]
             pos += count
         with open(path, "wb") as f:
             f.write(buf)
@@ -163,16 +206,38 @@ def _wkt(crs) -> str:
     return hit[1]
 
 
-def _writer(data: np.ndarray, transform, crs, dtype, nodata, descriptions, tags, cmap,
-            creation_options):
+def _writer(
+    data: np.ndarray, transform, crs, dtype, nodata, descriptions, tags, cmap, creation_options
+):
     count, h, w = data.shape
     options = dict(creation_options or {})
-    key = (count, h, w, dtype, _wkt(crs), transform.a, transform.b, transform.d, transform.e,
-           descriptions, tuple(sorted(tags.items())), cmap, tuple(sorted(options.items())))
+    key = (
+        count,
+        h,
+        w,
+        dtype,
+        _wkt(crs),
+        transform.a,
+        transform.b,
+        transform.d,
+        transform.e,
+        descriptions,
+        tuple(sorted(tags.items())),
+        cmap,
+        tuple(sorted(options.items())),
+    )
     writer = _WRITERS.get(key)
     if writer is None:
-        profile = dict(driver="GTiff", width=w, height=h, count=count, dtype=dtype, crs=crs,
-                       nodata=nodata, **options)
+        profile = dict(
+            driver="GTiff",
+            width=w,
+            height=h,
+            count=count,
+            dtype=dtype,
+            crs=crs,
+            nodata=nodata,
+            **options,
+        )
         writer = _GdalWriter(profile, descriptions, tags, cmap)
         if not options and transform.b == 0 and transform.d == 0:
             writer = _make_template_writer(writer, data, transform) or writer
@@ -193,7 +258,8 @@ def _make_template_writer(gdal: _GdalWriter, data: np.ndarray, transform):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "template.tif"
         _GdalWriter(layout, gdal.descriptions, gdal.tags, gdal.cmap).write(
-            path, np.zeros_like(data), transform)
+            path, np.zeros_like(data), transform
+        )
         template = path.read_bytes()
     if template[:4] != b"II*\x00":
         return None
@@ -254,8 +320,10 @@ def load_dataset_meta(root: str | os.PathLike) -> dict:
         raise UserError(f"{meta_path}: not valid JSON ({exc})") from exc
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise UserError(f"{meta_path}: chips format version {version}, this geoexplora reads "
-                        f"version {FORMAT_VERSION}")
+        raise UserError(
+            f"{meta_path}: chips format version {version}, this geoexplora reads "
+            f"version {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -278,14 +346,17 @@ def _check_inside(root: Path, relative_paths) -> None:
     for rel in relative_paths:
         path = (base / rel).resolve()
         if Path(rel).is_absolute() or not path.is_relative_to(base):
-            raise UserError(f"{root / INDEX_NAME} names {rel}, outside the dataset folder; "
-                            "refusing to read it")
+            raise UserError(
+                f"{root / INDEX_NAME} names {rel}, outside the dataset folder; refusing to read it"
+            )
         if not path.is_file():
             missing.append(rel)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"{root / INDEX_NAME} names {missing[0]}{more}, missing from the "
-                        "dataset folder; tile it again")
+        raise UserError(
+            f"{root / INDEX_NAME} names {missing[0]}{more}, missing from the "
+            "dataset folder; tile it again"
+        )
 
 
 class ChipsDataset:
@@ -354,9 +425,11 @@ class ChipsDataset:
 
         if not 0 <= i < len(self):
             raise IndexError(i)
-        item = {"image": torch.from_numpy(self.read_image(i)),
-                "label": torch.tensor(int(self.index.at[i, "label"]), dtype=torch.int64),
-                "chip_id": str(self.index.at[i, "chip_id"])}
+        item = {
+            "image": torch.from_numpy(self.read_image(i)),
+            "label": torch.tensor(int(self.index.at[i, "label"]), dtype=torch.int64),
+            "chip_id": str(self.index.at[i, "chip_id"]),
+        }
         if self.task == "multilabel":
             item["labels"] = torch.from_numpy(self.multi_hot(i))
         if self.has_masks:
@@ -366,6 +439,8 @@ class ChipsDataset:
         return item
 
     def __repr__(self) -> str:
-        return (f"ChipsDataset({str(self.root)!r}, split={self.split!r}: {len(self)} chips, "
-                f"task={self.task}, T={self.num_frames}, C={len(self.bands)}, "
-                f"size={self.chip_size}, classes={self.num_classes})")
+        return (
+            f"ChipsDataset({str(self.root)!r}, split={self.split!r}: {len(self)} chips, "
+            f"task={self.task}, T={self.num_frames}, C={len(self.bands)}, "
+            f"size={self.chip_size}, classes={self.num_classes})"
+        )

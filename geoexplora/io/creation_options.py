@@ -63,8 +63,12 @@ def driver_options(driver: str) -> dict[str, dict] | None:
             alias = value.get("alias")
             if alias:
                 values[alias.upper()] = name
-        spec = {"type": node.get("type", "string"), "values": values,
-                "min": node.get("min"), "max": node.get("max")}
+        spec = {
+            "type": node.get("type", "string"),
+            "values": values,
+            "min": node.get("min"),
+            "max": node.get("max"),
+        }
         for option in [node.get("name"), *(node.get("alias") or "").split(",")]:
             if option:
                 out[option.strip().upper()] = spec
@@ -91,16 +95,23 @@ def check_creation_options(options: dict[str, str] | None, driver: str) -> None:
         given = f"{key}={value}"
         spec = known.get(key.upper())
         if spec is None:
-            raise UserError(f"{given}: GDAL's {driver} driver has no creation option {key} "
-                            f"(see gdalinfo --format {driver})", option="creation_options")
+            raise UserError(
+                f"{given}: GDAL's {driver} driver has no creation option {key} "
+                f"(see gdalinfo --format {driver})",
+                option="creation_options",
+            )
         kind, text = spec["type"], value.strip()
         if kind == "string-select" and spec["values"] and text.upper() not in spec["values"]:
             choices = ", ".join(sorted(set(spec["values"].values())))
-            raise UserError(f"{given}: GDAL's {driver} driver takes {key} one of {choices}",
-                            option="creation_options")
+            raise UserError(
+                f"{given}: GDAL's {driver} driver takes {key} one of {choices}",
+                option="creation_options",
+            )
         if kind == "boolean" and text.upper() not in GDAL_BOOLEANS:
-            raise UserError(f"{given}: {key} is a yes/no option ({', '.join(GDAL_BOOLEANS)})",
-                            option="creation_options")
+            raise UserError(
+                f"{given}: {key} is a yes/no option ({', '.join(GDAL_BOOLEANS)})",
+                option="creation_options",
+            )
         if kind in ("int", "integer", "float"):
             kind = "float" if kind == "float" else "int"
             number = _number(text, kind)
@@ -109,5 +120,7 @@ def check_creation_options(options: dict[str, str] | None, driver: str) -> None:
                 raise UserError(f"{given}: {key} takes {what}", option="creation_options")
             low, high = (_number(spec[k], "float") if spec[k] else None for k in ("min", "max"))
             if (low is not None and number < low) or (high is not None and number > high):
-                raise UserError(f"{given}: {key} takes {spec['min'] or '...'} to "
-                                f"{spec['max'] or '...'}", option="creation_options")
+                raise UserError(
+                    f"{given}: {key} takes {spec['min'] or '...'} to {spec['max'] or '...'}",
+                    option="creation_options",
+                )

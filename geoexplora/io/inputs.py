@@ -78,8 +78,9 @@ def collect_inputs(items: Sequence) -> list[Path | RemotePath]:
         elif path.is_dir():
             found = []
             for folder in [path, *sorted(p for p in path.rglob("*") if p.is_dir())]:
-                if any(f.is_file() and f.suffix.lower() in RASTER_SUFFIXES
-                       for f in folder.iterdir()):
+                if any(
+                    f.is_file() and f.suffix.lower() in RASTER_SUFFIXES for f in folder.iterdir()
+                ):
                     found.extend(expand_inputs([folder]))
             if not found:
                 raise UserError(f"{path}: folder holds no raster files")
@@ -113,7 +114,7 @@ def footprint(path: Path | RemotePath):
         raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
 
 
-def group_by_place(paths: Sequence[Path], skip_bad: bool = False) -> Places:
+def group_by_place(paths: Sequence[Path | RemotePath], skip_bad: bool = False) -> Places:
     """Files -> groups of one place each (footprint IoU >= :data:`SAME_PLACE_IOU`, joined
     transitively), in input order; the band assets of one STAC item are one place of their own.
     ``skip_bad``: an unreadable file is logged and left out rather than an error."""
@@ -146,7 +147,7 @@ def group_by_place(paths: Sequence[Path], skip_bad: bool = False) -> Places:
             union = a.union(b).area
             if union > 0 and a.intersection(b).area / union >= SAME_PLACE_IOU:
                 parent[root(i)] = root(j)
-    groups: dict[int, list[Path]] = {}
+    groups: dict[int, list[Path | RemotePath]] = {}
     for i, p in enumerate(kept):
         groups.setdefault(root(i), []).append(p)
     return Places(tuple(tuple(g) for g in groups.values()), tuple(skipped))
@@ -177,8 +178,10 @@ def check_same_bands(scenes: Sequence[Scene]) -> None:
     keys = [b.key for b in first.bands]
     for scene in scenes[1:]:
         if [b.key for b in scene.bands] != keys:
-            raise UserError(f"{scene.paths[0]}: bands {_band_names(scene)} differ from "
-                            f"{first.paths[0]}'s {_band_names(first)}; pass {opt('bands')}")
+            raise UserError(
+                f"{scene.paths[0]}: bands {_band_names(scene)} differ from "
+                f"{first.paths[0]}'s {_band_names(first)}; pass {opt('bands')}"
+            )
 
 
 def _band_names(scene: Scene) -> str:

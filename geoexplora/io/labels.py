@@ -59,41 +59,58 @@ class VectorLabels:
         except Exception as exc:  # pyogrio raises DataSourceError and friends
             if not self.path.exists():
                 raise UserError(f"{opt('labels')} {self.path}: no such file") from exc
-            raise UserError(f"{opt('labels')} {self.path}: not a readable vector file "
-                            f"({str(exc).splitlines()[0]})") from exc
+            raise UserError(
+                f"{opt('labels')} {self.path}: not a readable vector file "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
         fields = [c for c in gdf.columns if c != gdf.geometry.name]
         if not field:
-            raise UserError(f"{opt('labels')} {self.path}: pass {opt('label_field')}, one of: "
-                            f"{', '.join(fields)}")
+            raise UserError(
+                f"{opt('labels')} {self.path}: pass {opt('label_field')}, one of: "
+                f"{', '.join(fields)}"
+            )
         if field not in gdf.columns:
-            raise UserError(f"{opt('label_field')} {field}: not a field of {self.path.name}; its fields "
-                            f"are: {', '.join(fields)}")
+            raise UserError(
+                f"{opt('label_field')} {field}: not a field of {self.path.name}; its fields "
+                f"are: {', '.join(fields)}"
+            )
         if gdf.crs is None:
             raise UserError(f"{opt('labels')} {self.path}: has no CRS")
         shaped = gdf.geometry.notna() & ~gdf.geometry.is_empty
         unnamed = int((shaped & gdf[field].isna()).sum())
         if unnamed:
-            log.warning("labels %s: %d of %d features have no '%s' value and are left out",
-                        self.path.name, unnamed, int(shaped.sum()), field)
+            log.warning(
+                "labels %s: %d of %d features have no '%s' value and are left out",
+                self.path.name,
+                unnamed,
+                int(shaped.sum()),
+                field,
+            )
         gdf = gdf[shaped & gdf[field].notna()]
         if gdf.empty:
-            raise UserError(f"{opt('labels')} {self.path}: no features with a geometry and a "
-                            f"'{field}' value")
+            raise UserError(
+                f"{opt('labels')} {self.path}: no features with a geometry and a '{field}' value"
+            )
         if not _same_crs(gdf.crs, crs):
             source_crs = gdf.crs.to_string()
             gdf = gdf.to_crs(crs.to_wkt())
             if not np.isfinite(gdf.total_bounds).all():
-                raise UserError(f"{opt('labels')} {self.path}: its coordinates do not fit its CRS "
-                                f"{source_crs} (GeoJSON without a 'crs' member is lon/lat "
-                                "WGS 84); give the file its real CRS")
-            log.warning("labels %s: reprojected from %s to %s", self.path.name, source_crs,
-                        crs.to_string())
+                raise UserError(
+                    f"{opt('labels')} {self.path}: its coordinates do not fit its CRS "
+                    f"{source_crs} (GeoJSON without a 'crs' member is lon/lat "
+                    "WGS 84); give the file its real CRS"
+                )
+            log.warning(
+                "labels %s: reprojected from %s to %s", self.path.name, source_crs, crs.to_string()
+            )
         else:
             gdf = gdf.set_crs(crs.to_wkt(), allow_override=True)
         names = gdf[field].map(_class_name)
         ordered = sorted(set(names), key=natural_key)
         if len(ordered) > MAX_CLASSES:
-            raise UserError(f"{opt('label_field')} {field}: {len(ordered)} classes, at most {MAX_CLASSES}")
+            raise UserError(
+                f"{opt('label_field')} {field}: {len(ordered)} classes, at most {MAX_CLASSES}"
+            )
         self.classes = [LabelClass(i, n, class_color(i)) for i, n in enumerate(ordered)]
         ids = {c.name: c.id for c in self.classes}
         self.field = field
@@ -121,13 +138,21 @@ class VectorLabels:
             self._tree = STRtree(self.geometries.values)
         col, row = int(window.col_off), int(window.row_off)
         h, w = int(window.height), int(window.width)
-        hits = np.sort(self._tree.query(box(*window_bounds(grid.transform, col, row, w, h)),
-                                        predicate="intersects"))
+        hits = np.sort(
+            self._tree.query(
+                box(*window_bounds(grid.transform, col, row, w, h)), predicate="intersects"
+            )
+        )
         if hits.size == 0:
             return np.full((h, w), IGNORE_INDEX, dtype=np.uint8)
         shapes = zip(self.geometries.values[hits], self.ids[hits].tolist())
-        return rasterize(shapes, out_shape=(h, w), fill=IGNORE_INDEX, dtype="uint8",
-                         transform=window_transform(grid.transform, col, row))
+        return rasterize(
+            shapes,
+            out_shape=(h, w),
+            fill=IGNORE_INDEX,
+            dtype="uint8",
+            transform=window_transform(grid.transform, col, row),
+        )
 
 
 class RasterLabels:
@@ -152,16 +177,24 @@ class RasterLabels:
                 values = self._scan_values(src)
                 cmap = _colormap(src)
         except rasterio.errors.RasterioIOError as exc:
-            raise UserError(f"{opt('label_raster')} {self.path}: not a readable raster "
-                            f"({str(exc).splitlines()[0]})") from exc
+            raise UserError(
+                f"{opt('label_raster')} {self.path}: not a readable raster "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
         values = [v for v in values if names.get(v, "").lower() not in _NO_DATA_NAMES]
         if not values:
-            raise UserError(f"{opt('label_raster')} {self.path}: holds no class values besides nodata")
+            raise UserError(
+                f"{opt('label_raster')} {self.path}: holds no class values besides nodata"
+            )
         if len(values) > MAX_CLASSES:
-            raise UserError(f"{opt('label_raster')} {self.path}: {len(values)} distinct values, at most "
-                            f"{MAX_CLASSES} classes; is it a class raster?")
-        self.classes = [LabelClass(i, names.get(v, str(v)), cmap.get(v, class_color(i)), v)
-                        for i, v in enumerate(values)]
+            raise UserError(
+                f"{opt('label_raster')} {self.path}: {len(values)} distinct values, at most "
+                f"{MAX_CLASSES} classes; is it a class raster?"
+            )
+        self.classes = [
+            LabelClass(i, names.get(v, str(v)), cmap.get(v, class_color(i)), v)
+            for i, v in enumerate(values)
+        ]
         self.values = np.array(values, dtype=np.int64)
         self.kind = "raster"
         self._handles: dict = {}
@@ -178,8 +211,10 @@ class RasterLabels:
             found.update(np.unique(data[valid]).tolist())
         ints = sorted(int(v) for v in found)
         if any(float(v) != float(i) for v, i in zip(sorted(found), ints)):
-            raise UserError(f"{opt('label_raster')} {self.path}: holds non-integer values; a class "
-                            "raster is needed")
+            raise UserError(
+                f"{opt('label_raster')} {self.path}: holds non-integer values; a class "
+                "raster is needed"
+            )
         return ints
 
     def __getstate__(self):
@@ -200,18 +235,32 @@ class RasterLabels:
         ds = self._handles.get(key)
         if ds is None:
             src = rasterio.open(self.path)
-            same = (crs_equivalent(src.crs, grid.crs) and src.width == grid.width
-                    and src.height == grid.height
-                    and src.transform.almost_equals(grid.transform, precision=1e-6 * max(grid.res)))
+            same = (
+                crs_equivalent(src.crs, grid.crs)
+                and src.width == grid.width
+                and src.height == grid.height
+                and src.transform.almost_equals(grid.transform, precision=1e-6 * max(grid.res))
+            )
             if same:
                 ds = src
             else:
                 if not crs_equivalent(src.crs, grid.crs):
-                    log.info("label raster %s: reprojected from %s to %s (nearest)",
-                             self.path.name, src.crs.to_string(), grid.crs.to_string())
-                ds = WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width,
-                               height=grid.height, resampling=Resampling.nearest,
-                               src_nodata=src.nodata, nodata=src.nodata)
+                    log.info(
+                        "label raster %s: reprojected from %s to %s (nearest)",
+                        self.path.name,
+                        src.crs.to_string(),
+                        grid.crs.to_string(),
+                    )
+                ds = WarpedVRT(
+                    src,
+                    crs=grid.crs,
+                    transform=grid.transform,
+                    width=grid.width,
+                    height=grid.height,
+                    resampling=Resampling.nearest,
+                    src_nodata=src.nodata,
+                    nodata=src.nodata,
+                )
             self._handles[key] = ds
         return ds
 
@@ -224,7 +273,7 @@ class RasterLabels:
         if c1 <= c0 or r1 <= r0:
             return out
         data = self._dataset(grid).read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
-        out[r0 - row:r1 - row, c0 - col:c1 - col] = self.to_ids(data)
+        out[r0 - row : r1 - row, c0 - col : c1 - col] = self.to_ids(data)
         return out
 
     def to_ids(self, data: np.ndarray) -> np.ndarray:
@@ -243,8 +292,10 @@ def _same_crs(a, b) -> bool:
 
     from geoexplora.io.scene import crs_equivalent
 
-    return crs_equivalent(CRS.from_user_input(a.to_wkt() if hasattr(a, "to_wkt") else a),
-                           CRS.from_user_input(b.to_wkt() if hasattr(b, "to_wkt") else b))
+    return crs_equivalent(
+        CRS.from_user_input(a.to_wkt() if hasattr(a, "to_wkt") else a),
+        CRS.from_user_input(b.to_wkt() if hasattr(b, "to_wkt") else b),
+    )
 
 
 def _class_name(value) -> str:
@@ -256,8 +307,9 @@ def _class_name(value) -> str:
 
 def natural_key(name: str):
     """Sort '2' before '10' and numbers before words."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower())
-            for t in re.split(r"(\d+)", name) if t]
+    return [
+        (0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t
+    ]
 
 
 def _parse_classes_tag(text: str) -> dict[int, str]:
@@ -277,8 +329,13 @@ def _colormap(src) -> dict[int, str]:
     return {int(v): "#{:02x}{:02x}{:02x}".format(*rgba[:3]) for v, rgba in cmap.items()}
 
 
-def open_labels(vector: str | os.PathLike | None, field: str | None,
-                raster: str | os.PathLike | None, crs, layer: str | None = None):
+def open_labels(
+    vector: str | os.PathLike | None,
+    field: str | None,
+    raster: str | os.PathLike | None,
+    crs,
+    layer: str | None = None,
+):
     """The label source the options name (or None); both at once is a usage error."""
     if vector and raster:
         raise UserError(f"{opt('labels')} and {opt('label_raster')} are exclusive; pass one")
@@ -286,7 +343,9 @@ def open_labels(vector: str | os.PathLike | None, field: str | None,
         return VectorLabels(vector, field, crs, layer)
     if raster:
         if field:
-            raise UserError(f"{opt('label_field')} applies to {opt('labels')} (vector), not {opt('label_raster')}")
+            raise UserError(
+                f"{opt('label_field')} applies to {opt('labels')} (vector), not {opt('label_raster')}"
+            )
         return RasterLabels(raster)
     if field:
         raise UserError(f"{opt('label_field')} needs {opt('labels')} PATH")

@@ -18,8 +18,10 @@ def check_output(path: str | os.PathLike, overwrite: bool, option: str = "output
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass {opt('overwrite')} to replace it")
     if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
-        raise UserError(f"{opt(option)} {path}: holds the current folder, and is replaced by a "
-                        "new folder when the run completes; run from another folder")
+        raise UserError(
+            f"{opt(option)} {path}: holds the current folder, and is replaced by a "
+            "new folder when the run completes; run from another folder"
+        )
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise UserError(f"{opt(option)} {path}: {parent} is not a folder")
@@ -36,22 +38,30 @@ def check_not_input(outputs, inputs, option: str = "output") -> None:
     from geoexplora.io.remote import is_uri
 
     # Remote inputs (URIs) and parsed STAC items cannot be an output: outputs are local files.
-    ins = [(Path(p), Path(p).resolve()) for p in inputs
-           if p is not None and not isinstance(p, dict) and not is_uri(p) and str(p)]
+    ins = [
+        (Path(p), Path(p).resolve())
+        for p in inputs
+        if p is not None and not isinstance(p, dict) and not is_uri(p) and str(p)
+    ]
     for out in outputs:
         if out is None:
             continue
         out = Path(out)
         target = out.resolve()
         for given, resolved in ins:
-            same = target == resolved or (target.exists() and resolved.exists()
-                                          and os.path.samefile(target, resolved))
+            same = target == resolved or (
+                target.exists() and resolved.exists() and os.path.samefile(target, resolved)
+            )
             if same:
-                raise UserError(f"{opt(option)} {out} is the input {given}; writing it would "
-                                "destroy the input: choose another output path")
+                raise UserError(
+                    f"{opt(option)} {out} is the input {given}; writing it would "
+                    "destroy the input: choose another output path"
+                )
             if resolved.is_relative_to(target):
-                raise UserError(f"{opt(option)} {out} holds the input {given}; replacing it "
-                                "would destroy the input: choose another output path")
+                raise UserError(
+                    f"{opt(option)} {out} holds the input {given}; replacing it "
+                    "would destroy the input: choose another output path"
+                )
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -60,8 +70,11 @@ def temporary_sibling(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False,
-                  appeared_hint: str = "pass --overwrite to replace it"):
+def atomic_output(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    appeared_hint: str = "pass --overwrite to replace it",
+):
     """Yield a temporary path; on success move it to ``path``, on failure remove it.
 
     Works for files and folders. An existing ``path`` is only replaced once the new output is
@@ -109,7 +122,8 @@ def exclusive(path: str | os.PathLike):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logging.getLogger("geoexplora").warning(
-                "%s: another run is writing in %s; waiting for it", path, parent)
+                "%s: another run is writing in %s; waiting for it", path, parent
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -138,6 +152,22 @@ def disk_full_as_oserror(path: Path, needed_bytes: int):
         yield
     except RasterioIOError as exc:
         if shutil.disk_usage(Path(path).parent).free >= needed_bytes:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+
+
+def save_npy(path: Path, array) -> None:
+    """``numpy.save`` (no pickles), with a full disk reported as ``OSError(ENOSPC)`` naming
+    ``path``: numpy's writer raises a bare ``OSError("N requested and M written")`` without an
+    errno when the disk fills."""
+    import errno
+
+    import numpy as np
+
+    try:
+        np.save(path, array, allow_pickle=False)
+    except OSError as exc:
+        if exc.errno is not None or shutil.disk_usage(Path(path).parent).free >= array.nbytes:
             raise
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
 

@@ -41,9 +41,17 @@ CLOUD_DEFAULTS: dict[str, str] = {
 
 # scheme -> GDAL virtual file system, as rasterio maps them.
 _SCHEMES = {
-    "http": "vsicurl", "https": "vsicurl", "ftp": "vsicurl",
-    "s3": "vsis3", "gs": "vsigs", "az": "vsiaz", "azure": "vsiaz", "adl": "vsiadls",
-    "oss": "vsioss", "swift": "vsiswift", "file": None,
+    "http": "vsicurl",
+    "https": "vsicurl",
+    "ftp": "vsicurl",
+    "s3": "vsis3",
+    "gs": "vsigs",
+    "az": "vsiaz",
+    "azure": "vsiaz",
+    "adl": "vsiadls",
+    "oss": "vsioss",
+    "swift": "vsiswift",
+    "file": None,
 }
 _ARCHIVES = {"zip": "vsizip", "tar": "vsitar", "gzip": "vsigzip"}
 _URI = re.compile(r"^([a-z][a-z0-9]*(?:\+[a-z][a-z0-9]*)?)://", re.IGNORECASE)
@@ -76,7 +84,7 @@ def to_gdal_path(uri: str) -> str:
     if not m:
         return uri
     schemes = m.group(1).lower().split("+")
-    rest = uri[m.end():]
+    rest = uri[m.end() :]
     archive = None
     if len(schemes) == 2 and schemes[0] in _ARCHIVES:
         archive, scheme = _ARCHIVES[schemes[0]], schemes[1]
@@ -161,7 +169,7 @@ class RemotePath:
         """The URI's path part (no query string, no archive marker) as a pure path."""
         text = self.uri.split("?", 1)[0].replace("!", "")
         m = _URI.match(text)
-        return PurePosixPath(text[m.end():] if m else text)
+        return PurePosixPath(text[m.end() :] if m else text)
 
     name = property(lambda self: self._key.name)
     stem = property(lambda self: self._key.stem)
@@ -205,8 +213,10 @@ def source_name(path) -> str:
 
 def refuse_listing(uri: str) -> None:
     """Folders and globs on a URI cannot be listed: a UserError saying so."""
-    raise UserError(f"{uri}: folders and globs are not supported on URIs; name each file, or a "
-                    "STAC item or item collection")
+    raise UserError(
+        f"{uri}: folders and globs are not supported on URIs; name each file, or a "
+        "STAC item or item collection"
+    )
 
 
 def probe_http(url: str, timeout: float = 10.0) -> str | None:
@@ -221,8 +231,7 @@ def probe_http(url: str, timeout: float = 10.0) -> str | None:
             status = resp.status
             accept = resp.headers.get("Accept-Ranges", "")
     except urllib.error.HTTPError as exc:
-        reason = {401: "unauthorized", 403: "forbidden", 404: "not found"}.get(exc.code,
-                                                                               exc.reason)
+        reason = {401: "unauthorized", 403: "forbidden", 404: "not found"}.get(exc.code, exc.reason)
         return f"HTTP {exc.code} {reason}"
     except urllib.error.URLError as exc:
         reason = getattr(exc.reason, "strerror", None) or str(exc.reason)
@@ -234,8 +243,14 @@ def probe_http(url: str, timeout: float = 10.0) -> str | None:
     return None
 
 
-_NETWORK = ("timed out", "timeout", "connection reset", "could not resolve",
-            "http response code: 5", "http error code: 5")
+_NETWORK = (
+    "timed out",
+    "timeout",
+    "connection reset",
+    "could not resolve",
+    "http response code: 5",
+    "http error code: 5",
+)
 
 
 def read_error(path, exc: Exception) -> UserError | RuntimeFailure:
@@ -250,10 +265,13 @@ def read_error(path, exc: Exception) -> UserError | RuntimeFailure:
     cause = probe_http(url) if url else None
     if cause is None:
         if any(k in first.lower() for k in _NETWORK):
-            return RuntimeFailure(f"{uri}: network failure after "
-                                  f"{cloud_settings()['GDAL_HTTP_MAX_RETRY']} retries ({first})")
+            return RuntimeFailure(
+                f"{uri}: network failure after "
+                f"{cloud_settings()['GDAL_HTTP_MAX_RETRY']} retries ({first})"
+            )
         return UserError(f"{uri}: not a readable raster ({first})")
     if cause.startswith("HTTP 5"):
-        return RuntimeFailure(f"{uri}: {cause} after "
-                              f"{cloud_settings()['GDAL_HTTP_MAX_RETRY']} retries")
+        return RuntimeFailure(
+            f"{uri}: {cause} after {cloud_settings()['GDAL_HTTP_MAX_RETRY']} retries"
+        )
     return UserError(f"{uri}: {cause}")

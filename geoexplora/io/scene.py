@@ -37,8 +37,21 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 
 # Band counts of common whole-sensor stacks (files with no descriptions, given --sensor).
 SENSOR_LAYOUTS: dict[tuple[str, int], tuple[str, ...]] = {
-    ("sentinel2", 13): ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11",
-                        "B12"),
+    ("sentinel2", 13): (
+        "B1",
+        "B2",
+        "B3",
+        "B4",
+        "B5",
+        "B6",
+        "B7",
+        "B8",
+        "B8A",
+        "B9",
+        "B10",
+        "B11",
+        "B12",
+    ),
     ("sentinel2", 12): ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"),
     ("sentinel2", 10): ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"),
     ("sentinel2", 4): ("B2", "B3", "B4", "B8"),
@@ -53,15 +66,28 @@ SENSOR_LAYOUTS: dict[tuple[str, int], tuple[str, ...]] = {
 
 # Product-ID prefixes that name the sensor (Landsat Collection and Sentinel-2 naming).
 _SENSOR_PREFIXES = (
-    (re.compile(r"(^|[_/])(LC08|LO08)_"), "landsat8"), (re.compile(r"(^|[_/])(LC09|LO09)_"), "landsat9"),
-    (re.compile(r"(^|[_/])LE07_"), "landsat7"), (re.compile(r"(^|[_/])LT05_"), "landsat5"),
-    (re.compile(r"(^|[_/])LT04_"), "landsat4"), (re.compile(r"(^|[_/])S2[ABCD]_"), "sentinel2"),
+    (re.compile(r"(^|[_/])(LC08|LO08)_"), "landsat8"),
+    (re.compile(r"(^|[_/])(LC09|LO09)_"), "landsat9"),
+    (re.compile(r"(^|[_/])LE07_"), "landsat7"),
+    (re.compile(r"(^|[_/])LT05_"), "landsat5"),
+    (re.compile(r"(^|[_/])LT04_"), "landsat4"),
+    (re.compile(r"(^|[_/])S2[ABCD]_"), "sentinel2"),
 )
 _BAND_TOKEN = re.compile(r"(?:^|[_\-.])(B0?\d{1,2}A?)(?=$|[_\-.])", re.IGNORECASE)
-_DATE_PATTERNS = (re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)"),
-                  re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?:T\d{2,6})?(?!\d)"))
-_DATE_TAGS = ("ACQUISITION", "ACQUISITION_DATE", "ACQUISITIONDATE", "DATE_ACQUIRED",
-              "SENSING_TIME", "DATETIME", "DATE", "TIFFTAG_DATETIME")
+_DATE_PATTERNS = (
+    re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)"),
+    re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?:T\d{2,6})?(?!\d)"),
+)
+_DATE_TAGS = (
+    "ACQUISITION",
+    "ACQUISITION_DATE",
+    "ACQUISITIONDATE",
+    "DATE_ACQUIRED",
+    "SENSING_TIME",
+    "DATETIME",
+    "DATE",
+    "TIFFTAG_DATETIME",
+)
 
 
 @dataclass
@@ -188,8 +214,9 @@ def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     for raw in paths:
         p = as_path(raw)  # a URI stays one (RemotePath)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir()
-                           if f.is_file() and f.suffix.lower() in RASTER_SUFFIXES)
+            files = sorted(
+                f for f in p.iterdir() if f.is_file() and f.suffix.lower() in RASTER_SUFFIXES
+            )
             band_files = [f for f in files if band_token_from_name(f)]
             chosen = band_files or files
             if not chosen:
@@ -229,16 +256,25 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             src = rasterio.open(path)
         with src:
-            info = {"count": src.count, "width": src.width, "height": src.height,
-                    "crs": src.crs, "transform": src.transform, "dtype": src.dtypes[0],
-                    "nodata": src.nodata, "descriptions": list(src.descriptions),
-                    "tags": src.tags()}
+            info = {
+                "count": src.count,
+                "width": src.width,
+                "height": src.height,
+                "crs": src.crs,
+                "transform": src.transform,
+                "dtype": src.dtypes[0],
+                "nodata": src.nodata,
+                "descriptions": list(src.descriptions),
+                "tags": src.tags(),
+            }
     except rasterio.errors.RasterioIOError as exc:
         if is_uri(path):  # the URI and why: unreachable, 403/404, no range requests
             raise read_error(path, exc) from exc
         raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
     if info["crs"] is None:
-        raise UserError(f"{path}: has no CRS; assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX)")
+        raise UserError(
+            f"{path}: has no CRS; assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX)"
+        )
     if info["transform"] == Affine.identity():
         raise UserError(f"{path}: has no georeferencing (identity transform)")
 
@@ -253,8 +289,10 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
             if sep:  # sensor-qualified: 1=sentinel2:B2
                 named_sensor = B.canonical_sensor(named_sensor)
                 if sensor not in (None, named_sensor):
-                    raise UserError(f"{opt('band_map')} {i}={name}: {path.name} is {sensor} "
-                                    f"(from {opt('sensor')} or its name), not {named_sensor}")
+                    raise UserError(
+                        f"{opt('band_map')} {i}={name}: {path.name} is {sensor} "
+                        f"(from {opt('sensor')} or its name), not {named_sensor}"
+                    )
                 sensor, name = named_sensor, band_name
             tokens[i - 1] = name
     elif all(info["descriptions"]) and info["count"] > 0:
@@ -271,14 +309,17 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
     if sensor is None and known:
         sensor = guess_sensor(known)
     if sensor is None and explicit:
-        unknown = [n for n in explicit.values()
-                   if not any(B.find_band(s, n) for s in B.SENSORS)]
+        unknown = [n for n in explicit.values() if not any(B.find_band(s, n) for s in B.SENSORS)]
         if unknown:
-            raise UserError(f"{opt('band_map')} names {', '.join(unknown)}: not a band of any sensor "
-                            f"({path.name})")
-        raise UserError(f"{opt('band_map')} {', '.join(f'{i}={n}' for i, n in explicit.items())}: "
-                        f"these names fit several sensors ({path.name}); pass {opt('sensor')}, or "
-                        "qualify them (1=sentinel2:B2)")
+            raise UserError(
+                f"{opt('band_map')} names {', '.join(unknown)}: not a band of any sensor "
+                f"({path.name})"
+            )
+        raise UserError(
+            f"{opt('band_map')} {', '.join(f'{i}={n}' for i, n in explicit.items())}: "
+            f"these names fit several sensors ({path.name}); pass {opt('sensor')}, or "
+            "qualify them (1=sentinel2:B2)"
+        )
     identified: list[B.Band | None] = []
     for t in tokens:
         if t is None or sensor is None:
@@ -294,8 +335,12 @@ def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) ->
             date = parse_date(info["tags"][tag])
             if date:
                 break
-    date = (stac.date if stac else None) or date or parse_date(path.name) or parse_date(
-        path.parent.name)
+    date = (
+        (stac.date if stac else None)
+        or date
+        or parse_date(path.name)
+        or parse_date(path.parent.name)
+    )
     return RasterFile(path=path, date=date, sensor=sensor, bands=identified, tokens=tokens, **info)
 
 
@@ -310,9 +355,11 @@ def _refuse_preset_mismatch(path: Path, sensor: str, count: int) -> None:
     else:
         example = "1=B1,2=B2,..."
     stacks = " or ".join(f"{n}-band" for n in sizes) or "no"
-    raise UserError(f"{opt('sensor')} {sensor}: the preset describes a {stacks} stack, {path.name} "
-                    f"has {count} band(s) without descriptions; name them with {opt('band_map')} "
-                    f"{example}")
+    raise UserError(
+        f"{opt('sensor')} {sensor}: the preset describes a {stacks} stack, {path.name} "
+        f"has {count} band(s) without descriptions; name them with {opt('band_map')} "
+        f"{example}"
+    )
 
 
 def _s2_offset(rf: RasterFile, opts: SceneOptions) -> float:
@@ -334,8 +381,11 @@ def _is_unit_reflectance(rf: RasterFile, index: int) -> bool:
         return False
     with rasterio.open(rf.path) as src:
         step = max(1, max(src.width, src.height) // 256)
-        sample = src.read(index, out_shape=(max(1, src.height // step), max(1, src.width // step)),
-                          resampling=Resampling.nearest).astype("float64")
+        sample = src.read(
+            index,
+            out_shape=(max(1, src.height // step), max(1, src.width // step)),
+            resampling=Resampling.nearest,
+        ).astype("float64")
     valid = sample[np.isfinite(sample)]
     if rf.nodata is not None:
         valid = valid[valid != rf.nodata]
@@ -403,9 +453,12 @@ class Grid:
 
 
 def same_grid(rf: RasterFile, grid: Grid, tol: float = 1e-6) -> bool:
-    return (rf.width == grid.width and rf.height == grid.height
-            and rf.transform.almost_equals(grid.transform, precision=tol * max(grid.res))
-            and crs_equivalent(rf.crs, grid.crs))
+    return (
+        rf.width == grid.width
+        and rf.height == grid.height
+        and rf.transform.almost_equals(grid.transform, precision=tol * max(grid.res))
+        and crs_equivalent(rf.crs, grid.crs)
+    )
 
 
 class Scene:
@@ -457,10 +510,17 @@ class Scene:
             if same_grid(_inspect_grid(src), self.grid):
                 ds = src
             else:
-                ds = WarpedVRT(src, crs=self.grid.crs, transform=self.grid.transform,
-                               width=self.grid.width, height=self.grid.height,
-                               resampling=Resampling.bilinear, dtype="float32",
-                               src_nodata=src.nodata, nodata=np.nan)
+                ds = WarpedVRT(
+                    src,
+                    crs=self.grid.crs,
+                    transform=self.grid.transform,
+                    width=self.grid.width,
+                    height=self.grid.height,
+                    resampling=Resampling.bilinear,
+                    dtype="float32",
+                    src_nodata=src.nodata,
+                    nodata=np.nan,
+                )
             self._handles[path] = ds
         return ds
 
@@ -500,14 +560,14 @@ class Scene:
                 # window is inside the scene and the file's bands are consecutive channels), the
                 # rest works in place.
                 if inside and channels == list(range(channels[0], channels[-1] + 1)):
-                    stack = out[t, channels[0]:channels[-1] + 1]
+                    stack = out[t, channels[0] : channels[-1] + 1]
                     ds.read(indexes, window=inner, out=stack)
                 else:
                     stack = ds.read(indexes, window=inner, out_dtype="float32")
                 for values, c in zip(stack, channels):
                     self._to_canonical(values, frame[c], ds)
                     if not np.shares_memory(values, out):
-                        out[t, c, r0 - row:r1 - row, c0 - col:c1 - col] = values
+                        out[t, c, r0 - row : r1 - row, c0 - col : c1 - col] = values
         return out
 
     @staticmethod
@@ -539,18 +599,22 @@ class Scene:
         ys = t.f + t.e * (np.arange(self.height) + 0.5)
         lazy = indexing.LazilyIndexedArray(SceneBackendArray(self))
         times = np.array([d or "NaT" for d in self.dates], dtype="datetime64[ns]")
-        da = xr.DataArray(lazy, dims=("time", "band", "y", "x"),
-                          coords={"time": times, "band": [b.name for b in self.bands],
-                                  "y": ys, "x": xs},
-                          attrs={"units": "reflectance_x10000", "band_keys": [b.key for b in self.bands]})
+        da = xr.DataArray(
+            lazy,
+            dims=("time", "band", "y", "x"),
+            coords={"time": times, "band": [b.name for b in self.bands], "y": ys, "x": xs},
+            attrs={"units": "reflectance_x10000", "band_keys": [b.key for b in self.bands]},
+        )
         da = da.rio.write_crs(self.crs).rio.write_transform(self.transform)
         return da
 
     def describe(self) -> dict:
         return {
             "paths": [str(p) for p in self.paths],
-            "width": self.width, "height": self.height,
-            "crs": self.crs.to_string(), "transform": list(self.transform)[:6],
+            "width": self.width,
+            "height": self.height,
+            "crs": self.crs.to_string(),
+            "transform": list(self.transform)[:6],
             "resolution": list(self.res),
             "dates": self.dates,
             "bands": [{**b.to_dict(), "key": b.key} for b in self.bands],
@@ -559,9 +623,20 @@ class Scene:
 
 
 def _inspect_grid(src) -> RasterFile:
-    return RasterFile(path=as_path(src.name), count=src.count, width=src.width, height=src.height,
-                      crs=src.crs, transform=src.transform, dtype=src.dtypes[0],
-                      nodata=src.nodata, date=None, sensor=None, bands=[], descriptions=[])
+    return RasterFile(
+        path=as_path(src.name),
+        count=src.count,
+        width=src.width,
+        height=src.height,
+        crs=src.crs,
+        transform=src.transform,
+        dtype=src.dtypes[0],
+        nodata=src.nodata,
+        date=None,
+        sensor=None,
+        bands=[],
+        descriptions=[],
+    )
 
 
 def _target_grid(reference: RasterFile, opts: SceneOptions) -> Grid:
@@ -571,15 +646,21 @@ def _target_grid(reference: RasterFile, opts: SceneOptions) -> Grid:
         from rasterio.warp import calculate_default_transform
 
         transform, width, height = calculate_default_transform(
-            reference.crs, crs, reference.width, reference.height, *grid.bounds,
-            resolution=opts.resolution)
+            reference.crs,
+            crs,
+            reference.width,
+            reference.height,
+            *grid.bounds,
+            resolution=opts.resolution,
+        )
         return Grid(crs, transform, width, height)
     if opts.resolution:
         west, south, east, north = grid.bounds
         width = max(1, round((east - west) / opts.resolution))
         height = max(1, round((north - south) / opts.resolution))
-        return Grid(grid.crs, Affine(opts.resolution, 0, west, 0, -opts.resolution, north),
-                    width, height)
+        return Grid(
+            grid.crs, Affine(opts.resolution, 0, west, 0, -opts.resolution, north), width, height
+        )
     return grid
 
 
@@ -609,8 +690,10 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
     dated = {rf.date for rf in files}
     if None in dated and len(dated) > 1:
         undated = [rf.path.name for rf in files if rf.date is None]
-        raise UserError(f"cannot tell the date of {', '.join(undated)} while other files have "
-                        f"dates; pass {opt('dates')}")
+        raise UserError(
+            f"cannot tell the date of {', '.join(undated)} while other files have "
+            f"dates; pass {opt('dates')}"
+        )
     groups: dict[str | None, list[RasterFile]] = {}
     for rf in files:
         groups.setdefault(rf.date, []).append(rf)
@@ -626,15 +709,16 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
             found = [t for t in named[0].tokens if t is not None]  # all of them (``all`` above)
             raise UserError(
                 f"{named[0].path.name}: band names {', '.join(found)} fit several sensors "
-                f"(Sentinel-2 and Landsat number bands differently); pass {opt('sensor')}")
+                f"(Sentinel-2 and Landsat number bands differently); pass {opt('sensor')}"
+            )
         blank = [rf for rf in first if not any(rf.tokens)]
         if opts.sensor and blank:  # the preset did not fit the file's band count
-            _refuse_preset_mismatch(blank[0].path, B.canonical_sensor(opts.sensor),
-                                    blank[0].count)
+            _refuse_preset_mismatch(blank[0].path, B.canonical_sensor(opts.sensor), blank[0].count)
         if unknown:
             raise UserError(
                 f"cannot tell which bands {', '.join(unknown)} hold(s) (no band descriptions, no "
-                f"band token in the name); pass {opt('sensor')} for a full stack, or {opt('band_map')} 1=B2,...")
+                f"band token in the name); pass {opt('sensor')} for a full stack, or {opt('band_map')} 1=B2,..."
+            )
         # Every band of the first date is identified here (``unknown`` is empty).
         identified = [b for rf in first for b in rf.bands if b is not None]
         wanted_tokens = [b.name for b in identified]
@@ -653,20 +737,31 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
                     matches.append((rf, idx, band))
             if not matches:
                 unknown = [rf.path.name for rf in group if any(b is None for b in rf.bands)]
-                hint = (f"; unidentified bands in {', '.join(unknown)}: pass --band-map or "
-                        "--sensor" if unknown else "")
-                raise UserError(f"band {token} not found in {', '.join(rf.path.name for rf in group)}"
-                                f" (has: {_describe_bands(group)}){hint}")
+                hint = (
+                    f"; unidentified bands in {', '.join(unknown)}: pass --band-map or --sensor"
+                    if unknown
+                    else ""
+                )
+                raise UserError(
+                    f"band {token} not found in {', '.join(rf.path.name for rf in group)}"
+                    f" (has: {_describe_bands(group)}){hint}"
+                )
             if len({m[2].key for m in matches}) > 1 or len(matches) > 1:
                 where = ", ".join(f"{m[0].path.name}#{m[1]} ({m[2].key})" for m in matches)
                 if len({m[2].key for m in matches}) == 1:  # one band twice: --sensor cannot help
                     if len({m[0].path for m in matches}) > 1:
-                        raise UserError(f"band {token} appears {len(matches)} times: {where}; "
-                                        "give one file per band and date")
-                    raise UserError(f"band {token} appears {len(matches)} times: {where}; say "
-                                    f"which band each one is with {opt('band_map')} (e.g. {opt('band_map')} "
-                                    "1=B2,2=B3,...)")
-                raise UserError(f"band {token} is ambiguous: {where}; pass {opt('sensor')} or {opt('band_map')}")
+                        raise UserError(
+                            f"band {token} appears {len(matches)} times: {where}; "
+                            "give one file per band and date"
+                        )
+                    raise UserError(
+                        f"band {token} appears {len(matches)} times: {where}; say "
+                        f"which band each one is with {opt('band_map')} (e.g. {opt('band_map')} "
+                        "1=B2,2=B3,...)"
+                    )
+                raise UserError(
+                    f"band {token} is ambiguous: {where}; pass {opt('sensor')} or {opt('band_map')}"
+                )
             rf, idx, band = matches[0]
             scale, add = conversion_for(rf, idx, opts)
             nodata = opts.nodata if opts.nodata is not None else rf.nodata
@@ -680,16 +775,33 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
     grid = _target_grid(reference, opts)
     for rf in files:
         if rf.path in involved and not crs_equivalent(rf.crs, grid.crs):
-            log.warning("%s: reprojecting from %s to %s", rf.path.name, rf.crs.to_string(),
-                        grid.crs.to_string())
-        elif (rf.path in involved and rf.res != grid.res and not same_grid(rf, grid)
-              and rf.date != dates[0] and len(dates) > 1):
+            log.warning(
+                "%s: reprojecting from %s to %s",
+                rf.path.name,
+                rf.crs.to_string(),
+                grid.crs.to_string(),
+            )
+        elif (
+            rf.path in involved
+            and rf.res != grid.res
+            and not same_grid(rf, grid)
+            and rf.date != dates[0]
+            and len(dates) > 1
+        ):
             log.warning("%s: on another grid than the first date; resampled onto it", rf.path.name)
     return Scene(sources, grid, list(dates))
 
 
-def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodata=None,
-                  dates=None, s2_offset="auto", crs=None) -> SceneOptions:
+def scene_options(
+    bands=None,
+    sensor=None,
+    band_map=None,
+    resolution=None,
+    nodata=None,
+    dates=None,
+    s2_offset="auto",
+    crs=None,
+) -> SceneOptions:
     """SceneOptions from the CLI's string options."""
     from geoexplora.validate import require_positive
 
@@ -700,8 +812,10 @@ def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodat
         try:
             CRS.from_user_input(crs)
         except CRSError as exc:
-            raise UserError(f"{opt('crs')} {crs}: not a coordinate reference system PROJ knows "
-                            "(e.g. EPSG:32633)") from exc
+            raise UserError(
+                f"{opt('crs')} {crs}: not a coordinate reference system PROJ knows "
+                "(e.g. EPSG:32633)"
+            ) from exc
     bm = None
     if band_map:
         bm = {}
@@ -709,9 +823,18 @@ def scene_options(bands=None, sensor=None, band_map=None, resolution=None, nodat
             key, eq, name = item.partition("=")
             idx = key.rpartition(":")[2]
             if not eq or not idx.strip().isdigit() or not name.strip():
-                raise UserError(f"{opt('band_map')} entry '{item}' is not INDEX=BAND or FILE:INDEX=BAND "
-                                "(e.g. 1=B2)")
+                raise UserError(
+                    f"{opt('band_map')} entry '{item}' is not INDEX=BAND or FILE:INDEX=BAND "
+                    "(e.g. 1=B2)"
+                )
             bm[key.strip()] = name.strip()
-    return SceneOptions(bands=B.parse_band_list(bands), sensor=sensor, band_map=bm,
-                        resolution=resolution, nodata=nodata, dates=parse_dates_option(dates),
-                        s2_offset=s2_offset, crs=crs)
+    return SceneOptions(
+        bands=B.parse_band_list(bands),
+        sensor=sensor,
+        band_map=bm,
+        resolution=resolution,
+        nodata=nodata,
+        dates=parse_dates_option(dates),
+        s2_offset=s2_offset,
+        crs=crs,
+    )

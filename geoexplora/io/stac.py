@@ -34,10 +34,15 @@ _RASTER_TYPES = ("image/tiff", "image/jp2", "application/x-gdal-vrt", "image/vnd
 _RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
 _SKIP_ROLES = {"thumbnail", "overview", "metadata", "visual"}
 _TOKEN = re.compile(r"(?:^|[_\-.])(B0?\d{1,2}A?)$", re.IGNORECASE)
-_PLATFORMS = ((re.compile(r"sentinel[-_ ]?2"), "sentinel2"),
-              (re.compile(r"landsat[-_ ]?0?9"), "landsat9"), (re.compile(r"landsat[-_ ]?0?8"), "landsat8"),
-              (re.compile(r"landsat[-_ ]?0?7"), "landsat7"), (re.compile(r"landsat[-_ ]?0?5"), "landsat5"),
-              (re.compile(r"landsat[-_ ]?0?4"), "landsat4"), (re.compile(r"naip"), "rgbn"))
+_PLATFORMS = (
+    (re.compile(r"sentinel[-_ ]?2"), "sentinel2"),
+    (re.compile(r"landsat[-_ ]?0?9"), "landsat9"),
+    (re.compile(r"landsat[-_ ]?0?8"), "landsat8"),
+    (re.compile(r"landsat[-_ ]?0?7"), "landsat7"),
+    (re.compile(r"landsat[-_ ]?0?5"), "landsat5"),
+    (re.compile(r"landsat[-_ ]?0?4"), "landsat4"),
+    (re.compile(r"naip"), "rgbn"),
+)
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,17 @@ class AssetInfo:
 
     def describe(self, href: str) -> dict:
         conv = self.conversion()
-        return {"asset": self.key, "href": href, "band": self.band.name, "key": self.band.key,
-                "common_name": self.band.common_name, "center_nm": self.band.center_nm,
-                "date": self.date,
-                "scale": conv[0] if conv else None, "add": conv[1] if conv else None}
+        return {
+            "asset": self.key,
+            "href": href,
+            "band": self.band.name,
+            "key": self.band.key,
+            "common_name": self.band.common_name,
+            "center_nm": self.band.center_nm,
+            "date": self.date,
+            "scale": conv[0] if conv else None,
+            "add": conv[1] if conv else None,
+        }
 
 
 def is_stac_input(value) -> bool:
@@ -217,23 +229,34 @@ def band_assets(item: dict, base: str = "") -> list[RemotePath]:
         rasters += 1
         if len(_asset_bands(asset)) > 1 or sensor is None:
             continue
-        band = next((b for b in (B.find_band(sensor, c) for c in _candidates(key, asset)) if b),
-                    None)
+        band = next(
+            (b for b in (B.find_band(sensor, c) for c in _candidates(key, asset)) if b), None
+        )
         if band is None:
             continue
         raster = (asset.get("raster:bands") or [{}])[0] if asset.get("raster:bands") else {}
-        info = AssetInfo(item=place, key=key, band=band, date=date,
-                         scale=_number(raster.get("scale")), offset=_number(raster.get("offset")),
-                         boa_offset_applied=props.get("earthsearch:boa_offset_applied"),
-                         processing_baseline=props.get("s2:processing_baseline"))
+        info = AssetInfo(
+            item=place,
+            key=key,
+            band=band,
+            date=date,
+            scale=_number(raster.get("scale")),
+            offset=_number(raster.get("offset")),
+            boa_offset_applied=props.get("earthsearch:boa_offset_applied"),
+            processing_baseline=props.get("s2:processing_baseline"),
+        )
         path = RemotePath(_resolve_href(asset["href"], base), stac=info)
         cog = "jp2" not in str(asset.get("type", "")).lower() and path.suffix != ".jp2"
         if band.key not in chosen or (cog and not chosen[band.key][1]):
             chosen[band.key] = (path, cog)
     if not chosen:
-        why = ("its assets are not rasters" if not rasters else
-               "its platform/constellation/collection names no known sensor" if sensor is None
-               else "no asset names a band of " + sensor)
+        why = (
+            "its assets are not rasters"
+            if not rasters
+            else "its platform/constellation/collection names no known sensor"
+            if sensor is None
+            else "no asset names a band of " + sensor
+        )
         raise UserError(f"STAC item {item_id}: no band assets ({why})")
     return [p for p, _ in chosen.values()]
 
@@ -254,8 +277,13 @@ def _resolve_href(href: str, base: str) -> str:
     return str(Path(base).resolve().parent / href)
 
 
-def search(url: str, collections: list[str] | None = None, bbox: list[float] | None = None,
-           datetime: str | None = None, max_items: int = 10) -> list[dict]:
+def search(
+    url: str,
+    collections: list[str] | None = None,
+    bbox: list[float] | None = None,
+    datetime: str | None = None,
+    max_items: int = 10,
+) -> list[dict]:
     """The items a STAC API search returns (pystac-client), as dicts; UserError when it returns
     none or the API cannot be reached."""
     from pystac_client import Client
@@ -263,16 +291,20 @@ def search(url: str, collections: list[str] | None = None, bbox: list[float] | N
 
     try:
         client = Client.open(url)
-        found = client.search(collections=collections or None, bbox=bbox, datetime=datetime,
-                              max_items=max_items)
+        found = client.search(
+            collections=collections or None, bbox=bbox, datetime=datetime, max_items=max_items
+        )
         items = [item.to_dict() for item in found.items()]
     except APIError as exc:
         raise UserError(f"{url}: STAC search failed ({str(exc).splitlines()[0][:200]})") from exc
     except OSError as exc:  # requests' ConnectionError is an OSError
         raise UserError(f"{url}: STAC API unreachable ({type(exc).__name__})") from exc
     if not items:
-        what = ", ".join(f"{k} {v}" for k, v in (("collections", collections), ("bbox", bbox),
-                                                  ("datetime", datetime)) if v)
+        what = ", ".join(
+            f"{k} {v}"
+            for k, v in (("collections", collections), ("bbox", bbox), ("datetime", datetime))
+            if v
+        )
         raise UserError(f"{url}: the STAC search returned no items ({what or 'no filters'})")
     for item in items:  # the search is where these items were found
         item.setdefault("links", []).append({"rel": "via", "href": url})
@@ -297,8 +329,14 @@ def describe_stac(source) -> dict:
     items = []
     for item, base in load_items(source):
         paths = band_assets(item, base)
-        items.append({"id": item.get("id"), "collection": item.get("collection"),
-                      "sensor": item_sensor(item), "date": item_date(item),
-                      "bbox": item.get("bbox"),
-                      "bands": [p.stac.describe(str(p)) for p in paths]})
+        items.append(
+            {
+                "id": item.get("id"),
+                "collection": item.get("collection"),
+                "sensor": item_sensor(item),
+                "date": item_date(item),
+                "bbox": item.get("bbox"),
+                "bands": [p.stac.describe(str(p)) for p in paths],
+            }
+        )
     return {"path": str(source), "kind": "stac", "items": items}

@@ -61,7 +61,7 @@ class BandStatsAccumulator:
             taken = values[:room]
             res = np.concatenate([res, taken])
             seen += taken.size
-            values = values[taken.size:]
+            values = values[taken.size :]
         if values.size:
             positions = seen + np.arange(1, values.size + 1)
             slots = (self._rng.random(values.size) * positions).astype(np.int64)
@@ -75,20 +75,27 @@ class BandStatsAccumulator:
     def result(self) -> dict[str, list[float]]:
         empty = [i for i in range(self.num_bands) if self._count[i] == 0]
         if empty:
-            raise UserError(f"no valid pixels to compute statistics of band(s) "
-                            f"{', '.join(str(i + 1) for i in empty)}")
+            raise UserError(
+                f"no valid pixels to compute statistics of band(s) "
+                f"{', '.join(str(i + 1) for i in empty)}"
+            )
         n = self._count.astype(np.float64)
         mean_c = self._sum / n
         assert self._shift is not None  # set by the first valid value; every band has one here
-        var = np.maximum(self._sumsq / n - mean_c ** 2, 0.0)
+        var = np.maximum(self._sumsq / n - mean_c**2, 0.0)
         mean = mean_c + self._shift
         p2, p98 = zip(*(np.percentile(r, [2, 98]).tolist() for r in self._reservoirs))
-        return {"mean": [float(v) for v in mean], "std": [float(v) for v in np.sqrt(var)],
-                "p2": list(p2), "p98": list(p98)}
+        return {
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in np.sqrt(var)],
+            "p2": list(p2),
+            "p98": list(p98),
+        }
 
 
-def robust_band_stats(sample: np.ndarray | Iterable[np.ndarray], max_samples: int = 200_000,
-                      seed: int = 0) -> dict[str, list[float]]:
+def robust_band_stats(
+    sample: np.ndarray | Iterable[np.ndarray], max_samples: int = 200_000, seed: int = 0
+) -> dict[str, list[float]]:
     """Per-band ``{"mean", "std", "p2", "p98"}`` over valid (finite) values.
 
     ``sample`` is one ``(N, C)`` array or an iterable of ``(n, C)`` arrays (a stream of pixel
@@ -121,6 +128,9 @@ def pixel_sample(data: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
     t, c, h, w = data.shape
     at = rng.integers(0, t * h * w, n)  # one draw per pixel: (frame, row, col) flattened
     frames, pixels = np.divmod(at, h * w)
-    picked = data.reshape(t, c, h * w)[frames, :, pixels] if data.flags.c_contiguous else \
-        data[frames, :, pixels // w, pixels % w]
+    picked = (
+        data.reshape(t, c, h * w)[frames, :, pixels]
+        if data.flags.c_contiguous
+        else data[frames, :, pixels // w, pixels % w]
+    )
     return picked[np.isfinite(picked).any(axis=1)]

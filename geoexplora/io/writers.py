@@ -29,16 +29,46 @@ if TYPE_CHECKING:
     from rasterio.crs import CRS
 
 STRIP_ROWS = 256
-COG_DEFAULTS = {"COMPRESS": "DEFLATE", "BLOCKSIZE": "512", "BIGTIFF": "IF_SAFER",
-                "NUM_THREADS": "ALL_CPUS"}
-_GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
-               "int32": "Int32", "float32": "Float32", "float16": "Float32",
-               "float64": "Float64"}
+COG_DEFAULTS = {
+    "COMPRESS": "DEFLATE",
+    "BLOCKSIZE": "512",
+    "BIGTIFF": "IF_SAFER",
+    "NUM_THREADS": "ALL_CPUS",
+}
+_GDAL_TYPES = {
+    "uint8": "Byte",
+    "uint16": "UInt16",
+    "int16": "Int16",
+    "uint32": "UInt32",
+    "int32": "Int32",
+    "float32": "Float32",
+    "float16": "Float32",
+    "float64": "Float64",
+}
 
 # Fall-back class colours (Tableau 20) for models whose classes carry none.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
-           "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
+)
 
 
 def class_dtype(num_classes: int) -> tuple[str, int]:
@@ -54,7 +84,7 @@ def hex_to_rgba(color: str) -> tuple[int, int, int, int]:
     c = color.lstrip("#")
     if len(c) not in (6, 8) or any(ch not in "0123456789abcdefABCDEF" for ch in c):
         raise UserError(f"class colour '{color}' is not #rrggbb")
-    ch = [int(c[i:i + 2], 16) for i in range(0, len(c), 2)]
+    ch = [int(c[i : i + 2], 16) for i in range(0, len(c), 2)]
     return ch[0], ch[1], ch[2], ch[3] if len(ch) == 4 else 255
 
 
@@ -124,14 +154,16 @@ class StripStore:
                     raise ValueError(f"row {row} does not start a strip")
                 i = row // self.strip_rows
                 a, b = self.strip_rows_of(i)
-                self._buffer = np.empty((self.spec.count, b - a, self.spec.width),
-                                        dtype=self.spec.store_dtype)
+                self._buffer = np.empty(
+                    (self.spec.count, b - a, self.spec.width), dtype=self.spec.store_dtype
+                )
                 self._buffer_row, self._filled = a, 0
             if row != self._buffer_row + self._filled:
-                raise ValueError(f"rows out of order: got {row}, expected "
-                                 f"{self._buffer_row + self._filled}")
+                raise ValueError(
+                    f"rows out of order: got {row}, expected {self._buffer_row + self._filled}"
+                )
             take = min(n, self._buffer.shape[1] - self._filled)
-            self._buffer[:, self._filled:self._filled + take] = block[:, :take]
+            self._buffer[:, self._filled : self._filled + take] = block[:, :take]
             self._filled += take
             row += take
             block = block[:, take:]
@@ -149,10 +181,18 @@ class StripStore:
         a, b = self.strip_rows_of(i)
         final = self.strip_path(i)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
-        profile = {"driver": "GTiff", "width": s.width, "height": b - a, "count": s.count,
-                   "dtype": s.store_dtype, "nodata": s.nodata, "crs": s.crs,
-                   "transform": window_transform(Window(0, a, s.width, b - a), s.transform),
-                   "compress": "zstd", "zstd_level": 1}
+        profile = {
+            "driver": "GTiff",
+            "width": s.width,
+            "height": b - a,
+            "count": s.count,
+            "dtype": s.store_dtype,
+            "nodata": s.nodata,
+            "crs": s.crs,
+            "transform": window_transform(Window(0, a, s.width, b - a), s.transform),
+            "compress": "zstd",
+            "zstd_level": 1,
+        }
         if s.width >= 256 and b - a >= 256:
             profile.update(tiled=True, blockxsize=256, blockysize=256)
         try:
@@ -181,28 +221,39 @@ class StripStore:
     def assert_idle(self) -> None:
         """A run must end on a strip boundary (or the raster's end): nothing may be left."""
         if self._buffer is not None:
-            raise RuntimeError(f"{self.folder}: strip at row {self._buffer_row} left incomplete "
-                               f"({self._filled} of {self._buffer.shape[1]} rows)")
+            raise RuntimeError(
+                f"{self.folder}: strip at row {self._buffer_row} left incomplete "
+                f"({self._filled} of {self._buffer.shape[1]} rows)"
+            )
 
     def vrt_xml(self) -> str:
         """A VRT mosaic of all strips carrying the output's metadata."""
         s = self.spec
         t = s.transform
         gdal_type = _GDAL_TYPES[s.store_dtype]
-        lines = [f'<VRTDataset rasterXSize="{s.width}" rasterYSize="{s.height}">',
-                 f"  <SRS>{escape(s.crs.to_wkt())}</SRS>",
-                 (f"  <GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}"
-                  "</GeoTransform>")]
+        lines = [
+            f'<VRTDataset rasterXSize="{s.width}" rasterYSize="{s.height}">',
+            f"  <SRS>{escape(s.crs.to_wkt())}</SRS>",
+            (
+                f"  <GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}"
+                "</GeoTransform>"
+            ),
+        ]
         if s.tags:
             lines.append("  <Metadata>")
-            lines += [f'    <MDI key="{escape(str(k))}">{escape(str(v))}</MDI>'
-                      for k, v in s.tags.items()]
+            lines += [
+                f'    <MDI key="{escape(str(k))}">{escape(str(v))}</MDI>' for k, v in s.tags.items()
+            ]
             lines.append("  </Metadata>")
         for band in range(1, s.count + 1):
             lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{band}">')
             lines.append(f"    <Description>{escape(s.descriptions[band - 1])}</Description>")
             if s.nodata is not None:
-                nd = "nan" if isinstance(s.nodata, float) and math.isnan(s.nodata) else repr(s.nodata)
+                nd = (
+                    "nan"
+                    if isinstance(s.nodata, float) and math.isnan(s.nodata)
+                    else repr(s.nodata)
+                )
                 lines.append(f"    <NoDataValue>{nd}</NoDataValue>")
             if s.colormap and band == 1:
                 lines.append("    <ColorInterp>Palette</ColorInterp>")
@@ -218,12 +269,15 @@ class StripStore:
                 a, b = self.strip_rows_of(i)
                 lines += [
                     "    <SimpleSource>",
-                    (f'      <SourceFilename relativeToVRT="1">{escape(self.strip_path(i).name)}'
-                     "</SourceFilename>"),
+                    (
+                        f'      <SourceFilename relativeToVRT="1">{escape(self.strip_path(i).name)}'
+                        "</SourceFilename>"
+                    ),
                     f"      <SourceBand>{band}</SourceBand>",
                     f'      <SrcRect xOff="0" yOff="0" xSize="{s.width}" ySize="{b - a}"/>',
                     f'      <DstRect xOff="0" yOff="{a}" xSize="{s.width}" ySize="{b - a}"/>',
-                    "    </SimpleSource>"]
+                    "    </SimpleSource>",
+                ]
             lines.append("  </VRTRasterBand>")
         lines.append("</VRTDataset>")
         return "\n".join(lines) + "\n"
@@ -236,19 +290,26 @@ class StripStore:
 
         missing = sorted(set(range(self.strip_count)) - self.done())
         if missing:
-            raise RuntimeError(f"{self.folder}: {len(missing)} strip(s) missing, e.g. "
-                               f"{self.strip_path(missing[0]).name}")
+            raise RuntimeError(
+                f"{self.folder}: {len(missing)} strip(s) missing, e.g. "
+                f"{self.strip_path(missing[0]).name}"
+            )
         vrt = self.folder / "mosaic.vrt"
         vrt.write_text(self.vrt_xml())
-        options = {**COG_DEFAULTS,
-                   "OVERVIEW_RESAMPLING": "MODE" if self.spec.resampling == "mode" else "AVERAGE",
-                   "PREDICTOR": "YES" if self.spec.resampling != "mode" else "NO"}
+        options = {
+            **COG_DEFAULTS,
+            "OVERVIEW_RESAMPLING": "MODE" if self.spec.resampling == "mode" else "AVERAGE",
+            "PREDICTOR": "YES" if self.spec.resampling != "mode" else "NO",
+        }
         if self.spec.dtype == "float16":  # half floats: Float32 stored with 16 bits
             options.update(PREDICTOR="NO", NBITS="16")
         options.update(creation_options or {})
         strips = sum(self.strip_path(i).stat().st_size for i in range(self.strip_count))
-        with (disk_full_as_oserror(target, strips),
-              rasterio.Env(GDAL_CACHEMAX=256, GDAL_PAM_ENABLED="NO"), rasterio.open(vrt) as src):
+        with (
+            disk_full_as_oserror(target, strips),
+            rasterio.Env(GDAL_CACHEMAX=256, GDAL_PAM_ENABLED="NO"),
+            rasterio.open(vrt) as src,
+        ):
             rasterio.shutil.copy(src, target, driver="COG", **options)
 
 

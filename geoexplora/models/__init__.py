@@ -6,5 +6,14 @@ from geoexplora.models.explora import apply_explora, merge_lora, parameter_repor
 from geoexplora.models.geovit import GeoViT
 from geoexplora.models.registry import ARCHITECTURES, DEFAULT_INIT, InitSpec, resolve_init
 
-__all__ = ["ARCHITECTURES", "DEFAULT_INIT", "GeoViT", "InitSpec", "apply_explora",
-           "build_backbone", "merge_lora", "parameter_report", "resolve_init"]
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_INIT",
+    "GeoViT",
+    "InitSpec",
+    "apply_explora",
+    "build_backbone",
+    "merge_lora",
+    "parameter_report",
+    "resolve_init",
+]

@@ -11,11 +11,18 @@ from geoexplora.errors import UserError, opt
 from geoexplora.models.geovit import GeoViT, as_bands, backbone_config, resolve_stats
 
 
-def build_backbone(init: str | None = None, init_weights: str | None = None,
-                   bands: list | None = None, stats: dict | None = None,
-                   img_size: int = 224, num_frames: int = 1, spectral_tokens: str = "bank",
-                   spectral_groups: list[list[str]] | None = None,
-                   arch_overrides: dict | None = None, drop_path_rate: float = 0.0) -> GeoViT:
+def build_backbone(
+    init: str | None = None,
+    init_weights: str | None = None,
+    bands: list | None = None,
+    stats: dict | None = None,
+    img_size: int = 224,
+    num_frames: int = 1,
+    spectral_tokens: str = "bank",
+    spectral_groups: list[list[str]] | None = None,
+    arch_overrides: dict | None = None,
+    drop_path_rate: float = 0.0,
+) -> GeoViT:
     """Build a :class:`GeoViT` from ``--init`` / ``--init-weights`` (see ``resolve_init``).
 
     ``bands``: :class:`Band` objects or ``sensor:name`` keys, in input order. Default: the
@@ -34,8 +41,9 @@ def build_backbone(init: str | None = None, init_weights: str | None = None,
 
     spec = resolve_init(init, init_weights)
     if spec.kind == "model_file":
-        return backbone_from_file(spec, bands, stats, num_frames, spectral_tokens,
-                                   spectral_groups, arch_overrides)
+        return backbone_from_file(
+            spec, bands, stats, num_frames, spectral_tokens, spectral_groups, arch_overrides
+        )
     source = load_source(spec, img_size, arch_overrides, drop_path_rate)
     if bands is None:
         from geoexplora.bands import get_band
@@ -47,17 +55,40 @@ def build_backbone(init: str | None = None, init_weights: str | None = None,
         groups = resolve_groups(bands, spectral_groups)
     else:
         groups = [list(range(len(bands)))]
-    config = backbone_config(source.vit, source.arch, img_size, bands, mean, std, origin,
-                             num_frames, spectral_tokens, groups, source.wavelengths,
-                             source.family, {**spec.describe(), **source.provenance})
-    model = GeoViT(source.vit, bands, mean, std, source.wavelengths, groups, num_frames,
-                   spectral_tokens, source.mask_token, config)
+    config = backbone_config(
+        source.vit,
+        source.arch,
+        img_size,
+        bands,
+        mean,
+        std,
+        origin,
+        num_frames,
+        spectral_tokens,
+        groups,
+        source.wavelengths,
+        source.family,
+        {**spec.describe(), **source.provenance},
+    )
+    model = GeoViT(
+        source.vit,
+        bands,
+        mean,
+        std,
+        source.wavelengths,
+        groups,
+        num_frames,
+        spectral_tokens,
+        source.mask_token,
+        config,
+    )
     model.mae_decoder_state = source.mae_decoder_state
     return model
 
 
-def backbone_from_file(spec, bands, stats, num_frames, spectral_tokens, spectral_groups,
-                        arch_overrides) -> GeoViT:
+def backbone_from_file(
+    spec, bands, stats, num_frames, spectral_tokens, spectral_groups, arch_overrides
+) -> GeoViT:
     from geoexplora.models.file import load_model
     from geoexplora.models.heads import TaskModel
     from geoexplora.provenance import sha256_file
@@ -67,17 +98,25 @@ def backbone_from_file(spec, bands, stats, num_frames, spectral_tokens, spectral
     model = load_model(spec.model_path)
     vit = model.backbone if isinstance(model, TaskModel) else model
     if spectral_tokens != vit.spectral_tokens:
-        raise UserError(f"{opt('init')} {spec.init} uses {vit.spectral_tokens} spectral tokens; keep "
-                        "the same spectral-token mode to continue adapting it")
+        raise UserError(
+            f"{opt('init')} {spec.init} uses {vit.spectral_tokens} spectral tokens; keep "
+            "the same spectral-token mode to continue adapting it"
+        )
     config = dict(vit.config)
     if bands is not None:
         bands = as_bands(bands)
         if [b.key for b in bands] != [b.key for b in vit.bands]:
-            known = {b.key: (m, s) for b, m, s in zip(vit.bands, vit.config["stats"]["mean"],
-                                                        vit.config["stats"]["std"])}
+            known = {
+                b.key: (m, s)
+                for b, m, s in zip(
+                    vit.bands, vit.config["stats"]["mean"], vit.config["stats"]["std"]
+                )
+            }
             if stats is None and all(b.key in known for b in bands):
-                stats = {"mean": [known[b.key][0] for b in bands],
-                         "std": [known[b.key][1] for b in bands]}
+                stats = {
+                    "mean": [known[b.key][0] for b in bands],
+                    "std": [known[b.key][1] for b in bands],
+                }
             mean, std, origin = resolve_stats(bands, stats)
             vit.set_bands(bands, mean, std)
             config["bands"] = [{**b.to_dict(), "key": b.key} for b in bands]
@@ -90,7 +129,10 @@ def backbone_from_file(spec, bands, stats, num_frames, spectral_tokens, spectral
     if num_frames != vit.num_frames:
         vit.set_num_frames(num_frames)
         config["num_frames"] = num_frames
-    config["source"] = {**config["source"], "continued_from": str(spec.model_path),
-                        "continued_from_sha256": sha256_file(spec.model_path)}
+    config["source"] = {
+        **config["source"],
+        "continued_from": str(spec.model_path),
+        "continued_from_sha256": sha256_file(spec.model_path),
+    }
     vit.config = config
     return vit

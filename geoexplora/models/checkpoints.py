@@ -39,9 +39,11 @@ def is_weights_only_refusal(exc: pickle.UnpicklingError) -> bool:
 def refuse_python_objects(path, exc: pickle.UnpicklingError, what: str = "") -> None:
     """The one message for a file that torch refused to unpickle: never advice to load it
     with ``weights_only=False``, which would run whatever code the file carries."""
-    raise UserError(f"{path}: {what}holds Python objects besides tensors, which are never "
-                    "loaded: unpickling them can run any code; use a file of tensors only (a "
-                    "state dict, or .safetensors) from a source you trust") from exc
+    raise UserError(
+        f"{path}: {what}holds Python objects besides tensors, which are never "
+        "loaded: unpickling them can run any code; use a file of tensors only (a "
+        "state dict, or .safetensors) from a source you trust"
+    ) from exc
 
 
 def unpickling_reason(exc: pickle.UnpicklingError) -> str:
@@ -67,8 +69,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not is_weights_only_refusal(exc):
-            raise UserError(f"{path}: not a readable PyTorch checkpoint "
-                            f"({unpickling_reason(exc)})") from exc
+            raise UserError(
+                f"{path}: not a readable PyTorch checkpoint ({unpickling_reason(exc)})"
+            ) from exc
         refuse_python_objects(path, exc)
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
@@ -87,11 +90,12 @@ def unwrap_state_dict(obj, path: str | Path = "checkpoint") -> dict[str, torch.T
     if not sd:
         raise UserError(f"{path}: holds no tensors")
     # DDP's ``module.`` and a LightningModule's ``self.model``, in either nesting.
-    while prefix := next((p for p in ("module.", "model.") if all(k.startswith(p) for k in sd)),
-                         None):
-        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    while prefix := next(
+        (p for p in ("module.", "model.") if all(k.startswith(p) for k in sd)), None
+    ):
+        sd = {k[len(prefix) :]: v for k, v in sd.items()}
     if any(k.startswith("backbone.") for k in sd):  # DINOv2 training checkpoint: drop the heads
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
 
@@ -121,8 +125,7 @@ def meta_mask_token(sd: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return None
 
 
-def to_timm_layout(sd: dict[str, torch.Tensor],
-                   vit: VisionTransformer) -> dict[str, torch.Tensor]:
+def to_timm_layout(sd: dict[str, torch.Tensor], vit: VisionTransformer) -> dict[str, torch.Tensor]:
     """timm's conversion: Meta DINOv2 keys, position-embedding and patch-kernel resampling."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -138,17 +141,23 @@ def load_into_vit(vit: nn.Module, sd: dict[str, torch.Tensor], source: str) -> N
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     missing = sorted(set(target) - set(sd))
     unexpected = sorted(set(sd) - set(target))
-    wrong_shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}"
-                   for k in sorted(set(sd) & set(target)) if sd[k].shape != target[k].shape]
+    wrong_shape = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}"
+        for k in sorted(set(sd) & set(target))
+        if sd[k].shape != target[k].shape
+    ]
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
             parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}"
-                         f"{' ...' if len(unexpected) > 4 else ''}")
+            parts.append(
+                f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
+            )
         if wrong_shape:
             parts.append(f"shape {'; '.join(wrong_shape[:3])}")
-        raise UserError(f"{source} does not fit this architecture ({'; '.join(parts)}); check "
-                        f"{opt('init')} names the checkpoint's architecture")
+        raise UserError(
+            f"{source} does not fit this architecture ({'; '.join(parts)}); check "
+            f"{opt('init')} names the checkpoint's architecture"
+        )
     vit.load_state_dict(sd, strict=True)

@@ -24,8 +24,14 @@ if TYPE_CHECKING:
     from timm.models.vision_transformer import Block
 
 # lora_targets name -> module path inside a timm block.
-LORA_TARGET_MODULES = {"q": "attn.qkv.q", "k": "attn.qkv.k", "v": "attn.qkv.v",
-                       "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+LORA_TARGET_MODULES = {
+    "q": "attn.qkv.q",
+    "k": "attn.qkv.k",
+    "v": "attn.qkv.v",
+    "proj": "attn.proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
 REPORT_GROUPS = ("embedding", "lora", "unfrozen_blocks", "norms", "tokens", "heads")
 
 
@@ -41,12 +47,13 @@ class SplitQKV(nn.Module):
         dim_in, dim_out = qkv.in_features, qkv.out_features // 3
         bias = qkv.bias is not None
         for i, name in enumerate(("q", "k", "v")):
-            linear = nn.Linear(dim_in, dim_out, bias=bias, device=qkv.weight.device,
-                               dtype=qkv.weight.dtype)
+            linear = nn.Linear(
+                dim_in, dim_out, bias=bias, device=qkv.weight.device, dtype=qkv.weight.dtype
+            )
             with torch.no_grad():
-                linear.weight.copy_(qkv.weight[i * dim_out:(i + 1) * dim_out])
+                linear.weight.copy_(qkv.weight[i * dim_out : (i + 1) * dim_out])
                 if bias:
-                    linear.bias.copy_(qkv.bias[i * dim_out:(i + 1) * dim_out])
+                    linear.bias.copy_(qkv.bias[i * dim_out : (i + 1) * dim_out])
             setattr(self, name, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,9 +61,13 @@ class SplitQKV(nn.Module):
 
     def fused(self) -> nn.Linear:
         parts = (self.q, self.k, self.v)
-        linear = nn.Linear(self.q.in_features, 3 * self.q.out_features,
-                           bias=self.q.bias is not None, device=self.q.weight.device,
-                           dtype=self.q.weight.dtype)
+        linear = nn.Linear(
+            self.q.in_features,
+            3 * self.q.out_features,
+            bias=self.q.bias is not None,
+            device=self.q.weight.device,
+            dtype=self.q.weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(torch.cat([p.weight for p in parts]))
             if linear.bias is not None:
@@ -77,10 +88,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def apply_explora(model: nn.Module, unfreeze_blocks=(-1,), lora_rank: int = 64,
-                  lora_alpha: float = 1.0, lora_dropout: float = 0.0,
-                  lora_targets=("q", "v"), train_embedding: bool | None = None,
-                  record_as: str = "explora") -> dict:
+def apply_explora(
+    model: nn.Module,
+    unfreeze_blocks=(-1,),
+    lora_rank: int = 64,
+    lora_alpha: float = 1.0,
+    lora_dropout: float = 0.0,
+    lora_targets=("q", "v"),
+    train_embedding: bool | None = None,
+    record_as: str = "explora",
+) -> dict:
     """Parameterise ``model`` (a GeoViT or a model holding one) in place; returns the report.
 
     ``train_embedding=None`` decides automatically (trained when the bands differ from the
@@ -91,8 +108,10 @@ def apply_explora(model: nn.Module, unfreeze_blocks=(-1,), lora_rank: int = 64,
     depth = vit.depth
     bad = [i for i in unfreeze_blocks if not -depth <= i < depth]
     if bad:
-        raise UserError(f"unfreeze blocks {bad}: the model has blocks 0..{depth - 1} "
-                        "(negative indexes count from the end)")
+        raise UserError(
+            f"unfreeze blocks {bad}: the model has blocks 0..{depth - 1} "
+            "(negative indexes count from the end)"
+        )
     unfrozen = sorted({i % depth for i in unfreeze_blocks})
     unknown = [t for t in lora_targets if t not in LORA_TARGET_MODULES]
     if unknown:
@@ -109,8 +128,13 @@ def apply_explora(model: nn.Module, unfreeze_blocks=(-1,), lora_rank: int = 64,
                 block.attn.qkv = SplitQKV(block.attn.qkv)
             targets += [f"{prefix}vit.blocks.{i}.{LORA_TARGET_MODULES[t]}" for t in lora_targets]
         # peft annotates lora_alpha as int; a float works (scaling = lora_alpha / r).
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha,  # type: ignore[arg-type]
-                            lora_dropout=lora_dropout, target_modules=targets, bias="none")
+        config = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha,  # type: ignore[arg-type]
+            lora_dropout=lora_dropout,
+            target_modules=targets,
+            bias="none",
+        )
         inject_adapter_in_model(config, model)
 
     if train_embedding is None:
@@ -136,9 +160,13 @@ def apply_explora(model: nn.Module, unfreeze_blocks=(-1,), lora_rank: int = 64,
 
     report = parameter_report(model)
     vit.config[record_as] = {
-        "unfreeze_blocks": unfrozen, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout, "lora_targets": list(lora_targets),
-        "lora_blocks": lora_blocks, "train_embedding": bool(train_embedding),
+        "unfreeze_blocks": unfrozen,
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "lora_targets": list(lora_targets),
+        "lora_blocks": lora_blocks,
+        "train_embedding": bool(train_embedding),
         "parameters": report,
     }
     return report
@@ -173,12 +201,19 @@ def parameter_report(model: nn.Module) -> dict:
     vit, prefix = backbone_of(model)
     block_re = re.compile(rf"^{re.escape(prefix)}vit\.blocks\.(\d+)\.")
     params = dict(model.named_parameters())
-    norm_names = {f"{name}.{p}" for name, m in model.named_modules()
-                  if isinstance(m, nn.LayerNorm) for p, _ in m.named_parameters(recurse=False)}
+    norm_names = {
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.LayerNorm)
+        for p, _ in m.named_parameters(recurse=False)
+    }
     unfrozen = set()
     for i in range(vit.depth):
-        own = [p for n, p in params.items()
-               if n.startswith(f"{prefix}vit.blocks.{i}.") and "lora_" not in n]
+        own = [
+            p
+            for n, p in params.items()
+            if n.startswith(f"{prefix}vit.blocks.{i}.") and "lora_" not in n
+        ]
         if own and all(p.requires_grad for p in own):
             unfrozen.add(i)
     groups = dict.fromkeys(REPORT_GROUPS, 0)
@@ -202,13 +237,19 @@ def parameter_report(model: nn.Module) -> dict:
             group = "norms"
         elif name.rsplit(".", 1)[-1] in ("cls_token", "reg_token", "mask_token"):
             group = "tokens"
-        elif any(part in name for part in ("patch_embed", "group_embed", "date_encoding",
-                                           "pos_embed")):
+        elif any(
+            part in name for part in ("patch_embed", "group_embed", "date_encoding", "pos_embed")
+        ):
             group = "embedding"
         else:
             group = "other"
         groups[group] += n
     if not groups["other"]:
         del groups["other"]
-    return {"groups": groups, "unfrozen_block_indices": sorted(unfrozen), "total": total,
-            "trainable": trainable, "fraction": trainable / total if total else 0.0}
+    return {
+        "groups": groups,
+        "unfrozen_block_indices": sorted(unfrozen),
+        "total": total,
+        "trainable": trainable,
+        "fraction": trainable / total if total else 0.0,
+    }

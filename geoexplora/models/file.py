@@ -41,8 +41,9 @@ FORMAT_NAME = "geoexplora-model"
 FORMAT_VERSION = 1
 
 
-def save_model(path: str | Path, module: nn.Module, meta: dict | None = None,
-               overwrite: bool = False) -> Path:
+def save_model(
+    path: str | Path, module: nn.Module, meta: dict | None = None, overwrite: bool = False
+) -> Path:
     """Write ``module`` (a GeoViT or TaskModel) atomically; LoRA is merged into a copy first.
 
     ``meta``: extra JSON-able metadata (e.g. ``{"provenance": {"data": ...}, "training":
@@ -57,8 +58,11 @@ def save_model(path: str | Path, module: nn.Module, meta: dict | None = None,
         module = merge_lora(copy.deepcopy(module))
     backbone = module.backbone if isinstance(module, TaskModel) else module
     extra = dict(meta or {})
-    provenance = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                  "versions": package_versions(), **extra.pop("provenance", {})}
+    provenance = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        **extra.pop("provenance", {}),
+    }
     if (run_config := current_run_config()) is not None:
         provenance["config"] = run_config
     state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
@@ -70,8 +74,12 @@ def save_model(path: str | Path, module: nn.Module, meta: dict | None = None,
         "task": module.config if isinstance(module, TaskModel) else None,
         "provenance": provenance,
     }
-    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-               "meta_json": json.dumps(full_meta), "state_dict": state}
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "meta_json": json.dumps(full_meta),
+        "state_dict": state,
+    }
     with atomic_output(path, overwrite=overwrite) as tmp:
         torch_save(payload, tmp)
     return Path(path)
@@ -89,28 +97,46 @@ def _read(path: str | Path, mmap: bool) -> tuple[dict, dict]:
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
     if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is not ours
-        raise UserError(f"{path}: not a readable model file (not a torch.save archive: corrupt, "
-                        "truncated or another format)")
+        raise UserError(
+            f"{path}: not a readable model file (not a torch.save archive: corrupt, "
+            "truncated or another format)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if is_weights_only_refusal(exc):
             refuse_python_objects(path, exc, "not a geoexplora model file: it ")
-        raise UserError(f"{path}: not a readable model file (corrupt or not written by "
-                        f"torch.save: {unpickling_reason(exc)})") from exc
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError,
-            zipfile.BadZipFile) as exc:
-        raise UserError(f"{path}: not a readable model file (corrupt, truncated or not written "
-                        f"by torch.save: {exc})") from exc
+        raise UserError(
+            f"{path}: not a readable model file (corrupt or not written by "
+            f"torch.save: {unpickling_reason(exc)})"
+        ) from exc
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        zipfile.BadZipFile,
+    ) as exc:
+        raise UserError(
+            f"{path}: not a readable model file (corrupt, truncated or not written "
+            f"by torch.save: {exc})"
+        ) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
-        raise UserError(f"{path}: not a geoexplora model file (a raw checkpoint? give it as "
-                        f"{opt('init_weights')} with {opt('init')} naming its architecture)")
+        raise UserError(
+            f"{path}: not a geoexplora model file (a raw checkpoint? give it as "
+            f"{opt('init_weights')} with {opt('init')} naming its architecture)"
+        )
     version = obj.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise UserError(f"{path}: corrupt model file (format version {version!r})")
     if version > FORMAT_VERSION:
-        raise UserError(f"{path}: model file format {version} is newer than this geoexplora "
-                        f"reads (up to {FORMAT_VERSION}); upgrade geoexplora")
+        raise UserError(
+            f"{path}: model file format {version} is newer than this geoexplora "
+            f"reads (up to {FORMAT_VERSION}); upgrade geoexplora"
+        )
     try:
         meta = json.loads(obj["meta_json"])
         state = obj["state_dict"]
@@ -130,14 +156,19 @@ def _check_meta(path: Path, meta) -> None:
     if not isinstance(version, int) or version < 1:
         raise UserError(f"{path}: corrupt model file (metadata format version {version!r})")
     if version > FORMAT_VERSION:
-        raise UserError(f"{path}: model metadata format {version} is newer than this geoexplora "
-                        f"reads (up to {FORMAT_VERSION}); upgrade geoexplora")
+        raise UserError(
+            f"{path}: model metadata format {version} is newer than this geoexplora "
+            f"reads (up to {FORMAT_VERSION}); upgrade geoexplora"
+        )
     backbone = meta.get("backbone")
     if not isinstance(backbone, dict) or not isinstance(backbone.get("architecture"), dict):
         raise UserError(f"{path}: corrupt model file (metadata lacks the backbone's architecture)")
     bands = backbone.get("bands")
-    if (not isinstance(bands, list) or not bands
-            or not all(isinstance(b, dict) and isinstance(b.get("key"), str) for b in bands)):
+    if (
+        not isinstance(bands, list)
+        or not bands
+        or not all(isinstance(b, dict) and isinstance(b.get("key"), str) for b in bands)
+    ):
         raise UserError(f"{path}: corrupt model file (metadata lacks the backbone's bands)")
 
 
@@ -161,11 +192,15 @@ def load_model(path: str | Path) -> GeoViT | TaskModel:
                 model = TaskModel(backbone, head, task["task"], task["classes"])
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}: corrupt model file (metadata incomplete: {exc})") from exc
-    missing, unexpected = (sorted(set(model.state_dict()) - set(state)),
-                           sorted(set(state) - set(model.state_dict())))
+    missing, unexpected = (
+        sorted(set(model.state_dict()) - set(state)),
+        sorted(set(state) - set(model.state_dict())),
+    )
     if missing or unexpected:
-        raise UserError(f"{path}: corrupt model file (weights do not match its metadata: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{path}: corrupt model file (weights do not match its metadata: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -188,9 +223,13 @@ def model_card(path: str | Path) -> dict:
         if name.endswith(("band_mean", "band_std")):
             continue
         counts[part] = counts.get(part, 0) + tensor.numel()
-    return {**meta, "file": str(path), "size_bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-            "parameter_counts": {**counts, "total": sum(counts.values())}}
+    return {
+        **meta,
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "parameter_counts": {**counts, "total": sum(counts.values())},
+    }
 
 
 @dataclass(frozen=True)
@@ -213,19 +252,30 @@ def check_scene_against_model(meta: dict, scene, model_name: str = "the model") 
     have = {b.key: i for i, b in enumerate(scene.bands)}
     missing = [b for b in want if b.key not in have]
     if missing:
-        raise UserError(f"{model_name} needs bands {', '.join(b.key for b in want)}; the scene "
-                        f"lacks {', '.join(b.key for b in missing)} (it has "
-                        f"{', '.join(b.key for b in scene.bands) or 'none'})")
+        raise UserError(
+            f"{model_name} needs bands {', '.join(b.key for b in want)}; the scene "
+            f"lacks {', '.join(b.key for b in missing)} (it has "
+            f"{', '.join(b.key for b in scene.bands) or 'none'})"
+        )
     frames = backbone["num_frames"]
     dates = list(scene.dates)
     if frames == 1 and len(dates) > 1:
-        raise UserError(f"{model_name} takes a single date; the scene has {len(dates)} "
-                        f"({', '.join(str(d) for d in dates)}): give one date")
+        raise UserError(
+            f"{model_name} takes a single date; the scene has {len(dates)} "
+            f"({', '.join(str(d) for d in dates)}): give one date"
+        )
     if frames != len(dates):
         raise UserError(f"{model_name} takes {frames} dates; the scene has {len(dates)}")
     if frames > 1 and any(d is None for d in dates):
         unknown = [i + 1 for i, d in enumerate(dates) if d is None]
-        raise UserError(f"{model_name} encodes acquisition dates; the scene's frame(s) "
-                        f"{unknown} have none: pass {opt('dates')}")
-    return ReadPlan([have[b.key] for b in want], want, frames, dates,
-                    days_since_epoch(dates) if frames > 1 else [])
+        raise UserError(
+            f"{model_name} encodes acquisition dates; the scene's frame(s) "
+            f"{unknown} have none: pass {opt('dates')}"
+        )
+    return ReadPlan(
+        [have[b.key] for b in want],
+        want,
+        frames,
+        dates,
+        days_since_epoch(dates) if frames > 1 else [],
+    )

@@ -39,18 +39,29 @@ class GeoViT(nn.Module):
     date_encoding: DateEncoding | None
     meta: dict  # the model file's metadata, set by ``load_model``
 
-    def __init__(self, vit: VisionTransformer, bands: list[Band], mean: list[float], std: list[float],
-                 source_wavelengths: list[float], groups: list[list[int]], num_frames: int = 1,
-                 spectral_tokens: str = "bank", mask_token: torch.Tensor | None = None,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        bands: list[Band],
+        mean: list[float],
+        std: list[float],
+        source_wavelengths: list[float],
+        groups: list[list[int]],
+        num_frames: int = 1,
+        spectral_tokens: str = "bank",
+        mask_token: torch.Tensor | None = None,
+        config: dict | None = None,
+    ):
         super().__init__()
         if spectral_tokens not in SPECTRAL_TOKEN_MODES:
-            raise UserError(f"spectral tokens {spectral_tokens!r}: use one of "
-                            f"{', '.join(SPECTRAL_TOKEN_MODES)}")
+            raise UserError(
+                f"spectral tokens {spectral_tokens!r}: use one of {', '.join(SPECTRAL_TOKEN_MODES)}"
+            )
         if num_frames < 1:
             raise UserError(f"number of frames must be at least 1, not {num_frames}")
-        vit.patch_embed.proj = SpectralProjection(vit.patch_embed.proj, source_wavelengths,
-                                                  bands, groups)
+        vit.patch_embed.proj = SpectralProjection(
+            vit.patch_embed.proj, source_wavelengths, bands, groups
+        )
         self.vit = vit
         self.bands = list(bands)
         self.num_frames = num_frames
@@ -61,7 +72,8 @@ class GeoViT(nn.Module):
         self.register_buffer("band_std", torch.tensor(std, dtype=torch.float32))
         # DINOv2's iBOT mask token (from Meta's checkpoint when given; DINOv2 initialises it to 0).
         self.mask_token = nn.Parameter(
-            mask_token.reshape(1, dim).clone() if mask_token is not None else torch.zeros(1, dim))
+            mask_token.reshape(1, dim).clone() if mask_token is not None else torch.zeros(1, dim)
+        )
         self.group_embed = None
         if spectral_tokens == "groups":
             self.group_embed = nn.Parameter(torch.zeros(len(groups), dim))
@@ -136,14 +148,20 @@ class GeoViT(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"expected images (B, T, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[2] != len(self.bands):
-            raise ValueError(f"expected {len(self.bands)} bands "
-                             f"({', '.join(b.name for b in self.bands)}), got {x.shape[2]}")
+            raise ValueError(
+                f"expected {len(self.bands)} bands "
+                f"({', '.join(b.name for b in self.bands)}), got {x.shape[2]}"
+            )
         if x.shape[1] != self.num_frames:
             raise ValueError(f"expected {self.num_frames} frame(s), got {x.shape[1]}")
         return x
 
-    def embed(self, x: torch.Tensor, dates: torch.Tensor | None = None,
-              patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        x: torch.Tensor,
+        dates: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Tokens ``(B, P + T*G*N, D)`` before the blocks.
 
         ``dates``: ``(B, T)`` float days since 1970-01-01 (NaN unknown; None: no date signal).
@@ -182,9 +200,12 @@ class GeoViT(nn.Module):
 
         vit = self.vit
         n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-        pos = resample_abs_pos_embed(vit.pos_embed, new_size=(h, w),
-                                     old_size=vit.patch_embed.grid_size,
-                                     num_prefix_tokens=n_prefix)
+        pos = resample_abs_pos_embed(
+            vit.pos_embed,
+            new_size=(h, w),
+            old_size=vit.patch_embed.grid_size,
+            num_prefix_tokens=n_prefix,
+        )
         return (pos[:, :n_prefix] if n_prefix else None), pos[:, n_prefix:]
 
     def token_mask(self, frame_mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -210,7 +231,7 @@ class GeoViT(nn.Module):
         """Blocks and final norm: ``(B, L, D)`` -> normed ``(B, L, D)``. ``attn_mask``: ``(B, L)``
         bool, True = the token may be attended to (see :meth:`token_mask`)."""
         x = tokens
-        for x in self._blocks(tokens, attn_mask):  # keeps the last block's output
+        for x in self._blocks(tokens, attn_mask):  # noqa: B007 - keeps the last block's output
             continue
         return self.vit.norm(x)
 
@@ -221,10 +242,14 @@ class GeoViT(nn.Module):
             return None  # no mask: keeps the fused attention kernels
         return self.token_mask(frame_mask.to(x.device), x.shape[-2], x.shape[-1])
 
-    def forward_features(self, x: torch.Tensor, dates: torch.Tensor | None = None,
-                         frame_mask: torch.Tensor | None = None,
-                         patch_mask: torch.Tensor | None = None,
-                         cls_blocks: int = 0) -> dict[str, torch.Tensor]:
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        dates: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        cls_blocks: int = 0,
+    ) -> dict[str, torch.Tensor]:
         """``cls (B, D)``, ``patch (B, T, N, D)`` (groups averaged), ``prefix (B, P, D)``, normed.
 
         ``frame_mask``: ``(B, T)`` bool, True = valid frame; invalid frames are not attended to.
@@ -234,13 +259,14 @@ class GeoViT(nn.Module):
         x = self._check_input(x)
         outs = self._blocks(self.embed(x, dates, patch_mask), self._key_mask(x, frame_mask))
         if cls_blocks <= 0:
-            for last in outs:  # keeps the last block's output
+            for last in outs:  # noqa: B007 - keeps the last block's output
                 continue
             return self._split(self.vit.norm(last), x)
         kept = list(outs)
         features = self._split(self.vit.norm(kept[-1]), x)
-        features["cls_blocks"] = torch.cat([self.vit.norm(o[:, 0]) for o in kept[-cls_blocks:]],
-                                           dim=-1)
+        features["cls_blocks"] = torch.cat(
+            [self.vit.norm(o[:, 0]) for o in kept[-cls_blocks:]], dim=-1
+        )
         return features
 
     def _split(self, out: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -251,9 +277,13 @@ class GeoViT(nn.Module):
 
     forward = forward_features
 
-    def get_intermediate_cls(self, x: torch.Tensor, n: int = 4,
-                             dates: torch.Tensor | None = None,
-                             frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_intermediate_cls(
+        self,
+        x: torch.Tensor,
+        n: int = 4,
+        dates: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Concatenated class tokens of the last ``n`` blocks, each through the final norm
         (DINOv2's linear-probe features): ``(B, n*D)``."""
         return self.forward_features(x, dates, frame_mask, cls_blocks=n)["cls_blocks"]
@@ -261,12 +291,14 @@ class GeoViT(nn.Module):
 
 # --- construction ----------------------------------------------------------------------------
 
+
 def as_bands(bands) -> list[Band]:
     return [b if isinstance(b, Band) else band_from_key(b) for b in bands]
 
 
-def resolve_stats(bands: list[Band], stats: dict | None,
-                  source_normalisation: dict | None = None) -> tuple[list, list, str]:
+def resolve_stats(
+    bands: list[Band], stats: dict | None, source_normalisation: dict | None = None
+) -> tuple[list, list, str]:
     """(mean, std, origin): the source's own normalisation where it has one (torchgeo
     Sentinel-2 weights expect exactly it), else ``stats`` (from the data), else the bands'
     fall-back statistics; an error naming the bands when none applies."""
@@ -274,35 +306,58 @@ def resolve_stats(bands: list[Band], stats: dict | None,
         if chosen:
             mean, std = [float(v) for v in chosen["mean"]], [float(v) for v in chosen["std"]]
             if len(mean) != len(bands) or len(std) != len(bands):
-                raise UserError(f"statistics ({origin}) have {len(mean)} means / {len(std)} stds "
-                                f"for {len(bands)} bands")
+                raise UserError(
+                    f"statistics ({origin}) have {len(mean)} means / {len(std)} stds "
+                    f"for {len(bands)} bands"
+                )
             break
     else:
         lacking = [b.key for b in bands if b.mean is None or b.std is None]
         if lacking:
-            raise UserError(f"no statistics for bands {', '.join(lacking)}: compute them from "
-                            "your data (geoexplora tile writes them to dataset.json)")
+            raise UserError(
+                f"no statistics for bands {', '.join(lacking)}: compute them from "
+                "your data (geoexplora tile writes them to dataset.json)"
+            )
         # Every band has both here (``lacking`` is empty).
         mean = [b.mean for b in bands if b.mean is not None]
         std = [b.std for b in bands if b.std is not None]
         origin = "fallback"
     bad = [b.key for b, s in zip(bands, std) if not s > 0]
     if bad:
-        raise UserError(f"band statistics: std must be positive; check {', '.join(bad)} "
-                        f"(a constant band carries no information: drop it from {opt('bands')})")
+        raise UserError(
+            f"band statistics: std must be positive; check {', '.join(bad)} "
+            f"(a constant band carries no information: drop it from {opt('bands')})"
+        )
     return mean, std, origin
 
 
-def backbone_config(vit: VisionTransformer, arch, img_size, bands, mean, std, stats_origin,
-                    num_frames, spectral_tokens, groups, source_wavelengths, family,
-                    provenance) -> dict:
+def backbone_config(
+    vit: VisionTransformer,
+    arch,
+    img_size,
+    bands,
+    mean,
+    std,
+    stats_origin,
+    num_frames,
+    spectral_tokens,
+    groups,
+    source_wavelengths,
+    family,
+    provenance,
+) -> dict:
     size = vit.patch_embed.img_size
     return {
         "architecture": {
-            "name": arch.name, "timm_name": arch.timm_name, "overrides": dict(arch.overrides),
-            "img_size": list(size), "patch_size": vit.patch_embed.patch_size[0],
-            "embed_dim": vit.embed_dim, "depth": len(vit.blocks),
-            "num_heads": cast("Block", vit.blocks[0]).attn.num_heads, "num_prefix_tokens": vit.num_prefix_tokens,
+            "name": arch.name,
+            "timm_name": arch.timm_name,
+            "overrides": dict(arch.overrides),
+            "img_size": list(size),
+            "patch_size": vit.patch_embed.patch_size[0],
+            "embed_dim": vit.embed_dim,
+            "depth": len(vit.blocks),
+            "num_heads": cast("Block", vit.blocks[0]).attn.num_heads,
+            "num_prefix_tokens": vit.num_prefix_tokens,
             "reg_tokens": vit.num_reg_tokens,
         },
         "family": family,
@@ -325,6 +380,15 @@ def geovit_from_config(config: dict) -> GeoViT:
     source_nm = config["source"]["channels_nm"]
     vit = create_timm_vit(arch, tuple(a["img_size"]), in_chans=len(source_nm))
     bands = [band_from_key(b["key"]) for b in config["bands"]]
-    return GeoViT(vit, bands, config["stats"]["mean"], config["stats"]["std"], source_nm,
-                  config["spectral_groups"], config["num_frames"], config["spectral_tokens"],
-                  None, config)
+    return GeoViT(
+        vit,
+        bands,
+        config["stats"]["mean"],
+        config["stats"]["std"],
+        source_nm,
+        config["spectral_groups"],
+        config["num_frames"],
+        config["spectral_tokens"],
+        None,
+        config,
+    )

@@ -18,7 +18,6 @@ from geoexplora.errors import UserError, opt
 DEFAULT_INIT = "vit_large_patch14_dinov2.lvd142m"
 
 
-
 @dataclass(frozen=True)
 class Architecture:
     """A buildable ViT: the timm entry point plus keyword overrides (JSON-able values only)."""
@@ -48,12 +47,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("vit_large_patch16_224", "vit_large_patch16_224", "mae", default_tag="mae"),
         # Tiny configurations (tests, CPU smoke runs): DINOv2-shaped (layer scale, patch 14) and
         # MAE-shaped (patch 16). No published weights: use --init-weights PATH or random.
-        Architecture("geo_vit_tiny_patch14", "vit_small_patch14_dinov2", "dinov2",
-                     overrides=dict(_TINY)),
-        Architecture("geo_vit_tiny_patch14_reg4", "vit_small_patch14_reg4_dinov2", "dinov2",
-                     overrides=dict(_TINY)),
-        Architecture("geo_vit_tiny_patch16", "vit_base_patch16_224", "mae",
-                     overrides=dict(_TINY)),
+        Architecture(
+            "geo_vit_tiny_patch14", "vit_small_patch14_dinov2", "dinov2", overrides=dict(_TINY)
+        ),
+        Architecture(
+            "geo_vit_tiny_patch14_reg4",
+            "vit_small_patch14_reg4_dinov2",
+            "dinov2",
+            overrides=dict(_TINY),
+        ),
+        Architecture("geo_vit_tiny_patch16", "vit_base_patch16_224", "mae", overrides=dict(_TINY)),
     ]
 }
 
@@ -71,10 +74,17 @@ def get_architecture(name: str, overrides: dict | None = None) -> Architecture:
         arch = Architecture(name, name, family)
     else:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise UserError(f"{opt('init')} {name}: unknown model name; known: {known} (or any timm ViT name)")
+        raise UserError(
+            f"{opt('init')} {name}: unknown model name; known: {known} (or any timm ViT name)"
+        )
     if overrides:
-        arch = Architecture(arch.name, arch.timm_name, arch.family,
-                            {**arch.overrides, **overrides}, arch.default_tag)
+        arch = Architecture(
+            arch.name,
+            arch.timm_name,
+            arch.family,
+            {**arch.overrides, **overrides},
+            arch.default_tag,
+        )
     return arch
 
 
@@ -96,8 +106,13 @@ class InitSpec:
     model_path: Path | None = None
 
     def describe(self) -> dict:
-        return {"init": self.init, "kind": self.kind, "arch": self.arch_name, "tag": self.tag,
-                "init_weights": str(self.weights)}
+        return {
+            "init": self.init,
+            "kind": self.kind,
+            "arch": self.arch_name,
+            "tag": self.tag,
+            "init_weights": str(self.weights),
+        }
 
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
@@ -127,8 +142,10 @@ def resolve_init(init: str | None, init_weights: str | None = None) -> InitSpec:
     if init.startswith("torchgeo:"):
         enum = init.split(":", 1)[1]
         if weights == "random":
-            raise UserError(f"{opt('init')} {init} names pretrained weights; use its timm architecture "
-                            "name for a random initialisation")
+            raise UserError(
+                f"{opt('init')} {init} names pretrained weights; use its timm architecture "
+                "name for a random initialisation"
+            )
         return InitSpec("torchgeo", init, weights=weights, torchgeo_enum=enum)
 
     if Path(init).expanduser().is_file() or _looks_like_path(init):
@@ -136,16 +153,20 @@ def resolve_init(init: str | None, init_weights: str | None = None) -> InitSpec:
         if not path.is_file():
             raise UserError(f"{opt('init')} {init}: no such file")
         if init_weights is not None:
-            raise UserError(f"{opt('init')} {init} is a model file; it carries its own weights, so "
-                            f"{opt('init_weights')} cannot be used with it")
+            raise UserError(
+                f"{opt('init')} {init} is a model file; it carries its own weights, so "
+                f"{opt('init_weights')} cannot be used with it"
+            )
         return InitSpec("model_file", init, weights=path, model_path=path)
 
     arch_name, _, tag_text = init.partition(".")
     arch = get_architecture(arch_name)
     tag = tag_text or None
     if weights == "pretrained" and tag is None and arch.default_tag is None:
-        raise UserError(f"{opt('init')} {init}: this architecture has no published weights here; pass "
-                        f"{opt('init_weights')} PATH (a checkpoint) or {opt('init_weights')} random")
+        raise UserError(
+            f"{opt('init')} {init}: this architecture has no published weights here; pass "
+            f"{opt('init_weights')} PATH (a checkpoint) or {opt('init_weights')} random"
+        )
     return InitSpec("timm", init, arch_name=arch.name, tag=tag or arch.default_tag, weights=weights)
 
 

@@ -49,12 +49,14 @@ def band_wavelength(band: Band) -> float:
 
 def mixing_matrix(wavelengths: list[float]) -> torch.Tensor:
     """``(C, K)`` weights of each channel over the bank nodes (rows sum to 1)."""
-    return torch.tensor([interpolation_weights(w) for w in wavelengths], dtype=torch.float32,
-                        device="cpu")
+    return torch.tensor(
+        [interpolation_weights(w) for w in wavelengths], dtype=torch.float32, device="cpu"
+    )
 
 
-def init_bank(source_weight: torch.Tensor, source_wavelengths: list[float],
-              target_wavelengths: list[float]) -> torch.Tensor:
+def init_bank(
+    source_weight: torch.Tensor, source_wavelengths: list[float], target_wavelengths: list[float]
+) -> torch.Tensor:
     """Bank ``(K, D, p, p)`` that reproduces the source conv on the source channels.
 
     Source channels on a node are copied to it; otherwise the minimum-norm bank whose mix gives
@@ -70,8 +72,9 @@ def init_bank(source_weight: torch.Tensor, source_wavelengths: list[float],
     src_mix = mixing_matrix(source_wavelengths)
     flat = weight.permute(1, 0, 2, 3).reshape(n_src, -1)  # (C_src, D*p*p)
     bank = torch.zeros(NUM_NODES, flat.shape[1], dtype=torch.float32, device=weight.device)
-    one_hot = bool(((src_mix == 1.0).sum(1) == 1).all()) and len(set(
-        src_mix.argmax(1).tolist())) == n_src
+    one_hot = (
+        bool(((src_mix == 1.0).sum(1) == 1).all()) and len(set(src_mix.argmax(1).tolist())) == n_src
+    )
     if one_hot:
         bank[src_mix.argmax(1).to(bank.device)] = flat
     else:
@@ -107,14 +110,20 @@ def _fill_uncovered(bank: torch.Tensor, covered: torch.Tensor, beyond: torch.Ten
 class KernelBank(nn.Module):
     """One bank and the mix for one band list: a conv ``(B, C, H, W) -> (B, D, h, w)``."""
 
-    def __init__(self, kernels: torch.Tensor, bias: torch.Tensor | None,
-                 wavelengths: list[float], patch_size: tuple[int, int]):
+    def __init__(
+        self,
+        kernels: torch.Tensor,
+        bias: torch.Tensor | None,
+        wavelengths: list[float],
+        patch_size: tuple[int, int],
+    ):
         super().__init__()
         self.kernels = nn.Parameter(kernels.clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.patch_size = tuple(patch_size)
-        self.register_buffer("mixing", mixing_matrix(wavelengths).to(kernels.device),
-                             persistent=False)
+        self.register_buffer(
+            "mixing", mixing_matrix(wavelengths).to(kernels.device), persistent=False
+        )
 
     def set_wavelengths(self, wavelengths: list[float]) -> None:
         self.mixing = mixing_matrix(wavelengths).to(self.kernels.device)
@@ -134,8 +143,13 @@ class SpectralProjection(nn.Module):
     Output ``(B, G*D, h, w)``: group ``g`` occupies channels ``g*D:(g+1)*D``.
     """
 
-    def __init__(self, source_proj: nn.Conv2d, source_wavelengths: list[float],
-                 bands: list[Band], groups: list[list[int]]):
+    def __init__(
+        self,
+        source_proj: nn.Conv2d,
+        source_wavelengths: list[float],
+        bands: list[Band],
+        groups: list[list[int]],
+    ):
         super().__init__()
         self.embed_dim = source_proj.out_channels
         stride_h, stride_w = source_proj.stride
@@ -150,8 +164,9 @@ class SpectralProjection(nn.Module):
         self.banks = nn.ModuleList(banks)
         self.wavelengths = wavelengths
         for g, group in enumerate(self.groups):
-            self.register_buffer(f"band_index_{g}", torch.tensor(group, dtype=torch.long),
-                                 persistent=False)
+            self.register_buffer(
+                f"band_index_{g}", torch.tensor(group, dtype=torch.long), persistent=False
+            )
 
     def rebuild_buffers(self) -> None:
         """Recompute the buffers derived from the band list (not stored in model files) on the
@@ -169,8 +184,10 @@ class SpectralProjection(nn.Module):
     def set_bands(self, bands: list[Band]) -> None:
         """Re-mix the (trained) bank for another band list (bank mode only)."""
         if self.num_groups != 1:
-            raise UserError("a model with spectral group tokens keeps its band groups; "
-                            f"use the same {opt('bands')}")
+            raise UserError(
+                "a model with spectral group tokens keeps its band groups; "
+                f"use the same {opt('bands')}"
+            )
         self.groups = [list(range(len(bands)))]
         self.wavelengths = [band_wavelength(b) for b in bands]
         self.rebuild_buffers()
@@ -178,8 +195,10 @@ class SpectralProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_groups == 1:
             return self.banks[0](x)
-        outs = [bank(x.index_select(1, getattr(self, f"band_index_{g}")))
-                for g, bank in enumerate(self.banks)]
+        outs = [
+            bank(x.index_select(1, getattr(self, f"band_index_{g}")))
+            for g, bank in enumerate(self.banks)
+        ]
         return torch.cat(outs, dim=1)
 
 
@@ -198,15 +217,20 @@ def resolve_groups(bands: list[Band], groups: list[list[str]] | None) -> list[li
             for token in group:
                 key = get_band(bands[0].sensor, token).key
                 if key not in index:
-                    raise UserError(f"spectral group band {token} is not among the model's bands "
-                                    f"({', '.join(b.name for b in bands)})")
+                    raise UserError(
+                        f"spectral group band {token} is not among the model's bands "
+                        f"({', '.join(b.name for b in bands)})"
+                    )
                 idx.append(index[key])
             out.append(idx)
     else:
         # The bank's nodes are the Sentinel-2 bands in registry order.
         node_of = {b.name: i for i, b in enumerate(SENSORS["sentinel2"])}
-        node_group = {node_of[get_band("sentinel2", name).name]: g
-                      for g, names in enumerate(DEFAULT_SPECTRAL_GROUPS) for name in names}
+        node_group = {
+            node_of[get_band("sentinel2", name).name]: g
+            for g, names in enumerate(DEFAULT_SPECTRAL_GROUPS)
+            for name in names
+        }
         buckets: list[list[int]] = [[] for _ in DEFAULT_SPECTRAL_GROUPS]
         missing = []
         for i, band in enumerate(bands):
@@ -217,14 +241,16 @@ def resolve_groups(bands: list[Band], groups: list[list[str]] | None) -> list[li
             else:
                 missing.append(band.name)
         if missing:
-            raise UserError(f"bands {', '.join(missing)} fall in no default spectral group "
-                            f"(B2,B3,B4,B8 | B5,B6,B7,B8A | B11,B12); drop them from {opt('bands')} or "
-                            "give the groups")
+            raise UserError(
+                f"bands {', '.join(missing)} fall in no default spectral group "
+                f"(B2,B3,B4,B8 | B5,B6,B7,B8A | B11,B12); drop them from {opt('bands')} or "
+                "give the groups"
+            )
         out = [b for b in buckets if b]
     seen = [i for g in out for i in g]
     if sorted(seen) != list(range(len(bands))):
         dup_or_missing = [bands[i].name for i in range(len(bands)) if seen.count(i) != 1]
-        raise UserError(f"spectral groups must hold every band exactly once; check "
-                        f"{', '.join(dup_or_missing)}")
+        raise UserError(
+            f"spectral groups must hold every band exactly once; check {', '.join(dup_or_missing)}"
+        )
     return out
-

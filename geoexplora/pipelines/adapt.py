@@ -114,6 +114,7 @@ class AdaptConfig:
 # Data
 # ---------------------------------------------------------------------------------------------
 
+
 def _is_chips_dataset(path) -> bool:
     from geoexplora.io.chips import META_NAME
 
@@ -138,8 +139,9 @@ def _chip_band_indices(chips, wanted: list[str] | None) -> list[int]:
         match = [i for i, b in enumerate(chips.bands) if B.find_band(b.sensor, token) == b]
         if not match:
             have = ", ".join(b.name for b in chips.bands)
-            raise UserError(f"{opt('bands')} {token}: not in the chips dataset {chips.root} "
-                            f"(has: {have})")
+            raise UserError(
+                f"{opt('bands')} {token}: not in the chips dataset {chips.root} (has: {have})"
+            )
         out.append(match[0])
     B.check_distinct(wanted, [chips.bands[i] for i in out])
     return out
@@ -172,8 +174,7 @@ def context_window(scenes: list, crop: int, factor: float, frames: int) -> int:
 
     if factor <= 1:
         return crop
-    parts = [s for scene in scenes for s in (single_date_scenes(scene) if frames == 1
-                                               else [scene])]
+    parts = [s for scene in scenes for s in (single_date_scenes(scene) if frames == 1 else [scene])]
     fits = min(min(s.width, s.height) for s in parts)
     return max(crop, min(round(factor * crop), fits))
 
@@ -192,8 +193,9 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None, context: float = 1.0)
     chips_inputs = [p for p in inputs if _is_chips_dataset(p)]
     if chips_inputs:
         if len(inputs) > 1:
-            raise UserError(f"give one chips dataset ({chips_inputs[0]}) or scenes, not both or "
-                            "several")
+            raise UserError(
+                f"give one chips dataset ({chips_inputs[0]}) or scenes, not both or several"
+            )
         from geoexplora.io.chips import ChipsDataset
 
         split = cfg.split
@@ -204,52 +206,80 @@ def load_data(cfg: AdaptConfig, window: int, prepare=None, context: float = 1.0)
         indices = _chip_band_indices(chips, cfg.bands)
         frames = given_or(cfg.frames, chips.num_frames)
         if frames != chips.num_frames:
-            raise UserError(f"{opt('frames')} {frames}: the chips dataset {inputs[0]} has "
-                            f"{chips.num_frames} date(s) per chip")
+            raise UserError(
+                f"{opt('frames')} {frames}: the chips dataset {inputs[0]} has "
+                f"{chips.num_frames} date(s) per chip"
+            )
         stats = {k: [chips.stats[k][i] for i in indices] for k in ("mean", "std")}
         data = ChipSamples(chips, indices, cfg.seed, prepare)
-        return AdaptData(data, [chips.bands[i] for i in indices], frames,
-                         {**stats, "origin": "dataset.json"},
-                         {"kind": "chips", "root": str(inputs[0]), "split": split,
-                          "chips": len(chips), "chip_size": chips.chip_size}, len(chips))
+        return AdaptData(
+            data,
+            [chips.bands[i] for i in indices],
+            frames,
+            {**stats, "origin": "dataset.json"},
+            {
+                "kind": "chips",
+                "root": str(inputs[0]),
+                "split": split,
+                "chips": len(chips),
+                "chip_size": chips.chip_size,
+            },
+            len(chips),
+        )
 
     from geoexplora.io.scene import SceneOptions
     from geoexplora.io.stats import robust_band_stats
 
-    opts = SceneOptions(bands=cfg.bands, sensor=cfg.sensor, band_map=cfg.band_map,
-                        nodata=cfg.nodata, s2_offset=cfg.s2_offset)
+    opts = SceneOptions(
+        bands=cfg.bands,
+        sensor=cfg.sensor,
+        band_map=cfg.band_map,
+        nodata=cfg.nodata,
+        s2_offset=cfg.s2_offset,
+    )
     scenes = open_scenes(inputs, opts)
     frames = given_or(cfg.frames, 1)
     if frames > 1:
         undated = [p.name for s in scenes if None in s.dates for p in s.paths]
         if undated:
-            raise UserError(f"{opt('frames')} {frames} encodes dates; {', '.join(undated)} have none "
-                            "(name them with a date or pass scenes with date tags)")
+            raise UserError(
+                f"{opt('frames')} {frames} encodes dates; {', '.join(undated)} have none "
+                "(name them with a date or pass scenes with date tags)"
+            )
     logger.info("measuring the valid area of %d scene(s)", len(scenes))
     crop = window
     window = context_window(scenes, crop, context, frames)
     data = SceneWindows(scenes, window, cfg.seed, prepare, frames)
-    stats = robust_band_stats(data.pixel_stream(DATA.stats_sample_windows, cfg.seed),
-                              seed=cfg.seed)
-    return AdaptData(data, list(scenes[0].bands), frames,
-                     {"mean": stats["mean"], "std": stats["std"], "origin": "data sample"},
-                     {"kind": "scenes", "files": sorted({str(p) for s in scenes
-                                                         for p in s.paths}),
-                      "scenes": len(data.scenes), "valid_pixels": data.valid_pixels,
-                      "window": window, "crop": crop},
-                     max(1, data.valid_pixels // (crop * crop)))
+    stats = robust_band_stats(data.pixel_stream(DATA.stats_sample_windows, cfg.seed), seed=cfg.seed)
+    return AdaptData(
+        data,
+        list(scenes[0].bands),
+        frames,
+        {"mean": stats["mean"], "std": stats["std"], "origin": "data sample"},
+        {
+            "kind": "scenes",
+            "files": sorted({str(p) for s in scenes for p in s.paths}),
+            "scenes": len(data.scenes),
+            "valid_pixels": data.valid_pixels,
+            "window": window,
+            "crop": crop,
+        },
+        max(1, data.valid_pixels // (crop * crop)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Model and objective
 # ---------------------------------------------------------------------------------------------
 
+
 def choose_objective(cfg: AdaptConfig) -> str:
     """``--objective``, else the source's family (MAE sources -> mae, everything else dinov2)."""
     if cfg.objective is not None:
         if cfg.objective not in OBJECTIVES:
-            raise UserError(f"{opt('objective')} must be one of {', '.join(OBJECTIVES)}, not "
-                            f"'{cfg.objective}'")
+            raise UserError(
+                f"{opt('objective')} must be one of {', '.join(OBJECTIVES)}, not '{cfg.objective}'"
+            )
         return cfg.objective
     from geoexplora.models.registry import get_architecture, resolve_init, source_family
 
@@ -293,16 +323,24 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
     from geoexplora.models import apply_explora, build_backbone, parameter_report
 
     drop_path = cfg.drop_path if cfg.drop_path is not None else settings.drop_path
-    backbone = build_backbone(init=cfg.init, init_weights=cfg.init_weights, bands=bands,
-                              stats={"mean": stats["mean"], "std": stats["std"]},
-                              img_size=cfg.crop_size, num_frames=frames,
-                              spectral_tokens=cfg.spectral_tokens, drop_path_rate=drop_path,
-                              arch_overrides=cfg.arch_overrides)
+    backbone = build_backbone(
+        init=cfg.init,
+        init_weights=cfg.init_weights,
+        bands=bands,
+        stats={"mean": stats["mean"], "std": stats["std"]},
+        img_size=cfg.crop_size,
+        num_frames=frames,
+        spectral_tokens=cfg.spectral_tokens,
+        drop_path_rate=drop_path,
+        arch_overrides=cfg.arch_overrides,
+    )
     if getattr(settings, "drop_path_uniform", False):
         uniform_drop_path(backbone, drop_path)
     if cfg.crop_size % backbone.patch_size:
-        raise UserError(f"{opt('crop_size')} {cfg.crop_size} is not a multiple of the patch size "
-                        f"{backbone.patch_size}")
+        raise UserError(
+            f"{opt('crop_size')} {cfg.crop_size} is not a multiple of the patch size "
+            f"{backbone.patch_size}"
+        )
     if cfg.full:
         backbone.requires_grad_(True)
         if objective == "mae":
@@ -310,10 +348,14 @@ def build_model(cfg: AdaptConfig, objective: str, settings, bands, stats, frames
         report = parameter_report(backbone)
         backbone.config["full_pretraining"] = {"parameters": report}
     else:
-        report = apply_explora(backbone, unfreeze_blocks=cfg.unfreeze_blocks,
-                               lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                               lora_dropout=EXPLORA.lora_dropout,
-                               lora_targets=EXPLORA.lora_targets)
+        report = apply_explora(
+            backbone,
+            unfreeze_blocks=cfg.unfreeze_blocks,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=EXPLORA.lora_dropout,
+            lora_targets=EXPLORA.lora_targets,
+        )
     return backbone, report
 
 
@@ -336,7 +378,9 @@ def uniform_drop_path(model, rate: float) -> int:
 def local_crop_size(cfg: AdaptConfig, patch: int) -> int:
     size = cfg.local_crop_size or DINOV2.local_crop_patches * patch
     if size % patch:
-        raise UserError(f"{opt('local_crop_size')} {size} is not a multiple of the patch size {patch}")
+        raise UserError(
+            f"{opt('local_crop_size')} {size} is not a multiple of the patch size {patch}"
+        )
     return size
 
 
@@ -349,31 +393,34 @@ def rgb_indices(bands) -> tuple[int, int, int] | None:
     return None
 
 
-def make_objective(cfg: AdaptConfig, objective: str, settings, backbone, total_steps: int,
-                   bands=()):
+def make_objective(
+    cfg: AdaptConfig, objective: str, settings, backbone, total_steps: int, bands=()
+):
     if objective == "dinov2":
         from geoexplora.defaults import DinoHeadSize
         from geoexplora.ssl.dinov2 import CropSizes, DinoV2Objective
 
         size = dino_head_size(backbone.embed_dim)
-        size = DinoHeadSize(cfg.head_hidden or size.hidden, cfg.head_bottleneck or size.bottleneck,
-                            cfg.head_prototypes or size.prototypes)
+        size = DinoHeadSize(
+            cfg.head_hidden or size.hidden,
+            cfg.head_bottleneck or size.bottleneck,
+            cfg.head_prototypes or size.prototypes,
+        )
         crops = CropSizes(cfg.crop_size, local_crop_size(cfg, backbone.patch_size))
-        return DinoV2Objective(backbone, size, crops, total_steps, settings,
-                               rgb=rgb_indices(bands))
+        return DinoV2Objective(backbone, size, crops, total_steps, settings, rgb=rgb_indices(bands))
     from geoexplora.ssl.mae import MaeObjective
 
     return MaeObjective(backbone, cfg.crop_size, settings, lora_alpha=cfg.lora_alpha)
 
 
-def make_prepare(cfg: AdaptConfig, objective: str, settings, patch: int, num_groups: int,
-                 frames: int):
+def make_prepare(
+    cfg: AdaptConfig, objective: str, settings, patch: int, num_groups: int, frames: int
+):
     """The per-sample view drawer for the data workers."""
     if objective == "dinov2":
         from geoexplora.ssl.dinov2 import CropSizes, DinoV2Views
 
-        return DinoV2Views(patch, CropSizes(cfg.crop_size, local_crop_size(cfg, patch)),
-                           settings)
+        return DinoV2Views(patch, CropSizes(cfg.crop_size, local_crop_size(cfg, patch)), settings)
     from geoexplora.ssl.mae import MaeViews
 
     grid = cfg.crop_size // patch
@@ -382,8 +429,12 @@ def make_prepare(cfg: AdaptConfig, objective: str, settings, patch: int, num_gro
 
 def base_lr(objective: str, settings, global_batch: int) -> float:
     """The recipe's scaling: DINOv2 sqrt(batch / 1024), MAE linear batch / 256."""
-    return R.scaled_lr(settings.base_lr, settings.base_batch, global_batch,
-                       "sqrt" if objective == "dinov2" else "linear")
+    return R.scaled_lr(
+        settings.base_lr,
+        settings.base_batch,
+        global_batch,
+        "sqrt" if objective == "dinov2" else "linear",
+    )
 
 
 def optimizer_groups(objective_module, objective: str, settings, depth: int) -> list[dict]:
@@ -392,8 +443,11 @@ def optimizer_groups(objective_module, objective: str, settings, depth: int) -> 
     their own, marked ``frozen_until`` (their lr schedule, DINOv2's ``last_layer_lr``)."""
     from geoexplora.train import engine as E
 
-    kw = {"num_blocks": depth, "layer_decay": settings.layer_decay,
-          "lr_multipliers": {"patch_embed": getattr(settings, "patch_embed_lr_mult", 1.0)}}
+    kw = {
+        "num_blocks": depth,
+        "layer_decay": settings.layer_decay,
+        "lr_multipliers": {"patch_embed": getattr(settings, "patch_embed_lr_mult", 1.0)},
+    }
     if objective != "dinov2":
         return E.param_groups(objective_module, **kw)
     last = {id(p) for p in objective_module.last_layer_parameters()}
@@ -404,13 +458,15 @@ def optimizer_groups(objective_module, objective: str, settings, depth: int) -> 
 
     groups = E.param_groups(objective_module, exclude=is_last, **kw)
     frozen = objective_module.freeze_last_layer_steps
-    return groups + [g | {"frozen_until": frozen}
-                     for g in E.param_groups(objective_module, exclude=lambda n: not is_last(n),
-                                             **kw)]
+    return groups + [
+        g | {"frozen_until": frozen}
+        for g in E.param_groups(objective_module, exclude=lambda n: not is_last(n), **kw)
+    ]
 
 
-def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig,
-                    precision: str) -> dict:
+def estimate_memory(
+    backbone, objective_module, objective: str, cfg: AdaptConfig, precision: str
+) -> dict:
     """Bytes per device: weights, gradients and AdamW state of the trainable parameters, the
     EMA teacher's own copies, and activations (Korthikanti et al.'s 34*D bytes per token per
     block in 16-bit, doubled in 32-bit; attention with a fused kernel). A guide, +-50 %."""
@@ -430,15 +486,22 @@ def estimate_memory(backbone, objective_module, objective: str, cfg: AdaptConfig
     if objective == "dinov2":
         s = objective_module.settings
         seq = s.global_crops * tokens(cfg.crop_size) + s.local_crops * tokens(
-            objective_module.crops.local_size)
+            objective_module.crops.local_size
+        )
     else:
         total = tokens(cfg.crop_size) - p
         seq = p + int(total * (1 - MAE.mask_ratio)) + tokens(cfg.crop_size)  # encoder + decoder
     bytes_per = 2 if "16" in precision else 4
     activations = int(cfg.batch_size * seq * depth * 34 * dim * bytes_per / 2)
     total = weights + grads + adam + activations
-    return {"weights": weights, "gradients": grads, "optimizer_state": adam,
-            "activations": activations, "total": total, "total_gib": round(total / 2**30, 3)}
+    return {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer_state": adam,
+        "activations": activations,
+        "total": total,
+        "total_gib": round(total / 2**30, 3),
+    }
 
 
 def step_flops(objective_module, dataset, micro_batch: int = 1) -> dict:
@@ -464,9 +527,11 @@ def step_flops(objective_module, dataset, micro_batch: int = 1) -> dict:
     for op, count in counter.get_flop_counts().get("Global", {}).items():
         name = str(op).split(".")[1] if str(op).count(".") >= 1 else str(op)  # aten.mm.default
         by_op[name] = by_op.get(name, 0) + count / micro_batch
-    return {"per_image": counter.get_total_flops() / micro_batch,
-            "counted_on_images": micro_batch,
-            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+    return {
+        "per_image": counter.get_total_flops() / micro_batch,
+        "counted_on_images": micro_batch,
+        "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def budget(flops_per_image: float, steps: int, global_batch: int) -> dict:
@@ -477,29 +542,63 @@ def budget(flops_per_image: float, steps: int, global_batch: int) -> dict:
     per_step = flops_per_image * global_batch
     total = per_step * steps
     rate = SCALE.gpu_peak_flops * SCALE.mfu
-    return {"images_seen": images, "published_images_seen": published,
-            "fraction_of_published": images / published,
-            "flops_per_image": flops_per_image, "flops_per_step": per_step,
-            "total_flops": total,
-            "gpu": SCALE.gpu_name, "gpu_peak_flops": SCALE.gpu_peak_flops, "mfu": SCALE.mfu,
-            "images_per_s": rate / flops_per_image if flops_per_image else None,
-            "gpu_hours": total / rate / 3600,
-            "published_gpu_hours": flops_per_image * published / rate / 3600}
+    return {
+        "images_seen": images,
+        "published_images_seen": published,
+        "fraction_of_published": images / published,
+        "flops_per_image": flops_per_image,
+        "flops_per_step": per_step,
+        "total_flops": total,
+        "gpu": SCALE.gpu_name,
+        "gpu_peak_flops": SCALE.gpu_peak_flops,
+        "mfu": SCALE.mfu,
+        "images_per_s": rate / flops_per_image if flops_per_image else None,
+        "gpu_hours": total / rate / 3600,
+        "published_gpu_hours": flops_per_image * published / rate / 3600,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
 
+
 def _fingerprint(cfg: AdaptConfig, objective: str, world: int, steps: int) -> dict:
-    keys = ("bands", "sensor", "init", "init_weights", "arch_overrides", "full", "batch_size",
-            "accumulate", "unfreeze_blocks", "lora_rank", "lora_alpha", "frames",
-            "spectral_tokens", "split", "crop_size", "context_factor",
-            "local_crop_size", "local_crops", "head_prototypes", "head_hidden", "head_bottleneck",
-            "lr", "warmup_steps", "drop_path", "seed", "settings_overrides")
+    keys = (
+        "bands",
+        "sensor",
+        "init",
+        "init_weights",
+        "arch_overrides",
+        "full",
+        "batch_size",
+        "accumulate",
+        "unfreeze_blocks",
+        "lora_rank",
+        "lora_alpha",
+        "frames",
+        "spectral_tokens",
+        "split",
+        "crop_size",
+        "context_factor",
+        "local_crop_size",
+        "local_crops",
+        "head_prototypes",
+        "head_hidden",
+        "head_bottleneck",
+        "lr",
+        "warmup_steps",
+        "drop_path",
+        "seed",
+        "settings_overrides",
+    )
     fp = {k: getattr(cfg, k) for k in keys}
-    fp.update(objective=objective, world_size=world, steps=steps,
-              inputs=[_input_name(p) for p in cfg.inputs])
+    fp.update(
+        objective=objective,
+        world_size=world,
+        steps=steps,
+        inputs=[_input_name(p) for p in cfg.inputs],
+    )
     return fp
 
 
@@ -516,38 +615,53 @@ def resolve_scale(cfg: AdaptConfig, world: int) -> AdaptConfig:
     per_micro = batch * world
     if target is not None:
         if target < 1 or target % per_micro:
-            raise UserError(f"{target} is not a whole number of micro-batches of "
-                            f"{opt('batch_size')} {batch} x {world} device(s) = {per_micro} "
-                            f"images; choose {opt('global_batch')}, {opt('batch_size')} and "
-                            f"{opt('devices')} so that it divides", option="global_batch")
+            raise UserError(
+                f"{target} is not a whole number of micro-batches of "
+                f"{opt('batch_size')} {batch} x {world} device(s) = {per_micro} "
+                f"images; choose {opt('global_batch')}, {opt('batch_size')} and "
+                f"{opt('devices')} so that it divides",
+                option="global_batch",
+            )
         accumulate = target // per_micro
         if cfg.accumulate is not None and cfg.accumulate != accumulate:
-            raise UserError(f"{target} needs {opt('accumulate')} {accumulate} with "
-                            f"{opt('batch_size')} {batch} x {world} device(s), not "
-                            f"{cfg.accumulate}; give one of the two", option="global_batch")
+            raise UserError(
+                f"{target} needs {opt('accumulate')} {accumulate} with "
+                f"{opt('batch_size')} {batch} x {world} device(s), not "
+                f"{cfg.accumulate}; give one of the two",
+                option="global_batch",
+            )
     else:
         accumulate = given_or(cfg.accumulate, 1)
     steps = cfg.steps
     if steps is None and cfg.epochs is None and preset is not None:
         steps = preset.steps
     return dataclasses.replace(
-        cfg, batch_size=batch, accumulate=accumulate, global_batch=None, steps=steps,
+        cfg,
+        batch_size=batch,
+        accumulate=accumulate,
+        global_batch=None,
+        steps=steps,
         head_prototypes=given_or(cfg.head_prototypes, preset.head_prototypes if preset else None),
-        local_crops=given_or(cfg.local_crops, preset.local_crops if preset
-                             else DINOV2.local_crops))
+        local_crops=given_or(cfg.local_crops, preset.local_crops if preset else DINOV2.local_crops),
+    )
 
 
 def scale_warnings(cfg: AdaptConfig, objective: str, settings, world: int) -> list[str]:
     """Warnings about the run's scale (logged once, and listed in the summary)."""
     out = []
     per_step = cfg.batch_size * world
-    if (objective == "dinov2" and settings.centering == "sinkhorn_knopp"
-            and per_step < SCALE.min_sinkhorn_batch):
-        out.append(f"Sinkhorn-Knopp balances the teacher's targets over {per_step} image(s) "
-                   f"per micro-batch (batch_size {cfg.batch_size} x {world} device(s)), below "
-                   f"{SCALE.min_sinkhorn_batch} (the published run's 8 x 4 GPUs): its targets "
-                   "have little to balance; raise batch_size or devices (accumulate does not "
-                   "help)")
+    if (
+        objective == "dinov2"
+        and settings.centering == "sinkhorn_knopp"
+        and per_step < SCALE.min_sinkhorn_batch
+    ):
+        out.append(
+            f"Sinkhorn-Knopp balances the teacher's targets over {per_step} image(s) "
+            f"per micro-batch (batch_size {cfg.batch_size} x {world} device(s)), below "
+            f"{SCALE.min_sinkhorn_batch} (the published run's 8 x 4 GPUs): its targets "
+            "have little to balance; raise batch_size or devices (accumulate does not "
+            "help)"
+        )
     return out
 
 
@@ -562,8 +676,9 @@ def _validate(cfg: AdaptConfig) -> None:
         raise UserError(f"must be 1 or more, not {cfg.context_factor}", option="context_factor")
     for name in ("num_nodes", "crop_size"):
         if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
-                            f"{getattr(cfg, name)}")
+            raise UserError(
+                f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}"
+            )
     if device_count(cfg.devices) < 1:
         raise UserError(f"{opt('devices')} must be at least 1, not {cfg.devices}")
     E.check_duration(cfg.steps, cfg.epochs)
@@ -589,16 +704,23 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     cfg = resolve_scale(cfg, device_count(cfg.devices) * cfg.num_nodes)  # before any process
     output = Path(cfg.output)
     files = E.RunFiles(output)
-    check_not_input([output, files.checkpoint, files.log, files.plot],
-                    [*cfg.inputs, *(p for p in (cfg.init, cfg.init_weights)
-                                    if p is not None and Path(p).exists())])
+    check_not_input(
+        [output, files.checkpoint, files.log, files.plot],
+        [
+            *cfg.inputs,
+            *(p for p in (cfg.init, cfg.init_weights) if p is not None and Path(p).exists()),
+        ],
+    )
     if not cfg.dry_run:
         check_output(output, cfg.overwrite)
         files.check(cfg.overwrite, cfg.resume)
     fabric = None
     if not cfg.dry_run:  # first: extra processes start now, and import in parallel with us
-        fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,
-                                                cfg.strategy, cfg.precision))
+        fabric = E.make_fabric(
+            E.FabricSettings(
+                cfg.accelerator, cfg.devices, cfg.num_nodes, cfg.strategy, cfg.precision
+            )
+        )
         world = fabric.world_size
         precision = str(getattr(fabric.strategy.precision, "precision", cfg.precision))
     else:
@@ -611,84 +733,142 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     # The patch size decides the crop sizes the data workers draw: build the model first, on
     # the data's bands and statistics (which need the data, but not its views).
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg, cfg.crop_size,
-                     context=cfg.context_factor if objective == "dinov2" else 1.0)
-    backbone, report = build_model(cfg, objective, settings, data.bands, data.stats,
-                                   data.frames)
-    data.dataset.prepare = make_prepare(cfg, objective, settings, backbone.patch_size,
-                                        backbone.num_groups, data.frames)
+    data = load_data(
+        cfg, cfg.crop_size, context=cfg.context_factor if objective == "dinov2" else 1.0
+    )
+    backbone, report = build_model(cfg, objective, settings, data.bands, data.stats, data.frames)
+    data.dataset.prepare = make_prepare(
+        cfg, objective, settings, backbone.patch_size, backbone.num_groups, data.frames
+    )
 
     if fabric is None or fabric.is_global_zero:  # once the inputs are known to be good
         for warning in warnings:
             logger.warning("%s", warning)
     global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
     if data.description["kind"] == "chips" and cfg.batch_size * world > data.epoch_size:
-        raise UserError(f"{opt('batch_size')} {cfg.batch_size} x {world} device(s) is larger than the "
-                        f"chips dataset ({data.epoch_size} chips)")
+        raise UserError(
+            f"{opt('batch_size')} {cfg.batch_size} x {world} device(s) is larger than the "
+            f"chips dataset ({data.epoch_size} chips)"
+        )
     steps = R.steps_for_images(cfg.steps, cfg.epochs, data.epoch_size, global_batch, DATA.steps)
     objective_module = make_objective(cfg, objective, settings, backbone, steps, data.bands)
     lr = cfg.lr if cfg.lr is not None else base_lr(objective, settings, global_batch)
     warmup = R.warmup_from_fraction(cfg.warmup_steps, settings.warmup_fraction, steps)
-    head_params = sum(p.numel() for n, p in objective_module.named_parameters()
-                      if p.requires_grad and not n.startswith(("student.backbone.", "backbone.")))
-    plan = {"objective": objective, "init": backbone.config["source"], "output": str(output),
-            "parameters": report, "ssl_head_parameters": head_params, "steps": steps, "global_batch": global_batch,
-            "world_size": world, "precision": precision, "lr": lr, "warmup_steps": warmup,
-            "data": data.description,
-            "bands": [b.key for b in data.bands], "frames": data.frames,
-            "stats_origin": data.stats["origin"], "preset": cfg.preset,
-            "batch_size_per_device": cfg.batch_size, "accumulate": cfg.accumulate,
-            "warnings": warnings}
+    head_params = sum(
+        p.numel()
+        for n, p in objective_module.named_parameters()
+        if p.requires_grad and not n.startswith(("student.backbone.", "backbone."))
+    )
+    plan = {
+        "objective": objective,
+        "init": backbone.config["source"],
+        "output": str(output),
+        "parameters": report,
+        "ssl_head_parameters": head_params,
+        "steps": steps,
+        "global_batch": global_batch,
+        "world_size": world,
+        "precision": precision,
+        "lr": lr,
+        "warmup_steps": warmup,
+        "data": data.description,
+        "bands": [b.key for b in data.bands],
+        "frames": data.frames,
+        "stats_origin": data.stats["origin"],
+        "preset": cfg.preset,
+        "batch_size_per_device": cfg.batch_size,
+        "accumulate": cfg.accumulate,
+        "warnings": warnings,
+    }
     if objective == "mae":
         plan["mae_decoder"] = objective_module.decoder_source
     if cfg.dry_run:
-        plan["memory_per_device"] = estimate_memory(backbone, objective_module, objective, cfg,
-                                                    precision)
+        plan["memory_per_device"] = estimate_memory(
+            backbone, objective_module, objective, cfg, precision
+        )
         flops = step_flops(objective_module, data.dataset)
-        plan["budget"] = {**budget(flops["per_image"], steps, global_batch),
-                          "flops_counted": "forward + backward of one CPU micro-batch of "
-                                           f"{flops['counted_on_images']} image(s) "
-                                           "(torch.utils.flop_counter), x the global batch",
-                          "flops_per_image_by_op": flops["by_op"]}
+        plan["budget"] = {
+            **budget(flops["per_image"], steps, global_batch),
+            "flops_counted": "forward + backward of one CPU micro-batch of "
+            f"{flops['counted_on_images']} image(s) "
+            "(torch.utils.flop_counter), x the global batch",
+            "flops_per_image_by_op": flops["by_op"],
+        }
         plan["dry_run"] = True
         return AdaptResult.from_report(plan)
-    check_fits(estimate_memory(backbone, objective_module, objective, cfg, precision)["total"],
-               f"adapting {cfg.crop_size} px crops with {opt('batch_size')} {cfg.batch_size}",
-               f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the global batch) "
-               f"or {opt('crop_size')}", fabric.device)
+    check_fits(
+        estimate_memory(backbone, objective_module, objective, cfg, precision)["total"],
+        f"adapting {cfg.crop_size} px crops with {opt('batch_size')} {cfg.batch_size}",
+        f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the global batch) "
+        f"or {opt('crop_size')}",
+        fabric.device,
+    )
 
-    optimizer = E.build_optimizer(optimizer_groups(objective_module, objective, settings,
-                                                   backbone.depth), betas=settings.betas)
+    optimizer = E.build_optimizer(
+        optimizer_groups(objective_module, objective, settings, backbone.depth),
+        betas=settings.betas,
+    )
     wd = settings.weight_decay
     wd_start, wd_end = (wd, wd) if isinstance(wd, (int, float)) else wd
     schedule_kind = E.Schedules
     if objective == "dinov2":
         from geoexplora.ssl.dinov2 import LastLayerSchedules as schedule_kind
     # min(...): a peak below the recipe's floor (e.g. --lr 1e-12) must not rise towards it
-    schedules = schedule_kind(total_steps=steps, lr=lr, min_lr=min(settings.min_lr, lr),
-                              warmup_steps=warmup, weight_decay=wd_start,
-                              weight_decay_end=wd_end)
-    loop = E.TrainLoop(fabric, objective_module, optimizer, data.dataset,
-                       E.LoopSettings(output=output, steps=steps, batch_size=cfg.batch_size,
-                                      accumulate=cfg.accumulate, clip_grad=settings.clip_grad,
-                                      checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
-                                      num_workers=cfg.num_workers,
-                                      stop_if_stalled=cfg.stop_if_stalled,
-                                      description=f"adapt ({objective})"),
-                       schedules, fingerprint=_fingerprint(cfg, objective, world, steps))
+    schedules = schedule_kind(
+        total_steps=steps,
+        lr=lr,
+        min_lr=min(settings.min_lr, lr),
+        warmup_steps=warmup,
+        weight_decay=wd_start,
+        weight_decay_end=wd_end,
+    )
+    loop = E.TrainLoop(
+        fabric,
+        objective_module,
+        optimizer,
+        data.dataset,
+        E.LoopSettings(
+            output=output,
+            steps=steps,
+            batch_size=cfg.batch_size,
+            accumulate=cfg.accumulate,
+            clip_grad=settings.clip_grad,
+            checkpoint_every=cfg.checkpoint_every,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            stop_if_stalled=cfg.stop_if_stalled,
+            description=f"adapt ({objective})",
+        ),
+        schedules,
+        fingerprint=_fingerprint(cfg, objective, world, steps),
+    )
     summary = loop.run(resume=cfg.resume)
     if not fabric.is_global_zero:
         return None
     export = objective_module.teacher["backbone"] if objective == "dinov2" else backbone
     from geoexplora.models.file import save_model
 
-    meta = {"provenance": {"command": "adapt", "data": data.description},
-            "training": {k: plan[k] for k in ("objective", "steps", "global_batch", "lr",
-                                              "warmup_steps", "precision", "world_size")}
-            | {"first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
-               "exported": "ema_teacher" if objective == "dinov2" else "model"}}
+    meta = {
+        "provenance": {"command": "adapt", "data": data.description},
+        "training": {
+            k: plan[k]
+            for k in (
+                "objective",
+                "steps",
+                "global_batch",
+                "lr",
+                "warmup_steps",
+                "precision",
+                "world_size",
+            )
+        }
+        | {
+            "first_loss": summary["first_loss"],
+            "last_loss": summary["last_loss"],
+            "exported": "ema_teacher" if objective == "dinov2" else "model",
+        },
+    }
     save_model(output, export, meta, overwrite=cfg.overwrite)
     logger.info("wrote %s", output)
     warnings = plan["warnings"] + ([summary["stalled"]] if summary["stalled"] else [])
-    return AdaptResult.from_report({**plan, **summary, "output": str(output),
-                                    "warnings": warnings})
+    return AdaptResult.from_report({**plan, **summary, "output": str(output), "warnings": warnings})

@@ -39,8 +39,17 @@ log = logging.getLogger("geoexplora")
 SCENE_ID = re.compile(r"^s(\d+)_")
 # TileConfig fields taken from the dataset's first run when not given (``None``): how pixels are
 # read, gridded, filtered, labelled and split.
-CARRIED_OVER = ("sensor", "band_map", "nodata", "resolution", "stride", "max_nodata",
-                "min_label_fraction", "val_fraction", "test_fraction")
+CARRIED_OVER = (
+    "sensor",
+    "band_map",
+    "nodata",
+    "resolution",
+    "stride",
+    "max_nodata",
+    "min_label_fraction",
+    "val_fraction",
+    "test_fraction",
+)
 
 
 @dataclass
@@ -55,22 +64,28 @@ class ExistingDataset:
     @classmethod
     def load(cls, root: Path) -> ExistingDataset:
         if not (root / C.META_NAME).is_file():
-            raise UserError(f"{opt('append')}: {root} is not a chips dataset (no {C.META_NAME}); "
-                            f"pass another -o, or {opt('overwrite')} to replace it")
+            raise UserError(
+                f"{opt('append')}: {root} is not a chips dataset (no {C.META_NAME}); "
+                f"pass another -o, or {opt('overwrite')} to replace it"
+            )
         meta = C.load_dataset_meta(root)
         index = C.read_index(root)
         sample_path = root / C.STATS_SAMPLE_NAME
         if not sample_path.is_file():
-            raise UserError(f"{root}: no {C.STATS_SAMPLE_NAME}, so its statistics cannot be "
-                            "updated (written by an older geoexplora?); re-run tile with "
-                            f"{opt('overwrite')} instead of {opt('append')}")
+            raise UserError(
+                f"{root}: no {C.STATS_SAMPLE_NAME}, so its statistics cannot be "
+                "updated (written by an older geoexplora?); re-run tile with "
+                f"{opt('overwrite')} instead of {opt('append')}"
+            )
         try:
             sample = np.load(sample_path, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise UserError(f"{sample_path}: not a readable pixel sample ({exc})") from exc
         if sample.ndim != 2 or sample.shape[1] != len(meta["bands"]):
-            raise UserError(f"{sample_path}: shape {sample.shape} does not fit the dataset's "
-                            f"{len(meta['bands'])} bands")
+            raise UserError(
+                f"{sample_path}: shape {sample.shape} does not fit the dataset's "
+                f"{len(meta['bands'])} bands"
+            )
         return cls(root, meta, index, sample)
 
     # ------------------------------------------------------------------ what the dataset fixes
@@ -94,8 +109,10 @@ class ExistingDataset:
         config = self.config
         if cfg.class_folders != self.class_folders:
             made = "from class folders" if self.class_folders else "by tiling scenes"
-            raise UserError(f"{opt('append')}: {self.root} was made {made}; "
-                            f"{'pass' if self.class_folders else 'drop'} {opt('class_folders')}")
+            raise UserError(
+                f"{opt('append')}: {self.root} was made {made}; "
+                f"{'pass' if self.class_folders else 'drop'} {opt('class_folders')}"
+            )
         size = self.meta["chip_size"]
         if cfg.size is not None and cfg.size != size:
             raise UserError(f"{opt('size')} {cfg.size}: {self.root} holds {size} px chips")
@@ -104,8 +121,9 @@ class ExistingDataset:
             raise UserError(f"{opt('task')} {cfg.task}: {self.root} is a {task} dataset")
         stored = config.get("resolution")
         if cfg.resolution is not None and stored is not None and cfg.resolution != stored:
-            raise UserError(f"{opt('resolution')} {cfg.resolution:g}: {self.root} was tiled at "
-                            f"{stored:g} m")
+            raise UserError(
+                f"{opt('resolution')} {cfg.resolution:g}: {self.root} was tiled at {stored:g} m"
+            )
         updates = {"task": task, "bands": cfg.bands or [b["name"] for b in self.meta["bands"]]}
         # Options of the first run that the new chips should share unless given again.
         for key in CARRIED_OVER:
@@ -122,21 +140,29 @@ class ExistingDataset:
         prov = self.meta["provenance"]
         missing = [k for k in ("crs", "split_block_px") if k not in prov]
         if missing:
-            raise UserError(f"{self.root}: its provenance lacks {', '.join(missing)} (not "
-                            "written by geoexplora tile?); cannot append to it")
+            raise UserError(
+                f"{self.root}: its provenance lacks {', '.join(missing)} (not "
+                "written by geoexplora tile?); cannot append to it"
+            )
         task = self.meta["task"]
         crs, block = prov["crs"], prov["split_block_px"]
         if cfg.crs is not None and not _same_crs(cfg.crs, crs):
             raise UserError(f"{opt('crs')} {cfg.crs}: {self.root} is in {crs}")
         if block is not None and cfg.split_block not in (None, block):
-            raise UserError(f"{opt('split_block')} {cfg.split_block}: {self.root} was split in "
-                            f"blocks of {block} px")
+            raise UserError(
+                f"{opt('split_block')} {cfg.split_block}: {self.root} was split in "
+                f"blocks of {block} px"
+            )
         if task != "none" and not (cfg.labels or cfg.label_raster):
-            raise UserError(f"{opt('append')}: {self.root} is a {task} dataset; pass the labels of "
-                            f"the new scenes ({opt('labels')}/{opt('label_raster')})")
+            raise UserError(
+                f"{opt('append')}: {self.root} is a {task} dataset; pass the labels of "
+                f"the new scenes ({opt('labels')}/{opt('label_raster')})"
+            )
         if task == "none" and (cfg.labels or cfg.label_raster):
-            raise UserError(f"{opt('append')}: {self.root} has no labels (task none); drop "
-                            f"{opt('labels')}/{opt('label_raster')}")
+            raise UserError(
+                f"{opt('append')}: {self.root} has no labels (task none); drop "
+                f"{opt('labels')}/{opt('label_raster')}"
+            )
         updates = {"crs": crs, "split_block": block if block is not None else cfg.split_block}
         field = self.config.get("label_field")
         if cfg.labels and not cfg.label_field and field:
@@ -146,11 +172,14 @@ class ExistingDataset:
 
     def check_matches(self, band_keys: list[str], num_frames: int, what: str) -> None:
         if band_keys != self.band_keys:
-            raise UserError(f"{what}: bands {','.join(band_keys)} differ from {self.root}'s "
-                            f"{','.join(self.band_keys)}")
+            raise UserError(
+                f"{what}: bands {','.join(band_keys)} differ from {self.root}'s "
+                f"{','.join(self.band_keys)}"
+            )
         if num_frames != self.meta["num_frames"]:
-            raise UserError(f"{what}: {num_frames} date(s), {self.root} holds "
-                            f"{self.meta['num_frames']}")
+            raise UserError(
+                f"{what}: {num_frames} date(s), {self.root} holds {self.meta['num_frames']}"
+            )
 
     # ------------------------------------------------------------------ sources and ids
 
@@ -158,12 +187,12 @@ class ExistingDataset:
         """Every file behind an existing chip, resolved (a URI as it was given)."""
         from geoexplora.io.remote import as_path
 
-        return {as_path(p).resolve() for s in self.index["source"] for p in str(s).split(";")
-                if p}
+        return {as_path(p).resolve() for s in self.index["source"] for p in str(s).split(";") if p}
 
     def next_scene_number(self) -> int:
-        numbers = [int(m.group(1)) for cid in self.index["chip_id"]
-                   if (m := SCENE_ID.match(str(cid)))]
+        numbers = [
+            int(m.group(1)) for cid in self.index["chip_id"] if (m := SCENE_ID.match(str(cid)))
+        ]
         return max(numbers, default=-1) + 1
 
     def chip_ids(self) -> set[str]:
@@ -176,8 +205,9 @@ class ExistingDataset:
         labels' ids to the merged ids (255 stays 255)."""
         from geoexplora.io.labels import MAX_CLASSES, LabelClass
 
-        merged = [LabelClass(c["id"], c["name"], c["color"], c.get("value"))
-                  for c in self.meta["classes"]]
+        merged = [
+            LabelClass(c["id"], c["name"], c["color"], c.get("value")) for c in self.meta["classes"]
+        ]
         by_name = {c.name: c for c in merged}
         lut = np.full(256, C.IGNORE_INDEX, dtype=np.uint8)
         next_id = max((c.id for c in merged), default=-1) + 1
@@ -260,8 +290,10 @@ class ExistingDataset:
         if prov.get("split_block_px") is None:  # the first run did not split; this one may have
             prov["split_block_px"] = run.get("split_block_px")
         prov["sources"] = list(prov.get("sources", [])) + run["sources"]
-        prov["appended"] = list(prov.get("appended", [])) + [
-            {k: run[k] for k in ("created", "version", "sources", "config")}]
+        prov["appended"] = [
+            *list(prov.get("appended", [])),
+            {k: run[k] for k in ("created", "version", "sources", "config")},
+        ]
         return prov
 
 

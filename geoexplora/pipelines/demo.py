@@ -54,17 +54,25 @@ def _source(cfg: DemoConfig) -> tuple[str, str, str]:
     """(init, init_weights, sentence saying which weights and why)."""
     if cfg.init and Path(cfg.init).expanduser().is_file():  # a model file carries its weights
         if cfg.init_weights:
-            raise UserError(f"{opt('init')} {cfg.init} is a model file; it carries its own weights, so "
-                            f"drop {opt('init_weights')}")
+            raise UserError(
+                f"{opt('init')} {cfg.init} is a model file; it carries its own weights, so "
+                f"drop {opt('init_weights')}"
+            )
         return cfg.init, None, f"source: the model file {cfg.init}"
     weights = cfg.init_weights
     if weights and weights != "random":
         init = cfg.init or PRETRAINED_SOURCE
         return init, weights, f"source: {init} with pre-trained weights from {weights}"
     init = cfg.init or TINY_SOURCE
-    return init, "random", (f"source: {init} with RANDOM weights (pre-trained weights cannot be "
-                            "downloaded offline; set GEOEXPLORA_INIT_WEIGHTS to a checkpoint to "
-                            "start from real ones)")
+    return (
+        init,
+        "random",
+        (
+            f"source: {init} with RANDOM weights (pre-trained weights cannot be "
+            "downloaded offline; set GEOEXPLORA_INIT_WEIGHTS to a checkpoint to "
+            "start from real ones)"
+        ),
+    )
 
 
 def _labelled_scene() -> Path:
@@ -84,8 +92,10 @@ def demo(cfg: DemoConfig) -> dict:
     out = check_output(cfg.output, cfg.overwrite)
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").exists()):
-            raise UserError(f"{opt('output')} {out}: not an earlier demo folder (no summary.json); "
-                            "refusing to replace it")
+            raise UserError(
+                f"{opt('output')} {out}: not an earlier demo folder (no summary.json); "
+                "refusing to replace it"
+            )
         shutil.rmtree(out)
     init, init_weights, source_note = _source(cfg)
     logger.info(source_note)
@@ -114,8 +124,9 @@ def _timed(timings: dict, name: str):
     return _Timer()
 
 
-def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
-              timings: dict) -> dict:
+def _pipeline(
+    cfg: DemoConfig, work: Path, init: str, init_weights: str | None, timings: dict
+) -> dict:
     from geoexplora.pipelines.adapt import AdaptConfig, adapt
     from geoexplora.pipelines.finetune import FinetuneConfig, finetune
     from geoexplora.pipelines.predict import PredictConfig, predict
@@ -126,53 +137,112 @@ def _pipeline(cfg: DemoConfig, work: Path, init: str, init_weights: str | None,
     labelled = _labelled_scene()
     chips = work / "chips"
     with _timed(timings, "tile"):
-        tiled = tile(TileConfig(inputs=[labelled], output=chips, size=CHIP_SIZE,
-                                stride=CHIP_SIZE // 2, bands=BANDS, label_raster=slovenia_labels(),
-                                val_fraction=VAL_FRACTION, split_block=SPLIT_BLOCK,
-                                seed=cfg.seed, progress=False))
+        tiled = tile(
+            TileConfig(
+                inputs=[labelled],
+                output=chips,
+                size=CHIP_SIZE,
+                stride=CHIP_SIZE // 2,
+                bands=BANDS,
+                label_raster=slovenia_labels(),
+                val_fraction=VAL_FRACTION,
+                split_block=SPLIT_BLOCK,
+                seed=cfg.seed,
+                progress=False,
+            )
+        )
     with _timed(timings, "source model"):
         source = _write_source_model(work / "source.pt", init, init_weights, chips)
     adapted = work / "adapted.pt"
     with _timed(timings, "adapt"):
-        adapt_doc = adapt(AdaptConfig(
-            inputs=[*slovenia_scenes(), s2_tile_crop()], output=adapted, bands=BANDS,
-            init=str(source), steps=cfg.adapt_steps, batch_size=cfg.batch_size,
-            crop_size=2 * CHIP_SIZE, seed=cfg.seed, accelerator=accelerator, devices=devices)).report
+        adapt_doc = adapt(
+            AdaptConfig(
+                inputs=[*slovenia_scenes(), s2_tile_crop()],
+                output=adapted,
+                bands=BANDS,
+                init=str(source),
+                steps=cfg.adapt_steps,
+                batch_size=cfg.batch_size,
+                crop_size=2 * CHIP_SIZE,
+                seed=cfg.seed,
+                accelerator=accelerator,
+                devices=devices,
+            )
+        ).report
     with _timed(timings, "probe"):
-        probe_doc = probe(ProbeConfig(models=[source, adapted], chips=chips,
-                                          steps=cfg.probe_steps, device=cfg.device,
-                                          seed=cfg.seed)).report
+        probe_doc = probe(
+            ProbeConfig(
+                models=[source, adapted],
+                chips=chips,
+                steps=cfg.probe_steps,
+                device=cfg.device,
+                seed=cfg.seed,
+            )
+        ).report
     model = work / "model.pt"
     with _timed(timings, "finetune"):
-        finetune_doc = finetune(FinetuneConfig(
-            model=adapted, chips=chips, output=model, task="segmentation", mode="lora",
-            steps=cfg.finetune_steps, batch_size=cfg.batch_size, seed=cfg.seed,
-            accelerator=accelerator, devices=devices)).report
+        finetune_doc = finetune(
+            FinetuneConfig(
+                model=adapted,
+                chips=chips,
+                output=model,
+                task="segmentation",
+                mode="lora",
+                steps=cfg.finetune_steps,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                accelerator=accelerator,
+                devices=devices,
+            )
+        ).report
     prediction = work / "prediction.tif"
     with _timed(timings, "predict"):
-        predict_doc = predict(PredictConfig(model=model, inputs=[labelled], output=prediction,
-                                            window=2 * CHIP_SIZE, device=cfg.device))[0].report
+        predict_doc = predict(
+            PredictConfig(
+                model=model,
+                inputs=[labelled],
+                output=prediction,
+                window=2 * CHIP_SIZE,
+                device=cfg.device,
+            )
+        )[0].report
     with _timed(timings, "quicklook"):
-        quicklook = write_quicklook(labelled, slovenia_labels(), prediction,
-                                    work / "quicklook.png")
-    probe_rows = [{k: m[k] for k in ("name", "top1", "balanced_accuracy", "macro_f1",
-                                     "knn_top1")} for m in probe_doc["models"]]
+        quicklook = write_quicklook(labelled, slovenia_labels(), prediction, work / "quicklook.png")
+    probe_rows = [
+        {k: m[k] for k in ("name", "top1", "balanced_accuracy", "macro_f1", "knn_top1")}
+        for m in probe_doc["models"]
+    ]
     val = finetune_doc["metrics"]["val"]
     return {
         "output": str(work),
-        "chips": {"path": str(chips), "count": tiled.chips, "splits": tiled.splits,
-                  "classes": [c["name"] for c in tiled.classes]},
-        "adapt": {"path": str(adapted), "steps": adapt_doc["steps"],
-                  "first_loss": adapt_doc["first_loss"], "last_loss": adapt_doc["last_loss"],
-                  "trainable": adapt_doc["parameters"]["trainable"],
-                  "total": adapt_doc["parameters"]["total"],
-                  "loss_curve": adapt_doc["files"]["plot"]},
+        "chips": {
+            "path": str(chips),
+            "count": tiled.chips,
+            "splits": tiled.splits,
+            "classes": [c["name"] for c in tiled.classes],
+        },
+        "adapt": {
+            "path": str(adapted),
+            "steps": adapt_doc["steps"],
+            "first_loss": adapt_doc["first_loss"],
+            "last_loss": adapt_doc["last_loss"],
+            "trainable": adapt_doc["parameters"]["trainable"],
+            "total": adapt_doc["parameters"]["total"],
+            "loss_curve": adapt_doc["files"]["plot"],
+        },
         "probe": {"evaluated_on": probe_doc["evaluated_on"], "models": probe_rows},
-        "finetune": {"path": str(model), "mode": "lora", "val": val,
-                     "first_loss": finetune_doc["train"]["first_loss"],
-                     "last_loss": finetune_doc["train"]["last_loss"]},
-        "predict": {"path": str(prediction), "sidecar": predict_doc.get("sidecar"),
-                    "valid_pixels": predict_doc.get("valid_pixels")},
+        "finetune": {
+            "path": str(model),
+            "mode": "lora",
+            "val": val,
+            "first_loss": finetune_doc["train"]["first_loss"],
+            "last_loss": finetune_doc["train"]["last_loss"],
+        },
+        "predict": {
+            "path": str(prediction),
+            "sidecar": predict_doc.get("sidecar"),
+            "valid_pixels": predict_doc.get("valid_pixels"),
+        },
         "quicklook": str(quicklook),
     }
 
@@ -185,14 +255,17 @@ def _write_source_model(path: Path, init: str, init_weights: str | None, chips: 
     from geoexplora.models.file import save_model
 
     meta = load_dataset_meta(chips)
-    vit = build_backbone(init=init, init_weights=init_weights,
-                         bands=[b["key"] for b in meta["bands"]], stats=meta["stats"],
-                         img_size=2 * CHIP_SIZE)
+    vit = build_backbone(
+        init=init,
+        init_weights=init_weights,
+        bands=[b["key"] for b in meta["bands"]],
+        stats=meta["stats"],
+        img_size=2 * CHIP_SIZE,
+    )
     return save_model(path, vit, {"provenance": {"demo": "source model before adaptation"}})
 
 
-def write_quicklook(scene_path: Path, labels_path: Path, prediction_path: Path,
-                    out: Path) -> Path:
+def write_quicklook(scene_path: Path, labels_path: Path, prediction_path: Path, out: Path) -> Path:
     """PNG: true colour (B4,B3,B2, 2-98 % stretch) | reference land cover | prediction."""
     import matplotlib
 
@@ -226,8 +299,9 @@ def write_quicklook(scene_path: Path, labels_path: Path, prediction_path: Path,
     axes[2].imshow(np.ma.masked_equal(pred, nodata), **shown)
     axes[2].set_title("prediction (fine-tuned adapted model)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c["color"]) for c in classes]
-    fig.legend(handles, [c["name"] for c in classes], loc="lower center", ncol=len(classes),
-               fontsize=9)
+    fig.legend(
+        handles, [c["name"] for c in classes], loc="lower center", ncol=len(classes), fontsize=9
+    )
     for ax in axes:
         ax.set_axis_off()
     fig.tight_layout(rect=(0, 0.08, 1, 1))

@@ -53,8 +53,8 @@ class EmbedConfig(RasterJobConfig):
         one_of("dtype", self.dtype, EmbedDtype)
 
 
-
 # --- embed --------------------------------------------------------------------------------------
+
 
 def fit_pca(scene, plan, forward, device, k: int, sample_windows: int = PREDICT.pca_sample_windows):
     """``(mean (D,), components (k, D), explained variance ratio (k,))`` of the patch
@@ -81,14 +81,16 @@ def fit_pca(scene, plan, forward, device, k: int, sample_windows: int = PREDICT.
         raise UserError(f"{opt('pca')}: the raster has no valid pixel to fit the projection on")
     x = torch.cat(samples).double()
     if k > min(x.shape):
-        raise UserError(f"{opt('pca')} {k}: at most {min(x.shape)} components from "
-                        f"{x.shape[0]} sampled patches of dimension {x.shape[1]}")
+        raise UserError(
+            f"{opt('pca')} {k}: at most {min(x.shape)} components from "
+            f"{x.shape[0]} sampled patches of dimension {x.shape[1]}"
+        )
     mean = x.mean(dim=0)
     _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
     comps = vh[:k]
     signs = torch.sign(comps.gather(1, comps.abs().argmax(dim=1, keepdim=True)))
     comps = comps * signs
-    ratio = (s[:k] ** 2 / (s ** 2).sum()).tolist()
+    ratio = (s[:k] ** 2 / (s**2).sum()).tolist()
     return mean.float(), comps.float(), ratio
 
 
@@ -103,14 +105,25 @@ def _pca_for(scene, plan, model, read, device, k: int, work: Path) -> tuple:
     if stored.exists():
         doc = json.loads(stored.read_text())
         if doc["k"] == k:
-            return (torch.tensor(doc["mean"]), torch.tensor(doc["components"]),
-                    doc["explained_variance_ratio"])
+            return (
+                torch.tensor(doc["mean"]),
+                torch.tensor(doc["components"]),
+                doc["explained_variance_ratio"],
+            )
     raw = predictor_from_model(model, read.days, embed=True)
     mean, comps, ratio = fit_pca(scene, plan, raw.make_forward(device), device, k)
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / f".pca.json.{os.getpid()}"
-    tmp.write_text(json.dumps({"k": k, "mean": mean.tolist(), "components": comps.tolist(),
-                               "explained_variance_ratio": ratio}))
+    tmp.write_text(
+        json.dumps(
+            {
+                "k": k,
+                "mean": mean.tolist(),
+                "components": comps.tolist(),
+                "explained_variance_ratio": ratio,
+            }
+        )
+    )
     os.replace(tmp, stored)
     return mean, comps, ratio
 
@@ -143,15 +156,21 @@ def embed(cfg: EmbedConfig) -> list[RasterResult]:
     jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
     results = []
     for inputs, output in jobs:
-        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, model_name(cfg.model))
+        scene, read, mapping = open_model_scene(
+            inputs, cfg.scene, model.meta, model_name(cfg.model)
+        )
         with owned(scene, inputs):
-            results.append(_embed_job(cfg, inputs, output, scene, read, mapping, model,
-                                     model_sha, devices, run_opts))
+            results.append(
+                _embed_job(
+                    cfg, inputs, output, scene, read, mapping, model, model_sha, devices, run_opts
+                )
+            )
     return results
 
 
-def _embed_job(cfg, inputs, output, scene, read, mapping, model, model_sha: str,
-             devices, run_opts) -> RasterResult:
+def _embed_job(
+    cfg, inputs, output, scene, read, mapping, model, model_sha: str, devices, run_opts
+) -> RasterResult:
     """One job: one scene's embeddings into one output (or its plan, with ``dry_run``)."""
     from geoexplora.inference.model import predictor_from_model
     from geoexplora.inference.products import embedding_product
@@ -162,16 +181,16 @@ def _embed_job(cfg, inputs, output, scene, read, mapping, model, model_sha: str,
     dim = raw.channels
     channels = cfg.pca or dim
     tags = {"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": "embedding"}
-    names = ([f"pc{i + 1}" for i in range(channels)] if cfg.pca
-             else [f"dim{i}" for i in range(channels)])
-    product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags,
-                                names)
+    names = (
+        [f"pc{i + 1}" for i in range(channels)] if cfg.pca else [f"dim{i}" for i in range(channels)]
+    )
+    product = embedding_product(output, output_grid(scene, plan), channels, cfg.dtype, tags, names)
     check_outputs([product], cfg, [], inputs)
     if cfg.dry_run:
-        doc = dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg,
-                           devices, False)
+        doc = dry_run_doc(inputs, output, scene, plan, raw, [product], mapping, cfg, devices, False)
         return RasterResult.from_report(
-            {**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype}, dry_run=True)
+            {**doc, "embed_dim": dim, "pca": cfg.pca, "dtype": cfg.dtype}, dry_run=True
+        )
     if cfg.pca and cfg.pca > dim:
         raise UserError(f"{opt('pca')} {cfg.pca}: the model's embeddings have {dim} dimensions")
     check_memory(scene, plan, raw, [product], cfg, devices, False, output)
@@ -191,17 +210,32 @@ def _embed_job(cfg, inputs, output, scene, read, mapping, model, model_sha: str,
                 shutil.rmtree(work)
             raise
         predictor = predictor_from_model(model, read.days, embed=True, pca=(mean, comps))
-        pca_doc = {"k": cfg.pca, "explained_variance_ratio": ratio,
-                   "mean": mean.tolist(), "components": comps.tolist()}
-    provenance = {"command": "embed", "model": {"path": model_name(cfg.model), "sha256": model_sha},
-                  "inputs": [str(p) for p in input_files(inputs)],
-                  "scene": scene.describe(),
-                  "band_mapping": mapping, "task": "embedding", "embed_dim": dim,
-                  "patch_size": raw.patch_size, "pca": pca_doc,
-                  "devices": [str(d) for d in devices], "versions": package_versions()}
-    result = predict_scene(scene, predictor, plan, [product], devices, run_opts, {},
-                           provenance, prepared=True)
-    return RasterResult.from_report(finish_result(
-        {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
-        output), dry_run=False)
-
+        pca_doc = {
+            "k": cfg.pca,
+            "explained_variance_ratio": ratio,
+            "mean": mean.tolist(),
+            "components": comps.tolist(),
+        }
+    provenance = {
+        "command": "embed",
+        "model": {"path": model_name(cfg.model), "sha256": model_sha},
+        "inputs": [str(p) for p in input_files(inputs)],
+        "scene": scene.describe(),
+        "band_mapping": mapping,
+        "task": "embedding",
+        "embed_dim": dim,
+        "patch_size": raw.patch_size,
+        "pca": pca_doc,
+        "devices": [str(d) for d in devices],
+        "versions": package_versions(),
+    }
+    result = predict_scene(
+        scene, predictor, plan, [product], devices, run_opts, {}, provenance, prepared=True
+    )
+    return RasterResult.from_report(
+        finish_result(
+            {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
+            output,
+        ),
+        dry_run=False,
+    )

@@ -32,12 +32,16 @@ from geoexplora.results import ExportResult
 
 ExportFormat = Literal["geoexplora", "onnx"]
 ONNX_FORMAT_NAME = "geoexplora-onnx"
-ONNX_MAX_BYTES = 2 * 1024 ** 3  # one protobuf file (no external data): 2 GiB
-NOTE_ONNX_USE = ("run with onnxruntime: InferenceSession(path).run(None, {'image': x}) on "
-                 "windows of the input size; geoexplora predict reads the model file this was "
-                 "exported from (it streams, blends and georeferences windows itself)")
-NOTE_ONNX_INPUTS = ("every frame is attended to (the graph has no frame-mask input); NaN pixels "
-                    "become the band mean, as in PyTorch")
+ONNX_MAX_BYTES = 2 * 1024**3  # one protobuf file (no external data): 2 GiB
+NOTE_ONNX_USE = (
+    "run with onnxruntime: InferenceSession(path).run(None, {'image': x}) on "
+    "windows of the input size; geoexplora predict reads the model file this was "
+    "exported from (it streams, blends and georeferences windows itself)"
+)
+NOTE_ONNX_INPUTS = (
+    "every frame is attended to (the graph has no frame-mask input); NaN pixels "
+    "become the band mean, as in PyTorch"
+)
 
 
 @dataclass
@@ -69,6 +73,7 @@ class ExportConfig:
 # Bands and statistics
 # ---------------------------------------------------------------------------------------------
 
+
 def requested_bands(tokens: list[str] | None, sensor: str | None):
     """The bands named by ``bands`` (names of ``sensor``, default sentinel2, or sensor:name
     keys), or all bands of ``sensor`` alone; None when neither is given."""
@@ -87,15 +92,19 @@ def requested_bands(tokens: list[str] | None, sensor: str | None):
             band = B.find_band(default, token)
             if band is None:
                 names = ", ".join(b.name for b in B.SENSORS[default])
-                raise UserError(f"band '{token}' is not a {default} band (it has: {names}); "
-                                f"name the sensor with {opt('sensor')}", option="bands")
+                raise UserError(
+                    f"band '{token}' is not a {default} band (it has: {names}); "
+                    f"name the sensor with {opt('sensor')}",
+                    option="bands",
+                )
             out.append(band)
     B.check_distinct(list(tokens), out)
     return out
 
 
-def data_bands_and_stats(paths: list[Path], tokens: list[str] | None, sensor: str | None,
-                         seed: int = 0, scene_opts=None) -> tuple[list, dict]:
+def data_bands_and_stats(
+    paths: list[Path], tokens: list[str] | None, sensor: str | None, seed: int = 0, scene_opts=None
+) -> tuple[list, dict]:
     """(bands, ``{"mean", "std", "origin", "from"}``) of a chips dataset (its ``dataset.json``)
     or of scenes (robust statistics of random windows, as ``adapt`` computes them; read with
     ``scene_opts``, whose bands and sensor ``tokens`` and ``sensor`` replace)."""
@@ -106,14 +115,21 @@ def data_bands_and_stats(paths: list[Path], tokens: list[str] | None, sensor: st
 
         chips = ChipsDataset(paths[0])
         indices = _chip_band_indices(chips, tokens)
-        return ([chips.bands[i] for i in indices],
-                {"mean": [chips.stats["mean"][i] for i in indices],
-                 "std": [chips.stats["std"][i] for i in indices],
-                 "origin": "dataset.json", "from": str(paths[0])})
+        return (
+            [chips.bands[i] for i in indices],
+            {
+                "mean": [chips.stats["mean"][i] for i in indices],
+                "std": [chips.stats["std"][i] for i in indices],
+                "origin": "dataset.json",
+                "from": str(paths[0]),
+            },
+        )
     chips_given = [p for p in paths if _is_chips_dataset(p)]
     if chips_given:
-        raise UserError(f"give one chips dataset ({chips_given[0]}) or scenes, not both or "
-                        "several", option="stats_from")
+        raise UserError(
+            f"give one chips dataset ({chips_given[0]}) or scenes, not both or several",
+            option="stats_from",
+        )
     import dataclasses
 
     from geoexplora.io.scene import SceneOptions
@@ -121,24 +137,36 @@ def data_bands_and_stats(paths: list[Path], tokens: list[str] | None, sensor: st
     from geoexplora.pipelines.adapt import open_scenes
     from geoexplora.train.sampling import SceneWindows
 
-    opts = dataclasses.replace(scene_opts or SceneOptions(), bands=tokens,
-                               sensor=sensor or (scene_opts.sensor if scene_opts else None))
+    opts = dataclasses.replace(
+        scene_opts or SceneOptions(),
+        bands=tokens,
+        sensor=sensor or (scene_opts.sensor if scene_opts else None),
+    )
     scenes = open_scenes(paths, opts)  # same bands in every scene, or a UserError
     window = min(DATA.crop_size, *(min(s.width, s.height) for s in scenes))
     windows = SceneWindows(scenes, window, seed)
     stats = robust_band_stats(windows.pixel_stream(DATA.stats_sample_windows, seed), seed=seed)
-    return list(scenes[0].bands), {"mean": stats["mean"], "std": stats["std"],
-                                   "origin": "data sample",
-                                   "from": [str(p) for p in paths]}
+    return list(scenes[0].bands), {
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "origin": "data sample",
+        "from": [str(p) for p in paths],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The model a spec names
 # ---------------------------------------------------------------------------------------------
 
-def build_spec_model(spec: str, init_weights: str | None = None, bands=None,
-                     stats: dict | None = None, img_size: int | None = None,
-                     num_frames: int | None = None):
+
+def build_spec_model(
+    spec: str,
+    init_weights: str | None = None,
+    bands=None,
+    stats: dict | None = None,
+    img_size: int | None = None,
+    num_frames: int | None = None,
+):
     """The module a spec names, ready to save: a model file as it is (a task model keeps its
     head; other ``bands``/``stats``/``num_frames`` re-target its backbone), anything else built by
     :func:`~geoexplora.models.build_backbone` (an RGB source on other bands gets the band-aware
@@ -149,20 +177,29 @@ def build_spec_model(spec: str, init_weights: str | None = None, bands=None,
     resolved = resolve_init(str(spec), init_weights)
     stats_arg = {"mean": stats["mean"], "std": stats["std"]} if stats else None
     if resolved.kind != "model_file":
-        return build_backbone(init=str(spec), init_weights=init_weights, bands=bands,
-                              stats=stats_arg, img_size=img_size or DATA.crop_size,
-                              num_frames=num_frames or 1)
+        return build_backbone(
+            init=str(spec),
+            init_weights=init_weights,
+            bands=bands,
+            stats=stats_arg,
+            img_size=img_size or DATA.crop_size,
+            num_frames=num_frames or 1,
+        )
     from geoexplora.models.file import load_model, read_model_meta
 
     meta = read_model_meta(resolved.model_path)
     frames = num_frames or meta["backbone"]["num_frames"]
-    changed = (bands is not None or stats is not None
-               or frames != meta["backbone"]["num_frames"])
+    changed = bands is not None or stats is not None or frames != meta["backbone"]["num_frames"]
     model = load_model(resolved.model_path)
     if not changed:
         return model
-    backbone = build_backbone(init=str(spec), bands=bands, stats=stats_arg, num_frames=frames,
-                              spectral_tokens=meta["backbone"]["spectral_tokens"])
+    backbone = build_backbone(
+        init=str(spec),
+        bands=bands,
+        stats=stats_arg,
+        num_frames=frames,
+        spectral_tokens=meta["backbone"]["spectral_tokens"],
+    )
     if meta.get("task"):
         model.backbone = backbone
         return model
@@ -178,15 +215,20 @@ def source_for_rasters(spec, inputs: list[Path], scene_opts=None):
     from geoexplora.models.file import FORMAT_VERSION
     from geoexplora.train.features import source_provenance
 
-    bands, stats = data_bands_and_stats(inputs, list(spec.bands) if spec.bands else None, None,
-                                        spec.seed, scene_opts)
+    bands, stats = data_bands_and_stats(
+        inputs, list(spec.bands) if spec.bands else None, None, spec.seed, scene_opts
+    )
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         model = build_spec_model(spec.spec, spec.init_weights, bands, stats)
     _stats_origin(model, stats)
-    model.meta = {"format_version": FORMAT_VERSION, "kind": "backbone",
-                  "backbone": model.config, "task": None,
-                  "provenance": {"source": source_provenance(spec)}}
+    model.meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": "backbone",
+        "backbone": model.config,
+        "task": None,
+        "provenance": {"source": source_provenance(spec)},
+    }
     model.source_spec = spec.spec
     return model.eval()
 
@@ -196,13 +238,17 @@ def _stats_origin(module, stats: dict | None) -> None:
     if stats is None:
         return
     backbone = getattr(module, "backbone", module)
-    backbone.config["stats"] = {**backbone.config["stats"], "origin": stats["origin"],
-                                "from": stats["from"]}
+    backbone.config["stats"] = {
+        **backbone.config["stats"],
+        "origin": stats["origin"],
+        "from": stats["from"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # ONNX
 # ---------------------------------------------------------------------------------------------
+
 
 def _onnx_module(model):
     """The graph ONNX gets: images (and dates, for temporal models) in, tensors out."""
@@ -249,21 +295,39 @@ def _onnx_spec(model, size: int) -> dict:
     backbone = model.backbone if task else model
     t, c = backbone.num_frames, len(backbone.bands)
     h, w = backbone.grid_size(size, size)
-    inputs = [{"name": "image", "shape": ["batch", t, c, size, size], "dtype": "float32",
-               "units": "canonical (reflectance x 10000; NaN = nodata), not normalised: the "
-                        "model z-scores with its statistics"}]
+    inputs = [
+        {
+            "name": "image",
+            "shape": ["batch", t, c, size, size],
+            "dtype": "float32",
+            "units": "canonical (reflectance x 10000; NaN = nodata), not normalised: the "
+            "model z-scores with its statistics",
+        }
+    ]
     if t > 1:
-        inputs.append({"name": "dates", "shape": ["batch", t], "dtype": "float32",
-                       "units": "days since 1970-01-01"})
+        inputs.append(
+            {
+                "name": "dates",
+                "shape": ["batch", t],
+                "dtype": "float32",
+                "units": "days since 1970-01-01",
+            }
+        )
     if not task:
-        outputs = [{"name": "cls", "shape": ["batch", backbone.embed_dim]},
-                   {"name": "patch", "shape": ["batch", t, h * w, backbone.embed_dim],
-                    "grid": [h, w]}]
+        outputs = [
+            {"name": "cls", "shape": ["batch", backbone.embed_dim]},
+            {"name": "patch", "shape": ["batch", t, h * w, backbone.embed_dim], "grid": [h, w]},
+        ]
     elif model.task == "segmentation":
         outputs = [{"name": "logits", "shape": ["batch", len(model.classes), size, size]}]
     else:
-        outputs = [{"name": "logits", "shape": ["batch", len(model.classes)],
-                    "activation": "sigmoid" if model.task == "multilabel" else "softmax"}]
+        outputs = [
+            {
+                "name": "logits",
+                "shape": ["batch", len(model.classes)],
+                "activation": "sigmoid" if model.task == "multilabel" else "softmax",
+            }
+        ]
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -282,10 +346,23 @@ def _export_onnx(model, path: Path, io: dict, example: list, opset: int) -> str:
     names_out = [o["name"] for o in io["outputs"]]
     batch = torch.export.Dim("batch", min=1)
     attempts = (
-        ("dynamo", {"dynamo": True, "dynamic_shapes": tuple({0: batch} for _ in names_in),
-                    "optimize": True, "external_data": False}),
-        ("torchscript", {"dynamo": False, "do_constant_folding": True,
-                         "dynamic_axes": {n: {0: "batch"} for n in names_in + names_out}}),
+        (
+            "dynamo",
+            {
+                "dynamo": True,
+                "dynamic_shapes": tuple({0: batch} for _ in names_in),
+                "optimize": True,
+                "external_data": False,
+            },
+        ),
+        (
+            "torchscript",
+            {
+                "dynamo": False,
+                "do_constant_folding": True,
+                "dynamic_axes": {n: {0: "batch"} for n in names_in + names_out},
+            },
+        ),
     )
     reasons = []
     for name, kwargs in attempts:
@@ -293,8 +370,15 @@ def _export_onnx(model, path: Path, io: dict, example: list, opset: int) -> str:
         try:
             with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(chatter):
                 warnings.simplefilter("ignore")  # tracer warnings on shape arithmetic
-                torch.onnx.export(model, tuple(example), str(path), input_names=names_in,
-                                  output_names=names_out, opset_version=opset, **kwargs)
+                torch.onnx.export(
+                    model,
+                    tuple(example),
+                    str(path),
+                    input_names=names_in,
+                    output_names=names_out,
+                    opset_version=opset,
+                    **kwargs,
+                )
         except Exception as exc:  # noqa: BLE001 - each exporter fails in its own ways
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colours
             reasons.append(f"{name}: {text.splitlines()[0] if text else type(exc).__name__}")
@@ -306,8 +390,9 @@ def _export_onnx(model, path: Path, io: dict, example: list, opset: int) -> str:
             return f"torch.onnx.export(dynamo=True), opset {opset}"
         logger.warning("the dynamo ONNX exporter failed (%s); used dynamo=False", reasons[0])
         return f"torch.onnx.export(dynamo=False, TorchScript-based), opset {opset}"
-    raise UserError(f"ONNX cannot express this model (opset {opset}): {'; '.join(reasons)}",
-                    option="format")
+    raise UserError(
+        f"ONNX cannot express this model (opset {opset}): {'; '.join(reasons)}", option="format"
+    )
 
 
 def _check_onnx(model, path: Path, io: dict, example: list, atol: float, rtol: float) -> dict:
@@ -327,10 +412,17 @@ def _check_onnx(model, path: Path, io: dict, example: list, atol: float, rtol: f
     diff = max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref))
     scale = max(float(r.abs().max()) for r in ref)
     limit = atol + rtol * scale
-    return {"max_abs_diff": diff, "max_abs_output": scale, "tolerance": limit,
-            "atol": atol, "rtol": rtol, "batch": int(example[0].shape[0]),
-            "runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)",
-            "input": "random (band mean + std x N(0, 1))", "passed": diff <= limit}
+    return {
+        "max_abs_diff": diff,
+        "max_abs_output": scale,
+        "tolerance": limit,
+        "atol": atol,
+        "rtol": rtol,
+        "batch": int(example[0].shape[0]),
+        "runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)",
+        "input": "random (band mean + std x N(0, 1))",
+        "passed": diff <= limit,
+    }
 
 
 def _require_onnx():
@@ -338,8 +430,11 @@ def _require_onnx():
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as exc:
-        raise UserError(f"ONNX export needs the onnx extra ({exc.name} is not installed): "
-                        "pip install 'geoexplora[onnx]'", option="format") from exc
+        raise UserError(
+            f"ONNX export needs the onnx extra ({exc.name} is not installed): "
+            "pip install 'geoexplora[onnx]'",
+            option="format",
+        ) from exc
 
 
 def write_onnx(model, output: Path, cfg: ExportConfig, source: dict) -> dict:
@@ -354,40 +449,58 @@ def write_onnx(model, output: Path, cfg: ExportConfig, source: dict) -> dict:
     backbone = model.backbone if task else model
     size = cfg.image_size or int(backbone.config["architecture"]["img_size"][0])
     if size % backbone.patch_size:
-        raise UserError(f"{size} px is not a multiple of the model's {backbone.patch_size} px "
-                        "patches", option="image_size")
+        raise UserError(
+            f"{size} px is not a multiple of the model's {backbone.patch_size} px patches",
+            option="image_size",
+        )
     nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     if nbytes >= ONNX_MAX_BYTES:
-        raise UserError(f"{source['model']}: {nbytes / 1024 ** 3:.1f} GiB of weights; one ONNX "
-                        "file holds at most 2 GiB (use the geoexplora format)", option="format")
+        raise UserError(
+            f"{source['model']}: {nbytes / 1024**3:.1f} GiB of weights; one ONNX "
+            "file holds at most 2 GiB (use the geoexplora format)",
+            option="format",
+        )
     model = model.float().eval()
     wrapped = _onnx_module(model)
     io = _onnx_spec(model, size)
     example = _random_input(backbone, size, EXPORT.check_batch, cfg.seed)
     sidecar = sidecar_path(output)
-    with atomic_output(output, cfg.overwrite) as tmp, \
-            atomic_output(sidecar, cfg.overwrite) as tmp_json:
+    with (
+        atomic_output(output, cfg.overwrite) as tmp,
+        atomic_output(sidecar, cfg.overwrite) as tmp_json,
+    ):
         exporter = _export_onnx(wrapped, tmp, io, example, cfg.opset)
         check = _check_onnx(wrapped, tmp, io, example, cfg.atol, cfg.rtol)
         if not check["passed"]:
             raise RuntimeFailure(
                 f"{output}: onnxruntime's output differs from PyTorch's by "
                 f"{check['max_abs_diff']:.3g} (tolerance {check['tolerance']:.3g}); nothing "
-                "written")
+                "written"
+            )
         doc = {
-            "format": ONNX_FORMAT_NAME, "format_version": 1,
-            "onnx": output.name, "sha256": hashlib.sha256(tmp.read_bytes()).hexdigest(),
+            "format": ONNX_FORMAT_NAME,
+            "format_version": 1,
+            "onnx": output.name,
+            "sha256": hashlib.sha256(tmp.read_bytes()).hexdigest(),
             "kind": "task" if task else "backbone",
             "task": model.task if task else None,
             "classes": model.classes if task else None,
             "bands": [{**b.to_dict(), "key": b.key} for b in backbone.bands],
-            "stats": {"mean": backbone.band_mean.tolist(), "std": backbone.band_std.tolist(),
-                      "origin": backbone.config["stats"].get("origin"),
-                      "applied": "inside the model"},
-            "patch_size": backbone.patch_size, "image_size": size,
-            "num_frames": backbone.num_frames, "embed_dim": backbone.embed_dim,
-            **io, "exporter": exporter, "check": check,
-            "architecture": backbone.config["architecture"], "source": source,
+            "stats": {
+                "mean": backbone.band_mean.tolist(),
+                "std": backbone.band_std.tolist(),
+                "origin": backbone.config["stats"].get("origin"),
+                "applied": "inside the model",
+            },
+            "patch_size": backbone.patch_size,
+            "image_size": size,
+            "num_frames": backbone.num_frames,
+            "embed_dim": backbone.embed_dim,
+            **io,
+            "exporter": exporter,
+            "check": check,
+            "architecture": backbone.config["architecture"],
+            "source": source,
             "notes": [NOTE_ONNX_INPUTS, NOTE_ONNX_USE],
         }
         tmp_json.write_text(json.dumps(doc, indent=2) + "\n")
@@ -397,6 +510,7 @@ def write_onnx(model, output: Path, cfg: ExportConfig, source: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+
 
 def _source_description(cfg: ExportConfig) -> dict:
     from geoexplora.provenance import sha256_file
@@ -443,15 +557,23 @@ def export(cfg: ExportConfig) -> ExportResult:
     source = _source_description(cfg)
     task = isinstance(model, TaskModel)
     backbone = model.backbone if task else model
-    doc = {"output": str(output), "format": cfg.format,
-           "kind": "task" if task else "backbone", "model": str(cfg.model),
-           "task": model.task if task else None,
-           "bands": [b.key for b in backbone.bands],
-           "stats": {"mean": backbone.band_mean.tolist(), "std": backbone.band_std.tolist(),
-                     "origin": backbone.config["stats"].get("origin")},
-           "num_frames": backbone.num_frames, "patch_size": backbone.patch_size,
-           "parameters": sum(p.numel() for p in model.parameters()),
-           "source": source}
+    doc = {
+        "output": str(output),
+        "format": cfg.format,
+        "kind": "task" if task else "backbone",
+        "model": str(cfg.model),
+        "task": model.task if task else None,
+        "bands": [b.key for b in backbone.bands],
+        "stats": {
+            "mean": backbone.band_mean.tolist(),
+            "std": backbone.band_std.tolist(),
+            "origin": backbone.config["stats"].get("origin"),
+        },
+        "num_frames": backbone.num_frames,
+        "patch_size": backbone.patch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "source": source,
+    }
     if cfg.format == "geoexplora":
         from geoexplora.models.file import save_model
 
@@ -462,7 +584,12 @@ def export(cfg: ExportConfig) -> ExportResult:
     onnx_doc = write_onnx(model, output, cfg, source)
     from geoexplora.inference.runner import sidecar_path
 
-    doc.update(sidecar=str(sidecar_path(output)), exporter=onnx_doc["exporter"],
-               check=onnx_doc["check"], inputs=onnx_doc["inputs"], outputs=onnx_doc["outputs"],
-               image_size=onnx_doc["image_size"])
+    doc.update(
+        sidecar=str(sidecar_path(output)),
+        exporter=onnx_doc["exporter"],
+        check=onnx_doc["check"],
+        inputs=onnx_doc["inputs"],
+        outputs=onnx_doc["outputs"],
+        image_size=onnx_doc["image_size"],
+    )
     return ExportResult.from_report(doc)

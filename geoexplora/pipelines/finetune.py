@@ -111,15 +111,22 @@ def dataset_task(meta_task: str, requested: str | None, root: Path) -> str:
     serve it."""
     task = requested or meta_task
     if task not in TASKS:
-        raise UserError(f"{opt('task')} {task}: use one of {', '.join(TASKS)}"
-                        if requested else f"{root}: an unlabelled chips dataset (task "
-                        f"'{meta_task}'); tile with {opt('labels')} to fine-tune")
+        raise UserError(
+            f"{opt('task')} {task}: use one of {', '.join(TASKS)}"
+            if requested
+            else f"{root}: an unlabelled chips dataset (task "
+            f"'{meta_task}'); tile with {opt('labels')} to fine-tune"
+        )
     if task == "segmentation" and meta_task != "segmentation":
-        raise UserError(f"{opt('task')} segmentation: {root} has no masks (task '{meta_task}'); tile "
-                        f"it with {opt('task')} segmentation")
+        raise UserError(
+            f"{opt('task')} segmentation: {root} has no masks (task '{meta_task}'); tile "
+            f"it with {opt('task')} segmentation"
+        )
     if task == "multilabel" and meta_task != "multilabel":
-        raise UserError(f"{opt('task')} multilabel: {root} has no multi-label chips (task "
-                        f"'{meta_task}'); tile it with {opt('task')} multilabel")
+        raise UserError(
+            f"{opt('task')} multilabel: {root} has no multi-label chips (task "
+            f"'{meta_task}'); tile it with {opt('task')} multilabel"
+        )
     return task
 
 
@@ -198,23 +205,29 @@ class EvalSet(torch.utils.data.Dataset):
         return item
 
 
-def holdout_val(dataset: ChipsDataset, indices: list[int], task: str, fraction: float,
-                seed: int) -> tuple[list[int], list[int]]:
+def holdout_val(
+    dataset: ChipsDataset, indices: list[int], task: str, fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """(train, val) chip indices: ``fraction`` of the labelled training chips held out, stratified
     by the chip label (for segmentation the chips' majority class)."""
     from geoexplora.pipelines.probe import stratified_holdout
 
     if len(indices) < 2:
-        raise UserError(f"{dataset.root}: {len(indices)} labelled training chip(s) and no val "
-                        "split; fine-tuning needs more")
+        raise UserError(
+            f"{dataset.root}: {len(indices)} labelled training chip(s) and no val "
+            "split; fine-tuning needs more"
+        )
     labels = torch.as_tensor(dataset.labels[indices])
     held = stratified_holdout(labels, fraction, seed, multilabel=task == "multilabel")
-    return ([i for i, h in zip(indices, held.tolist()) if not h],
-            [i for i, h in zip(indices, held.tolist()) if h])
+    return (
+        [i for i, h in zip(indices, held.tolist()) if not h],
+        [i for i, h in zip(indices, held.tolist()) if h],
+    )
 
 
-def class_frequencies(dataset: ChipsDataset, indices: list[int], task: str,
-                      num_classes: int) -> torch.Tensor:
+def class_frequencies(
+    dataset: ChipsDataset, indices: list[int], task: str, num_classes: int
+) -> torch.Tensor:
     """Training counts per class: chips (classification), positive chips (multilabel) or
     labelled pixels (segmentation; reads the masks once)."""
     counts = torch.zeros(num_classes, dtype=torch.float64)
@@ -226,7 +239,8 @@ def class_frequencies(dataset: ChipsDataset, indices: list[int], task: str,
         else:
             mask = torch.from_numpy(dataset.read_mask(i).astype("int64"))
             counts += torch.bincount(mask[mask != IGNORE_INDEX], minlength=num_classes)[
-                :num_classes].double()
+                :num_classes
+            ].double()
     return counts
 
 
@@ -279,8 +293,9 @@ def build_task_model(backbone, task: str, classes: list[dict]):
     if task == "segmentation":
         head = SegmentationHead(backbone.embed_dim, k, hidden=FINETUNE.segmentation_hidden)
     else:
-        head = LinearHead(backbone.embed_dim, k, pooling=FINETUNE.pooling,
-                          init_std=FINETUNE.head_init_std)
+        head = LinearHead(
+            backbone.embed_dim, k, pooling=FINETUNE.pooling, init_std=FINETUNE.head_init_std
+        )
     return TaskModel(backbone, head, task, classes)
 
 
@@ -292,16 +307,27 @@ def parameterise(model, mode: str, lora_rank: int, lora_alpha: float) -> dict:
         raise UserError(f"{opt('mode')} {mode}: use one of {', '.join(MODES)}")
     backbone = model.backbone
     if mode == "lora":
-        apply_explora(model, unfreeze_blocks=(), lora_rank=lora_rank, lora_alpha=lora_alpha,
-                      lora_targets=FINETUNE.lora_targets, train_embedding=False,
-                      record_as="finetune_lora")
+        apply_explora(
+            model,
+            unfreeze_blocks=(),
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=FINETUNE.lora_targets,
+            train_embedding=False,
+            record_as="finetune_lora",
+        )
         for name, p in model.backbone.named_parameters():  # LoRA only: norms, tokens frozen
             p.requires_grad_("lora_" in name)
     elif mode == "explora":
-        apply_explora(model, unfreeze_blocks=FINETUNE.explora_unfreeze_blocks,
-                      lora_rank=lora_rank, lora_alpha=lora_alpha,
-                      lora_targets=FINETUNE.lora_targets, train_embedding=False,
-                      record_as="finetune_explora")
+        apply_explora(
+            model,
+            unfreeze_blocks=FINETUNE.explora_unfreeze_blocks,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=FINETUNE.lora_targets,
+            train_embedding=False,
+            record_as="finetune_explora",
+        )
     elif mode == "linear":
         model.requires_grad_(False)
         model.head.requires_grad_(True)
@@ -322,8 +348,9 @@ def parameterise(model, mode: str, lora_rank: int, lora_alpha: float) -> dict:
 def _forward(model, batch: dict) -> torch.Tensor:
     x = batch["image"]
     multi = model.backbone.num_frames > 1
-    return model(x, dates=batch["dates"] if multi else None,
-                 frame_mask=valid_frames(x) if multi else None)
+    return model(
+        x, dates=batch["dates"] if multi else None, frame_mask=valid_frames(x) if multi else None
+    )
 
 
 class EarlyStopping(nn.Module):
@@ -358,8 +385,14 @@ class EarlyStopping(nn.Module):
 class FinetuneObjective(nn.Module):
     """The engine's objective: the task model, its loss, and the early-stopping state."""
 
-    def __init__(self, model, task: str, weights: torch.Tensor, label_smoothing: float,
-                 patience: int = FINETUNE.patience):
+    def __init__(
+        self,
+        model,
+        task: str,
+        weights: torch.Tensor,
+        label_smoothing: float,
+        patience: int = FINETUNE.patience,
+    ):
         super().__init__()
         self.model = model
         self.task = task
@@ -369,14 +402,24 @@ class FinetuneObjective(nn.Module):
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.task == "classification":
-            return F.cross_entropy(logits.float(), batch["label"], weight=self.class_weights,
-                                   label_smoothing=self.label_smoothing)
+            return F.cross_entropy(
+                logits.float(),
+                batch["label"],
+                weight=self.class_weights,
+                label_smoothing=self.label_smoothing,
+            )
         if self.task == "multilabel":
             target = batch["labels"] * (1 - self.label_smoothing) + self.label_smoothing / 2
-            return F.binary_cross_entropy_with_logits(logits.float(), target,
-                                                      pos_weight=self.class_weights)
-        return F.cross_entropy(logits.float(), batch["mask"], weight=self.class_weights,
-                               ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
+            return F.binary_cross_entropy_with_logits(
+                logits.float(), target, pos_weight=self.class_weights
+            )
+        return F.cross_entropy(
+            logits.float(),
+            batch["mask"],
+            weight=self.class_weights,
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=self.label_smoothing,
+        )
 
     def forward(self, batch: dict, step: int) -> dict:
         logits = _forward(self.model, batch)
@@ -401,22 +444,35 @@ class Evaluator:
         elif self.task == "classification":
             self.confusion += M.confusion_matrix(logits.argmax(1), batch["label"].cpu(), self.k)
         else:
-            self.confusion += M.confusion_matrix(logits.argmax(1), batch["mask"].cpu(), self.k,
-                                                 ignore_index=IGNORE_INDEX)
+            self.confusion += M.confusion_matrix(
+                logits.argmax(1), batch["mask"].cpu(), self.k, ignore_index=IGNORE_INDEX
+            )
 
     def result(self) -> dict:
         if self.task == "multilabel":
             return M.multilabel_metrics(torch.cat(self.scores), torch.cat(self.targets))
         if self.task == "classification":
-            return {**M.classification_metrics(self.confusion),
-                    "confusion_matrix": self.confusion.tolist()}
-        return {**M.segmentation_metrics(self.confusion),
-                "confusion_matrix": self.confusion.tolist()}
+            return {
+                **M.classification_metrics(self.confusion),
+                "confusion_matrix": self.confusion.tolist(),
+            }
+        return {
+            **M.segmentation_metrics(self.confusion),
+            "confusion_matrix": self.confusion.tolist(),
+        }
 
 
 @torch.no_grad()
-def evaluate(model, dataset, task: str, num_classes: int, batch_size: int, device,
-             autocast=None, num_workers: int = 0) -> dict:
+def evaluate(
+    model,
+    dataset,
+    task: str,
+    num_classes: int,
+    batch_size: int,
+    device,
+    autocast=None,
+    num_workers: int = 0,
+) -> dict:
     """The task's metrics of ``model`` on ``dataset`` (an :class:`EvalSet`)."""
     import contextlib
 
@@ -447,8 +503,10 @@ def _check_config(cfg: FinetuneConfig) -> None:
     if cfg.mode not in MODES:
         raise UserError(f"{opt('mode')} {cfg.mode}: use one of {', '.join(MODES)}")
     if cfg.class_weighting not in CLASS_WEIGHTINGS:
-        raise UserError(f"{opt('class_weights')} {cfg.class_weighting}: use one of "
-                        f"{', '.join(CLASS_WEIGHTINGS)}")
+        raise UserError(
+            f"{opt('class_weights')} {cfg.class_weighting}: use one of "
+            f"{', '.join(CLASS_WEIGHTINGS)}"
+        )
     if cfg.batch_size < 1:
         raise UserError(f"{opt('batch_size')} must be at least 1, not {cfg.batch_size}")
     if cfg.patience < 1:
@@ -520,19 +578,25 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     task = dataset_task(meta["task"], cfg.task, Path(cfg.chips))
     classes = meta.get("classes") or []
     if len(classes) < 2:
-        raise UserError(f"{cfg.chips}: fine-tuning needs at least two classes; it has "
-                        f"{len(classes)}")
+        raise UserError(
+            f"{cfg.chips}: fine-tuning needs at least two classes; it has {len(classes)}"
+        )
     splits = {name: ChipsDataset(cfg.chips, split=name) for name in ("train", "val", "test")}
     indices = {name: labelled_indices(ds, task) for name, ds in splits.items()}
     if not indices["train"]:
         raise UserError(f"{cfg.chips}: no labelled chips in the train split")
     val_from_train = not indices["val"]
     if val_from_train:
-        indices["train"], indices["val"] = holdout_val(splits["train"], indices["train"], task,
-                                                       cfg.val_fraction, cfg.seed)
+        indices["train"], indices["val"] = holdout_val(
+            splits["train"], indices["train"], task, cfg.val_fraction, cfg.seed
+        )
         splits["val"] = splits["train"]
-        logger.warning("%s has no val split: %.0f%% of the train chips (stratified) are held out "
-                       "for validation", cfg.chips, 100 * cfg.val_fraction)
+        logger.warning(
+            "%s has no val split: %.0f%% of the train chips (stratified) are held out "
+            "for validation",
+            cfg.chips,
+            100 * cfg.val_fraction,
+        )
     return FinetuneData(meta, task, classes, splits, indices, val_from_train)
 
 
@@ -557,10 +621,14 @@ def finetune_schedule(cfg: FinetuneConfig, n_train: int, world: int) -> Finetune
     global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
     per_epoch = R.steps_per_epoch(n_train, global_batch)
     steps = R.steps_for_epochs(cfg.steps, cfg.epochs, per_epoch, FINETUNE.epochs)
-    lr = cfg.lr if cfg.lr is not None else R.scaled_lr(FINETUNE.base_lr, FINETUNE.base_batch,
-                                                        global_batch, "linear")
-    warmup = R.warmup_from_epochs(cfg.warmup_steps, FINETUNE.warmup_epochs, per_epoch,
-                                  FINETUNE.warmup_max_fraction, steps)
+    lr = (
+        cfg.lr
+        if cfg.lr is not None
+        else R.scaled_lr(FINETUNE.base_lr, FINETUNE.base_batch, global_batch, "linear")
+    )
+    warmup = R.warmup_from_epochs(
+        cfg.warmup_steps, FINETUNE.warmup_epochs, per_epoch, FINETUNE.warmup_max_fraction, steps
+    )
     eval_every = cfg.eval_every or max(1, round(FINETUNE.eval_every_epochs * per_epoch))
     return FinetuneSchedule(global_batch, per_epoch, steps, lr, warmup, eval_every)
 
@@ -589,18 +657,36 @@ class Validation:
     """The loop's checkpoint hook: score the val split, keep the best weights (``best_path``,
     rank 0), and say when early stopping ends the run."""
 
-    def __init__(self, objective: FinetuneObjective, val_set: EvalSet, data: FinetuneData,
-                 batch_size: int, fabric, best_path: Path, steps: int):
+    def __init__(
+        self,
+        objective: FinetuneObjective,
+        val_set: EvalSet,
+        data: FinetuneData,
+        batch_size: int,
+        fabric,
+        best_path: Path,
+        steps: int,
+    ):
         self.objective, self.val_set, self.data = objective, val_set, data
-        self.batch_size, self.fabric, self.best_path, self.steps = (batch_size, fabric,
-                                                                     best_path, steps)
+        self.batch_size, self.fabric, self.best_path, self.steps = (
+            batch_size,
+            fabric,
+            best_path,
+            steps,
+        )
         self.monitor = MONITOR[data.task]
         self.history: list[dict] = []
 
     def scores(self) -> dict:
-        return evaluate(self.objective.model, self.val_set, self.data.task,
-                        len(self.data.classes), self.batch_size, self.fabric.device,
-                        self.fabric.autocast)
+        return evaluate(
+            self.objective.model,
+            self.val_set,
+            self.data.task,
+            len(self.data.classes),
+            self.batch_size,
+            self.fabric.device,
+            self.fabric.autocast,
+        )
 
     def __call__(self, step: int) -> bool:
         from geoexplora.io.outputs import atomic_output, torch_save
@@ -614,16 +700,33 @@ class Validation:
             log_record({"step": step, **{f"val_{k}": v for k, v in scores.items()}})  # trackers
             if improved:
                 with atomic_output(self.best_path, overwrite=True) as tmp:
-                    torch_save({"step": step, "score": score, "metrics": _jsonable(scores),
-                                "state": _trainable_state(self.objective.model)}, tmp)
+                    torch_save(
+                        {
+                            "step": step,
+                            "score": score,
+                            "metrics": _jsonable(scores),
+                            "state": _trainable_state(self.objective.model),
+                        },
+                        tmp,
+                    )
         self.fabric.barrier()
-        logger.info("step %d: val %s %.4f%s", step, self.monitor, score,
-                    " (best)" if improved else f" (best {float(stopping.best_score):.4f} at "
-                                                 f"step {int(stopping.best_step)})")
+        logger.info(
+            "step %d: val %s %.4f%s",
+            step,
+            self.monitor,
+            score,
+            " (best)"
+            if improved
+            else f" (best {float(stopping.best_score):.4f} at step {int(stopping.best_step)})",
+        )
         stop = stopping.exhausted and step < self.steps
         if stop:
-            logger.info("early stop at step %d: val %s has not improved for %d evaluations",
-                        step, self.monitor, stopping.patience)
+            logger.info(
+                "early stop at step %d: val %s has not improved for %d evaluations",
+                step,
+                self.monitor,
+                stopping.patience,
+            )
         return stop
 
 
@@ -639,124 +742,228 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult | None:
     _check_config(cfg)
     (model_path,) = check_models([cfg.model], cfg.init_weights, cfg.bands, cfg.seed)
     files = E.RunFiles(Path(cfg.output))
-    check_not_input([cfg.output, files.checkpoint, files.log, files.plot,
-                     _best_path(Path(cfg.output))], [cfg.model, cfg.chips])
+    check_not_input(
+        [cfg.output, files.checkpoint, files.log, files.plot, _best_path(Path(cfg.output))],
+        [cfg.model, cfg.chips],
+    )
     output = check_output(cfg.output, cfg.overwrite)
     E.RunFiles(output).check(cfg.overwrite, cfg.resume, extra=(_best_path(output),))
     data = load_finetune_data(cfg)
 
-    fabric = E.make_fabric(E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes,
-                                            cfg.strategy, cfg.precision))
+    fabric = E.make_fabric(
+        E.FabricSettings(cfg.accelerator, cfg.devices, cfg.num_nodes, cfg.strategy, cfg.precision)
+    )
     torch.manual_seed(cfg.seed)
     objective, band_index, report, weights = build_objective(cfg, model_path, data)
     train = data.splits["train"]
-    check_training_memory(objective, objective.model.backbone,
-                          ModelInputs(train, band_index)[data.indices["train"][0]],
-                          train.chip_size, cfg.batch_size, fabric, cfg.num_workers)
+    check_training_memory(
+        objective,
+        objective.model.backbone,
+        ModelInputs(train, band_index)[data.indices["train"][0]],
+        train.chip_size,
+        cfg.batch_size,
+        fabric,
+        cfg.num_workers,
+    )
     # A batch larger than the train split repeats chips in every step (and one of 100 000 chips
     # runs for hours); up to the default batch it is allowed, so small datasets take defaults.
     if cfg.batch_size > max(len(data.indices["train"]), FINETUNE.batch_size):
-        raise UserError(f"{cfg.batch_size} is larger than the train split of {cfg.chips} "
-                        f"({len(data.indices['train'])} labelled chips)", option="batch_size")
+        raise UserError(
+            f"{cfg.batch_size} is larger than the train split of {cfg.chips} "
+            f"({len(data.indices['train'])} labelled chips)",
+            option="batch_size",
+        )
     plan = finetune_schedule(cfg, len(data.indices["train"]), fabric.world_size)
     inputs = {name: ModelInputs(ds, band_index) for name, ds in data.splits.items()}
     train_stream = TrainStream(inputs["train"], data.indices["train"], cfg.seed, cfg.augment)
     optimizer = E.build_optimizer(E.param_groups(objective), betas=FINETUNE.betas)
-    schedules = E.Schedules(total_steps=plan.steps, lr=plan.lr, min_lr=min(cfg.min_lr, plan.lr),
-                            warmup_steps=plan.warmup, weight_decay=cfg.weight_decay)
-    settings = E.LoopSettings(output=output, steps=plan.steps, batch_size=cfg.batch_size,
-                              accumulate=cfg.accumulate, clip_grad=cfg.clip_grad,
-                              checkpoint_every=plan.eval_every, seed=cfg.seed,
-                              num_workers=cfg.num_workers, description=f"finetune {cfg.mode}")
-    digests = {"model_sha256": model_digest(model_path),
-               "dataset_sha256": dataset_digest(Path(cfg.chips))}
+    schedules = E.Schedules(
+        total_steps=plan.steps,
+        lr=plan.lr,
+        min_lr=min(cfg.min_lr, plan.lr),
+        warmup_steps=plan.warmup,
+        weight_decay=cfg.weight_decay,
+    )
+    settings = E.LoopSettings(
+        output=output,
+        steps=plan.steps,
+        batch_size=cfg.batch_size,
+        accumulate=cfg.accumulate,
+        clip_grad=cfg.clip_grad,
+        checkpoint_every=plan.eval_every,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        description=f"finetune {cfg.mode}",
+    )
+    digests = {
+        "model_sha256": model_digest(model_path),
+        "dataset_sha256": dataset_digest(Path(cfg.chips)),
+    }
     best_path = _best_path(output)
     if not cfg.resume and fabric.is_global_zero and best_path.exists():
         best_path.unlink()  # a previous run's: this run starts afresh
-    validation = Validation(objective, EvalSet(inputs["val"], data.indices["val"]), data,
-                            cfg.batch_size, fabric, best_path, plan.steps)
-    loop = E.TrainLoop(fabric, objective, optimizer, train_stream, settings, schedules,
-                       fingerprint=_fingerprint(cfg, data, plan, digests, fabric.world_size),
-                       on_checkpoint=validation)
+    validation = Validation(
+        objective,
+        EvalSet(inputs["val"], data.indices["val"]),
+        data,
+        cfg.batch_size,
+        fabric,
+        best_path,
+        plan.steps,
+    )
+    loop = E.TrainLoop(
+        fabric,
+        objective,
+        optimizer,
+        train_stream,
+        settings,
+        schedules,
+        fingerprint=_fingerprint(cfg, data, plan, digests, fabric.world_size),
+        on_checkpoint=validation,
+    )
     # The untrained head's score: the baseline fine-tuning must beat (not on resume: the
     # weights are not the initial ones then).
     val_at_start = None if cfg.resume else validation.scores()
     summary = loop.run(resume=cfg.resume)
 
     metrics = _best_and_test(objective, validation, inputs, val_at_start)
-    training = {"task": data.task, "mode": cfg.mode, "steps": plan.steps,
-                "epochs": round(plan.epochs, 3), "early_stopped_at": summary["stopped_early_at"],
-                "batch_size": cfg.batch_size, "global_batch": plan.global_batch, "lr": plan.lr,
-                "min_lr": schedules.min_lr, "warmup_steps": plan.warmup,
-                "weight_decay": cfg.weight_decay, "label_smoothing": cfg.label_smoothing,
-                "drop_path": cfg.drop_path,
-                "lora_rank": cfg.lora_rank if cfg.mode in ("lora", "explora") else None,
-                "lora_alpha": cfg.lora_alpha if cfg.mode in ("lora", "explora") else None,
-                "class_weighting": cfg.class_weighting,
-                "class_weights": _named(weights.tolist(), data.classes),
-                "augment": cfg.augment, "eval_every": plan.eval_every, "seed": cfg.seed,
-                "parameters": report}
+    training = {
+        "task": data.task,
+        "mode": cfg.mode,
+        "steps": plan.steps,
+        "epochs": round(plan.epochs, 3),
+        "early_stopped_at": summary["stopped_early_at"],
+        "batch_size": cfg.batch_size,
+        "global_batch": plan.global_batch,
+        "lr": plan.lr,
+        "min_lr": schedules.min_lr,
+        "warmup_steps": plan.warmup,
+        "weight_decay": cfg.weight_decay,
+        "label_smoothing": cfg.label_smoothing,
+        "drop_path": cfg.drop_path,
+        "lora_rank": cfg.lora_rank if cfg.mode in ("lora", "explora") else None,
+        "lora_alpha": cfg.lora_alpha if cfg.mode in ("lora", "explora") else None,
+        "class_weighting": cfg.class_weighting,
+        "class_weights": _named(weights.tolist(), data.classes),
+        "augment": cfg.augment,
+        "eval_every": plan.eval_every,
+        "seed": cfg.seed,
+        "parameters": report,
+    }
     _save(cfg, output, objective.model, data, training, metrics, digests, model_path, fabric)
     if not fabric.is_global_zero:
         return None  # rank 0 reports
-    return FinetuneResult.from_report({
-        "output": str(output), "model": str(model_path), "chips": str(cfg.chips),
-        "task": data.task, "mode": cfg.mode, "classes": [c["name"] for c in data.classes],
-        "training": training, "metrics": metrics, "evaluations": validation.history,
-        "train": _jsonable(summary)})
+    return FinetuneResult.from_report(
+        {
+            "output": str(output),
+            "model": str(model_path),
+            "chips": str(cfg.chips),
+            "task": data.task,
+            "mode": cfg.mode,
+            "classes": [c["name"] for c in data.classes],
+            "training": training,
+            "metrics": metrics,
+            "evaluations": validation.history,
+            "train": _jsonable(summary),
+        }
+    )
 
 
-def _fingerprint(cfg: FinetuneConfig, data: FinetuneData, plan: FinetuneSchedule,
-                 digests: dict, world: int) -> dict:
+def _fingerprint(
+    cfg: FinetuneConfig, data: FinetuneData, plan: FinetuneSchedule, digests: dict, world: int
+) -> dict:
     """What a resumed run must share with the interrupted one."""
-    return {**digests, "task": data.task, "mode": cfg.mode, "steps": plan.steps,
-            "batch_size": cfg.batch_size, "accumulate": cfg.accumulate, "world_size": world,
-            "lr": plan.lr, "warmup": plan.warmup, "weight_decay": cfg.weight_decay,
-            "label_smoothing": cfg.label_smoothing, "drop_path": cfg.drop_path,
-            "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-            "class_weighting": cfg.class_weighting, "augment": cfg.augment,
-            "eval_every": plan.eval_every, "seed": cfg.seed,
-            "val_from_train": cfg.val_fraction if data.val_from_train else None}
+    return {
+        **digests,
+        "task": data.task,
+        "mode": cfg.mode,
+        "steps": plan.steps,
+        "batch_size": cfg.batch_size,
+        "accumulate": cfg.accumulate,
+        "world_size": world,
+        "lr": plan.lr,
+        "warmup": plan.warmup,
+        "weight_decay": cfg.weight_decay,
+        "label_smoothing": cfg.label_smoothing,
+        "drop_path": cfg.drop_path,
+        "lora_rank": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "class_weighting": cfg.class_weighting,
+        "augment": cfg.augment,
+        "eval_every": plan.eval_every,
+        "seed": cfg.seed,
+        "val_from_train": cfg.val_fraction if data.val_from_train else None,
+    }
 
 
-def _best_and_test(objective: FinetuneObjective, validation: Validation, inputs: dict,
-                   val_at_start: dict | None) -> dict:
+def _best_and_test(
+    objective: FinetuneObjective, validation: Validation, inputs: dict, val_at_start: dict | None
+) -> dict:
     """Load the best checkpoint's weights into the model, score the test split with them."""
     data, fabric = validation.data, validation.fabric
     if not validation.best_path.exists():
-        raise RuntimeFailure(f"the validation {validation.monitor} was never a number (is the "
-                             "val split labelled?); no best checkpoint to export")
+        raise RuntimeFailure(
+            f"the validation {validation.monitor} was never a number (is the "
+            "val split labelled?); no best checkpoint to export"
+        )
     best = torch.load(validation.best_path, map_location="cpu", weights_only=True)
     missing = objective.model.load_state_dict(best["state"], strict=False)
     if missing.unexpected_keys:
-        raise RuntimeFailure(f"{validation.best_path}: holds unknown weights "
-                             f"{missing.unexpected_keys[:3]}")
+        raise RuntimeFailure(
+            f"{validation.best_path}: holds unknown weights {missing.unexpected_keys[:3]}"
+        )
     test_metrics = None
     if data.indices["test"]:
-        test_metrics = evaluate(objective.model, EvalSet(inputs["test"], data.indices["test"]),
-                                data.task, len(data.classes), validation.batch_size,
-                                fabric.device, fabric.autocast)
-    return {"monitor": validation.monitor, "best_step": int(best["step"]),
-            "val": summarise_metrics(best["metrics"], data.task, data.classes),
-            "val_at_start": summarise_metrics(val_at_start, data.task, data.classes),
-            "test": summarise_metrics(test_metrics, data.task, data.classes)}
+        test_metrics = evaluate(
+            objective.model,
+            EvalSet(inputs["test"], data.indices["test"]),
+            data.task,
+            len(data.classes),
+            validation.batch_size,
+            fabric.device,
+            fabric.autocast,
+        )
+    return {
+        "monitor": validation.monitor,
+        "best_step": int(best["step"]),
+        "val": summarise_metrics(best["metrics"], data.task, data.classes),
+        "val_at_start": summarise_metrics(val_at_start, data.task, data.classes),
+        "test": summarise_metrics(test_metrics, data.task, data.classes),
+    }
 
 
-def _save(cfg: FinetuneConfig, output: Path, model, data: FinetuneData, training: dict,
-          metrics: dict, digests: dict, model_path: Path, fabric) -> None:
+def _save(
+    cfg: FinetuneConfig,
+    output: Path,
+    model,
+    data: FinetuneData,
+    training: dict,
+    metrics: dict,
+    digests: dict,
+    model_path: Path,
+    fabric,
+) -> None:
     """The task model file (rank 0), with its training, metrics and provenance."""
     from geoexplora.models.file import save_model
     from geoexplora.train.features import model_provenance
 
-    provenance = {"data": {"chips": str(Path(cfg.chips).resolve()),
-                           "dataset_sha256": digests["dataset_sha256"],
-                           "splits": {k: len(v) for k, v in data.indices.items()},
-                           "val_from_train": data.val_from_train,
-                           "tile": data.meta.get("provenance")},
-                  **model_provenance(model_path)}
+    provenance = {
+        "data": {
+            "chips": str(Path(cfg.chips).resolve()),
+            "dataset_sha256": digests["dataset_sha256"],
+            "splits": {k: len(v) for k, v in data.indices.items()},
+            "val_from_train": data.val_from_train,
+            "tile": data.meta.get("provenance"),
+        },
+        **model_provenance(model_path),
+    }
     if fabric.is_global_zero:
-        save_model(output, model, {"finetune": training, "metrics": metrics,
-                                   "provenance": provenance}, overwrite=cfg.overwrite)
+        save_model(
+            output,
+            model,
+            {"finetune": training, "metrics": metrics, "provenance": provenance},
+            overwrite=cfg.overwrite,
+        )
     fabric.barrier()
 
 
@@ -769,4 +976,3 @@ def _jsonable(obj):
     if torch.is_tensor(obj):
         return obj.tolist()
     return obj
-

@@ -34,8 +34,9 @@ def raster_files(paths: list) -> list:
         path = Path(path)
         if path.is_dir() and not is_chips_dataset(path):
             models = sorted(p for p in path.iterdir() if p.is_file() and is_model_file(p))
-            has_rasters = any(p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
-                              for p in path.rglob("*"))
+            has_rasters = any(
+                p.is_file() and p.suffix.lower() in RASTER_SUFFIXES for p in path.rglob("*")
+            )
             if not models and not has_rasters:
                 raise UserError(f"{path}: folder holds no raster or model files")
             out.extend(models + (collect_inputs([path]) if has_rasters else []))
@@ -65,14 +66,30 @@ def describe_raster(path: Path, opts) -> dict:
     for i, band in enumerate(rf.bands, start=1):
         entry = {"index": i, "description": rf.descriptions[i - 1] if rf.descriptions else None}
         if band is not None:
-            entry.update(name=band.name, sensor=band.sensor, key=band.key,
-                         center_nm=band.center_nm, width_nm=band.width_nm, gsd_m=band.gsd_m)
+            entry.update(
+                name=band.name,
+                sensor=band.sensor,
+                key=band.key,
+                center_nm=band.center_nm,
+                width_nm=band.width_nm,
+                gsd_m=band.gsd_m,
+            )
         bands.append(entry)
     return {
-        "path": str(path), "kind": "raster", "width": rf.width, "height": rf.height,
-        "count": rf.count, "crs": rf.crs.to_string(), "epsg": rf.crs.to_epsg(),
-        "resolution": list(rf.res), "transform": list(rf.transform)[:6], "dtype": rf.dtype,
-        "nodata": rf.nodata, "sensor": rf.sensor, "date": rf.date, "bands": bands,
+        "path": str(path),
+        "kind": "raster",
+        "width": rf.width,
+        "height": rf.height,
+        "count": rf.count,
+        "crs": rf.crs.to_string(),
+        "epsg": rf.crs.to_epsg(),
+        "resolution": list(rf.res),
+        "transform": list(rf.transform)[:6],
+        "dtype": rf.dtype,
+        "nodata": rf.nodata,
+        "sensor": rf.sensor,
+        "date": rf.date,
+        "bands": bands,
     }
 
 
@@ -84,14 +101,22 @@ def describe_dataset(path: Path) -> dict:
     counts, prov = meta.get("counts", {}), meta.get("provenance", {})
     chips_per_class = counts.get("classes", {})
     return {
-        "path": str(path), "kind": "chips", "task": meta["task"],
-        "chip_size": meta["chip_size"], "num_frames": meta["num_frames"],
-        "bands": [b["key"] for b in meta["bands"]], "chips": counts.get("chips"),
-        "splits": counts.get("splits", {}), "dropped": counts.get("dropped", {}),
+        "path": str(path),
+        "kind": "chips",
+        "task": meta["task"],
+        "chip_size": meta["chip_size"],
+        "num_frames": meta["num_frames"],
+        "bands": [b["key"] for b in meta["bands"]],
+        "chips": counts.get("chips"),
+        "splits": counts.get("splits", {}),
+        "dropped": counts.get("dropped", {}),
         "classes": [{**c, "chips": chips_per_class.get(c["name"])} for c in meta["classes"]],
-        "stats": meta["stats"], "crs": prov.get("crs"),
-        "split_block_px": prov.get("split_block_px"), "sources": len(prov.get("sources", [])),
-        "created": prov.get("created"), "appends": len(prov.get("appended", [])),
+        "stats": meta["stats"],
+        "crs": prov.get("crs"),
+        "split_block_px": prov.get("split_block_px"),
+        "sources": len(prov.get("sources", [])),
+        "created": prov.get("created"),
+        "appends": len(prov.get("appended", [])),
     }
 
 

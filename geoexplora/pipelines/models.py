@@ -22,18 +22,25 @@ def _shape(arch) -> dict:
 
     with torch.device("meta"):
         vit = create_timm_vit(arch, img_size=224)
-    return {"parameters": sum(p.numel() for p in vit.parameters()),
-            "patch_size": int(vit.patch_embed.patch_size[0]),
-            "embed_dim": int(vit.embed_dim), "depth": len(vit.blocks),
-            "num_heads": int(vit.blocks[0].attn.num_heads),
-            "registers": int(vit.num_prefix_tokens) - 1}
+    return {
+        "parameters": sum(p.numel() for p in vit.parameters()),
+        "patch_size": int(vit.patch_embed.patch_size[0]),
+        "embed_dim": int(vit.embed_dim),
+        "depth": len(vit.blocks),
+        "num_heads": int(vit.blocks[0].attn.num_heads),
+        "registers": int(vit.num_prefix_tokens) - 1,
+    }
 
 
 def _weights(arch) -> dict:
     """What ``--init NAME`` (without ``--init-weights``) loads, where from, and if it is cached."""
     if arch.default_tag is None:
-        return {"tag": None, "needs": "--init-weights PATH (a checkpoint) or random",
-                "looked_for": [], "cached": None}
+        return {
+            "tag": None,
+            "needs": "--init-weights PATH (a checkpoint) or random",
+            "looked_for": [],
+            "cached": None,
+        }
     import timm
 
     cfg = timm.models.get_pretrained_cfg(f"{arch.timm_name}.{arch.default_tag}")
@@ -52,15 +59,26 @@ def _weights(arch) -> dict:
         looked_for.append(cfg.url)
         in_hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
         cached = cached or in_hub.is_file()
-    return {"tag": arch.default_tag, "needs": f"timm {arch.timm_name}.{arch.default_tag}",
-            "looked_for": looked_for, "cached": cached}
+    return {
+        "tag": arch.default_tag,
+        "needs": f"timm {arch.timm_name}.{arch.default_tag}",
+        "looked_for": looked_for,
+        "cached": cached,
+    }
 
 
 def list_models() -> list[dict]:
     """One JSON-able dict per registry name, in registry order."""
     from geoexplora.models.registry import ARCHITECTURES
 
-    return [{"name": arch.name, "timm_name": arch.timm_name, "family": arch.family,
-             "objective": "mae" if arch.family == "mae" else "dinov2",
-             **_shape(arch), "weights": _weights(arch)}
-            for arch in ARCHITECTURES.values()]
+    return [
+        {
+            "name": arch.name,
+            "timm_name": arch.timm_name,
+            "family": arch.family,
+            "objective": "mae" if arch.family == "mae" else "dinov2",
+            **_shape(arch),
+            "weights": _weights(arch),
+        }
+        for arch in ARCHITECTURES.values()
+    ]

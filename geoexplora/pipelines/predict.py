@@ -95,9 +95,9 @@ def check_common(cfg) -> None:
         cfg.inputs = [cfg.inputs]
     cfg.inputs = path_list("inputs", cfg.inputs)
     if any(isinstance(i, Scene) for i in cfg.inputs) and (
-            len(cfg.inputs) != 1 or output_is_folder(cfg.output)):
-        raise UserError("an open Scene is predicted alone, into one output file",
-                        option="inputs")
+        len(cfg.inputs) != 1 or output_is_folder(cfg.output)
+    ):
+        raise UserError("an open Scene is predicted alone, into one output file", option="inputs")
     one_of("blend", cfg.blend, Blend)
     cfg.scene = scene_options("scene", cfg.scene)
     from geoexplora.io.creation_options import check_creation_options
@@ -106,6 +106,7 @@ def check_common(cfg) -> None:
 
 
 # --- jobs: which inputs go to which output --------------------------------------------------
+
 
 def output_is_folder(output: str | Path) -> bool:
     return str(output).endswith(("/", os.sep)) or Path(output).is_dir()
@@ -126,9 +127,12 @@ def plan_jobs(rasters: list, output: str | Path, shard) -> list[tuple[list, Path
     places = resolve_places(rasters)
     if not output_is_folder(output):
         if len(places) > 1:
-            raise UserError(f"the inputs are {len(places)} places (footprints that do not "
-                            f"overlap: {', '.join(place_name(g) for g in places.groups)}); give "
-                            "a folder (ending in /) for one output per place", option="output")
+            raise UserError(
+                f"the inputs are {len(places)} places (footprints that do not "
+                f"overlap: {', '.join(place_name(g) for g in places.groups)}); give "
+                "a folder (ending in /) for one output per place",
+                option="output",
+            )
         return [(list(places.groups[0]), Path(output))]
     folder = Path(output)
     jobs = [(list(group), folder / f"{place_name(group)}.tif") for group in places.groups]
@@ -155,9 +159,18 @@ def open_model_scene(paths: list[Path], scene_opts, meta: dict, model_name: str)
     read = check_scene_against_model(meta, scene, model_name)
     sources = [[frame[i] for i in read.band_indices] for frame in scene.sources]
     warn_byte_scale(sources[0], meta["backbone"]["stats"]["mean"], model_name)
-    mapping = [{"model_band": b.key, "file": str(s.path), "file_band": s.index,
-                "date": s.date, "scale": s.scale, "add": s.add}
-               for frame in sources for b, s in zip(read.bands, frame)]
+    mapping = [
+        {
+            "model_band": b.key,
+            "file": str(s.path),
+            "file_band": s.index,
+            "date": s.date,
+            "scale": s.scale,
+            "add": s.add,
+        }
+        for frame in sources
+        for b, s in zip(read.bands, frame)
+    ]
     return Scene(sources, scene.grid, scene.dates), read, mapping
 
 
@@ -173,17 +186,27 @@ def warn_byte_scale(sources, model_mean: list[float], model_name: str) -> None:
         if source.path not in dtypes:
             with rasterio.open(source.path) as src:
                 dtypes[source.path] = src.dtypes
-        if (dtypes[source.path][source.index - 1] == "uint8" and source.scale == 1
-                and source.add == 0 and mean > 255):
+        if (
+            dtypes[source.path][source.index - 1] == "uint8"
+            and source.scale == 1
+            and source.add == 0
+            and mean > 255
+        ):
             off.append(f"{source.band.name} {mean:.0f}")
     if off:
-        logger.warning("%s: 8-bit band(s) read as they are, but %s was trained on means above "
-                       "255 (%s); if the file holds reflectance x 255, rescale it to the "
-                       "model's units first (e.g. gdal_translate -ot UInt16 -scale 0 255 0 "
-                       "10000)", sources[0].path.name, model_name, ", ".join(off))
+        logger.warning(
+            "%s: 8-bit band(s) read as they are, but %s was trained on means above "
+            "255 (%s); if the file holds reflectance x 255, rescale it to the "
+            "model's units first (e.g. gdal_translate -ot UInt16 -scale 0 255 0 "
+            "10000)",
+            sources[0].path.name,
+            model_name,
+            ", ".join(off),
+        )
 
 
 # --- the plan ---------------------------------------------------------------------------------
+
 
 def _default_overlap(window: int, multiple: int, dense_classification: bool, grid: bool) -> int:
     if grid:
@@ -199,8 +222,10 @@ def make_plan(scene, predictor, window: int | None, overlap: int | None, dense: 
     window = given_or(window, predictor.window)
     require_at_least("--window", window, predictor.patch_size)
     if window % predictor.patch_size:
-        raise UserError(f"{opt('window')} {window} must be a multiple of the model's patch size "
-                        f"({predictor.patch_size})")
+        raise UserError(
+            f"{opt('window')} {window} must be a multiple of the model's patch size "
+            f"({predictor.patch_size})"
+        )
     grid = predictor.per_window and not dense
     factor = predictor.patch_size if predictor.task == "embedding" else 1
     if overlap is None:
@@ -215,18 +240,23 @@ def make_plan(scene, predictor, window: int | None, overlap: int | None, dense: 
 def output_grid(scene, plan) -> dict:
     from rasterio.transform import Affine
 
-    return {"crs": scene.crs, "transform": scene.transform @ Affine.scale(plan.factor),
-            "width": plan.out_width, "height": plan.out_height}
+    return {
+        "crs": scene.crs,
+        "transform": scene.transform @ Affine.scale(plan.factor),
+        "width": plan.out_width,
+        "height": plan.out_height,
+    }
 
 
-def memory_estimate(scene, plan, predictor, products, batch_size: int, prefetch: int,
-                    n_devices: int, votes: bool) -> dict:
+def memory_estimate(
+    scene, plan, predictor, products, batch_size: int, prefetch: int, n_devices: int, votes: bool
+) -> dict:
     """Bytes held at once, by part (the model's activations are a rough estimate)."""
     from geoexplora.io.writers import STRIP_ROWS
 
     t, c = len(scene.dates), len(scene.bands)
     k = predictor.channels
-    window_bytes = t * c * plan.window ** 2 * 4
+    window_bytes = t * c * plan.window**2 * 4
     acc = (k * (2 if votes else 1) + 1) * plan.tile_out_size * plan.out_width * 4
     strips = sum(p.spec.count * STRIP_ROWS * plan.out_width * 4 for p in products)
     render = 3 * k * plan.tile_out_size * plan.out_width * 4
@@ -234,13 +264,18 @@ def memory_estimate(scene, plan, predictor, products, batch_size: int, prefetch:
     arch = predictor.meta.get("backbone", {}).get("architecture", {})
     dim = int(arch.get("embed_dim", 768))
     tokens = t * (plan.window // predictor.patch_size) ** 2 + 1
-    activations = batch_size * tokens * dim * 4 * 12 + batch_size * k * plan.window ** 2 * 4 * 3
-    parts = {"accumulator": acc, "strip_buffers": strips + render, "input_prefetch": inputs,
-             "model_activations_per_device": activations}
+    activations = batch_size * tokens * dim * 4 * 12 + batch_size * k * plan.window**2 * 4 * 3
+    parts = {
+        "accumulator": acc,
+        "strip_buffers": strips + render,
+        "input_prefetch": inputs,
+        "model_activations_per_device": activations,
+    }
     return {**{f"{k}_bytes": v for k, v in parts.items()}, "total_bytes": sum(parts.values())}
 
 
 # --- one scene --------------------------------------------------------------------------------
+
 
 def job_fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) -> dict:
     from geoexplora.io.remote import is_uri
@@ -251,21 +286,33 @@ def job_fingerprint(model_sha: str, inputs: list[Path], plan, settings: dict) ->
             files.append({"path": str(p)})
             continue
         st = Path(p).stat()
-        files.append({"path": str(Path(p).resolve()), "size": st.st_size,
-                      "mtime": int(st.st_mtime)})
+        files.append(
+            {"path": str(Path(p).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+        )
     return {"model_sha256": model_sha, "inputs": files, "plan": plan.describe(), **settings}
 
 
-def predict_scene(scene, predictor, plan, products, devices, run_opts, fingerprint: dict,
-                  provenance: dict, votes: bool = False, prepared: bool = False) -> dict:
+def predict_scene(
+    scene,
+    predictor,
+    plan,
+    products,
+    devices,
+    run_opts,
+    fingerprint: dict,
+    provenance: dict,
+    votes: bool = False,
+    prepared: bool = False,
+) -> dict:
     """Run the engine over a scene into ``products`` (see ``inference.runner.run_to_files``)."""
     from geoexplora.inference.runner import prepare_work, run_to_files
 
     if not prepared:
         prepare_work(products[0].path, fingerprint, run_opts)
     forwards = [(predictor.make_forward(d), d) for d in devices]
-    return run_to_files(scene, plan, forwards, predictor.channels, products, run_opts,
-                        provenance, votes=votes)
+    return run_to_files(
+        scene, plan, forwards, predictor.channels, products, run_opts, provenance, votes=votes
+    )
 
 
 def _run_options(cfg, shard):
@@ -276,9 +323,15 @@ def _run_options(cfg, shard):
         raise UserError(f"{opt('blend')} must be one of {', '.join(BLENDS)}, not '{cfg.blend}'")
     if cfg.batch_size < 1:
         raise UserError(f"{opt('batch_size')} must be at least 1")
-    return RunOptions(blend=cfg.blend, batch_size=cfg.batch_size, prefetch=cfg.prefetch,
-                      resume=cfg.resume, shard=shard, overwrite=cfg.overwrite,
-                      creation_options=dict(cfg.creation_options))
+    return RunOptions(
+        blend=cfg.blend,
+        batch_size=cfg.batch_size,
+        prefetch=cfg.prefetch,
+        resume=cfg.resume,
+        shard=shard,
+        overwrite=cfg.overwrite,
+        creation_options=dict(cfg.creation_options),
+    )
 
 
 def check_outputs(products, cfg, extra: list[Path], inputs: list[Path]) -> None:
@@ -292,33 +345,45 @@ def check_outputs(products, cfg, extra: list[Path], inputs: list[Path]) -> None:
         check_output(path, cfg.overwrite)
 
 
-def dry_run_doc(inputs, output, scene, plan, predictor, products, mapping, cfg, devices,
-                 votes) -> dict:
+def dry_run_doc(
+    inputs, output, scene, plan, predictor, products, mapping, cfg, devices, votes
+) -> dict:
     from geoexplora.inference.runner import sidecar_path, work_folder
 
     n = len(plan)
-    return {"inputs": [str(p) for p in input_files(inputs)], "output": str(output),
-            "outputs": {p.key: str(p.path) for p in products},
-            "sidecar": str(sidecar_path(output)), "work_folder": str(work_folder(output)),
-            "task": predictor.task, "plan": plan.describe(),
-            "batches": math.ceil(n / cfg.batch_size), "batch_size": cfg.batch_size,
-            "blend": cfg.blend, "devices": [str(d) for d in devices],
-            "band_mapping": mapping, "dates": scene.dates,
-            "memory": memory_estimate(scene, plan, predictor, products, cfg.batch_size,
-                                      cfg.prefetch, len(devices), votes)}
+    return {
+        "inputs": [str(p) for p in input_files(inputs)],
+        "output": str(output),
+        "outputs": {p.key: str(p.path) for p in products},
+        "sidecar": str(sidecar_path(output)),
+        "work_folder": str(work_folder(output)),
+        "task": predictor.task,
+        "plan": plan.describe(),
+        "batches": math.ceil(n / cfg.batch_size),
+        "batch_size": cfg.batch_size,
+        "blend": cfg.blend,
+        "devices": [str(d) for d in devices],
+        "band_mapping": mapping,
+        "dates": scene.dates,
+        "memory": memory_estimate(
+            scene, plan, predictor, products, cfg.batch_size, cfg.prefetch, len(devices), votes
+        ),
+    }
 
 
-def check_memory(scene, plan, predictor, products, cfg, devices, votes: bool,
-                 output: Path) -> None:
+def check_memory(scene, plan, predictor, products, cfg, devices, votes: bool, output: Path) -> None:
     """Refuse a plan whose estimate (``--dry-run``'s ``memory``) cannot fit in the memory the
     machine has available, before any of it is allocated."""
     from geoexplora.memory import check_fits
 
-    estimate = memory_estimate(scene, plan, predictor, products, cfg.batch_size, cfg.prefetch,
-                               len(devices), votes)
-    check_fits(estimate["total_bytes"],
-               f"{output} (--window {plan.window}, --batch-size {cfg.batch_size})",
-               "use a smaller --window or --batch-size (--dry-run shows the estimate)")
+    estimate = memory_estimate(
+        scene, plan, predictor, products, cfg.batch_size, cfg.prefetch, len(devices), votes
+    )
+    check_fits(
+        estimate["total_bytes"],
+        f"{output} (--window {plan.window}, --batch-size {cfg.batch_size})",
+        "use a smaller --window or --batch-size (--dry-run shows the estimate)",
+    )
 
 
 def finish_result(result: dict, output: Path) -> dict:
@@ -358,8 +423,9 @@ def module_sha256(module) -> str:
     """sha256 of a loaded model's weights and metadata: a resumable run's fingerprint."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(getattr(module, "meta", {}), sort_keys=True,
-                                       default=str).encode())
+    digest = hashlib.sha256(
+        json.dumps(getattr(module, "meta", {}), sort_keys=True, default=str).encode()
+    )
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -395,15 +461,21 @@ def predict(cfg: PredictConfig) -> list[RasterResult]:
     jobs, devices, model, model_sha, run_opts = prepare_jobs(cfg)
     results = []
     for inputs, output in jobs:
-        scene, read, mapping = open_model_scene(inputs, cfg.scene, model.meta, model_name(cfg.model))
+        scene, read, mapping = open_model_scene(
+            inputs, cfg.scene, model.meta, model_name(cfg.model)
+        )
         with owned(scene, inputs):
-            results.append(_predict_job(cfg, inputs, output, scene, read, mapping, model,
-                                     model_sha, devices, run_opts))
+            results.append(
+                _predict_job(
+                    cfg, inputs, output, scene, read, mapping, model, model_sha, devices, run_opts
+                )
+            )
     return results
 
 
-def _predict_job(cfg, inputs, output, scene, read, mapping, model, model_sha: str,
-             devices, run_opts) -> RasterResult:
+def _predict_job(
+    cfg, inputs, output, scene, read, mapping, model, model_sha: str, devices, run_opts
+) -> RasterResult:
     """One job: one scene into one output (or its plan, with ``dry_run``)."""
     from geoexplora.inference.model import predictor_from_model
     from geoexplora.inference.products import class_products
@@ -412,34 +484,62 @@ def _predict_job(cfg, inputs, output, scene, read, mapping, model, model_sha: st
     plan = make_plan(scene, predictor, cfg.window, cfg.overlap, cfg.dense)
     votes = cfg.uncertainty and plan.mode == "dense" and plan.overlap > 0
     products = class_products(
-        output, output_grid(scene, plan), predictor.classes,
-        probabilities=cfg.probabilities, prob_dtype=cfg.prob_dtype,
-        uncertainty=cfg.uncertainty, disagreement=votes,
-        tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task})
+        output,
+        output_grid(scene, plan),
+        predictor.classes,
+        probabilities=cfg.probabilities,
+        prob_dtype=cfg.prob_dtype,
+        uncertainty=cfg.uncertainty,
+        disagreement=votes,
+        tags={"GEOEXPLORA_MODEL_SHA256": model_sha, "GEOEXPLORA_TASK": predictor.task},
+    )
     check_outputs(products, cfg, [cfg.vectorize] if cfg.vectorize else [], inputs)
     if cfg.dry_run:
-        return RasterResult.from_report(dry_run_doc(
-            inputs, output, scene, plan, predictor, products, mapping, cfg, devices, votes),
-            dry_run=True)
+        return RasterResult.from_report(
+            dry_run_doc(
+                inputs, output, scene, plan, predictor, products, mapping, cfg, devices, votes
+            ),
+            dry_run=True,
+        )
     check_memory(scene, plan, predictor, products, cfg, devices, votes, output)
-    settings = {"task": predictor.task, "blend": cfg.blend, "probabilities": cfg.probabilities,
-                "prob_dtype": cfg.prob_dtype, "uncertainty": cfg.uncertainty,
-                "dense": cfg.dense}
-    provenance = {"command": "predict", "model": {"path": model_name(cfg.model),
-                                                 "sha256": model_sha},
-                  "inputs": [str(p) for p in input_files(inputs)],
-                  "scene": scene.describe(),
-                  "band_mapping": mapping, "task": predictor.task,
-                  "classes": predictor.classes, "devices": [str(d) for d in devices],
-                  "versions": package_versions()}
-    result = predict_scene(scene, predictor, plan, products, devices, run_opts,
-                           job_fingerprint(model_sha, inputs, plan, settings), provenance,
-                           votes=votes)
+    settings = {
+        "task": predictor.task,
+        "blend": cfg.blend,
+        "probabilities": cfg.probabilities,
+        "prob_dtype": cfg.prob_dtype,
+        "uncertainty": cfg.uncertainty,
+        "dense": cfg.dense,
+    }
+    provenance = {
+        "command": "predict",
+        "model": {"path": model_name(cfg.model), "sha256": model_sha},
+        "inputs": [str(p) for p in input_files(inputs)],
+        "scene": scene.describe(),
+        "band_mapping": mapping,
+        "task": predictor.task,
+        "classes": predictor.classes,
+        "devices": [str(d) for d in devices],
+        "versions": package_versions(),
+    }
+    result = predict_scene(
+        scene,
+        predictor,
+        plan,
+        products,
+        devices,
+        run_opts,
+        job_fingerprint(model_sha, inputs, plan, settings),
+        provenance,
+        votes=votes,
+    )
     if cfg.vectorize and result["status"] == "complete":
         from geoexplora.inference.vectorize import vectorize
 
-        result["vectorized"] = vectorize(output, cfg.vectorize, predictor.classes,
-                                         cfg.overwrite)
-    return RasterResult.from_report(finish_result(
-        {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
-        output), dry_run=False)
+        result["vectorized"] = vectorize(output, cfg.vectorize, predictor.classes, cfg.overwrite)
+    return RasterResult.from_report(
+        finish_result(
+            {"input": [str(p) for p in input_files(inputs)], "output": str(output), **result},
+            output,
+        ),
+        dry_run=False,
+    )

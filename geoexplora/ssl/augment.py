@@ -26,8 +26,12 @@ import torch.nn.functional as F
 
 from geoexplora.defaults import AUGMENT, AugmentDefaults
 
-_ROTATIONS = [np.array([[1, 0], [0, 1]]), np.array([[0, -1], [1, 0]]),
-              np.array([[-1, 0], [0, -1]]), np.array([[0, 1], [-1, 0]])]
+_ROTATIONS = [
+    np.array([[1, 0], [0, 1]]),
+    np.array([[0, -1], [1, 0]]),
+    np.array([[-1, 0], [0, -1]]),
+    np.array([[0, 1], [-1, 0]]),
+]
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,13 @@ class ViewSpec:
     solarize_p: float = 0.0
 
 
-def random_resized_box(rng: np.random.Generator, height: int, width: int,
-                       scale: tuple[float, float], ratio: tuple[float, float]):
+def random_resized_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+):
     """(top, left, h, w) in pixels, torchvision's RandomResizedCrop rule (without rounding)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -58,8 +67,14 @@ def random_resized_box(rng: np.random.Generator, height: int, width: int,
     return (height - side) / 2, (width - side) / 2, side, side
 
 
-def draw_view(rng: np.random.Generator, height: int, width: int, bands: int, spec: ViewSpec,
-              aug: AugmentDefaults = AUGMENT) -> dict[str, np.ndarray]:
+def draw_view(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    bands: int,
+    spec: ViewSpec,
+    aug: AugmentDefaults = AUGMENT,
+) -> dict[str, np.ndarray]:
     """Parameters of one view of a ``height x width`` image with ``bands`` bands.
 
     ``theta`` (2, 3): the affine map from output to input coordinates (``affine_grid``
@@ -71,26 +86,41 @@ def draw_view(rng: np.random.Generator, height: int, width: int, bands: int, spe
     """
     top, left, h, w = random_resized_box(rng, height, width, spec.scale, spec.ratio)
     cx, cy = (left + w / 2) / width * 2 - 1, (top + h / 2) / height * 2 - 1
-    m = np.diag([-1.0 if rng.random() < aug.hflip_p else 1.0,
-                 -1.0 if rng.random() < aug.vflip_p else 1.0])
+    m = np.diag(
+        [-1.0 if rng.random() < aug.hflip_p else 1.0, -1.0 if rng.random() < aug.vflip_p else 1.0]
+    )
     if rng.random() < aug.rot90_p:
         m = _ROTATIONS[int(rng.integers(1, 4))] @ m
-    theta = np.array([[w / width * m[0, 0], w / width * m[0, 1], cx],
-                      [h / height * m[1, 0], h / height * m[1, 1], cy]], dtype=np.float32)
+    theta = np.array(
+        [
+            [w / width * m[0, 0], w / width * m[0, 1], cx],
+            [h / height * m[1, 0], h / height * m[1, 1], cy],
+        ],
+        dtype=np.float32,
+    )
     gain = np.ones(bands, dtype=np.float32)
     contrast, saturation, hue = np.float32(1.0), np.float32(1.0), np.float32(0.0)
     if rng.random() < aug.jitter_p:
         brightness = rng.uniform(1 - aug.brightness, 1 + aug.brightness)
-        gain = (brightness * rng.uniform(1 - aug.band_gain, 1 + aug.band_gain, size=bands)
-                ).astype(np.float32)
+        gain = (brightness * rng.uniform(1 - aug.band_gain, 1 + aug.band_gain, size=bands)).astype(
+            np.float32
+        )
         contrast = np.float32(rng.uniform(1 - aug.contrast, 1 + aug.contrast))
         saturation = np.float32(rng.uniform(1 - aug.saturation, 1 + aug.saturation))
         hue = np.float32(rng.uniform(-aug.hue, aug.hue))
     grayscale = np.float32(rng.random() < aug.grayscale_p)
     sigma = np.float32(rng.uniform(*aug.blur_sigma) if rng.random() < spec.blur_p else 0.0)
     solarize = np.float32(rng.random() < spec.solarize_p)
-    return {"theta": theta, "gain": gain, "contrast": contrast, "saturation": saturation,
-            "hue": hue, "grayscale": grayscale, "sigma": sigma, "solarize": solarize}
+    return {
+        "theta": theta,
+        "gain": gain,
+        "contrast": contrast,
+        "saturation": saturation,
+        "hue": hue,
+        "grayscale": grayscale,
+        "sigma": sigma,
+        "solarize": solarize,
+    }
 
 
 def stack_views(views: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -114,16 +144,21 @@ def blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor
     radius = max(1, min(math.ceil(3 * max_sigma), (min(h, w) - 1) // 2))
     kernels = _gaussian_kernels(sigma, radius).repeat_interleave(k, dim=0)  # (B*K, 2r+1)
     flat = x.reshape(1, b * k, h, w)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"),
-                    kernels.view(b * k, 1, 1, -1), groups=b * k)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"),
-                    kernels.view(b * k, 1, -1, 1), groups=b * k)
+    flat = F.conv2d(
+        F.pad(flat, (radius, radius, 0, 0), mode="replicate"),
+        kernels.view(b * k, 1, 1, -1),
+        groups=b * k,
+    )
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, radius, radius), mode="replicate"),
+        kernels.view(b * k, 1, -1, 1),
+        groups=b * k,
+    )
     return flat.reshape(b, k, h, w)
 
 
 _LUMA = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601)
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                            [0.211, -0.523, 0.312]])
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 def grey(x: torch.Tensor, rgb: tuple[int, int, int] | None) -> torch.Tensor:
@@ -168,9 +203,13 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= (lo + hi) / 2, lo + hi - x, x)
 
 
-def render_views(images: torch.Tensor, params: dict[str, torch.Tensor], size: int,
-                 max_sigma: float = AUGMENT.blur_sigma[1],
-                 rgb: tuple[int, int, int] | None = None) -> torch.Tensor:
+def render_views(
+    images: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    size: int,
+    max_sigma: float = AUGMENT.blur_sigma[1],
+    rgb: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
     """Render one view per sample: ``images`` (B, T, C, H, W) canonical units, NaN = nodata;
     ``params`` as from :func:`draw_view`, batched (``theta`` (B, 2, 3), ``gain`` (B, C),
     ``contrast`` (B,), ``sigma`` (B,), optionally ``saturation``, ``hue``, ``grayscale``,
@@ -188,10 +227,17 @@ def render_views(images: torch.Tensor, params: dict[str, torch.Tensor], size: in
         filled = torch.where(finite, x, mean[..., None, None])
         theta = params["theta"].to(x.device, torch.float32)
         grid = F.affine_grid(theta, [b, 1, size, size], align_corners=False)
-        out = F.grid_sample(filled.reshape(b, t * c, h, w), grid, mode="bilinear",
-                            padding_mode="border", align_corners=False)
-        out_valid = F.grid_sample(valid, grid, mode="bilinear", padding_mode="zeros",
-                                  align_corners=False) > 0.5  # (B, T, size, size)
+        out = F.grid_sample(
+            filled.reshape(b, t * c, h, w),
+            grid,
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )
+        out_valid = (
+            F.grid_sample(valid, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            > 0.5
+        )  # (B, T, size, size)
         out = out.reshape(b, t, c, size, size)
         view_mean = out.mean(dim=(-2, -1), keepdim=True)
         contrast = params["contrast"].to(x.device, torch.float32).view(b, 1, 1, 1, 1)

@@ -41,6 +41,7 @@ from geoexplora.train.engine import Schedules, cosine
 # Distributed helpers
 # ---------------------------------------------------------------------------------------------
 
+
 def _world_size() -> int:
     import torch.distributed as dist
 
@@ -59,6 +60,7 @@ def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Losses (pure functions)
 # ---------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
@@ -102,20 +104,25 @@ def update_center(center: torch.Tensor, logits: torch.Tensor, momentum: float) -
         center.mul_(momentum).add_(total / count, alpha=1 - momentum)
 
 
-def cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
+def cross_entropy(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Per-row ``-sum(t * log_softmax(s / temperature))``."""
     return -(teacher_probs * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(-1)
 
 
-def dino_loss(s_logits: torch.Tensor, t_probs: torch.Tensor, b: int, n_global: int,
-              student_temp: float) -> torch.Tensor:
+def dino_loss(
+    s_logits: torch.Tensor, t_probs: torch.Tensor, b: int, n_global: int, student_temp: float
+) -> torch.Tensor:
     """DINO's term: every student crop (view-major, ``b`` images a view) against every teacher
     (global) crop but itself, the mean cross-entropy."""
     n_views = s_logits.shape[0] // b
-    terms = [cross_entropy(s_logits[sv * b:(sv + 1) * b], t_probs[tv * b:(tv + 1) * b],
-                           student_temp)
-             for sv in range(n_views) for tv in range(n_global) if sv != tv]
+    terms = [
+        cross_entropy(s_logits[sv * b : (sv + 1) * b], t_probs[tv * b : (tv + 1) * b], student_temp)
+        for sv in range(n_views)
+        for tv in range(n_global)
+        if sv != tv
+    ]
     return torch.stack(terms).mean(dim=0).mean()
 
 
@@ -127,14 +134,14 @@ def prototype_max_mass(teacher_probs: torch.Tensor) -> torch.Tensor:
     are balanced over the batch by construction (about 1/K; their failure mode is uniform rows,
     which ``teacher_entropy`` near ln K shows); running-mean centring can collapse this way."""
     mass = _all_reduce_(teacher_probs.float().sum(0))
-    count = _all_reduce_(torch.tensor(float(teacher_probs.shape[0]),
-                                      device=teacher_probs.device))
+    count = _all_reduce_(torch.tensor(float(teacher_probs.shape[0]), device=teacher_probs.device))
     return (mass / count.clamp(min=1)).max()
 
 
 @torch.no_grad()
-def dino_diagnostics(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                     student_temp: float, n_global: int) -> dict[str, torch.Tensor]:
+def dino_diagnostics(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float, n_global: int
+) -> dict[str, torch.Tensor]:
     """What the DINO loss is made of, to tell learning from stalling.
 
     The cross-entropy ``H(t, s)`` splits into the teacher's entropy ``H(t)`` (what no student
@@ -147,8 +154,11 @@ def dino_diagnostics(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     s_probs = F.softmax(student_logits.float() / student_temp, dim=-1)
     teacher_entropy = -(teacher_probs * teacher_probs.clamp(min=1e-12).log()).sum(-1).mean()
     student_entropy = -(s_probs * s_probs.clamp(min=1e-12).log()).sum(-1).mean()
-    out = {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy,
-           "uniform_entropy": torch.tensor(math.log(student_logits.shape[-1]))}
+    out = {
+        "teacher_entropy": teacher_entropy,
+        "student_entropy": student_entropy,
+        "uniform_entropy": torch.tensor(math.log(student_logits.shape[-1])),
+    }
     if n_global >= 2:
         first, second = teacher_probs.argmax(-1).chunk(n_global)[:2]
         out["view_agreement"] = (first == second).float().mean()
@@ -169,8 +179,14 @@ def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -torch.log(distances + eps).mean()
 
 
-def block_mask(rng: np.random.Generator, height: int, width: int, count: int,
-               min_patches: int = 4, aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> np.ndarray:
+def block_mask(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    count: int,
+    min_patches: int = 4,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> np.ndarray:
     """``(height*width,)`` bool with exactly ``count`` True: random rectangles as DINOv2's
     ``MaskingGenerator`` places them, topped up with random patches."""
     mask = np.zeros((height, width), dtype=bool)
@@ -187,7 +203,7 @@ def block_mask(rng: np.random.Generator, height: int, width: int, count: int,
         if not (0 < h <= height and 0 < w <= width):
             continue
         top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-        patch = mask[top:top + h, left:left + w]
+        patch = mask[top : top + h, left : left + w]
         new = int((~patch).sum())
         if 0 < new <= missing:
             patch[:] = True
@@ -201,6 +217,7 @@ def block_mask(rng: np.random.Generator, height: int, width: int, count: int,
 # ---------------------------------------------------------------------------------------------
 # Data side: per-sample crops and masks
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CropSizes:
@@ -218,32 +235,52 @@ class DinoV2Views:
     """Draws, for one sample, the parameters of its global and local crops and the iBOT masks
     of its global crops (``{"global": {...}, "local": {...}, "masks": (V, N) bool}``)."""
 
-    def __init__(self, patch_size: int, crops: CropSizes, settings: DinoV2Defaults = DINOV2,
-                 aug: AugmentDefaults = AUGMENT):
+    def __init__(
+        self,
+        patch_size: int,
+        crops: CropSizes,
+        settings: DinoV2Defaults = DINOV2,
+        aug: AugmentDefaults = AUGMENT,
+    ):
         for name, size in (("global", crops.global_size), ("local", crops.local_size)):
             if size % patch_size:
-                raise ValueError(f"{name} crop size {size} is not a multiple of the patch "
-                                 f"size {patch_size}")
+                raise ValueError(
+                    f"{name} crop size {size} is not a multiple of the patch size {patch_size}"
+                )
         self.settings, self.aug, self.crops = settings, aug, crops
         self.grid = crops.global_size // patch_size
+
         def nth(values, i):  # per global crop; the last value for any further crops
             return values[min(i, len(values) - 1)]
 
-        self.global_specs = [ViewSpec(crops.global_size, settings.global_crops_scale,
-                                      nth(aug.blur_p_global, i),
-                                      solarize_p=nth(aug.solarize_p_global, i))
-                             for i in range(settings.global_crops)]
-        self.local_spec = ViewSpec(crops.local_size, settings.local_crops_scale, aug.blur_p_local,
-                                   solarize_p=aug.solarize_p_local)
+        self.global_specs = [
+            ViewSpec(
+                crops.global_size,
+                settings.global_crops_scale,
+                nth(aug.blur_p_global, i),
+                solarize_p=nth(aug.solarize_p_global, i),
+            )
+            for i in range(settings.global_crops)
+        ]
+        self.local_spec = ViewSpec(
+            crops.local_size,
+            settings.local_crops_scale,
+            aug.blur_p_local,
+            solarize_p=aug.solarize_p_local,
+        )
 
     def __call__(self, rng: np.random.Generator, image: np.ndarray) -> dict:
         _, c, h, w = image.shape
         s = self.settings
-        out = {"global": stack_views([draw_view(rng, h, w, c, spec, self.aug)
-                                      for spec in self.global_specs])}
+        out = {
+            "global": stack_views(
+                [draw_view(rng, h, w, c, spec, self.aug) for spec in self.global_specs]
+            )
+        }
         if s.local_crops:
-            out["local"] = stack_views([draw_view(rng, h, w, c, self.local_spec, self.aug)
-                                        for _ in range(s.local_crops)])
+            out["local"] = stack_views(
+                [draw_view(rng, h, w, c, self.local_spec, self.aug) for _ in range(s.local_crops)]
+            )
         n = self.grid * self.grid
         masks = np.zeros((s.global_crops, n), dtype=bool)
         for v in range(s.global_crops):
@@ -257,6 +294,7 @@ class DinoV2Views:
 # ---------------------------------------------------------------------------------------------
 # The objective
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LastLayerSchedules(Schedules):
@@ -290,32 +328,47 @@ class DinoV2Objective(nn.Module):
     temperature, last-layer freeze).
     """
 
-    def __init__(self, backbone: nn.Module, head_size: DinoHeadSize, crops: CropSizes,
-                 total_steps: int, settings: DinoV2Defaults = DINOV2,
-                 rgb: tuple[int, int, int] | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head_size: DinoHeadSize,
+        crops: CropSizes,
+        total_steps: int,
+        settings: DinoV2Defaults = DINOV2,
+        rgb: tuple[int, int, int] | None = None,
+    ):
         super().__init__()
         self.settings = settings
         self.rgb = rgb  # indices of red, green, blue: RGB colour ops (else spectral analogues)
         self.crops = crops
         self.total_steps = total_steps
-        self.student = nn.ModuleDict({
-            "backbone": backbone,
-            "head": DinoHead(backbone.embed_dim, head_size.prototypes, head_size.hidden,
-                             head_size.bottleneck,
-                             trainable_gain=settings.prototype_gain_trainable)})
+        self.student = nn.ModuleDict(
+            {
+                "backbone": backbone,
+                "head": DinoHead(
+                    backbone.embed_dim,
+                    head_size.prototypes,
+                    head_size.hidden,
+                    head_size.bottleneck,
+                    trainable_gain=settings.prototype_gain_trainable,
+                ),
+            }
+        )
         teacher = copy.deepcopy(self.student)
         teacher.requires_grad_(False)
         share_frozen_parameters(teacher, self.student)
         self.teacher = teacher.eval()
         names = dict(self.teacher.named_parameters(remove_duplicate=False))
-        self._ema_pairs = [(p, names[n]) for n, p in self.student.named_parameters()
-                           if p.requires_grad]
+        self._ema_pairs = [
+            (p, names[n]) for n, p in self.student.named_parameters() if p.requires_grad
+        ]
         k = head_size.prototypes
         self.register_buffer("dino_center", torch.zeros(1, k))
         self.register_buffer("ibot_center", torch.zeros(1, k))
         self.freeze_last_layer_steps = min(
             settings.freeze_last_layer_steps,
-            round(settings.freeze_last_layer_fraction * total_steps))
+            round(settings.freeze_last_layer_fraction * total_steps),
+        )
 
     # -- schedules ---------------------------------------------------------------------------
     def teacher_temp(self, step: int) -> float:
@@ -359,9 +412,12 @@ class DinoV2Objective(nn.Module):
     def _views(self, images: torch.Tensor, params: dict, size: int) -> torch.Tensor:
         """All views, view-major: ``(V*B, T, C, size, size)``."""
         n_views = params["theta"].shape[1]
-        return torch.cat([render_views(images, {k: v[:, i] for k, v in params.items()}, size,
-                                       rgb=self.rgb)
-                          for i in range(n_views)])
+        return torch.cat(
+            [
+                render_views(images, {k: v[:, i] for k, v in params.items()}, size, rgb=self.rgb)
+                for i in range(n_views)
+            ]
+        )
 
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         s = self.settings
@@ -377,7 +433,7 @@ class DinoV2Objective(nn.Module):
         global_crops = self._views(images, batch["global"], self.crops.global_size)
         global_days = days.repeat(n_global, 1) if days is not None else None
         masks = batch["masks"].transpose(0, 1).reshape(n_global * b, -1)  # view-major
-        tokens_per_position = (global_crops.shape[1] * student.num_groups)
+        tokens_per_position = global_crops.shape[1] * student.num_groups
         token_mask = masks.repeat(1, tokens_per_position)  # frame-major, group, patch
 
         with torch.no_grad():
@@ -409,19 +465,30 @@ class DinoV2Objective(nn.Module):
         per_token = cross_entropy(s_patch_logits, t_patch, s.student_temp)
         weights = (1.0 / token_mask.sum(dim=1).clamp(min=1)).unsqueeze(1).expand_as(token_mask)
         masked_images = _all_reduce_(token_mask.any(dim=1).sum().float())
-        loss_ibot = ((per_token * weights[token_mask]).sum() * s.mask_probability
-                     * _world_size() / masked_images.clamp(min=1))
+        loss_ibot = (
+            (per_token * weights[token_mask]).sum()
+            * s.mask_probability
+            * _world_size()
+            / masked_images.clamp(min=1)
+        )
 
         loss_koleo = torch.stack([koleo(c) for c in s_global_cls.chunk(n_global)]).sum()
         loss = s.dino_weight * loss_dino + s.ibot_weight * loss_ibot + s.koleo_weight * loss_koleo
         diagnostics = dino_diagnostics(s_logits, t_cls, s.student_temp, n_global)
         diagnostics["kl_dino"] = loss_dino.detach() - diagnostics["teacher_entropy"]
-        diagnostics["kl_dino_ref"] = self._reference_kl(s_logits.detach(), t_cls_logits, temp,
-                                                        diagnostics["kl_dino"], b, n_global)
+        diagnostics["kl_dino_ref"] = self._reference_kl(
+            s_logits.detach(), t_cls_logits, temp, diagnostics["kl_dino"], b, n_global
+        )
         diagnostics["prototype_max_mass"] = prototype_max_mass(t_cls)
-        return {"loss": loss, "loss_dino": loss_dino, "loss_ibot": loss_ibot,
-                "loss_koleo": loss_koleo, **diagnostics,
-                "teacher_temp": torch.tensor(temp), "momentum": torch.tensor(self.momentum(step))}
+        return {
+            "loss": loss,
+            "loss_dino": loss_dino,
+            "loss_ibot": loss_ibot,
+            "loss_koleo": loss_koleo,
+            **diagnostics,
+            "teacher_temp": torch.tensor(temp),
+            "momentum": torch.tensor(self.momentum(step)),
+        }
 
     # -- engine hooks ------------------------------------------------------------------------
     def grad_norm_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -435,8 +502,10 @@ class DinoV2Objective(nn.Module):
         None (one joint clip) when ``settings.separate_clips`` is off."""
         if not self.settings.separate_clips:
             return None
-        return {name: [p for p in module.parameters() if p.requires_grad]
-                for name, module in self.student.items()}
+        return {
+            name: [p for p in module.parameters() if p.requires_grad]
+            for name, module in self.student.items()
+        }
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """The prototypes (direction and gain): DINOv2 gives them their own lr schedule, the

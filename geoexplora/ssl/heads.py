@@ -16,8 +16,15 @@ class DinoHead(nn.Module):
     """``(N, in_dim)`` -> ``(N, prototypes)`` logits: cosine similarities times each
     prototype's gain ``g`` (1 at initialisation)."""
 
-    def __init__(self, in_dim: int, prototypes: int, hidden: int = 2048, bottleneck: int = 256,
-                 layers: int = 3, trainable_gain: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        prototypes: int,
+        hidden: int = 2048,
+        bottleneck: int = 256,
+        layers: int = 3,
+        trainable_gain: bool = True,
+    ):
         super().__init__()
         dims = [in_dim] + [hidden] * (layers - 1) + [bottleneck]
         mlp: list[nn.Module] = []

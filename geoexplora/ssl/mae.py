@@ -35,8 +35,11 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"decoder width {dim} must be a multiple of 4")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64),
-                            torch.arange(width, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64),
+        torch.arange(width, dtype=torch.float64),
+        indexing="ij",
+    )
 
     def encode(pos):
         out = pos.reshape(-1, 1) * omega.reshape(1, -1)
@@ -46,8 +49,9 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_patch_baseline(target: torch.Tensor, valid: torch.Tensor,
-                        masked: torch.Tensor) -> torch.Tensor:
+def mean_patch_baseline(
+    target: torch.Tensor, valid: torch.Tensor, masked: torch.Tensor
+) -> torch.Tensor:
     """The reconstruction error of predicting, for every masked patch, the mean masked patch of
     its image (the best constant guess): a decoder that has learnt nothing about the visible
     patches scores about this, so ``loss_mae / mae_baseline`` below 1 shows real learning."""
@@ -68,20 +72,38 @@ class MaeDecoder(nn.Module):
     """MAE's decoder with MAE's parameter names (so a source decoder loads as is), plus a
     learned embedding per (frame, group) slot when tokens come from several of them."""
 
-    def __init__(self, embed_dim: int, decoder_dim: int, depth: int, heads: int,
-                 pred_dim: int, grid: tuple[int, int], slots: int = 1):
+    def __init__(
+        self,
+        embed_dim: int,
+        decoder_dim: int,
+        depth: int,
+        heads: int,
+        pred_dim: int,
+        grid: tuple[int, int],
+        slots: int = 1,
+    ):
         super().__init__()
         from timm.models.vision_transformer import Block
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed",
-                             torch.cat([torch.zeros(1, decoder_dim),
-                                        sincos_2d(decoder_dim, *grid)]).unsqueeze(0))
+        self.register_buffer(
+            "decoder_pos_embed",
+            torch.cat([torch.zeros(1, decoder_dim), sincos_2d(decoder_dim, *grid)]).unsqueeze(0),
+        )
         self.grid = tuple(grid)
-        self.decoder_blocks = nn.ModuleList([
-            Block(decoder_dim, heads, mlp_ratio=4.0, qkv_bias=True,
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth)])
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(
+                    decoder_dim,
+                    heads,
+                    mlp_ratio=4.0,
+                    qkv_bias=True,
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                )
+                for _ in range(depth)
+            ]
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, pred_dim)
         self.slot_embed = nn.Parameter(torch.zeros(slots, decoder_dim)) if slots > 1 else None
@@ -93,8 +115,9 @@ class MaeDecoder(nn.Module):
                     nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_source(cls, state: dict[str, torch.Tensor], embed_dim: int, pred_dim: int,
-                    slots: int) -> tuple[MaeDecoder, bool]:
+    def from_source(
+        cls, state: dict[str, torch.Tensor], embed_dim: int, pred_dim: int, slots: int
+    ) -> tuple[MaeDecoder, bool]:
         """The source's decoder; (decoder, whether its pixel predictor was reused). MAE's
         decoders use 32-wide attention heads (512 wide, 16 heads)."""
         dim = state["decoder_embed.weight"].shape[0]
@@ -104,13 +127,18 @@ class MaeDecoder(nn.Module):
         decoder = cls(embed_dim, dim, depth, max(1, dim // 32), pred_dim, (side, side), slots)
         own = decoder.state_dict()
         reuse_pred = tuple(state.get("decoder_pred.weight", torch.empty(0)).shape) == tuple(
-            own["decoder_pred.weight"].shape)
-        wanted = {k: v for k, v in state.items()
-                  if k in own and (reuse_pred or not k.startswith("decoder_pred."))}
+            own["decoder_pred.weight"].shape
+        )
+        wanted = {
+            k: v
+            for k, v in state.items()
+            if k in own and (reuse_pred or not k.startswith("decoder_pred."))
+        }
         wanted["mask_token"] = state["mask_token"].reshape(own["mask_token"].shape)
         missing = decoder.load_state_dict(wanted, strict=False).missing_keys
-        unexpected_missing = [k for k in missing if not k.startswith(("decoder_pred.",
-                                                                       "slot_embed"))]
+        unexpected_missing = [
+            k for k in missing if not k.startswith(("decoder_pred.", "slot_embed"))
+        ]
         if unexpected_missing:
             raise ValueError(f"MAE decoder weights incomplete: {unexpected_missing[:4]}")
         return decoder, reuse_pred
@@ -118,11 +146,21 @@ class MaeDecoder(nn.Module):
     def position(self, height: int, width: int) -> torch.Tensor:
         from timm.layers import resample_abs_pos_embed
 
-        return resample_abs_pos_embed(self.decoder_pos_embed, new_size=(height, width),
-                                      old_size=self.grid, num_prefix_tokens=1)
+        return resample_abs_pos_embed(
+            self.decoder_pos_embed,
+            new_size=(height, width),
+            old_size=self.grid,
+            num_prefix_tokens=1,
+        )
 
-    def forward(self, encoded: torch.Tensor, ids_restore: torch.Tensor, prefix: int,
-                grid: tuple[int, int], slots: int) -> torch.Tensor:
+    def forward(
+        self,
+        encoded: torch.Tensor,
+        ids_restore: torch.Tensor,
+        prefix: int,
+        grid: tuple[int, int],
+        slots: int,
+    ) -> torch.Tensor:
         """``encoded`` (B, P + kept, D) -> predictions (B, L, pred_dim) for all L tokens."""
         x = self.decoder_embed(encoded)
         b, total = ids_restore.shape
@@ -153,8 +191,10 @@ class MaeViews:
 
     def __call__(self, rng: np.random.Generator, image: np.ndarray) -> dict:
         _, c, h, w = image.shape
-        return {"view": stack_views([draw_view(rng, h, w, c, self.spec, self.aug)]),
-                "noise": torch.from_numpy(rng.random(self.num_tokens).astype(np.float32))}
+        return {
+            "view": stack_views([draw_view(rng, h, w, c, self.spec, self.aug)]),
+            "noise": torch.from_numpy(rng.random(self.num_tokens).astype(np.float32)),
+        }
 
 
 class MaeObjective(nn.Module):
@@ -162,8 +202,13 @@ class MaeObjective(nn.Module):
     ``apply_explora``; its ``mae_decoder_state`` decides between the source decoder (LoRA-tuned)
     and a new one."""
 
-    def __init__(self, backbone: nn.Module, img_size: int, settings: MaeDefaults = MAE,
-                 lora_alpha: float = 1.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        img_size: int,
+        settings: MaeDefaults = MAE,
+        lora_alpha: float = 1.0,
+    ):
         super().__init__()
         self.settings = settings
         self.img_size = img_size
@@ -176,15 +221,23 @@ class MaeObjective(nn.Module):
         source = getattr(backbone, "mae_decoder_state", None) or {}
         self.reused_pred = False
         if source:
-            decoder, self.reused_pred = MaeDecoder.from_source(source, backbone.embed_dim,
-                                                               pred_dim, slots)
+            decoder, self.reused_pred = MaeDecoder.from_source(
+                source, backbone.embed_dim, pred_dim, slots
+            )
             self.decoder_source = "source_lora"
             self._lora_tune(decoder, settings.decoder_lora_rank, lora_alpha)
         else:
             dim = min(settings.decoder_dim, backbone.embed_dim)
             grid = backbone.grid_size(img_size, img_size)
-            decoder = MaeDecoder(backbone.embed_dim, dim, settings.decoder_depth,
-                                 max(1, dim // 32), pred_dim, grid, slots)
+            decoder = MaeDecoder(
+                backbone.embed_dim,
+                dim,
+                settings.decoder_depth,
+                max(1, dim // 32),
+                pred_dim,
+                grid,
+                slots,
+            )
             self.decoder_source = "new"
         self.decoder = decoder
 
@@ -198,8 +251,9 @@ class MaeObjective(nn.Module):
         for i, block in enumerate(decoder.decoder_blocks):
             block.attn.qkv = SplitQKV(block.attn.qkv)
             targets += [f"decoder_blocks.{i}.attn.qkv.q", f"decoder_blocks.{i}.attn.qkv.v"]
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                           bias="none"), decoder)
+        inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, bias="none"), decoder
+        )
         decoder.requires_grad_(False)
         for name, param in decoder.named_parameters():
             if "lora_" in name or (name.startswith("decoder_pred.") and not self.reused_pred):
@@ -245,8 +299,9 @@ class MaeObjective(nn.Module):
         keep = max(1, int(total * (1 - self.settings.mask_ratio)))
         ids_shuffle = torch.argsort(batch["noise"], dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        visible = torch.gather(tokens[:, p:], 1,
-                               ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
+        visible = torch.gather(
+            tokens[:, p:], 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, tokens.shape[2])
+        )
         encoded = vit.encode(torch.cat([tokens[:, :p], visible], dim=1))
         grid = vit.grid_size(self.img_size, self.img_size)
         slots = total // (grid[0] * grid[1])
@@ -264,5 +319,9 @@ class MaeObjective(nn.Module):
         masked = torch.gather(masked, 1, ids_restore) * valid.any(-1)
         loss = (err * masked).sum() / masked.sum().clamp(min=1)
         baseline = mean_patch_baseline(target, valid, masked)
-        return {"loss": loss, "loss_mae": loss, "mae_baseline": baseline,
-                "mae_vs_baseline": loss.detach() / baseline.clamp(min=1e-12)}
+        return {
+            "loss": loss,
+            "loss_mae": loss,
+            "mae_baseline": baseline,
+            "mae_vs_baseline": loss.detach() / baseline.clamp(min=1e-12),
+        }

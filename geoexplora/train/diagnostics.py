@@ -56,6 +56,7 @@ def _mean(records: list[dict], key: str) -> float:
 def _fell(before: list[float], after: list[float], settings: StallDefaults) -> bool:
     """Whether the mean of ``after`` lies below that of ``before`` by ``min_drop`` (relative)
     and by ``noise_sigmas`` standard errors of the difference of the two means."""
+
     def mean_var(v):
         m = sum(v) / len(v)
         return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1) if len(v) > 1 else 0.0)
@@ -79,21 +80,27 @@ def stall_reason(records: list[dict], settings: StallDefaults = STALL) -> str | 
     if all("prototype_max_mass" in r for r in last):
         mass = _mean(last, "prototype_max_mass")
         if mass >= settings.collapse_mass:
-            return (f"not learning: collapsed, one prototype takes {mass:.0%} of the teacher targets' "
-                    f"mass over {_span(last)} (at least {settings.collapse_mass:.0%} counts as "
-                    "collapse)")
+            return (
+                f"not learning: collapsed, one prototype takes {mass:.0%} of the teacher targets' "
+                f"mass over {_span(last)} (at least {settings.collapse_mass:.0%} counts as "
+                "collapse)"
+            )
     key = learning_signal(records[-1])
     n = max(w, len(records) // 4)
-    recent, earlier = records[-n:], records[-2 * n:-n]
-    if all("student_entropy" in r and "uniform_entropy" in r and key in r
-           for r in earlier + recent):
+    recent, earlier = records[-n:], records[-2 * n : -n]
+    if all(
+        "student_entropy" in r and "uniform_entropy" in r and key in r for r in earlier + recent
+    ):
         before, now = _mean(earlier, key), _mean(recent, key)
         entropy, uniform = _mean(last, "student_entropy"), _mean(last, "uniform_entropy")
-        if (entropy >= (1 - settings.uniform_tolerance) * uniform
-                and not _fell([r[key] for r in earlier], [r[key] for r in recent], settings)):
-            return (f"not learning: the student's output is uniform (entropy {entropy:.4g}, "
-                    f"ln K = {uniform:.4g}) and {key} is not falling ({before:.4g} -> "
-                    f"{now:.4g} over {_span(earlier + recent)})")
+        if entropy >= (1 - settings.uniform_tolerance) * uniform and not _fell(
+            [r[key] for r in earlier], [r[key] for r in recent], settings
+        ):
+            return (
+                f"not learning: the student's output is uniform (entropy {entropy:.4g}, "
+                f"ln K = {uniform:.4g}) and {key} is not falling ({before:.4g} -> "
+                f"{now:.4g} over {_span(earlier + recent)})"
+            )
     values = [r[key] for r in records if key in r]
     if len(values) < max(settings.min_records, 2 * w):
         return None
@@ -101,7 +108,9 @@ def stall_reason(records: list[dict], settings: StallDefaults = STALL) -> str | 
     if _fell(values[:span], values[-span:], settings):
         return None
     start, end = sum(values[:span]) / span, sum(values[-span:]) / span
-    return (f"not learning: {key} went from {start:.4g} to {end:.4g} over steps "
-            f"{records[0]['step']}-{records[-1]['step']} (a fall of at least "
-            f"{settings.min_drop:.0%} and {settings.noise_sigmas:g} standard errors is "
-            "expected)")
+    return (
+        f"not learning: {key} went from {start:.4g} to {end:.4g} over steps "
+        f"{records[0]['step']}-{records[-1]['step']} (a fall of at least "
+        f"{settings.min_drop:.0%} and {settings.noise_sigmas:g} standard errors is "
+        "expected)"
+    )

@@ -122,8 +122,13 @@ def make_fabric(settings: FabricSettings, launch: bool = True):
     if strategy == "auto" and many:
         strategy = ENGINE.strategy_multi_device
     precision = settings.precision or default_precision(accelerator)
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=settings.num_nodes,
-                    strategy=strategy, precision=precision)
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=settings.num_nodes,
+        strategy=strategy,
+        precision=precision,
+    )
     if launch:
         fabric.launch()
     return fabric
@@ -134,8 +139,15 @@ def make_fabric(settings: FabricSettings, launch: bool = True):
 # ---------------------------------------------------------------------------------------------
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_EMBEDDING = ("patch_embed", "cls_token", "reg_token", "pos_embed", "mask_token", "spectral",
-              "temporal")
+_EMBEDDING = (
+    "patch_embed",
+    "cls_token",
+    "reg_token",
+    "pos_embed",
+    "mask_token",
+    "spectral",
+    "temporal",
+)
 _NO_DECAY_NAMES = ("cls_token", "reg_token", "pos_embed", "mask_token")
 
 
@@ -154,10 +166,14 @@ def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in _NO_DECAY_NAMES)
 
 
-def param_groups(module: nn.Module, num_blocks: int | None = None, layer_decay: float = 1.0,
-                 lr_multipliers: dict[str, float] | None = None,
-                 layer_id: Callable[[str, int], int] = vit_layer_id,
-                 exclude: Callable[[str], bool] | None = None) -> list[dict]:
+def param_groups(
+    module: nn.Module,
+    num_blocks: int | None = None,
+    layer_decay: float = 1.0,
+    lr_multipliers: dict[str, float] | None = None,
+    layer_id: Callable[[str, int], int] = vit_layer_id,
+    exclude: Callable[[str], bool] | None = None,
+) -> list[dict]:
     """AdamW groups of the trainable parameters of ``module``.
 
     Each group carries ``lr_scale`` (layer-wise decay ``layer_decay ** (num_blocks + 1 - depth)``
@@ -180,8 +196,9 @@ def param_groups(module: nn.Module, num_blocks: int | None = None, layer_decay: 
             if key in name:
                 scale *= mult
         wd_scale = 0.0 if _no_weight_decay(name, p) else 1.0
-        group = groups.setdefault((scale, wd_scale), {"params": [], "names": [],
-                                                      "lr_scale": scale, "wd_scale": wd_scale})
+        group = groups.setdefault(
+            (scale, wd_scale), {"params": [], "names": [], "lr_scale": scale, "wd_scale": wd_scale}
+        )
         group["params"].append(p)
         group["names"].append(name)
     if not groups:
@@ -193,12 +210,14 @@ def build_optimizer(groups: list[dict], betas=(0.9, 0.999), eps: float = ENGINE.
     """AdamW over ``groups`` (lr and weight decay are set by :class:`Schedules` every step)."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     fused = all(p.is_cuda for g in clean for p in g["params"])
-    return torch.optim.AdamW(clean, lr=0.0, weight_decay=0.0, betas=tuple(betas), eps=eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        clean, lr=0.0, weight_decay=0.0, betas=tuple(betas), eps=eps, fused=fused or None
+    )
 
 
-def cosine(step: int, total: int, start: float, end: float, warmup: int = 0,
-           warmup_start: float = 0.0) -> float:
+def cosine(
+    step: int, total: int, start: float, end: float, warmup: int = 0, warmup_start: float = 0.0
+) -> float:
     """Linear warm-up from ``warmup_start`` to ``start`` over ``warmup`` steps, then a cosine
     from ``start`` to ``end`` at ``total``. ``step`` counts from 0."""
     if step < warmup:
@@ -247,8 +266,15 @@ class StepSampler(Sampler[int]):
     from ``g0 + r*batch``. Independent of the number of workers, resumable at any step.
     """
 
-    def __init__(self, batch_size: int, accumulate: int, total_steps: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        batch_size: int,
+        accumulate: int,
+        total_steps: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.batch_size, self.accumulate = batch_size, accumulate
         self.total_steps, self.start_step = total_steps, start_step
         self.rank, self.world_size = rank, world_size
@@ -307,18 +333,31 @@ def resolve_num_workers(num_workers: int | None) -> int:
     return num_workers
 
 
-def make_loader(dataset, sampler: StepSampler, collate_fn=None, num_workers: int | None = None,
-                pin_memory: bool = True, prefetch_factor: int = ENGINE.prefetch_factor):
+def make_loader(
+    dataset,
+    sampler: StepSampler,
+    collate_fn=None,
+    num_workers: int | None = None,
+    pin_memory: bool = True,
+    prefetch_factor: int = ENGINE.prefetch_factor,
+):
     """A DataLoader over ``sampler`` with workers, pinned memory and prefetch."""
     num_workers = resolve_num_workers(num_workers)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init,
-                      persistent_workers=False)
-    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=False,
-                      **kwargs)
+        kwargs.update(
+            prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False
+        )
+    return DataLoader(
+        dataset,
+        batch_size=sampler.batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        drop_last=False,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +402,10 @@ class RunFiles:
             if path.exists() and not overwrite and unfinished and path in (self.log, self.plot):
                 logger.warning("%s: left by a run that wrote no checkpoint; replacing it", path)
             elif path.exists() and not overwrite:
-                raise UserError(f"{path} exists (an earlier run's; {opt('resume')} continues it); pass "
-                                f"{opt('overwrite')} to start afresh")
+                raise UserError(
+                    f"{path} exists (an earlier run's; {opt('resume')} continues it); pass "
+                    f"{opt('overwrite')} to start afresh"
+                )
             check_output(path, True)
 
 
@@ -474,8 +515,9 @@ class _StopFlag:
         if self.signum is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
-        logger.warning("%s received: checkpointing at the end of this step",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "%s received: checkpointing at the end of this step", signal.Signals(signum).name
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -487,8 +529,14 @@ def replica_checksums(fabric, module: nn.Module) -> list[float]:
     """A float64 sum of every parameter and buffer, per rank: equal on all ranks when the
     replicas are in sync (DDP keeps them so; a mismatch is a bug, not noise)."""
     with torch.no_grad():
-        local = sum((t.detach().double().sum() for t in module.state_dict().values()
-                     if t.is_floating_point()), torch.zeros((), dtype=torch.float64))
+        local = sum(
+            (
+                t.detach().double().sum()
+                for t in module.state_dict().values()
+                if t.is_floating_point()
+            ),
+            torch.zeros((), dtype=torch.float64),
+        )
     local = local.to(fabric.device).reshape(1)
     if fabric.world_size == 1:
         return [local.item()]
@@ -543,14 +591,20 @@ class _Interval:
         self.count += 1
         self.wait += waited
 
-    def close(self, step: int, lr: float, wd: float, images_per_step: int, elapsed: float,
-              now: float) -> dict:
+    def close(
+        self, step: int, lr: float, wd: float, images_per_step: int, elapsed: float, now: float
+    ) -> dict:
         """The interval's record (means of its terms, rates), and a fresh interval from now."""
         span = max(now - self.start, 1e-9)
-        record = {"step": step, **{k: v.item() / self.count for k, v in self.sums.items()},
-                  "lr": lr, "weight_decay": wd,
-                  "images_per_s": self.count * images_per_step / span,
-                  "data_wait_fraction": self.wait / span, "time": elapsed}
+        record = {
+            "step": step,
+            **{k: v.item() / self.count for k, v in self.sums.items()},
+            "lr": lr,
+            "weight_decay": wd,
+            "images_per_s": self.count * images_per_step / span,
+            "data_wait_fraction": self.wait / span,
+            "time": elapsed,
+        }
         self.__init__(now)
         return record
 
@@ -564,9 +618,18 @@ class TrainLoop:
     written; returning True ends the run there (early stopping; it must agree on all ranks).
     """
 
-    def __init__(self, fabric, objective: nn.Module, optimizer, dataset, settings: LoopSettings,
-                 schedules: Schedules, collate_fn=None, fingerprint: dict | None = None,
-                 on_checkpoint: Callable[[int], bool] | None = None):
+    def __init__(
+        self,
+        fabric,
+        objective: nn.Module,
+        optimizer,
+        dataset,
+        settings: LoopSettings,
+        schedules: Schedules,
+        collate_fn=None,
+        fingerprint: dict | None = None,
+        on_checkpoint: Callable[[int], bool] | None = None,
+    ):
         self.fabric = fabric
         self.settings = settings
         self.schedules = schedules
@@ -577,11 +640,13 @@ class TrainLoop:
         self.files = RunFiles(Path(settings.output))
         for name in ("steps", "batch_size", "accumulate", "checkpoint_every"):
             if getattr(settings, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
-                                f"{getattr(settings, name)}")
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be at least 1, not {getattr(settings, name)}"
+                )
         self.objective = objective  # unwrapped: what the caller exports
-        self._grad_groups = (objective.grad_norm_groups()
-                             if hasattr(objective, "grad_norm_groups") else None)
+        self._grad_groups = (
+            objective.grad_norm_groups() if hasattr(objective, "grad_norm_groups") else None
+        )
         self._clip_groups = objective.clip_groups() if hasattr(objective, "clip_groups") else None
         self.module, self.optimizer = fabric.setup(objective, optimizer)
         self.step = 0
@@ -595,11 +660,15 @@ class TrainLoop:
         if self.fabric.is_global_zero:
             from geoexplora.io.outputs import atomic_output, torch_save
 
-            state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                     "step": self.step, "elapsed": self.elapsed,
-                     "fingerprint": self.fingerprint,
-                     "module": self.objective.state_dict(),
-                     "optimizer": self.optimizer.state_dict()}
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "step": self.step,
+                "elapsed": self.elapsed,
+                "fingerprint": self.fingerprint,
+                "module": self.objective.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+            }
             with atomic_output(self.files.checkpoint, overwrite=True) as tmp:
                 torch_save(state, tmp)
             records = read_log(self.files.log)
@@ -611,20 +680,34 @@ class TrainLoop:
     def load_checkpoint(self) -> None:
         path = self.files.checkpoint
         if not path.exists():
-            raise UserError(f"{opt('resume')}: no checkpoint {path} (the run writes one every "
-                            f"{self.settings.checkpoint_every} steps and when interrupted)")
+            raise UserError(
+                f"{opt('resume')}: no checkpoint {path} (the run writes one every "
+                f"{self.settings.checkpoint_every} steps and when interrupted)"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError,
-                zipfile.BadZipFile) as exc:
-            raise UserError(f"{opt('resume')}: {path} is not a readable checkpoint ({exc})") from exc
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            ValueError,
+            zipfile.BadZipFile,
+        ) as exc:
+            raise UserError(
+                f"{opt('resume')}: {path} is not a readable checkpoint ({exc})"
+            ) from exc
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{opt('resume')}: {path} is not a geoexplora training checkpoint")
-        differ = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
-                        if state["fingerprint"].get(k) != self.fingerprint.get(k))
+        differ = sorted(
+            k
+            for k in set(state["fingerprint"]) | set(self.fingerprint)
+            if state["fingerprint"].get(k) != self.fingerprint.get(k)
+        )
         if differ:
-            detail = ", ".join(f"{k}: {state['fingerprint'].get(k)!r} -> "
-                               f"{self.fingerprint.get(k)!r}" for k in differ[:4])
+            detail = ", ".join(
+                f"{k}: {state['fingerprint'].get(k)!r} -> {self.fingerprint.get(k)!r}"
+                for k in differ[:4]
+            )
             raise UserError(f"{opt('resume')}: {path} was written by a different run ({detail})")
         self.objective.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -636,8 +719,14 @@ class TrainLoop:
 
     def _loader(self) -> DataLoader:
         s = self.settings
-        sampler = StepSampler(s.batch_size, s.accumulate, s.steps, self.step,
-                              self.fabric.global_rank, self.fabric.world_size)
+        sampler = StepSampler(
+            s.batch_size,
+            s.accumulate,
+            s.steps,
+            self.step,
+            self.fabric.global_rank,
+            self.fabric.world_size,
+        )
         loader = make_loader(self.dataset, sampler, self.collate_fn, s.num_workers)
         return self.fabric.setup_dataloaders(loader, use_distributed_sampler=False)
 
@@ -655,8 +744,13 @@ class TrainLoop:
         if self.fabric.world_size > 1:
             reason = self.fabric.broadcast(reason, src=0)
         if reason is not None and self.fabric.is_global_zero:
-            logger.warning("%s%s", reason, "" if self.settings.stop_if_stalled else
-                           "; --stop-if-stalled would end such a run here")
+            logger.warning(
+                "%s%s",
+                reason,
+                ""
+                if self.settings.stop_if_stalled
+                else "; --stop-if-stalled would end such a run here",
+            )
         return reason
 
     def _log_every(self) -> int:
@@ -675,8 +769,9 @@ class TrainLoop:
             batch = next(loader_iter)
             waited += time.perf_counter() - t0
             # Seeded after the fetch (creating a loader iterator draws from torch's RNG).
-            torch.manual_seed(step_seed(s.seed, self.step * s.accumulate + micro,
-                                        fabric.global_rank))
+            torch.manual_seed(
+                step_seed(s.seed, self.step * s.accumulate + micro, fabric.global_rank)
+            )
             with fabric.no_backward_sync(self.module, enabled=micro < s.accumulate - 1):
                 out = self.module(batch, self.step)
                 fabric.backward(out["loss"] / s.accumulate)
@@ -704,29 +799,44 @@ class TrainLoop:
         if not groups and not clips:
             if not s.clip_grad:
                 return {}
-            return {"grad_norm": fabric.clip_gradients(
-                self.module, self.optimizer, max_norm=s.clip_grad,
-                error_if_nonfinite=False).detach().float()}
+            return {
+                "grad_norm": fabric.clip_gradients(
+                    self.module, self.optimizer, max_norm=s.clip_grad, error_if_nonfinite=False
+                )
+                .detach()
+                .float()
+            }
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         fabric.strategy.precision.unscale_gradients(optimizer)  # once (16-bit's loss scale)
         out = {f"grad_norm_{name}": grad_norm(params) for name, params in (groups or {}).items()}
         if clips:
-            norms = [torch.nn.utils.clip_grad_norm_(params, s.clip_grad, error_if_nonfinite=False)
-                     for params in clips.values()]
+            norms = [
+                torch.nn.utils.clip_grad_norm_(params, s.clip_grad, error_if_nonfinite=False)
+                for params in clips.values()
+            ]
             out["grad_norm"] = torch.stack([n.float() for n in norms]).norm()
         elif s.clip_grad:
-            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                fabric.strategy.precision.main_params(optimizer), s.clip_grad,
-                error_if_nonfinite=False).detach().float()
+            out["grad_norm"] = (
+                torch.nn.utils.clip_grad_norm_(
+                    fabric.strategy.precision.main_params(optimizer),
+                    s.clip_grad,
+                    error_if_nonfinite=False,
+                )
+                .detach()
+                .float()
+            )
         return {k: v.detach().float() for k, v in out.items()}
 
     def run(self, resume: bool = False) -> dict:
         """Train to ``settings.steps``; returns the summary (see the module docs)."""
         s, fabric = self.settings, self.fabric
         kept = self._start_log(resume)
-        run = _RunState(start_step=self.step, history=list(kept),
-                        first=kept[0] if kept else None,  # a resumed run reports the same
-                        last=kept[-1] if kept else None)  # first loss as an uninterrupted one
+        run = _RunState(
+            start_step=self.step,
+            history=list(kept),
+            first=kept[0] if kept else None,  # a resumed run reports the same
+            last=kept[-1] if kept else None,
+        )  # first loss as an uninterrupted one
         self.objective.train()  # load_model returns eval-mode modules: drop-path must be on
         log_every = self._log_every()
         images_per_step = s.batch_size * s.accumulate * fabric.world_size
@@ -735,16 +845,20 @@ class TrainLoop:
         run_start = mark = time.perf_counter()
         interval = _Interval(run_start)
         progress = make_progress() if fabric.is_global_zero else None
-        log_file = (open(self.files.log, "a")  # noqa: SIM115 - closed in the finally below
-                    if fabric.is_global_zero else None)
+        log_file = (
+            open(self.files.log, "a")  # noqa: SIM115 - closed in the finally below
+            if fabric.is_global_zero
+            else None
+        )
         loader_iter = iter(self._loader())
         try:
             with _StopFlag() as flag:
                 task = None
                 if progress is not None:
                     progress.start()
-                    task = progress.add_task(s.description, total=s.steps, completed=self.step,
-                                             info="")
+                    task = progress.add_task(
+                        s.description, total=s.steps, completed=self.step, info=""
+                    )
                 while self.step < s.steps:
                     lr, wd = self.schedules.apply(self.optimizer, self.step)
                     terms, waited = self._train_step(loader_iter)
@@ -752,13 +866,18 @@ class TrainLoop:
                     self.step += 1
                     interval.add(terms, waited)
                     stop = self._stop_requested(flag)
-                    checkpoint = (stop or self.step % s.checkpoint_every == 0
-                                  or self.step == s.steps)
+                    checkpoint = stop or self.step % s.checkpoint_every == 0 or self.step == s.steps
                     halt = False
                     if interval.count == log_every or checkpoint:
                         now = time.perf_counter()
-                        record = interval.close(self.step, lr, wd, images_per_step,
-                                                round(self.elapsed + now - mark, 3), now)
+                        record = interval.close(
+                            self.step,
+                            lr,
+                            wd,
+                            images_per_step,
+                            round(self.elapsed + now - mark, 3),
+                            now,
+                        )
                         halt = self._record(run, record)
                         checkpoint = checkpoint or halt
                         self._emit(record, log_file, progress, task, lr)
@@ -770,12 +889,16 @@ class TrainLoop:
                             run.stopped_early_at = self.step
                             break
                     if stop:
-                        raise Interrupted(f"interrupted at step {self.step}/{s.steps}: checkpoint "
-                                          f"{self.files.checkpoint}; continue with {opt('resume')}")
+                        raise Interrupted(
+                            f"interrupted at step {self.step}/{s.steps}: checkpoint "
+                            f"{self.files.checkpoint}; continue with {opt('resume')}"
+                        )
                     if halt:
-                        raise RuntimeFailure(f"{run.stalled}; stopped at step {self.step}/"
-                                             f"{s.steps} ({opt('stop_if_stalled')}), checkpoint "
-                                             f"{self.files.checkpoint}")
+                        raise RuntimeFailure(
+                            f"{run.stalled}; stopped at step {self.step}/"
+                            f"{s.steps} ({opt('stop_if_stalled')}), checkpoint "
+                            f"{self.files.checkpoint}"
+                        )
         finally:
             if progress is not None:
                 progress.stop()
@@ -793,8 +916,10 @@ class TrainLoop:
         if resume:
             self.load_checkpoint()
         elif self.fabric.is_global_zero and self.files.checkpoint.exists():
-            logger.warning("starting afresh: %s will be replaced (--resume continues it)",
-                           self.files.checkpoint)
+            logger.warning(
+                "starting afresh: %s will be replaced (--resume continues it)",
+                self.files.checkpoint,
+            )
         kept: list[dict] = []
         if self.fabric.is_global_zero:
             self.files.log.parent.mkdir(parents=True, exist_ok=True)
@@ -808,8 +933,10 @@ class TrainLoop:
         """Keep a logged record; check the loss is a number and, until the run is found
         stalled, the not-learning rule. Whether the run must halt here (``stop_if_stalled``)."""
         if not math.isfinite(record["loss"]):
-            raise RuntimeFailure(f"the loss is {record['loss']} at step {self.step}; lower the "
-                                 "learning rate or check the input data")
+            raise RuntimeFailure(
+                f"the loss is {record['loss']} at step {self.step}; lower the "
+                "learning rate or check the input data"
+            )
         run.first = run.first or record
         run.last = record
         run.history.append(record)
@@ -825,16 +952,19 @@ class TrainLoop:
             log_file.flush()
             log_record(record)  # to the experiment trackers too
         if progress is not None:
-            progress.update(task, completed=self.step,
-                            info=progress_info(record, lr, progress.console.width))
+            progress.update(
+                task, completed=self.step, info=progress_info(record, lr, progress.console.width)
+            )
 
     def _summary(self, run: _RunState, resume: bool, images_per_step: int) -> dict:
         s, fabric = self.settings, self.fabric
         run_steps = self.step - run.start_step
         checksums = replica_checksums(fabric, self.objective)
         if len(set(checksums)) > 1:
-            raise RuntimeFailure(f"the {fabric.world_size} model replicas differ after training "
-                                 f"(checksums {checksums}); the distributed set-up is broken")
+            raise RuntimeFailure(
+                f"the {fabric.world_size} model replicas differ after training "
+                f"(checksums {checksums}); the distributed set-up is broken"
+            )
         first, last = run.first, run.last
         return {
             "steps": s.steps,
@@ -855,6 +985,9 @@ class TrainLoop:
             "data_wait_fraction": run.wait_total / run.seconds,
             "peak_memory_bytes": peak_memory_bytes(fabric.device),
             "replica_checksums": checksums,
-            "files": {"checkpoint": str(self.files.checkpoint), "log": str(self.files.log),
-                      "plot": str(self.files.plot)},
+            "files": {
+                "checkpoint": str(self.files.checkpoint),
+                "log": str(self.files.log),
+                "plot": str(self.files.plot),
+            },
         }

@@ -29,8 +29,6 @@ from geoexplora.provenance import sha256_file
 EXTRACTION_VERSION = 1
 
 
-
-
 def dataset_digest(root: Path) -> str:
     """Identity of a chips dataset: its metadata and index (``tile`` rewrites both)."""
     digest = hashlib.sha256()
@@ -58,21 +56,31 @@ class SplitFeatures:
         return len(self.chip_ids)
 
     def to_dict(self) -> dict:
-        d = {"cls_blocks": self.cls_blocks, "patch_mean": self.patch_mean, "label": self.label,
-             "chip_ids": list(self.chip_ids), "version": EXTRACTION_VERSION}
+        d = {
+            "cls_blocks": self.cls_blocks,
+            "patch_mean": self.patch_mean,
+            "label": self.label,
+            "chip_ids": list(self.chip_ids),
+            "version": EXTRACTION_VERSION,
+        }
         if self.labels is not None:
             d["labels"] = self.labels
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SplitFeatures:
-        return cls(d["cls_blocks"], d["patch_mean"], d["label"], d.get("labels"),
-                   list(d["chip_ids"]))
+        return cls(
+            d["cls_blocks"], d["patch_mean"], d["label"], d.get("labels"), list(d["chip_ids"])
+        )
 
     def subset(self, index: torch.Tensor) -> SplitFeatures:
-        return SplitFeatures(self.cls_blocks[index], self.patch_mean[index], self.label[index],
-                             None if self.labels is None else self.labels[index],
-                             [self.chip_ids[i] for i in index.tolist()])
+        return SplitFeatures(
+            self.cls_blocks[index],
+            self.patch_mean[index],
+            self.label[index],
+            None if self.labels is None else self.labels[index],
+            [self.chip_ids[i] for i in index.tolist()],
+        )
 
 
 def frame_dates(dataset: ChipsDataset, i: int) -> torch.Tensor:
@@ -152,10 +160,12 @@ def check_model(model, init_weights: str | None = None, bands=None, seed: int = 
             read_model_meta(path)
         except UserError as exc:
             if "not a geoexplora model file" in str(exc):
-                raise UserError(f"{path}: not a geoexplora model file; for a raw checkpoint name "
-                                f"its architecture as the model and give the file as "
-                                f"{opt('init_weights')} (e.g. vit_small_patch14_dinov2 "
-                                f"{opt('init_weights')} {path})") from exc
+                raise UserError(
+                    f"{path}: not a geoexplora model file; for a raw checkpoint name "
+                    f"its architecture as the model and give the file as "
+                    f"{opt('init_weights')} (e.g. vit_small_patch14_dinov2 "
+                    f"{opt('init_weights')} {path})"
+                ) from exc
             raise
         return path
     resolve_init(text, init_weights)
@@ -168,9 +178,11 @@ def check_models(models, init_weights: str | None = None, bands=None, seed: int 
     if not any(isinstance(m, SourceSpec) for m in out):
         for name, value in (("init_weights", init_weights), ("bands", bands)):
             if value:
-                raise UserError("applies to a model given by name (a registry or timm name, "
-                                "torchgeo:ENUM), not to model files, which carry their own",
-                                option=name)
+                raise UserError(
+                    "applies to a model given by name (a registry or timm name, "
+                    "torchgeo:ENUM), not to model files, which carry their own",
+                    option=name,
+                )
     return out
 
 
@@ -181,15 +193,17 @@ def model_digest(model) -> str:
         return sha256_file(model)
     import json
 
-    return hashlib.sha256(json.dumps(source_provenance(model), sort_keys=True).encode()
-                          ).hexdigest()
+    return hashlib.sha256(json.dumps(source_provenance(model), sort_keys=True).encode()).hexdigest()
 
 
 def source_provenance(spec: SourceSpec) -> dict:
     import importlib.metadata
 
-    doc: dict = {"spec": spec.spec, "init_weights": spec.init_weights,
-                 "bands": list(spec.bands) if spec.bands else None}
+    doc: dict = {
+        "spec": spec.spec,
+        "init_weights": spec.init_weights,
+        "bands": list(spec.bands) if spec.bands else None,
+    }
     weights = (spec.init_weights or "").strip()
     if weights.lower() == "random":
         doc["seed"] = spec.seed
@@ -217,21 +231,30 @@ def _source_for_dataset(spec: SourceSpec, dataset: ChipsDataset):
             match = [i for i, b in enumerate(dataset.bands) if find_band(b.sensor, token) == b]
             if not match:
                 have = ", ".join(b.name for b in dataset.bands)
-                raise UserError(f"{token}: not in the chips dataset {dataset.root} (has: {have})",
-                                option="bands")
+                raise UserError(
+                    f"{token}: not in the chips dataset {dataset.root} (has: {have})",
+                    option="bands",
+                )
             index.append(match[0])
         check_distinct(list(spec.bands), [dataset.bands[i] for i in index])
     bands = [dataset.bands[i] for i in index]
     stats = {k: [dataset.stats[k][i] for i in index] for k in ("mean", "std")}
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
-        vit = build_backbone(init=spec.spec, init_weights=spec.init_weights, bands=bands,
-                             stats=stats, img_size=dataset.chip_size,
-                             num_frames=dataset.num_frames)
+        vit = build_backbone(
+            init=spec.spec,
+            init_weights=spec.init_weights,
+            bands=bands,
+            stats=stats,
+            img_size=dataset.chip_size,
+            num_frames=dataset.num_frames,
+        )
     if dataset.chip_size % vit.patch_size:
-        raise UserError(f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
-                        f"{spec.spec}'s {vit.patch_size} px patches; tile with {opt('size')} "
-                        f"{vit.patch_size * max(1, round(dataset.chip_size / vit.patch_size))}")
+        raise UserError(
+            f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
+            f"{spec.spec}'s {vit.patch_size} px patches; tile with {opt('size')} "
+            f"{vit.patch_size * max(1, round(dataset.chip_size / vit.patch_size))}"
+        )
     return vit, (None if index == list(range(len(dataset.bands))) else index)
 
 
@@ -249,9 +272,11 @@ def backbone_for_dataset(model_path, dataset: ChipsDataset):
         return _source_for_dataset(model_path, dataset)
     vit = build_backbone(init=str(model_path))
     if dataset.chip_size % vit.patch_size:
-        raise UserError(f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
-                        f"{model_path.name}'s {vit.patch_size} px patches; tile with {opt('size')} "
-                        f"{vit.patch_size * max(1, round(dataset.chip_size / vit.patch_size))}")
+        raise UserError(
+            f"{dataset.root}: {dataset.chip_size} px chips are not a multiple of "
+            f"{model_path.name}'s {vit.patch_size} px patches; tile with {opt('size')} "
+            f"{vit.patch_size * max(1, round(dataset.chip_size / vit.patch_size))}"
+        )
     model_keys = [b.key for b in vit.bands]
     data_keys = [b.key for b in dataset.bands]
     band_index = None
@@ -261,14 +286,21 @@ def backbone_for_dataset(model_path, dataset: ChipsDataset):
             band_index = [data_keys.index(k) for k in model_keys]
         else:
             retarget = True
-            logger.warning("%s was trained on bands %s; re-targeting its band-aware embedding to "
-                           "the chips' bands %s", model_path.name, ",".join(model_keys),
-                           ",".join(data_keys))
+            logger.warning(
+                "%s was trained on bands %s; re-targeting its band-aware embedding to "
+                "the chips' bands %s",
+                model_path.name,
+                ",".join(model_keys),
+                ",".join(data_keys),
+            )
     if retarget or vit.num_frames != dataset.num_frames:
-        stats = ({"mean": dataset.stats["mean"], "std": dataset.stats["std"]} if retarget
-                 else None)
-        vit = build_backbone(init=str(model_path), bands=dataset.bands if retarget else None,
-                             stats=stats, num_frames=dataset.num_frames)
+        stats = {"mean": dataset.stats["mean"], "std": dataset.stats["std"]} if retarget else None
+        vit = build_backbone(
+            init=str(model_path),
+            bands=dataset.bands if retarget else None,
+            stats=stats,
+            num_frames=dataset.num_frames,
+        )
     return vit, band_index
 
 
@@ -278,10 +310,15 @@ def valid_frames(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
-                     device: str | torch.device = "cpu", num_workers: int = 0,
-                     description: str = "features",
-                     band_index: list[int] | None = None) -> SplitFeatures:
+def extract_features(
+    backbone,
+    dataset: ChipsDataset,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    description: str = "features",
+    band_index: list[int] | None = None,
+) -> SplitFeatures:
     """Run the frozen ``backbone`` (a GeoViT) over ``dataset``; memory bounded by the batch."""
     from torch.utils.data import DataLoader
 
@@ -289,8 +326,14 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
 
     inputs = ModelInputs(dataset, band_index)
     if len(inputs):
-        check_extraction_memory(backbone, inputs[0], dataset.chip_size,
-                                min(batch_size, len(inputs)), torch.device(device), num_workers)
+        check_extraction_memory(
+            backbone,
+            inputs[0],
+            dataset.chip_size,
+            min(batch_size, len(inputs)),
+            torch.device(device),
+            num_workers,
+        )
     backbone.eval().to(device)
     n_blocks = min(CLS_BLOCKS, backbone.depth)
     loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -301,8 +344,9 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
             x = batch["image"].to(device)
             dates = batch["dates"].to(device) if backbone.num_frames > 1 else None
             frames = valid_frames(x)
-            features = backbone.forward_features(x, dates=dates, frame_mask=frames,
-                                                 cls_blocks=n_blocks)
+            features = backbone.forward_features(
+                x, dates=dates, frame_mask=frames, cls_blocks=n_blocks
+            )
             cls, patch = features["cls_blocks"], features["patch"]
             # Mean over the valid frames' patches only.
             weight = frames.to(patch.dtype)[:, :, None, None]
@@ -321,12 +365,18 @@ def extract_features(backbone, dataset: ChipsDataset, batch_size: int = 64,
         torch.cat(mean_parts) if mean_parts else torch.zeros(0, dim),
         torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.int64),
         torch.cat(labels_parts) if labels_parts else None,
-        ids)
+        ids,
+    )
 
 
-def cached_features(model_path, splits: dict[str, ChipsDataset], cache_dir: Path | None,
-                    batch_size: int = 64, device: str | torch.device = "cpu",
-                    num_workers: int = 0) -> tuple[dict[str, SplitFeatures], bool]:
+def cached_features(
+    model_path,
+    splits: dict[str, ChipsDataset],
+    cache_dir: Path | None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> tuple[dict[str, SplitFeatures], bool]:
     """The features of every split in ``splits`` (name -> dataset of that split) under the model
     file ``model_path``: from the cache when present, else extracted (the backbone is loaded
     once) and stored. Returns (features per split, whether all came from the cache).
@@ -335,8 +385,10 @@ def cached_features(model_path, splits: dict[str, ChipsDataset], cache_dir: Path
     if cache_dir is not None:
         model_sha = model_digest(model_path)
         dataset_sha = dataset_digest(next(iter(splits.values())).root)
-        paths = {name: Path(cache_dir) / f"{cache_key(model_sha, dataset_sha, name)}.pt"
-                 for name in splits}
+        paths = {
+            name: Path(cache_dir) / f"{cache_key(model_sha, dataset_sha, name)}.pt"
+            for name in splits
+        }
     out: dict[str, SplitFeatures] = {}
     loaded = None
     for name, dataset in splits.items():
@@ -348,8 +400,15 @@ def cached_features(model_path, splits: dict[str, ChipsDataset], cache_dir: Path
         if loaded is None:
             loaded = backbone_for_dataset(model_path, dataset)
         backbone, band_index = loaded
-        out[name] = extract_features(backbone, dataset, batch_size, device, num_workers,
-                                     f"{model_path.name} {name}", band_index)
+        out[name] = extract_features(
+            backbone,
+            dataset,
+            batch_size,
+            device,
+            num_workers,
+            f"{model_path.name} {name}",
+            band_index,
+        )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(path, overwrite=True) as tmp:
@@ -364,6 +423,7 @@ def _read_cache(path: Path, expected: int) -> SplitFeatures:
         raise UserError(f"feature cache {path} is unreadable ({exc}); delete it") from exc
     feats = SplitFeatures.from_dict(cached)
     if len(feats) != expected:
-        raise UserError(f"feature cache {path} has {len(feats)} chips for {expected} in the "
-                        "dataset; delete it")
+        raise UserError(
+            f"feature cache {path} has {len(feats)} chips for {expected} in the dataset; delete it"
+        )
     return feats

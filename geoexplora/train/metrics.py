@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int | None = None) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None
+) -> torch.Tensor:
     """(K, K) int64 counts, rows = true class, columns = predicted class.
 
     ``pred`` and ``target`` are integer tensors of the same shape (any shape: chips or pixels);
@@ -34,8 +35,11 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
         raise ValueError(f"predicted class ids must lie in [0, {num_classes})")
     flat = target * num_classes + pred
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes).cpu()
+    return (
+        torch.bincount(flat, minlength=num_classes * num_classes)
+        .reshape(num_classes, num_classes)
+        .cpu()
+    )
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -64,7 +68,9 @@ def classification_metrics(confusion: torch.Tensor) -> dict:
     has_support = support > 0
     return {
         "top1": float(tp.sum() / total) if total > 0 else float("nan"),
-        "balanced_accuracy": float(recall[has_support].mean()) if has_support.any() else float("nan"),
+        "balanced_accuracy": float(recall[has_support].mean())
+        if has_support.any()
+        else float("nan"),
         "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
         "per_class_precision": precision.tolist(),
         "per_class_recall": recall.tolist(),
@@ -143,7 +149,8 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: f
         "map": float(ap[has_pos].mean()) if has_pos.any() else nan,
         "macro_f1": float(f1[present].mean()) if present.any() else nan,
         "micro_f1": float(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()))
-        if (tp.sum() + fp.sum() + fn.sum()) > 0 else nan,
+        if (tp.sum() + fp.sum() + fn.sum()) > 0
+        else nan,
         "top1": float(targets[torch.arange(len(top)), top].mean()) if len(top) else nan,
         "balanced_accuracy": float(((tpr + tnr) / 2)[both].mean()) if both.any() else nan,
         "per_class_ap": ap.tolist(),

@@ -27,8 +27,9 @@ def scaled_lr(base_lr: float, base_batch: int, batch: int, scaling: LrScaling) -
     return base_lr * (math.sqrt(ratio) if scaling == "sqrt" else ratio)
 
 
-def steps_for_images(steps: int | None, epochs: float | None, images: int, batch: int,
-                     default_steps: int) -> int:
+def steps_for_images(
+    steps: int | None, epochs: float | None, images: int, batch: int, default_steps: int
+) -> int:
     """``adapt``'s step count: given steps, else ``epochs`` passes over ``images`` images at
     ``batch`` images a step, else ``default_steps``."""
     if steps is not None:
@@ -43,8 +44,9 @@ def steps_per_epoch(examples: int, batch: int) -> int:
     return max(1, math.ceil(examples / batch))
 
 
-def steps_for_epochs(steps: int | None, epochs: float | None, per_epoch: int,
-                     default_epochs: float) -> int:
+def steps_for_epochs(
+    steps: int | None, epochs: float | None, per_epoch: int, default_epochs: float
+) -> int:
     """``finetune``'s step count: given steps, else ``epochs`` (default ``default_epochs``)
     epochs of ``per_epoch`` steps, rounded to a whole step."""
     if steps is not None:
@@ -57,8 +59,9 @@ def warmup_from_fraction(warmup_steps: int | None, fraction: float, steps: int) 
     return warmup_steps if warmup_steps is not None else int(fraction * steps)
 
 
-def warmup_from_epochs(warmup_steps: int | None, epochs: float, per_epoch: int,
-                       max_fraction: float, steps: int) -> int:
+def warmup_from_epochs(
+    warmup_steps: int | None, epochs: float, per_epoch: int, max_fraction: float, steps: int
+) -> int:
     """Given warm-up steps, else ``epochs`` epochs, at most ``max_fraction`` of a short run
     (``finetune``: the recipe's warm-up epochs would otherwise outlast a quick run)."""
     if warmup_steps is not None:

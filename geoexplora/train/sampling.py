@@ -60,20 +60,32 @@ def valid_fraction(data: np.ndarray) -> float:
 class SceneWindows:
     """Random ``size`` x ``size`` windows of ``frames`` dates across ``scenes``."""
 
-    def __init__(self, scenes: list, size: int, seed: int, prepare: Prepare | None = None,
-                 frames: int = 1, min_valid: float = DATA.min_valid_fraction,
-                 cell: int | None = None, progress=None):
+    def __init__(
+        self,
+        scenes: list,
+        size: int,
+        seed: int,
+        prepare: Prepare | None = None,
+        frames: int = 1,
+        min_valid: float = DATA.min_valid_fraction,
+        cell: int | None = None,
+        progress=None,
+    ):
         if frames == 1:
             scenes = [s for scene in scenes for s in single_date_scenes(scene)]
         for scene in scenes:
             name = ", ".join(p.name for p in scene.paths)
             if scene.width < size or scene.height < size:
-                raise UserError(f"{name}: {scene.width}x{scene.height} px is smaller than the "
-                                f"{size} px training window; use larger scenes or a smaller "
-                                f"{opt('crop_size')}")
+                raise UserError(
+                    f"{name}: {scene.width}x{scene.height} px is smaller than the "
+                    f"{size} px training window; use larger scenes or a smaller "
+                    f"{opt('crop_size')}"
+                )
             if len(scene.dates) != frames:
-                raise UserError(f"{name}: {len(scene.dates)} date(s), the model takes {frames} "
-                                f"({opt('frames')})")
+                raise UserError(
+                    f"{name}: {len(scene.dates)} date(s), the model takes {frames} "
+                    f"({opt('frames')})"
+                )
         self.scenes, self.size, self.seed = scenes, size, seed
         self.prepare, self.frames, self.min_valid = prepare, frames, min_valid
         self.cell = max(size, cell or DATA.valid_map_cell)
@@ -81,8 +93,10 @@ class SceneWindows:
         total = weights.sum()
         if not total > 0:
             names = ", ".join(sorted({p.name for s in scenes for p in s.paths}))
-            raise UserError(f"no valid pixels in {names}: every pixel is nodata in at least one "
-                            "of the requested bands")
+            raise UserError(
+                f"no valid pixels in {names}: every pixel is nodata in at least one "
+                "of the requested bands"
+            )
         self.probs = weights / total
         self.valid_pixels = int(total)
 
@@ -148,11 +162,12 @@ class ChipSamples:
     """The chips of a chips dataset as a stream (a seeded permutation per epoch), with the
     bands selected by ``band_indices``."""
 
-    def __init__(self, chips, band_indices: list[int], seed: int,
-                 prepare: Prepare | None = None):
+    def __init__(self, chips, band_indices: list[int], seed: int, prepare: Prepare | None = None):
         if len(chips) == 0:
-            raise UserError(f"{chips.root}: the chips dataset has no chips"
-                            + (f" in split {chips.split}" if chips.split else ""))
+            raise UserError(
+                f"{chips.root}: the chips dataset has no chips"
+                + (f" in split {chips.split}" if chips.split else "")
+            )
         self.chips, self.band_indices = chips, list(band_indices)
         self.seed, self.prepare = seed, prepare
         self.frames = chips.num_frames

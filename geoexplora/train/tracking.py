@@ -18,8 +18,12 @@ from geoexplora import defaults
 from geoexplora.errors import UserError, opt
 
 # tracker -> (module it needs, the extra that installs it)
-TRACKERS = {"csv": (None, None), "tensorboard": ("tensorboard", "tensorboard"),
-            "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+TRACKERS = {
+    "csv": (None, None),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow", "mlflow"),
+    "wandb": ("wandb", "wandb"),
+}
 
 _active: ContextVar[tuple] = ContextVar("geoexplora_trackers", default=())
 
@@ -34,15 +38,20 @@ def _open(name: str, run_name: str, log_dir: Path):
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=log_dir / "tensorboard", name=run_name, default_hp_metric=False)
+        return TensorBoardLogger(
+            save_dir=log_dir / "tensorboard", name=run_name, default_hp_metric=False
+        )
     if name == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
 
         # MLflow 3 refuses its plain-file store; a SQLite file is its local, offline backend
         log_dir.mkdir(parents=True, exist_ok=True)
-        return MLFlowLogger(experiment_name=defaults.TRACKER_PROJECT, run_name=run_name,
-                            tracking_uri=f"sqlite:///{(log_dir / 'mlflow.db').resolve()}",
-                            artifact_location=(log_dir / "mlartifacts").resolve().as_uri())
+        return MLFlowLogger(
+            experiment_name=defaults.TRACKER_PROJECT,
+            run_name=run_name,
+            tracking_uri=f"sqlite:///{(log_dir / 'mlflow.db').resolve()}",
+            artifact_location=(log_dir / "mlartifacts").resolve().as_uri(),
+        )
     from lightning.pytorch.loggers import WandbLogger
 
     return WandbLogger(name=run_name, save_dir=str(log_dir), project=defaults.TRACKER_PROJECT)
@@ -55,8 +64,10 @@ def open_loggers(names: list[str], run_name: str, log_dir: Path) -> list:
             raise UserError(f"{opt('logger')} {name}: not one of {', '.join(TRACKERS)}")
         module, extra = TRACKERS[name]
         if module is not None and importlib.util.find_spec(module) is None:
-            raise UserError(f"{opt('logger')} {name} needs the {module} package: "
-                            f"pip install 'geoexplora[{extra}]'")
+            raise UserError(
+                f"{opt('logger')} {name} needs the {module} package: "
+                f"pip install 'geoexplora[{extra}]'"
+            )
     return [_open(name, run_name, Path(log_dir)) for name in dict.fromkeys(names)]
 
 
@@ -116,9 +127,12 @@ def log_table(key: str, rows: list[dict], step: int = 0) -> None:
 
     columns = list(rows[0])
     label = columns[0]
-    metrics = {f"{key}/{row[label]}/{column}": float(value) for row in rows
-               for column, value in row.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    metrics = {
+        f"{key}/{row[label]}/{column}": float(value)
+        for row in rows
+        for column, value in row.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
     for tracker in loggers:
         tracker.log_metrics(metrics, step=step)
         if isinstance(tracker, TensorBoardLogger):
@@ -126,18 +140,26 @@ def log_table(key: str, rows: list[dict], step: int = 0) -> None:
             lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
             tracker.experiment.add_text(key, "\n".join(lines), step)
         elif isinstance(tracker, MLFlowLogger):
-            tracker.experiment.log_dict(tracker.run_id, {"columns": columns, "rows": rows},
-                                        f"{key}.json")
+            tracker.experiment.log_dict(
+                tracker.run_id, {"columns": columns, "rows": rows}, f"{key}.json"
+            )
         elif isinstance(tracker, WandbLogger):
-            tracker.log_table(key=key, columns=columns,
-                              data=[[row[c] for c in columns] for row in rows], step=step)
+            tracker.log_table(
+                key=key,
+                columns=columns,
+                data=[[row[c] for c in columns] for row in rows],
+                step=step,
+            )
 
 
 def log_record(record: dict) -> None:
     """One training-log record (``step`` and numbers) to the active trackers."""
     loggers = _active.get()
     if loggers:
-        metrics = {k: float(v) for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {
+            k: float(v)
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         for tracker in loggers:
             tracker.log_metrics(metrics, step=record["step"])

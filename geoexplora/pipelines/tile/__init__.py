@@ -28,12 +28,12 @@ from geoexplora.pipelines.tile.plan import TilePlan, execute, plan_tile, tile
 from geoexplora.pipelines.tile.scenes import open_scenes
 
 __all__ = [
-           "TileConfig",
-           "TilePlan",
-           "TileResult",
-           "execute",
-           "open_scenes",
-           "plan_tile",
-           "tile",
-           "window_offsets",
+    "TileConfig",
+    "TilePlan",
+    "TileResult",
+    "execute",
+    "open_scenes",
+    "plan_tile",
+    "tile",
+    "window_offsets",
 ]

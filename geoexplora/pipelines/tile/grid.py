@@ -49,19 +49,29 @@ def make_candidates(scenes: list, size: int, stride: int, edge: str) -> Candidat
 
     from geoexplora.memory import check_fits
 
-    planned = sum(len(window_offsets(s.height, size, stride, edge))
-                  * len(window_offsets(s.width, size, stride, edge)) for s in scenes)
-    check_fits(planned * CANDIDATE_BYTES, f"listing {planned:,} candidate chips of {size} px "
-               f"(stride {stride})", "use a larger --resolution (coarser pixels), --size or --stride, "
-               "or an --aoi")
+    planned = sum(
+        len(window_offsets(s.height, size, stride, edge))
+        * len(window_offsets(s.width, size, stride, edge))
+        for s in scenes
+    )
+    check_fits(
+        planned * CANDIDATE_BYTES,
+        f"listing {planned:,} candidate chips of {size} px (stride {stride})",
+        "use a larger --resolution (coarser pixels), --size or --stride, or an --aoi",
+    )
     sc, rows, cols, boxes = [], [], [], []
     for i, scene in enumerate(scenes):
         r_offs = window_offsets(scene.height, size, stride, edge)
         c_offs = window_offsets(scene.width, size, stride, edge)
         if not r_offs or not c_offs:
-            log.warning("%s: %d x %d px is smaller than one %d px chip; skipped (--edge pad keeps "
-                        "it, padded with nodata)", scene.paths[0].name, scene.width, scene.height,
-                        size)
+            log.warning(
+                "%s: %d x %d px is smaller than one %d px chip; skipped (--edge pad keeps "
+                "it, padded with nodata)",
+                scene.paths[0].name,
+                scene.width,
+                scene.height,
+                size,
+            )
             continue
         for r in r_offs:
             for c in c_offs:
@@ -70,9 +80,14 @@ def make_candidates(scenes: list, size: int, stride: int, edge: str) -> Candidat
                 cols.append(c)
                 boxes.append(box(*C.window_bounds(scene.transform, c, r, size, size)))
     n = len(sc)
-    return Candidates(np.array(sc, dtype=np.int64), np.array(rows, dtype=np.int64),
-                      np.array(cols, dtype=np.int64), np.array(boxes, dtype=object),
-                      np.full(n, "train", dtype=object), np.full(n, "", dtype=object))
+    return Candidates(
+        np.array(sc, dtype=np.int64),
+        np.array(rows, dtype=np.int64),
+        np.array(cols, dtype=np.int64),
+        np.array(boxes, dtype=object),
+        np.full(n, "train", dtype=object),
+        np.full(n, "", dtype=object),
+    )
 
 
 def _auto_block(cands: Candidates, size: int, res: float) -> int:
@@ -89,15 +104,23 @@ def _block_keys(cands: Candidates, block_m: float) -> dict:
     centres = shapely.centroid(cands.boxes)
     xs, ys = shapely.get_x(centres), shapely.get_y(centres)
     keys = {}
-    for i, key in enumerate(zip(np.floor(xs / block_m).astype(np.int64),
-                                np.floor(ys / block_m).astype(np.int64))):
+    for i, key in enumerate(
+        zip(np.floor(xs / block_m).astype(np.int64), np.floor(ys / block_m).astype(np.int64))
+    ):
         keys.setdefault(key, []).append(i)
     return keys
 
 
-def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
-                  test_fraction: float, seed: int, block_px: int | None = None,
-                  fixed_blocks=None) -> int | None:
+def assign_splits(
+    cands: Candidates,
+    size: int,
+    res: float,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    block_px: int | None = None,
+    fixed_blocks=None,
+) -> int | None:
     """Spatially blocked splits; val/test chips overlapping another split's chip are dropped.
 
     Blocks (``block_px`` squares of the target CRS) go to test, then val, until each reaches its
@@ -111,8 +134,9 @@ def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
     live = np.flatnonzero(cands.drop == "")
     if not (val_fraction or test_fraction or fixed_blocks) or live.size == 0:
         return block_px
-    sub = Candidates(*(getattr(cands, f)[live] for f in
-                       ("scene", "row", "col", "boxes", "split", "drop")))
+    sub = Candidates(
+        *(getattr(cands, f)[live] for f in ("scene", "row", "col", "boxes", "split", "drop"))
+    )
     block_px = block_px or _auto_block(sub, size, res)
     blocks = _block_keys(sub, block_px * res)
     keys = sorted(blocks)
@@ -121,8 +145,10 @@ def assign_splits(cands: Candidates, size: int, res: float, val_fraction: float,
     have = {"test": 0, "val": 0}
     fixed = fixed_blocks(block_px * res) if fixed_blocks else {}
     if len(keys) < 2 and not fixed:
-        log.warning("one spatial block only (%d px); all chips go to train (pass a smaller "
-                    "--split-block)", block_px)
+        log.warning(
+            "one spatial block only (%d px); all chips go to train (pass a smaller --split-block)",
+            block_px,
+        )
     for key in keys:
         if key in fixed and fixed[key] != "train":
             have[fixed[key]] += len(blocks[key])

@@ -25,8 +25,10 @@ def check_task(task: str, labels) -> None:
     if task not in C.TASKS:
         raise UserError(f"{opt('task')} {task}: must be one of {', '.join(C.TASKS)}")
     if task != "none" and labels is None:
-        raise UserError(f"{opt('task')} {task} needs labels: {opt('labels')} PATH {opt('label_field')} NAME or "
-                        f"{opt('label_raster')} PATH")
+        raise UserError(
+            f"{opt('task')} {task} needs labels: {opt('labels')} PATH {opt('label_field')} NAME or "
+            f"{opt('label_raster')} PATH"
+        )
     if task == "segmentation" and labels is not None and labels.kind == "points":
         log.warning("segmentation masks from points label single pixels only")
 

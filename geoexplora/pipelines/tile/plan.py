@@ -92,11 +92,15 @@ def resolve_config(cfg: TileConfig) -> ResolvedConfig:
 
     check_not_input([cfg.output], [*cfg.inputs, cfg.labels, cfg.label_raster, cfg.aoi])
     if cfg.append and cfg.overwrite:
-        raise UserError(f"{opt('append')} and {opt('overwrite')} exclude each other: add to the dataset, or "
-                        "replace it")
+        raise UserError(
+            f"{opt('append')} and {opt('overwrite')} exclude each other: add to the dataset, or "
+            "replace it"
+        )
     if Path(cfg.output).exists() and not (cfg.append or cfg.overwrite):
-        raise UserError(f"{cfg.output} exists; pass {opt('append')} to add to it or {opt('overwrite')} to "
-                        "replace it")
+        raise UserError(
+            f"{cfg.output} exists; pass {opt('append')} to add to it or {opt('overwrite')} to "
+            "replace it"
+        )
     existing = None
     given = cfg
     if cfg.append and Path(cfg.output).exists():
@@ -104,23 +108,39 @@ def resolve_config(cfg: TileConfig) -> ResolvedConfig:
 
         existing = ExistingDataset.load(Path(cfg.output))
         cfg = existing.with_defaults(cfg)
-    carried = [k for k in ("val_fraction", "test_fraction")
-               if getattr(given, k) is None and getattr(cfg, k) is not None]
-    cfg = replace(cfg, **{
-        k: getattr(TILE, k) for k in ("max_nodata", "min_label_fraction", "val_fraction",
-                                      "test_fraction") if getattr(cfg, k) is None})
+    carried = [
+        k
+        for k in ("val_fraction", "test_fraction")
+        if getattr(given, k) is None and getattr(cfg, k) is not None
+    ]
+    cfg = replace(
+        cfg,
+        **{
+            k: getattr(TILE, k)
+            for k in ("max_nodata", "min_label_fraction", "val_fraction", "test_fraction")
+            if getattr(cfg, k) is None
+        },
+    )
     if cfg.val_fraction < 0 or cfg.test_fraction < 0 or cfg.val_fraction + cfg.test_fraction >= 1:
-        source = (f" ({' and '.join('--' + k.replace('_', '-') for k in carried)} from "
-                  f"{cfg.output}'s first run)" if carried else "")
-        raise UserError(f"{opt('val_fraction')} {cfg.val_fraction:g} and {opt('test_fraction')} "
-                        f"{cfg.test_fraction:g} must be >= 0 and sum to less than 1{source}")
+        source = (
+            f" ({' and '.join('--' + k.replace('_', '-') for k in carried)} from "
+            f"{cfg.output}'s first run)"
+            if carried
+            else ""
+        )
+        raise UserError(
+            f"{opt('val_fraction')} {cfg.val_fraction:g} and {opt('test_fraction')} "
+            f"{cfg.test_fraction:g} must be >= 0 and sum to less than 1{source}"
+        )
     out = check_output(cfg.output, cfg.overwrite or existing is not None)
     if cfg.edge not in EDGES:
         raise UserError(f"{opt('edge')} {cfg.edge}: must be drop or pad")
     if not 0.0 <= cfg.max_nodata <= 1.0:
         raise UserError(f"{opt('max_nodata')} {cfg.max_nodata}: must be within 0..1")
     if not 0.0 <= cfg.min_label_fraction <= 1.0:
-        raise UserError(f"{opt('min_label_fraction')} {cfg.min_label_fraction}: must be within 0..1")
+        raise UserError(
+            f"{opt('min_label_fraction')} {cfg.min_label_fraction}: must be within 0..1"
+        )
     if cfg.workers < 1:
         raise UserError(f"{opt('workers')} {cfg.workers}: must be at least 1")
     return ResolvedConfig(cfg, given, existing, out)
@@ -159,16 +179,28 @@ class TilePlan:
         bands = len(first.bands) * len(first.dates)
         block_bytes = max((4 * bands * t.width * t.height for t in self.tasks), default=0)
         return {
-            "scenes": [{"paths": [str(p) for p in sc.paths], "width": sc.width,
-                        "height": sc.height, "resolution": list(sc.res), "dates": sc.dates}
-                       for sc in self.scenes],
-            "crs": first.crs.to_string(), "candidates": self.n_candidates,
-            "to_read": self.to_read, "blocks": len(self.tasks),
+            "scenes": [
+                {
+                    "paths": [str(p) for p in sc.paths],
+                    "width": sc.width,
+                    "height": sc.height,
+                    "resolution": list(sc.res),
+                    "dates": sc.dates,
+                }
+                for sc in self.scenes
+            ],
+            "crs": first.crs.to_string(),
+            "candidates": self.n_candidates,
+            "to_read": self.to_read,
+            "blocks": len(self.tasks),
             "split_block_px": self.recorded_block,
-            "disk_bytes_at_most": self.to_read * (4 * bands + (self.task == "segmentation"))
-            * self.size * self.size,
+            "disk_bytes_at_most": self.to_read
+            * (4 * bands + (self.task == "segmentation"))
+            * self.size
+            * self.size,
             # a block being cut, the next being read (per worker)
-            "memory_bytes": 2 * block_bytes * self.resolved.cfg.workers}
+            "memory_bytes": 2 * block_bytes * self.resolved.cfg.workers,
+        }
 
     def close(self) -> None:
         for scene in self.scenes:
@@ -192,8 +224,10 @@ def plan_tile(resolved: ResolvedConfig, started: float) -> TilePlan:
         labels = open_labels(cfg.labels, cfg.label_field, cfg.label_raster, crs, cfg.label_layer)
     except UserError as exc:
         if cfg.label_field != given.label_field:  # taken from the existing dataset
-            raise UserError(f"{exc.render(opt)} ({opt('label_field')} {cfg.label_field} is the field {out} was "
-                            f"tiled with; pass {opt('label_field')})") from exc
+            raise UserError(
+                f"{exc.render(opt)} ({opt('label_field')} {cfg.label_field} is the field {out} was "
+                f"tiled with; pass {opt('label_field')})"
+            ) from exc
         raise
     task = cfg.task or default_task(labels, False)
     check_task(task, labels)
@@ -202,8 +236,7 @@ def plan_tile(resolved: ResolvedConfig, started: float) -> TilePlan:
     classes = labels.classes if labels is not None and task != "none" else []
     class_lut = None
     if existing is not None:
-        existing.check_matches([b.key for b in first.bands], len(first.dates),
-                               str(first.paths[0]))
+        existing.check_matches([b.key for b in first.bands], len(first.dates), str(first.paths[0]))
         classes, class_lut = existing.merge_classes(classes)
 
     cands = make_candidates(scenes, size, stride, cfg.edge)
@@ -214,12 +247,24 @@ def plan_tile(resolved: ResolvedConfig, started: float) -> TilePlan:
         drop_unlabelled_candidates(cands, labels, crs)
     split_res = first.res[0] if existing is None else existing.split_res()
     if existing is not None and not math.isclose(first.res[0], split_res, rel_tol=1e-6):
-        log.warning("%s: %.6g m pixels, %s's chips have %.6g m; pass --resolution %.6g for one "
-                    "GSD", first.paths[0].name, first.res[0], existing.root, split_res,
-                    split_res)
-    block_px = assign_splits(cands, size, split_res, cfg.val_fraction, cfg.test_fraction,
-                             cfg.seed, cfg.split_block,
-                             existing.block_splits if existing is not None else None)
+        log.warning(
+            "%s: %.6g m pixels, %s's chips have %.6g m; pass --resolution %.6g for one GSD",
+            first.paths[0].name,
+            first.res[0],
+            existing.root,
+            split_res,
+            split_res,
+        )
+    block_px = assign_splits(
+        cands,
+        size,
+        split_res,
+        cfg.val_fraction,
+        cfg.test_fraction,
+        cfg.seed,
+        cfg.split_block,
+        existing.block_splits if existing is not None else None,
+    )
     # The block size is the dataset's once chips were split by it (or it was asked for): later
     # appends must keep it; until then they may choose.
     split = (cands.split[cands.drop == ""] != "train").any() or cfg.split_block is not None
@@ -231,21 +276,51 @@ def plan_tile(resolved: ResolvedConfig, started: float) -> TilePlan:
     if "GDAL_NUM_THREADS" not in os.environ:  # else the user's setting stands
         for scene in scenes:
             scene.decode_threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-    work = Plan(scenes=scenes, crss=[write_crs(s.crs) for s in scenes],
-                labels=labels if classes else None, task=task, size=size,
-                max_nodata=cfg.max_nodata, min_label_fraction=cfg.min_label_fraction,
-                num_classes=len(classes), class_colors={c.id: c.color for c in classes},
-                out=Path(), creation_options=dict(cfg.creation_options or {}),
-                samples_per_chip=samples_per_chip(cfg, n_live, existing), seed=cfg.seed,
-                skip_bad=cfg.skip_bad, class_lut=class_lut,
-                first_scene_number=existing.next_scene_number() if existing is not None else 0)
-    log.info("%d candidate chips of %d px (stride %d) in %d scene(s); %d to read in %d blocks",
-             n_candidates, size, stride, len(scenes), n_live, len(tasks))
-    return TilePlan(resolved=resolved, task=task, size=size, stride=stride, scenes=scenes,
-                    classes=classes, candidates=cands, n_candidates=n_candidates,
-                    dropped=dropped, tasks=tasks, block_px=block_px,
-                    recorded_block=block_px if split else None, work=work, skipped=skipped,
-                    already=already, started=started)
+    work = Plan(
+        scenes=scenes,
+        crss=[write_crs(s.crs) for s in scenes],
+        labels=labels if classes else None,
+        task=task,
+        size=size,
+        max_nodata=cfg.max_nodata,
+        min_label_fraction=cfg.min_label_fraction,
+        num_classes=len(classes),
+        class_colors={c.id: c.color for c in classes},
+        out=Path(),
+        creation_options=dict(cfg.creation_options or {}),
+        samples_per_chip=samples_per_chip(cfg, n_live, existing),
+        seed=cfg.seed,
+        skip_bad=cfg.skip_bad,
+        class_lut=class_lut,
+        first_scene_number=existing.next_scene_number() if existing is not None else 0,
+    )
+    log.info(
+        "%d candidate chips of %d px (stride %d) in %d scene(s); %d to read in %d blocks",
+        n_candidates,
+        size,
+        stride,
+        len(scenes),
+        n_live,
+        len(tasks),
+    )
+    return TilePlan(
+        resolved=resolved,
+        task=task,
+        size=size,
+        stride=stride,
+        scenes=scenes,
+        classes=classes,
+        candidates=cands,
+        n_candidates=n_candidates,
+        dropped=dropped,
+        tasks=tasks,
+        block_px=block_px,
+        recorded_block=block_px if split else None,
+        work=work,
+        skipped=skipped,
+        already=already,
+        started=started,
+    )
 
 
 def execute(plan: TilePlan) -> TileResult:
@@ -267,8 +342,15 @@ def execute(plan: TilePlan) -> TileResult:
         samples: dict[str, np.ndarray] = {}
         records: list[dict] = []
         class_pixels = np.zeros(max(len(plan.classes), 1), dtype=np.int64)
-        for res in run_tasks(run_block, plan.tasks, work, cfg.workers, "tile",
-                             [len(t.chips) for t in plan.tasks], read_block):
+        for res in run_tasks(
+            run_block,
+            plan.tasks,
+            work,
+            cfg.workers,
+            "tile",
+            [len(t.chips) for t in plan.tasks],
+            read_block,
+        ):
             records.extend(res.records)
             dropped.update(res.dropped)
             class_pixels += res.class_pixels
@@ -277,42 +359,81 @@ def execute(plan: TilePlan) -> TileResult:
             raise UserError(zero_chips_message(dropped, plan.n_candidates))
         _add_geometry(records, plan.scenes, work.crss)
         sources = [source_name(p) for s in plan.scenes for p in s.paths]
-        extra = {"split_block_px": plan.recorded_block, "crs": first.crs.to_string(),
-                 "labels": str(cfg.labels or cfg.label_raster or "") or None}
-        dataset = write_dataset(tmp, cfg, existing, records=records, index_crs=work.crss[0],
-                                samples=samples, task=plan.task, bands=first.bands,
-                                num_frames=len(first.dates), size=plan.size,
-                                classes=plan.classes, class_pixels=class_pixels,
-                                dropped=dropped, sources=sources, extra=extra)
+        extra = {
+            "split_block_px": plan.recorded_block,
+            "crs": first.crs.to_string(),
+            "labels": str(cfg.labels or cfg.label_raster or "") or None,
+        }
+        dataset = write_dataset(
+            tmp,
+            cfg,
+            existing,
+            records=records,
+            index_crs=work.crss[0],
+            samples=samples,
+            task=plan.task,
+            bands=first.bands,
+            num_frames=len(first.dates),
+            size=plan.size,
+            classes=plan.classes,
+            class_pixels=class_pixels,
+            dropped=dropped,
+            sources=sources,
+            extra=extra,
+        )
         for name, fraction in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
             if fraction > 0 and not dataset["splits"].get(name):
-                log.warning("no %s chips: the scenes hold too few split blocks of %d px for "
-                            "--%s-fraction %g; pass a smaller --split-block or a larger "
-                            "fraction", name, plan.block_px, name, fraction)
+                log.warning(
+                    "no %s chips: the scenes hold too few split blocks of %d px for "
+                    "--%s-fraction %g; pass a smaller --split-block or a larger "
+                    "fraction",
+                    name,
+                    plan.block_px,
+                    name,
+                    fraction,
+                )
     plan.close()
-    return TileResult(output=out, task=plan.task, chips=len(records),
-                      dataset_chips=dataset["chips"], dropped=dict(dropped),
-                      splits=dataset["splits"], classes=dataset["classes"],
-                      stats=dataset["stats"], bands=[b.key for b in first.bands],
-                      num_frames=len(first.dates), chip_size=plan.size,
-                      seconds=round(time.perf_counter() - plan.started, 3),
-                      skipped_files=plan.skipped, appended=existing is not None,
-                      already_in_dataset=plan.already)
+    return TileResult(
+        output=out,
+        task=plan.task,
+        chips=len(records),
+        dataset_chips=dataset["chips"],
+        dropped=dict(dropped),
+        splits=dataset["splits"],
+        classes=dataset["classes"],
+        stats=dataset["stats"],
+        bands=[b.key for b in first.bands],
+        num_frames=len(first.dates),
+        chip_size=plan.size,
+        seconds=round(time.perf_counter() - plan.started, 3),
+        skipped_files=plan.skipped,
+        appended=existing is not None,
+        already_in_dataset=plan.already,
+    )
 
 
 def planned_result(plan: TilePlan) -> TileResult:
     """The dry run's result: what tile would write, from the candidates alone."""
     existing, first, cands = plan.resolved.existing, plan.scenes[0], plan.candidates
     live = cands.drop == ""
-    return TileResult(output=plan.resolved.output, task=plan.task, chips=plan.to_read,
-                      dataset_chips=plan.to_read + (len(existing.index) if existing is not None
-                                                    else 0),
-                      dropped=dict(plan.dropped), splits=dict(Counter(cands.split[live])),
-                      classes=[c.to_dict() for c in plan.classes], stats={},
-                      bands=[b.key for b in first.bands], num_frames=len(first.dates),
-                      chip_size=plan.size, seconds=round(time.perf_counter() - plan.started, 3),
-                      skipped_files=plan.skipped, appended=existing is not None,
-                      already_in_dataset=plan.already, plan=plan.describe())
+    return TileResult(
+        output=plan.resolved.output,
+        task=plan.task,
+        chips=plan.to_read,
+        dataset_chips=plan.to_read + (len(existing.index) if existing is not None else 0),
+        dropped=dict(plan.dropped),
+        splits=dict(Counter(cands.split[live])),
+        classes=[c.to_dict() for c in plan.classes],
+        stats={},
+        bands=[b.key for b in first.bands],
+        num_frames=len(first.dates),
+        chip_size=plan.size,
+        seconds=round(time.perf_counter() - plan.started, 3),
+        skipped_files=plan.skipped,
+        appended=existing is not None,
+        already_in_dataset=plan.already,
+        plan=plan.describe(),
+    )
 
 
 def write_crs(crs):
@@ -335,12 +456,21 @@ def write_crs(crs):
 def _add_geometry(records: list[dict], scenes: list, crss: list) -> None:
     from shapely import box
 
-    per_scene = [(c.to_string(), ";".join(source_name(p) for p in s.paths),
-                  ";".join(d or "" for d in s.dates)) for s, c in zip(scenes, crss)]
+    per_scene = [
+        (
+            c.to_string(),
+            ";".join(source_name(p) for p in s.paths),
+            ";".join(d or "" for d in s.dates),
+        )
+        for s, c in zip(scenes, crss)
+    ]
     for r in records:
         i = r.pop("scene")
-        r["geometry"] = box(*C.window_bounds(scenes[i].transform, r["col_off"], r["row_off"],
-                                             r["width"], r["height"]))
+        r["geometry"] = box(
+            *C.window_bounds(
+                scenes[i].transform, r["col_off"], r["row_off"], r["width"], r["height"]
+            )
+        )
         r["crs"], r["source"], r["dates"] = per_scene[i]
 
 
@@ -352,9 +482,11 @@ def _check_labels_overlap(labels, scenes: list, crs) -> None:
         if lb.intersects(box(*scene.grid.bounds)):
             return
     name = getattr(labels, "path", "labels")
-    raise UserError(f"{name}: the labels do not overlap the scenes (labels bounds "
-                    f"{_fmt_bounds(lb.bounds)}, first scene {_fmt_bounds(scenes[0].grid.bounds)} "
-                    f"in {crs.to_string()}); zero chips")
+    raise UserError(
+        f"{name}: the labels do not overlap the scenes (labels bounds "
+        f"{_fmt_bounds(lb.bounds)}, first scene {_fmt_bounds(scenes[0].grid.bounds)} "
+        f"in {crs.to_string()}); zero chips"
+    )
 
 
 def _fmt_bounds(b) -> str:
@@ -370,8 +502,9 @@ def _apply_aoi(cands: Candidates, aoi_path, crs) -> None:
     try:
         aoi = gpd.read_file(as_path(aoi_path))  # a URI opens through GDAL's /vsi... path
     except Exception as exc:  # pyogrio's DataSourceError and friends
-        raise UserError(f"{opt('aoi')} {aoi_path}: not a readable vector file "
-                        f"({str(exc).splitlines()[0]})") from exc
+        raise UserError(
+            f"{opt('aoi')} {aoi_path}: not a readable vector file ({str(exc).splitlines()[0]})"
+        ) from exc
     if aoi.empty or aoi.crs is None:
         raise UserError(f"{opt('aoi')} {aoi_path}: empty or without a CRS")
     area = aoi.to_crs(crs.to_wkt()).union_all()

@@ -14,9 +14,16 @@ log = logging.getLogger("geoexplora")
 def scene_options_from(cfg: TileConfig, crs: str | None = None):
     from geoexplora.io.scene import SceneOptions
 
-    return SceneOptions(bands=cfg.bands, sensor=cfg.sensor, band_map=cfg.band_map,
-                        resolution=cfg.resolution, nodata=cfg.nodata, dates=cfg.dates,
-                        s2_offset=cfg.s2_offset, crs=crs)
+    return SceneOptions(
+        bands=cfg.bands,
+        sensor=cfg.sensor,
+        band_map=cfg.band_map,
+        resolution=cfg.resolution,
+        nodata=cfg.nodata,
+        dates=cfg.dates,
+        s2_offset=cfg.s2_offset,
+        crs=crs,
+    )
 
 
 def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[str]]:
@@ -37,12 +44,14 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
         already = [p for p in paths if p.resolve() in known]
         paths = [p for p in paths if p.resolve() not in known]
         if not paths:
-            raise UserError(f"nothing to append: every file given is already in "
-                            f"{existing.root}")
+            raise UserError(f"nothing to append: every file given is already in {existing.root}")
         if already:
-            log.warning("%d file(s) already in %s, skipped: %s", len(already), existing.root,
-                        ", ".join(p.name for p in already[:5]) + (", ..." if len(already) > 5
-                                                                 else ""))
+            log.warning(
+                "%d file(s) already in %s, skipped: %s",
+                len(already),
+                existing.root,
+                ", ".join(p.name for p in already[:5]) + (", ..." if len(already) > 5 else ""),
+            )
     places = group_by_place(paths, cfg.skip_bad)
     groups, skipped = places.groups, list(places.skipped)
     if not groups:
@@ -57,8 +66,12 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
     for group in groups:
         try:
             scene = open_scene(group, scene_options_from(cfg, target))
-            if (existing is not None and existing.meta["num_frames"] == 1
-                    and len(scene.dates) > 1 and not cfg.dates):
+            if (
+                existing is not None
+                and existing.meta["num_frames"] == 1
+                and len(scene.dates) > 1
+                and not cfg.dates
+            ):
                 scenes.extend(_one_scene_per_date(scene, scene_options_from(cfg, target)))
                 continue
         except UserError as exc:
@@ -74,14 +87,20 @@ def open_scenes(cfg: TileConfig, existing=None) -> tuple[list, list[str], list[s
     first = scenes[0]
     for scene in scenes[1:]:
         if len(scene.dates) != len(first.dates):
-            raise UserError(f"{scene.paths[0]}: {len(scene.dates)} date(s), "
-                            f"{first.paths[0]} has {len(first.dates)}; tile them separately")
+            raise UserError(
+                f"{scene.paths[0]}: {len(scene.dates)} date(s), "
+                f"{first.paths[0]} has {len(first.dates)}; tile them separately"
+            )
         if scene.res != first.res:
-            log.warning("%s: %.6g m pixels, %s has %.6g m; pass --resolution for one GSD",
-                        scene.paths[0].name, scene.res[0], first.paths[0].name, first.res[0])
+            log.warning(
+                "%s: %.6g m pixels, %s has %.6g m; pass --resolution for one GSD",
+                scene.paths[0].name,
+                scene.res[0],
+                first.paths[0].name,
+                first.res[0],
+            )
     if len(scenes) > 1:
-        log.info("%d scenes (places) from %d files", len(scenes),
-                 sum(len(s.paths) for s in scenes))
+        log.info("%d scenes (places) from %d files", len(scenes), sum(len(s.paths) for s in scenes))
     return scenes, skipped, [str(p) for p in already]
 
 

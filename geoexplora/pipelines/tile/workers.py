@@ -75,8 +75,9 @@ def worker_plan() -> Plan:
     return _PLAN
 
 
-def make_block_tasks(cands: Candidates, scenes: list, size: int, stride: int,
-                     workers: int = 1) -> list[BlockTask]:
+def make_block_tasks(
+    cands: Candidates, scenes: list, size: int, stride: int, workers: int = 1
+) -> list[BlockTask]:
     """Group the live candidates into read blocks of several chips, bounded in memory, and at
     least about four blocks per worker, so reading one block overlaps writing the last."""
     tasks: list[BlockTask] = []
@@ -91,21 +92,28 @@ def make_block_tasks(cands: Candidates, scenes: list, size: int, stride: int,
         span_cols = max(1, (px_budget // size - size) // stride + 1)
         rows = np.unique(cands.row[mine])
         cols = np.unique(cands.col[mine])
-        col_groups = [cols[i:i + span_cols] for i in range(0, cols.size, span_cols)]
+        col_groups = [cols[i : i + span_cols] for i in range(0, cols.size, span_cols)]
         for cg in col_groups:
             width = int(cg[-1] - cg[0] + size)
             span_rows = max(1, (px_budget // width - size) // stride + 1)
             in_cols = mine[(cands.col[mine] >= cg[0]) & (cands.col[mine] <= cg[-1])]
             for i in range(0, rows.size, span_rows):
-                rg = rows[i:i + span_rows]
+                rg = rows[i : i + span_rows]
                 sel = in_cols[(cands.row[in_cols] >= rg[0]) & (cands.row[in_cols] <= rg[-1])]
                 if sel.size == 0:
                     continue
                 r0, c0 = int(cands.row[sel].min()), int(cands.col[sel].min())
-                tasks.append(BlockTask(
-                    len(tasks), s, r0, c0, int(cands.row[sel].max() - r0 + size),
-                    int(cands.col[sel].max() - c0 + size),
-                    [(int(cands.row[k]), int(cands.col[k]), str(cands.split[k])) for k in sel]))
+                tasks.append(
+                    BlockTask(
+                        len(tasks),
+                        s,
+                        r0,
+                        c0,
+                        int(cands.row[sel].max() - r0 + size),
+                        int(cands.col[sel].max() - c0 + size),
+                        [(int(cands.row[k]), int(cands.col[k]), str(cands.split[k])) for k in sel],
+                    )
+                )
     return tasks
 
 
@@ -150,30 +158,37 @@ def run_block(task: BlockTask, block=_NOT_READ) -> BlockResult:
         dropped["unreadable"] += len(task.chips)
         return BlockResult([], {}, dropped, class_pixels)
     block_window = Window(task.col0, task.row0, task.width, task.height)
-    label_block = (plan.labels.read_mask(scene.grid, block_window)
-                   if plan.labels is not None and plan.task != "none" else None)
+    label_block = (
+        plan.labels.read_mask(scene.grid, block_window)
+        if plan.labels is not None and plan.task != "none"
+        else None
+    )
     if label_block is not None and plan.class_lut is not None:
         label_block = plan.class_lut[label_block]
     valid_block = np.isfinite(block).all(axis=1).any(axis=0)  # a pixel is valid on some date
     for row, col, split in task.chips:
         r, c = row - task.row0, col - task.col0
-        data = block[:, :, r:r + size, c:c + size]
-        valid = valid_block[r:r + size, c:c + size]
+        data = block[:, :, r : r + size, c : c + size]
+        valid = valid_block[r : r + size, c : c + size]
         nodata_fraction = 1.0 - float(valid.mean())
         if nodata_fraction > plan.max_nodata or nodata_fraction >= 1.0:
             dropped["nodata"] += 1
             continue
         label, present, mask = C.NO_LABEL, [], None
         if label_block is not None:
-            mask = np.where(valid, label_block[r:r + size, c:c + size], C.IGNORE_INDEX)
+            mask = np.where(valid, label_block[r : r + size, c : c + size], C.IGNORE_INDEX)
             counts = np.bincount(mask[mask != C.IGNORE_INDEX].ravel(), minlength=plan.num_classes)
             share = counts / float(size * size)
             if counts.sum() and share.max() >= plan.min_label_fraction:
                 label = int(counts.argmax())
-            present = [int(k) for k in np.flatnonzero((counts > 0)
-                                                      & (share >= plan.min_label_fraction))]
-            unlabelled = {"classification": label == C.NO_LABEL, "multilabel": not present,
-                          "segmentation": counts.sum() == 0}[plan.task]
+            present = [
+                int(k) for k in np.flatnonzero((counts > 0) & (share >= plan.min_label_fraction))
+            ]
+            unlabelled = {
+                "classification": label == C.NO_LABEL,
+                "multilabel": not present,
+                "segmentation": counts.sum() == 0,
+            }[plan.task]
             if unlabelled:
                 dropped["unlabelled"] += 1
                 continue
@@ -182,19 +197,43 @@ def run_block(task: BlockTask, block=_NOT_READ) -> BlockResult:
         transform = C.window_transform(scene.transform, col, row)
         chip_path = f"{C.CHIPS_DIR}/{cid}.tif"
         data = np.ascontiguousarray(data)  # one copy, for the file and the pixel sample
-        C.write_chip(plan.out / chip_path, data, transform, plan.crss[task.scene], scene.bands,
-                     scene.dates, plan.creation_options)
+        C.write_chip(
+            plan.out / chip_path,
+            data,
+            transform,
+            plan.crss[task.scene],
+            scene.bands,
+            scene.dates,
+            plan.creation_options,
+        )
         mask_path = None
         if mask is not None and plan.task == "segmentation":
             mask_path = f"{C.MASKS_DIR}/{cid}.tif"
-            C.write_mask(plan.out / mask_path, mask.astype(np.uint8), transform,
-                         plan.crss[task.scene], plan.class_colors, plan.creation_options)
+            C.write_mask(
+                plan.out / mask_path,
+                mask.astype(np.uint8),
+                transform,
+                plan.crss[task.scene],
+                plan.class_colors,
+                plan.creation_options,
+            )
         samples[cid] = pixel_sample(data, plan.samples_per_chip, chip_rng(plan.seed, cid))
-        records.append({
-            "chip_id": cid, "path": chip_path, "mask_path": mask_path, "scene": task.scene,
-            "col_off": col, "row_off": row, "width": size, "height": size, "label": label,
-            "labels": ";".join(map(str, present)), "nodata_fraction": nodata_fraction,
-            "split": split})
+        records.append(
+            {
+                "chip_id": cid,
+                "path": chip_path,
+                "mask_path": mask_path,
+                "scene": task.scene,
+                "col_off": col,
+                "row_off": row,
+                "width": size,
+                "height": size,
+                "label": label,
+                "labels": ";".join(map(str, present)),
+                "nodata_fraction": nodata_fraction,
+                "split": split,
+            }
+        )
     return BlockResult(records, samples, dropped, class_pixels)
 
 
@@ -209,8 +248,9 @@ def samples_per_chip(cfg: TileConfig, new_chips: int, existing) -> int:
     return max(16, math.ceil(cfg.stats_samples / max(total, 1)))
 
 
-def run_tasks(fn, tasks: list, plan, workers: int, description: str, weights: list[int],
-              read_ahead=None):
+def run_tasks(
+    fn, tasks: list, plan, workers: int, description: str, weights: list[int], read_ahead=None
+):
     """Run ``fn`` over ``tasks`` (inline, or in ``workers`` processes), yielding results in
     completion order, with a progress bar advanced by each task's weight.
 

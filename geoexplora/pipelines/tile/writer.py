@@ -14,6 +14,7 @@ import numpy as np
 
 from geoexplora import __version__
 from geoexplora.io import chips as C
+from geoexplora.io.outputs import save_npy
 from geoexplora.io.stats import BandStatsAccumulator
 from geoexplora.pipelines.tile.config import TileConfig
 
@@ -23,13 +24,15 @@ log = logging.getLogger("geoexplora")
 def write_index(tmp: Path, records: list[dict], crs) -> None:
     import geopandas as gpd
 
-    gdf = gpd.GeoDataFrame(records, geometry="geometry",
-                           crs=crs.to_string() if hasattr(crs, "to_string") else crs)
+    gdf = gpd.GeoDataFrame(
+        records, geometry="geometry", crs=crs.to_string() if hasattr(crs, "to_string") else crs
+    )
     gdf.to_parquet(tmp / C.INDEX_NAME, index=False)
 
 
-def class_counts(records: list[dict], classes: list, task: str,
-                  class_pixels: np.ndarray | None) -> list[dict]:
+def class_counts(
+    records: list[dict], classes: list, task: str, class_pixels: np.ndarray | None
+) -> list[dict]:
     out = []
     for cl in classes:
         if task == "classification":
@@ -43,8 +46,9 @@ def class_counts(records: list[dict], classes: list, task: str,
     return out
 
 
-def write_meta(tmp: Path, *, task, bands, num_frames, size, stats, classes, counts,
-                provenance) -> None:
+def write_meta(
+    tmp: Path, *, task, bands, num_frames, size, stats, classes, counts, provenance
+) -> None:
     meta = {
         "format_version": C.FORMAT_VERSION,
         "task": task,
@@ -53,8 +57,11 @@ def write_meta(tmp: Path, *, task, bands, num_frames, size, stats, classes, coun
         "chip_size": size,
         "units": C.UNITS,
         "stats": stats,
-        "classes": [{k: c[k] for k in ("id", "name", "color") if k in c} |
-                    ({"value": c["value"]} if "value" in c else {}) for c in classes],
+        "classes": [
+            {k: c[k] for k in ("id", "name", "color") if k in c}
+            | ({"value": c["value"]} if "value" in c else {})
+            for c in classes
+        ],
         "counts": counts,
         "provenance": provenance,
     }
@@ -62,18 +69,39 @@ def write_meta(tmp: Path, *, task, bands, num_frames, size, stats, classes, coun
 
 
 def dataset_provenance(cfg: TileConfig, sources: list[str], extra: dict | None = None) -> dict:
-    config = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(cfg).items()
-              if k not in ("inputs", "output", "overwrite", "append", "dry_run", "progress",
-                           "workers")}
-    return {"tool": "geoexplora tile", "version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "sources": sources, "config": config, **(extra or {})}
+    config = {
+        k: (str(v) if isinstance(v, os.PathLike) else v)
+        for k, v in asdict(cfg).items()
+        if k not in ("inputs", "output", "overwrite", "append", "dry_run", "progress", "workers")
+    }
+    return {
+        "tool": "geoexplora tile",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sources": sources,
+        "config": config,
+        **(extra or {}),
+    }
 
 
-def write_dataset(tmp: Path, cfg: TileConfig, existing, *, records: list[dict], index_crs,
-                   samples: dict[str, np.ndarray], task: str, bands: list, num_frames: int,
-                   size: int, classes: list, class_pixels: np.ndarray | None, dropped: Counter,
-                   sources: list[str], extra: dict) -> dict:
+def write_dataset(
+    tmp: Path,
+    cfg: TileConfig,
+    existing,
+    *,
+    records: list[dict],
+    index_crs,
+    samples: dict[str, np.ndarray],
+    task: str,
+    bands: list,
+    num_frames: int,
+    size: int,
+    classes: list,
+    class_pixels: np.ndarray | None,
+    dropped: Counter,
+    sources: list[str],
+    extra: dict,
+) -> dict:
     """Index, statistics (and their pixel sample) and ``dataset.json`` of this run's chips plus,
     when appending, the existing dataset's. Returns the dataset's counts."""
     if existing is not None:
@@ -91,32 +119,51 @@ def write_dataset(tmp: Path, cfg: TileConfig, existing, *, records: list[dict], 
     acc = BandStatsAccumulator(len(bands), cfg.stats_samples, cfg.seed)
     acc.update(sample)
     stats = acc.result()
-    np.save(tmp / C.STATS_SAMPLE_NAME, sample, allow_pickle=False)
+    save_npy(tmp / C.STATS_SAMPLE_NAME, sample)
     class_list = class_counts(records, classes, task, class_pixels)
-    counts = {"chips": len(records), "splits": dict(Counter(r["split"] for r in records)),
-              "dropped": dict(dropped), "classes": {c["name"]: c["chips"] for c in class_list}}
+    counts = {
+        "chips": len(records),
+        "splits": dict(Counter(r["split"] for r in records)),
+        "dropped": dict(dropped),
+        "classes": {c["name"]: c["chips"] for c in class_list},
+    }
     if task == "segmentation":
         counts["class_pixels"] = {c["name"]: c["pixels"] for c in class_list}
     provenance = dataset_provenance(cfg, sources, extra)
     if existing is not None:
         provenance = existing.provenance(provenance)
-    write_meta(tmp, task=task, bands=bands, num_frames=num_frames, size=size, stats=stats,
-                classes=class_list, counts=counts, provenance=provenance)
-    return {"stats": stats, "classes": class_list, "splits": counts["splits"],
-            "chips": len(records)}
+    write_meta(
+        tmp,
+        task=task,
+        bands=bands,
+        num_frames=num_frames,
+        size=size,
+        stats=stats,
+        classes=class_list,
+        counts=counts,
+        provenance=provenance,
+    )
+    return {
+        "stats": stats,
+        "classes": class_list,
+        "splits": counts["splits"],
+        "chips": len(records),
+    }
 
 
 def zero_chips_message(dropped: Counter, n_candidates: int) -> str:
     if n_candidates == 0:
         return "no chip fits the scenes (smaller than --size? try --edge pad)"
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())
-    hints = {"nodata": "raise --max-nodata or pass --nodata", "outside_aoi": "check --aoi",
-             "unlabelled": "the labels cover none of the chips (check --labels and the CRS)",
-             "split_buffer": "lower --val-fraction or use --split-block"}
+    hints = {
+        "nodata": "raise --max-nodata or pass --nodata",
+        "outside_aoi": "check --aoi",
+        "unlabelled": "the labels cover none of the chips (check --labels and the CRS)",
+        "split_buffer": "lower --val-fraction or use --split-block",
+    }
     top = dropped.most_common(1)[0][0] if dropped else ""
     return f"zero chips written of {n_candidates} candidates ({why}); {hints.get(top, '')}".strip()
 
 
 def appeared_hint(cfg: TileConfig) -> str:
-    return ("re-run with --append to add to it" if cfg.append
-            else "pass --overwrite to replace it")
+    return "re-run with --append to add to it" if cfg.append else "pass --overwrite to replace it"
