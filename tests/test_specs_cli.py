@@ -5,6 +5,7 @@ models with --init-weights random or checkpoints the tests write; the bundled sa
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,3 +273,51 @@ def test_every_checkpoint_layout_through_every_verb(chips, chips32, tmp_path, la
         "embed", *spec, str(sample.slovenia_scenes()[0]), "-o", str(tmp_path / "emb.tif")
     )
     assert code == 0, err
+
+
+def _hf_cache(root: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """A Hugging Face cache holding one snapshot of ``repo`` (the layout huggingface_hub reads
+    offline: refs/main -> snapshots/<revision>/<files>)."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+def test_an_hf_hub_spec_reads_the_repo_s_config_and_weights_from_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+    from safetensors.torch import save
+
+    sd = timm_model(TINY, img_size=224, seed=8).state_dict()
+    weights = save({k: v.contiguous() for k, v in sd.items()})
+    _hf_cache(
+        tmp_path / "hf",
+        "someorg/tiny-dino",
+        {"config.json": json.dumps({"architecture": TINY}).encode(), "model.safetensors": weights},
+    )
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    code, _, err = run_cli(
+        "export", "hf-hub:someorg/tiny-dino", *BANDS, "-o", str(tmp_path / "source.pt")
+    )
+    assert code == 0, err
+    exported = load_model(tmp_path / "source.pt").vit.state_dict()
+    assert torch.equal(exported["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
+
+    code, _, err = run_cli(
+        "export", "hf-hub:someorg/absent", *BANDS, "-o", str(tmp_path / "absent.pt")
+    )
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "absent.pt").exists()
+    assert (
+        line.startswith("geoexplora: error: ")
+        and "hf-hub:someorg/absent: cannot get config.json of someorg/absent" in line
+        and "hf download someorg/absent" in line
+    )
+    code, _, err = run_cli("export", "hf-hub:no-slash", *BANDS, "-o", str(tmp_path / "x.pt"))
+    assert code == 2 and "not a Hugging Face repo; write hf-hub:ORG/NAME" in err

@@ -65,7 +65,7 @@ Init = Annotated[
     typer.Option(
         "--init",
         help="Initial model: a timm name (vit_small_patch14_dinov2.lvd142m), "
-        "torchgeo:ENUM, or a geoexplora model file.",
+        "torchgeo:ENUM, hf-hub:ORG/NAME, or a geoexplora model file.",
     ),
 ]
 InitWeights = Annotated[

@@ -27,7 +27,7 @@ def embed(
         str,
         typer.Argument(
             help="Model file (adapted backbone or task model), or a source by name (a "
-            "timm/registry name, torchgeo:ENUM; built on the raster's bands with its "
+            "timm/registry name, torchgeo:ENUM, hf-hub:ORG/NAME; built on the raster's bands with its "
             "statistics).",
             metavar="MODEL",
         ),

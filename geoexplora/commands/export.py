@@ -16,7 +16,7 @@ def export(
         str,
         typer.Argument(
             help="A model spec: a geoexplora model file, a timm/registry name "
-            "(vit_small_patch14_dinov2.lvd142m), or torchgeo:ENUM.",
+            "(vit_small_patch14_dinov2.lvd142m), torchgeo:ENUM or hf-hub:ORG/NAME.",
             metavar="MODEL",
         ),
     ],

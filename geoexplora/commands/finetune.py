@@ -16,7 +16,7 @@ def finetune(
         str,
         typer.Argument(
             help="Model file (adapted backbone, or a task model), or a source by name (a "
-            "timm/registry name, torchgeo:ENUM; built on the chips' bands).",
+            "timm/registry name, torchgeo:ENUM, hf-hub:ORG/NAME; built on the chips' bands).",
             metavar="MODEL",
         ),
     ],

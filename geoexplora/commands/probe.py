@@ -15,7 +15,7 @@ def probe(
         list[str],
         typer.Argument(
             help="One or more models - model files, or sources by name (a timm/registry name, "
-            "torchgeo:ENUM; built on the chips' bands) - then the chips dataset folder "
+            "torchgeo:ENUM, hf-hub:ORG/NAME; built on the chips' bands) - then the chips dataset folder "
             "(written by tile).",
             metavar="MODEL... CHIPS",
         ),

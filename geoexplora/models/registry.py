@@ -148,6 +148,9 @@ def resolve_init(init: str | None, init_weights: str | None = None) -> InitSpec:
             )
         return InitSpec("torchgeo", init, weights=weights, torchgeo_enum=enum)
 
+    if init.startswith(HF_HUB_PREFIX):
+        return _hf_hub_spec(init, weights)
+
     if Path(init).expanduser().is_file() or _looks_like_path(init):
         path = Path(init).expanduser()
         if not path.is_file():
@@ -168,6 +171,67 @@ def resolve_init(init: str | None, init_weights: str | None = None) -> InitSpec:
             f"{opt('init_weights')} PATH (a checkpoint) or {opt('init_weights')} random"
         )
     return InitSpec("timm", init, arch_name=arch.name, tag=tag or arch.default_tag, weights=weights)
+
+
+HF_HUB_PREFIX = "hf-hub:"  # timm's spelling of a Hugging Face Hub model: hf-hub:org/name
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm pushes, in its order
+
+
+def _hf_hub_spec(init: str, weights: str | Path) -> InitSpec:
+    """``hf-hub:org/name`` as timm publishes models on the Hugging Face Hub: the repo's
+    ``config.json`` names the timm architecture, and its weights file (fetched into, or found in,
+    the Hugging Face cache; offline: only found) is then read like any local timm checkpoint.
+    ``--init-weights`` (a file, or ``random``) replaces the repo's weights."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+    )
+
+    repo = init[len(HF_HUB_PREFIX) :]
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError(f"{init}: not a Hugging Face repo; write hf-hub:ORG/NAME", option="init")
+
+    def fetch(filename: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+            if isinstance(exc, RemoteEntryNotFoundError):  # the repo has no such file
+                raise
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(
+                f"{init}: cannot get {filename} of {repo} ({why}); fetch it where there is a "
+                f"network (hf download {repo}) or pass {opt('init_weights')} PATH",
+                option="init",
+            ) from exc
+
+    try:
+        config = json.loads(fetch("config.json").read_text(encoding="utf-8"))
+    except RemoteEntryNotFoundError as exc:
+        raise UserError(
+            f"{init}: {repo} has no config.json (not a timm model)", option="init"
+        ) from exc
+    arch = get_architecture(str(config.get("architecture", "")))
+    if weights == "pretrained":
+        unavailable: list[UserError] = []  # not cached, offline (or a network failure)
+        for filename in HF_WEIGHT_FILES:
+            try:
+                weights = fetch(filename)
+                break
+            except RemoteEntryNotFoundError:
+                continue
+            except UserError as exc:
+                unavailable.append(exc)
+        else:
+            if unavailable:
+                raise unavailable[0]
+            raise UserError(
+                f"{init}: {repo} has none of {', '.join(HF_WEIGHT_FILES)}", option="init"
+            )
+    return InitSpec("timm", init, arch_name=arch.name, tag=None, weights=weights)
 
 
 def source_family(spec: InitSpec, arch: Architecture) -> str:
