@@ -64,6 +64,20 @@ def library_messages_logged():
         yield
 
 
+@contextlib.contextmanager
+def library_warnings_quiet(name: str):
+    """A library's own warnings (huggingface_hub's download retries, one line a second while
+    offline) shown only with -v: the one-line error that follows says what failed."""
+    library = logging.getLogger(name)
+    level = library.level
+    if verbosity() <= 0:
+        library.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
 def verbosity() -> int:
     return _state["verbosity"]
 

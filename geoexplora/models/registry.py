@@ -196,8 +196,11 @@ def _hf_hub_spec(init: str, weights: str | Path) -> InitSpec:
         raise UserError(f"{init}: not a Hugging Face repo; write hf-hub:ORG/NAME", option="init")
 
     def fetch(filename: str) -> Path:
+        from geoexplora.log import library_warnings_quiet
+
         try:
-            return Path(hf_hub_download(repo, filename))
+            with library_warnings_quiet("huggingface_hub"):
+                return Path(hf_hub_download(repo, filename))
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
             if isinstance(exc, RemoteEntryNotFoundError):  # the repo has no such file
                 raise

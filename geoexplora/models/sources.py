@@ -18,7 +18,7 @@ from torch import nn
 
 from geoexplora.bands import RGB_WAVELENGTHS_NM, Band, find_band
 from geoexplora.errors import UserError, opt
-from geoexplora.log import logger
+from geoexplora.log import library_warnings_quiet, logger
 from geoexplora.models.checkpoints import (
     checkpoint_layout,
     load_into_vit,
@@ -140,7 +140,10 @@ def _create_pretrained(
     import timm
 
     try:
-        return create_timm_vit(arch, img_size, drop_path_rate=drop_path_rate, pretrained_tag=tag)
+        with library_warnings_quiet("huggingface_hub"):
+            return create_timm_vit(
+                arch, img_size, drop_path_rate=drop_path_rate, pretrained_tag=tag
+            )
     except OSError as exc:  # no network and not in the cache (hub and URL downloads)
         cfg = timm.models.get_pretrained_cfg(f"{arch.timm_name}.{tag}")
         where = []
