@@ -692,7 +692,8 @@ def open_scene(paths: list[str | os.PathLike], opts: SceneOptions | None = None)
         undated = [rf.path.name for rf in files if rf.date is None]
         raise UserError(
             f"cannot tell the date of {', '.join(undated)} while other files have "
-            f"dates; pass {opt('dates')}"
+            f"dates; pass {opt('dates')}, or leave out files that are not images of the scene "
+            f"(a class raster is {opt('label_raster')}; masks and indices are not inputs)"
         )
     groups: dict[str | None, list[RasterFile]] = {}
     for rf in files:
