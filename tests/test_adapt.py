@@ -512,3 +512,16 @@ def test_arch_option_overrides_the_architecture(tmp_path):
         "adapt", str(s2_tile_crop()), "--arch", "depth", "-o", str(tmp_path / "b.pt")
     )
     assert code == 2 and "--arch 'depth' is not KEY=VALUE" in err
+
+
+def test_adapt_closes_the_scenes_it_opens(tmp_path, tiny_weights, monkeypatch):
+    from geoexplora.io.scene import Scene
+
+    closed: list = []
+    original = Scene.close
+    monkeypatch.setattr(Scene, "close", lambda self: (closed.append(self), original(self)))
+    adapt_report(config(tmp_path / "a.pt", tiny_weights, steps=1))
+    assert len(closed) >= 2  # both scenes (as the single-date scenes the sampler reads)
+    closed.clear()
+    adapt_report(config(tmp_path / "b.pt", tiny_weights, steps=1, dry_run=True))
+    assert len(closed) >= 2  # a dry run too

@@ -166,6 +166,12 @@ class AdaptData:
     description: dict
     epoch_size: int  # samples per "epoch" (chips; valid area / window area for scenes)
 
+    def close(self) -> None:
+        """Close the scenes the samples are read from (chips open and close per sample)."""
+        close = getattr(self.dataset, "close", None)
+        if close is not None:
+            close()
+
 
 def context_window(scenes: list, crop: int, factor: float, frames: int) -> int:
     """The window views are cut from: ``factor x crop`` px where every scene is that big,
@@ -736,139 +742,146 @@ def adapt(cfg: AdaptConfig) -> AdaptResult | None:
     data = load_data(
         cfg, cfg.crop_size, context=cfg.context_factor if objective == "dinov2" else 1.0
     )
-    backbone, report = build_model(cfg, objective, settings, data.bands, data.stats, data.frames)
-    data.dataset.prepare = make_prepare(
-        cfg, objective, settings, backbone.patch_size, backbone.num_groups, data.frames
-    )
-
-    if fabric is None or fabric.is_global_zero:  # once the inputs are known to be good
-        for warning in warnings:
-            logger.warning("%s", warning)
-    global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
-    if data.description["kind"] == "chips" and cfg.batch_size * world > data.epoch_size:
-        raise UserError(
-            f"{opt('batch_size')} {cfg.batch_size} x {world} device(s) is larger than the "
-            f"chips dataset ({data.epoch_size} chips)"
+    try:
+        backbone, report = build_model(
+            cfg, objective, settings, data.bands, data.stats, data.frames
         )
-    steps = R.steps_for_images(cfg.steps, cfg.epochs, data.epoch_size, global_batch, DATA.steps)
-    objective_module = make_objective(cfg, objective, settings, backbone, steps, data.bands)
-    lr = cfg.lr if cfg.lr is not None else base_lr(objective, settings, global_batch)
-    warmup = R.warmup_from_fraction(cfg.warmup_steps, settings.warmup_fraction, steps)
-    head_params = sum(
-        p.numel()
-        for n, p in objective_module.named_parameters()
-        if p.requires_grad and not n.startswith(("student.backbone.", "backbone."))
-    )
-    plan = {
-        "objective": objective,
-        "init": backbone.config["source"],
-        "output": str(output),
-        "parameters": report,
-        "ssl_head_parameters": head_params,
-        "steps": steps,
-        "global_batch": global_batch,
-        "world_size": world,
-        "precision": precision,
-        "lr": lr,
-        "warmup_steps": warmup,
-        "data": data.description,
-        "bands": [b.key for b in data.bands],
-        "frames": data.frames,
-        "stats_origin": data.stats["origin"],
-        "preset": cfg.preset,
-        "batch_size_per_device": cfg.batch_size,
-        "accumulate": cfg.accumulate,
-        "warnings": warnings,
-    }
-    if objective == "mae":
-        plan["mae_decoder"] = objective_module.decoder_source
-    if cfg.dry_run:
-        plan["memory_per_device"] = estimate_memory(
-            backbone, objective_module, objective, cfg, precision
+        data.dataset.prepare = make_prepare(
+            cfg, objective, settings, backbone.patch_size, backbone.num_groups, data.frames
         )
-        flops = step_flops(objective_module, data.dataset)
-        plan["budget"] = {
-            **budget(flops["per_image"], steps, global_batch),
-            "flops_counted": "forward + backward of one CPU micro-batch of "
-            f"{flops['counted_on_images']} image(s) "
-            "(torch.utils.flop_counter), x the global batch",
-            "flops_per_image_by_op": flops["by_op"],
-        }
-        plan["dry_run"] = True
-        return AdaptResult.from_report(plan)
-    check_fits(
-        estimate_memory(backbone, objective_module, objective, cfg, precision)["total"],
-        f"adapting {cfg.crop_size} px crops with {opt('batch_size')} {cfg.batch_size}",
-        f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the global batch) "
-        f"or {opt('crop_size')}",
-        fabric.device,
-    )
 
-    optimizer = E.build_optimizer(
-        optimizer_groups(objective_module, objective, settings, backbone.depth),
-        betas=settings.betas,
-    )
-    wd = settings.weight_decay
-    wd_start, wd_end = (wd, wd) if isinstance(wd, (int, float)) else wd
-    schedule_kind = E.Schedules
-    if objective == "dinov2":
-        from geoexplora.ssl.dinov2 import LastLayerSchedules as schedule_kind
-    # min(...): a peak below the recipe's floor (e.g. --lr 1e-12) must not rise towards it
-    schedules = schedule_kind(
-        total_steps=steps,
-        lr=lr,
-        min_lr=min(settings.min_lr, lr),
-        warmup_steps=warmup,
-        weight_decay=wd_start,
-        weight_decay_end=wd_end,
-    )
-    loop = E.TrainLoop(
-        fabric,
-        objective_module,
-        optimizer,
-        data.dataset,
-        E.LoopSettings(
-            output=output,
-            steps=steps,
-            batch_size=cfg.batch_size,
-            accumulate=cfg.accumulate,
-            clip_grad=settings.clip_grad,
-            checkpoint_every=cfg.checkpoint_every,
-            seed=cfg.seed,
-            num_workers=cfg.num_workers,
-            stop_if_stalled=cfg.stop_if_stalled,
-            description=f"adapt ({objective})",
-        ),
-        schedules,
-        fingerprint=_fingerprint(cfg, objective, world, steps),
-    )
-    summary = loop.run(resume=cfg.resume)
-    if not fabric.is_global_zero:
-        return None
-    export = objective_module.teacher["backbone"] if objective == "dinov2" else backbone
-    from geoexplora.models.file import save_model
-
-    meta = {
-        "provenance": {"command": "adapt", "data": data.description},
-        "training": {
-            k: plan[k]
-            for k in (
-                "objective",
-                "steps",
-                "global_batch",
-                "lr",
-                "warmup_steps",
-                "precision",
-                "world_size",
+        if fabric is None or fabric.is_global_zero:  # once the inputs are known to be good
+            for warning in warnings:
+                logger.warning("%s", warning)
+        global_batch = R.global_batch(cfg.batch_size, cfg.accumulate, world)
+        if data.description["kind"] == "chips" and cfg.batch_size * world > data.epoch_size:
+            raise UserError(
+                f"{opt('batch_size')} {cfg.batch_size} x {world} device(s) is larger than the "
+                f"chips dataset ({data.epoch_size} chips)"
             )
+        steps = R.steps_for_images(cfg.steps, cfg.epochs, data.epoch_size, global_batch, DATA.steps)
+        objective_module = make_objective(cfg, objective, settings, backbone, steps, data.bands)
+        lr = cfg.lr if cfg.lr is not None else base_lr(objective, settings, global_batch)
+        warmup = R.warmup_from_fraction(cfg.warmup_steps, settings.warmup_fraction, steps)
+        head_params = sum(
+            p.numel()
+            for n, p in objective_module.named_parameters()
+            if p.requires_grad and not n.startswith(("student.backbone.", "backbone."))
+        )
+        plan = {
+            "objective": objective,
+            "init": backbone.config["source"],
+            "output": str(output),
+            "parameters": report,
+            "ssl_head_parameters": head_params,
+            "steps": steps,
+            "global_batch": global_batch,
+            "world_size": world,
+            "precision": precision,
+            "lr": lr,
+            "warmup_steps": warmup,
+            "data": data.description,
+            "bands": [b.key for b in data.bands],
+            "frames": data.frames,
+            "stats_origin": data.stats["origin"],
+            "preset": cfg.preset,
+            "batch_size_per_device": cfg.batch_size,
+            "accumulate": cfg.accumulate,
+            "warnings": warnings,
         }
-        | {
-            "first_loss": summary["first_loss"],
-            "last_loss": summary["last_loss"],
-            "exported": "ema_teacher" if objective == "dinov2" else "model",
-        },
-    }
-    save_model(output, export, meta, overwrite=cfg.overwrite)
-    logger.info("wrote %s", output)
-    warnings = plan["warnings"] + ([summary["stalled"]] if summary["stalled"] else [])
-    return AdaptResult.from_report({**plan, **summary, "output": str(output), "warnings": warnings})
+        if objective == "mae":
+            plan["mae_decoder"] = objective_module.decoder_source
+        if cfg.dry_run:
+            plan["memory_per_device"] = estimate_memory(
+                backbone, objective_module, objective, cfg, precision
+            )
+            flops = step_flops(objective_module, data.dataset)
+            plan["budget"] = {
+                **budget(flops["per_image"], steps, global_batch),
+                "flops_counted": "forward + backward of one CPU micro-batch of "
+                f"{flops['counted_on_images']} image(s) "
+                "(torch.utils.flop_counter), x the global batch",
+                "flops_per_image_by_op": flops["by_op"],
+            }
+            plan["dry_run"] = True
+            return AdaptResult.from_report(plan)
+        check_fits(
+            estimate_memory(backbone, objective_module, objective, cfg, precision)["total"],
+            f"adapting {cfg.crop_size} px crops with {opt('batch_size')} {cfg.batch_size}",
+            f"use a smaller {opt('batch_size')} ({opt('accumulate')} keeps the global batch) "
+            f"or {opt('crop_size')}",
+            fabric.device,
+        )
+
+        optimizer = E.build_optimizer(
+            optimizer_groups(objective_module, objective, settings, backbone.depth),
+            betas=settings.betas,
+        )
+        wd = settings.weight_decay
+        wd_start, wd_end = (wd, wd) if isinstance(wd, (int, float)) else wd
+        schedule_kind = E.Schedules
+        if objective == "dinov2":
+            from geoexplora.ssl.dinov2 import LastLayerSchedules as schedule_kind
+        # min(...): a peak below the recipe's floor (e.g. --lr 1e-12) must not rise towards it
+        schedules = schedule_kind(
+            total_steps=steps,
+            lr=lr,
+            min_lr=min(settings.min_lr, lr),
+            warmup_steps=warmup,
+            weight_decay=wd_start,
+            weight_decay_end=wd_end,
+        )
+        loop = E.TrainLoop(
+            fabric,
+            objective_module,
+            optimizer,
+            data.dataset,
+            E.LoopSettings(
+                output=output,
+                steps=steps,
+                batch_size=cfg.batch_size,
+                accumulate=cfg.accumulate,
+                clip_grad=settings.clip_grad,
+                checkpoint_every=cfg.checkpoint_every,
+                seed=cfg.seed,
+                num_workers=cfg.num_workers,
+                stop_if_stalled=cfg.stop_if_stalled,
+                description=f"adapt ({objective})",
+            ),
+            schedules,
+            fingerprint=_fingerprint(cfg, objective, world, steps),
+        )
+        summary = loop.run(resume=cfg.resume)
+        if not fabric.is_global_zero:
+            return None
+        export = objective_module.teacher["backbone"] if objective == "dinov2" else backbone
+        from geoexplora.models.file import save_model
+
+        meta = {
+            "provenance": {"command": "adapt", "data": data.description},
+            "training": {
+                k: plan[k]
+                for k in (
+                    "objective",
+                    "steps",
+                    "global_batch",
+                    "lr",
+                    "warmup_steps",
+                    "precision",
+                    "world_size",
+                )
+            }
+            | {
+                "first_loss": summary["first_loss"],
+                "last_loss": summary["last_loss"],
+                "exported": "ema_teacher" if objective == "dinov2" else "model",
+            },
+        }
+        save_model(output, export, meta, overwrite=cfg.overwrite)
+        logger.info("wrote %s", output)
+        warnings = plan["warnings"] + ([summary["stalled"]] if summary["stalled"] else [])
+        return AdaptResult.from_report(
+            {**plan, **summary, "output": str(output), "warnings": warnings}
+        )
+    finally:
+        data.close()  # the scenes this run opened

@@ -115,6 +115,11 @@ class SceneWindows:
                 progress(k + 1, len(self.scenes))
         return cells, np.asarray(weights, dtype=np.float64)
 
+    def close(self) -> None:
+        """Close every scene's files (a run that opened them ends with this)."""
+        for scene in self.scenes:
+            scene.close()
+
     def __len__(self) -> int:  # a stream: any index is valid; this is its natural size
         return max(1, self.valid_pixels // (self.size * self.size))
 
