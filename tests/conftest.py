@@ -3,10 +3,34 @@ sample."""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
+import socket
 from pathlib import Path
 
 import pytest
+
+# No test reaches the network: the Hugging Face hub is offline (read before huggingface_hub is
+# imported, and inherited by the CLI subprocesses some tests start), and sockets may connect
+# only to this machine (the tests' own loopback servers).
+os.environ["HF_HUB_OFFLINE"] = "1"
+_connect = socket.socket.connect
+
+
+def _loopback_only(self, address):
+    host = address[0] if isinstance(address, tuple) else None
+    if self.family in (socket.AF_INET, socket.AF_INET6) and host is not None:
+        try:
+            local = ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:
+            local = host == "localhost"
+        if not local:
+            raise OSError(errno.ENETUNREACH, f"tests may not reach {host} (loopback only)")
+    return _connect(self, address)
+
+
+socket.socket.connect = _loopback_only  # type: ignore[method-assign]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GEOEXPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))

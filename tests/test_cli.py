@@ -212,3 +212,15 @@ def test_python_dash_m_runs_the_cli():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "geoexplora: error: /no/such.tif: no such file"
+
+
+def test_the_suite_cannot_reach_the_network():
+    """conftest refuses every connection that leaves this machine, and the hub is offline."""
+    import os
+    import socket
+
+    import pytest
+
+    with socket.socket() as sock, pytest.raises(OSError, match="loopback only"):
+        sock.connect(("93.184.216.34", 80))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

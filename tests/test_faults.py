@@ -726,7 +726,8 @@ def test_library_warnings_stay_off_stderr_unless_verbose(tmp_path):
     quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert quiet.returncode == 2
     assert error_line(quiet.stderr) == (
-        f"geoexplora: error: {path}: has no CRS; assign one first (gdal_edit.py -a_srs)"
+        f"geoexplora: error: {path}: has no CRS; assign the one it was made in first "
+        f"(gdal_edit.py -a_srs EPSG:<code> {path.name})"
     )
     verbose = subprocess.run(
         [*cmd[:3], "-v", *cmd[3:]],

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from geoexplora.errors import UserError, opt
-from geoexplora.io.remote import RemotePath, as_path, is_uri, read_error, refuse_listing
+from geoexplora.io.remote import RemotePath, as_path, is_uri, refuse_listing
 from geoexplora.log import logger
 
 if TYPE_CHECKING:
@@ -99,19 +99,13 @@ def collect_inputs(items: Sequence) -> list[Path | RemotePath]:
 
 def footprint(path: Path | RemotePath):
     """The file's footprint as a lon/lat box (shapely), or a UserError naming the file."""
-    import rasterio
     from rasterio.warp import transform_bounds
     from shapely import box
 
-    try:
-        with rasterio.open(path) as src:
-            if src.crs is None:
-                raise UserError(f"{path}: has no CRS; assign one first (gdal_edit.py -a_srs)")
-            return box(*transform_bounds(src.crs, "EPSG:4326", *src.bounds))
-    except rasterio.errors.RasterioIOError as exc:
-        if is_uri(path):
-            raise read_error(path, exc) from exc
-        raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
+    from geoexplora.io.scene import open_georeferenced
+
+    with open_georeferenced(path) as src:
+        return box(*transform_bounds(src.crs, "EPSG:4326", *src.bounds))
 
 
 def group_by_place(paths: Sequence[Path | RemotePath], skip_bad: bool = False) -> Places:

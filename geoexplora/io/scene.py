@@ -249,32 +249,40 @@ def _band_map_for(path: Path, band_map: dict[str, str] | None, count: int) -> di
     return out
 
 
-def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) -> RasterFile:
-    """Open one file and identify its bands (None where unknown); UserError if unreadable."""
+def open_georeferenced(path):
+    """``rasterio.open(path)`` for a reader that needs a georeferenced raster; a one-line error
+    naming the file when it cannot be opened (for a URI: the cause) or has no CRS."""
     try:
         with warnings.catch_warnings():  # no georeferencing: our own error below says so
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             src = rasterio.open(path)
-        with src:
-            info = {
-                "count": src.count,
-                "width": src.width,
-                "height": src.height,
-                "crs": src.crs,
-                "transform": src.transform,
-                "dtype": src.dtypes[0],
-                "nodata": src.nodata,
-                "descriptions": list(src.descriptions),
-                "tags": src.tags(),
-            }
     except rasterio.errors.RasterioIOError as exc:
         if is_uri(path):  # the URI and why: unreachable, 403/404, no range requests
             raise read_error(path, exc) from exc
         raise UserError(f"{path}: not a readable raster ({str(exc).splitlines()[0]})") from exc
-    if info["crs"] is None:
+    if src.crs is None:
+        src.close()
         raise UserError(
-            f"{path}: has no CRS; assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX)"
+            f"{path}: has no CRS; assign the one it was made in first "
+            f"(gdal_edit.py -a_srs EPSG:<code> {Path(str(path)).name})"
         )
+    return src
+
+
+def inspect_raster(path: Path, opts: SceneOptions, sensor: str | None = None) -> RasterFile:
+    """Open one file and identify its bands (None where unknown); UserError if unreadable."""
+    with open_georeferenced(path) as src:
+        info = {
+            "count": src.count,
+            "width": src.width,
+            "height": src.height,
+            "crs": src.crs,
+            "transform": src.transform,
+            "dtype": src.dtypes[0],
+            "nodata": src.nodata,
+            "descriptions": list(src.descriptions),
+            "tags": src.tags(),
+        }
     if info["transform"] == Affine.identity():
         raise UserError(f"{path}: has no georeferencing (identity transform)")
 
