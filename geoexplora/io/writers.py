@@ -22,6 +22,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from geoexplora.errors import UserError
+from geoexplora.io.chips import class_color
 from geoexplora.io.outputs import disk_full_as_oserror
 
 if TYPE_CHECKING:
@@ -46,30 +47,6 @@ _GDAL_TYPES = {
     "float64": "Float64",
 }
 
-# Fall-back class colours (Tableau 20) for models whose classes carry none.
-PALETTE = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-    "#aec7e8",
-    "#ffbb78",
-    "#98df8a",
-    "#ff9896",
-    "#c5b0d5",
-    "#c49c94",
-    "#f7b6d2",
-    "#c7c7c7",
-    "#dbdb8d",
-    "#9edae5",
-)
-
 
 def class_dtype(num_classes: int) -> tuple[str, int]:
     """Smallest unsigned dtype holding class ids 0..K-1 plus a nodata value (its maximum)."""
@@ -92,7 +69,7 @@ def class_colormap(classes: list[dict]) -> dict[int, tuple[int, int, int, int]]:
     """``{id: rgba}`` from ``[{id, name, color}]``; classes without a colour get the palette's."""
     out = {}
     for i, c in enumerate(classes):
-        out[int(c["id"])] = hex_to_rgba(c.get("color") or PALETTE[i % len(PALETTE)])
+        out[int(c["id"])] = hex_to_rgba(c.get("color") or class_color(i))
     return out
 
 
