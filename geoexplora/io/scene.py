@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -252,10 +251,8 @@ def _band_map_for(path: Path, band_map: dict[str, str] | None, count: int) -> di
 def open_georeferenced(path):
     """``rasterio.open(path)`` for a reader that needs a georeferenced raster; a one-line error
     naming the file when it cannot be opened (for a URI: the cause) or has no CRS."""
-    try:
-        with warnings.catch_warnings():  # no georeferencing: our own error below says so
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            src = rasterio.open(path)
+    try:  # rasterio's NotGeoreferencedWarning goes to the logger (-v), next to our error
+        src = rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
         if is_uri(path):  # the URI and why: unreachable, 403/404, no range requests
             raise read_error(path, exc) from exc
